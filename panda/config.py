@@ -1,0 +1,164 @@
+"""Structured (dataclass) schemas of every Hydra config group.
+
+``conf/train.yaml`` composes on top of :class:`TrainConfig` (registered as ``panda_train``), so a
+misspelt key or a wrong type fails at composition with Hydra's message naming the key. Semantic
+checks (divisibility, known names) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from panda.models.stab import STABConfig
+
+
+@dataclass
+class LLMConfig:
+    """Any Hugging Face causal LM: a local folder (``pretrained``) or a LLaMA built from sizes."""
+
+    pretrained: Optional[str] = None  # local HF folder; None builds a random LLaMA from the sizes below
+    tokenizer: Optional[str] = None  # local tokenizer folder; None: the dataset's (synthetic) or ``pretrained``
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: Optional[int] = None
+    intermediate_size: int = 128
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU, needs the [gpu] extra)
+    dtype: str = "float32"
+
+
+@dataclass
+class ModelConfig:
+    projector: str = "mlp2x_gelu"
+    template: str = "vicuna_v1"  # conversation template for training
+    eval_template: str = "vicuna_v1_eval"  # the release evaluated with the "curious human" variant
+    max_length: int = 4096  # tokens after visual expansion
+
+
+@dataclass
+class SyntheticDataConfig:
+    train_videos: int = 800
+    eval_videos: int = 120
+    num_frames: int = 16
+    fps: int = 8
+    seed: int = 0
+    vocab_size: int = 400
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str = "data_cache/synthetic"  # DATA_ROOT; other paths below are relative to it
+    synthetic: Optional[SyntheticDataConfig] = None  # set: generate the demo dataset under ``root``
+    train_records: list[str] = field(default_factory=lambda: ["train/train_json/synthetic_train.json"])
+    video_root: str = "train"
+    eval_qa: Optional[str] = "eval/Synthetic_Zero_Shot_QA"  # folder with test_q.json, test_a.json, videos/
+    eval_limit: Optional[int] = None  # evaluate on the first N questions only
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    sample_fps: float = 1.0
+    video_backend: str = "auto"  # auto (decord, then PyAV) | decord | pyav
+    on_bad_record: str = "skip"  # skip (count + list in rejects) | raise
+
+
+@dataclass
+class StageConfig:
+    """A training stage: what trains and how fast (training.md §3)."""
+
+    name: str = "scratch"
+    train_stab: bool = True
+    train_projector: bool = True
+    train_llm: bool = True
+    lr: float = 4e-5  # LLM learning rate
+    vision_lr: Optional[float] = None  # STAB + projector; None = ``lr``
+    weight_decay: float = 0.0  # never applied to norms, biases and embeddings-like 1-D parameters
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 1
+    max_steps: int = -1
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 200
+    limit_train_batches: Optional[Any] = None
+    fast_dev_run: Any = False
+    overfit_batches: Any = 0.0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"  # csv | wandb | none
+    project: str = "panda"
+    group: Optional[str] = None
+    offline: Optional[bool] = None  # wandb: None = offline unless an API key is configured
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    frames: int = 4  # frames per video: data, STAB and prompts all read this one key
+    seed: int = 42
+    name: str = "default"
+    stab: STABConfig = field(default_factory=STABConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ckpt_path: Optional[str] = None  # resume: a .ckpt path, or "last" (this run dir's last checkpoint)
+    evaluate: bool = True  # held-out QA after training
+    max_new_tokens: int = 16
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: Optional[str] = None  # a .ckpt written by train.py
+    data: Optional[DataConfig] = None  # None: the data config stored in the checkpoint
+    batch_size: Optional[int] = None
+    max_new_tokens: int = 16
+    num_workers: int = 2
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="panda_train", node=TrainConfig)
+    cs.store(name="panda_evaluate", node=EvaluateConfig)
+
+
+def validate(cfg) -> None:
+    """Checks that need more than types; raise ``ValueError`` naming the key and the fix."""
+    stab = STABConfig(**cfg.stab) if not isinstance(cfg.stab, STABConfig) else cfg.stab
+    stab.validate()
+    if cfg.frames < 1:
+        raise ValueError(f"frames={cfg.frames} must be >= 1")
+    if cfg.frames % stab.chunk_size:
+        raise ValueError(
+            f"frames={cfg.frames} must be a multiple of stab.chunk_size={stab.chunk_size} "
+            f"(set stab.chunk_size to a divisor of frames, e.g. stab.chunk_size={cfg.frames})"
+        )
+    if cfg.logger.kind not in ("csv", "wandb", "none"):
+        raise ValueError(f"logger.kind={cfg.logger.kind!r}: use csv, wandb or none")
+    if cfg.stage.schedule not in ("cosine", "constant"):
+        raise ValueError(f"stage.schedule={cfg.stage.schedule!r}: use cosine or constant")
+    if cfg.data.on_bad_record not in ("skip", "raise"):
+        raise ValueError(f"data.on_bad_record={cfg.data.on_bad_record!r}: use skip or raise")
+    if not (cfg.stage.train_stab or cfg.stage.train_projector or cfg.stage.train_llm):
+        raise ValueError(f"stage {cfg.stage.name!r} trains nothing: set one of stage.train_* to true")

@@ -1,0 +1,1 @@
+"""From files to tensors: decode, sample, resize/pad/mask, conversations, datasets."""

@@ -1,0 +1,149 @@
+"""Map-style datasets: a record or a QA item -> decoded, preprocessed, tokenised sample.
+
+A sample that cannot be made (unreadable video, over-long conversation, nothing supervised) is
+returned as ``{"error": {...}}`` naming the record and file; :class:`Collator` drops it from the
+batch and reports it under ``batch["skipped"]``, so training counts and logs it. Nothing is ever
+replaced by another sample.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from panda.data.conversation import (
+    IGNORE_INDEX,
+    ConversationTemplate,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from panda.data.frames import preprocess_frames
+from panda.data.records import QAItem, VideoRecord
+from panda.data.video import decode_video
+from panda.errors import SampleError, VideoDecodeError
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
+
+
+@dataclass(frozen=True)
+class FramePipeline:
+    """Decode -> sample -> resize/pad/mask/normalise, with one set of settings."""
+
+    frames: int
+    resolution: int
+    patch_size: int
+    ratio: int = 2
+    sample_fps: float = 1.0
+    backend: str = "auto"
+
+    def __call__(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = decode_video(path, self.frames, self.sample_fps, self.backend)
+        return preprocess_frames(decoded.frames, self.frames, self.resolution, self.patch_size, self.ratio)
+
+
+class ConversationDataset(Dataset):
+    """Training samples from Valley / Video-ChatGPT records."""
+
+    def __init__(self, records: list[VideoRecord], video_root: str, tokenizer, template: ConversationTemplate,
+                 pipeline: FramePipeline, max_length: int, visual_tokens_per_frame: int):
+        self.records = records
+        self.video_root = video_root
+        self.tokenizer = tokenizer
+        self.template = template
+        self.pipeline = pipeline
+        self.max_length = max_length
+        self.visual_tokens_per_frame = visual_tokens_per_frame
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        path = os.path.join(self.video_root, rec.video)
+        try:
+            tok = tokenize_conversation(
+                self.tokenizer, self.template, rec.turns, self.pipeline.frames, self.max_length,
+                self.visual_tokens_per_frame, rec.id, path,
+            )
+            pixels, mask = self.pipeline(path)
+        except VideoDecodeError as exc:
+            return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
+        except SampleError as exc:
+            return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
+        return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels, "frame_mask": mask}
+
+
+def find_video(video_dir: str, name: str) -> str | None:
+    """Resolve a QA ``video_name`` to a file: exact name, then each known extension, then ``v_`` prefix."""
+    for stem in (name, f"v_{name}"):
+        candidate = os.path.join(video_dir, stem)
+        if os.path.splitext(stem)[1].lower() in VIDEO_EXTENSIONS and os.path.exists(candidate):
+            return candidate
+        for ext in VIDEO_EXTENSIONS:
+            if os.path.exists(candidate + ext):
+                return candidate + ext
+    return None
+
+
+class QADataset(Dataset):
+    """Generation prompts for open-ended VideoQA items (one question per sample)."""
+
+    def __init__(self, items: list[QAItem], video_dir: str, tokenizer, template: ConversationTemplate, pipeline: FramePipeline):
+        self.items = items
+        self.video_dir = video_dir
+        self.tokenizer = tokenizer
+        self.template = template
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        path = find_video(self.video_dir, item.video)
+        if path is None:
+            return {"error": {"id": item.question_id, "path": os.path.join(self.video_dir, item.video), "reason": "video file not found"}}
+        try:
+            pixels, mask = self.pipeline(path)
+        except VideoDecodeError as exc:
+            return {"error": {"id": item.question_id, "path": path, "reason": exc.reason}}
+        ids = tokenize_prompt(self.tokenizer, self.template, item.question, self.pipeline.frames)
+        return {"id": item.question_id, "input_ids": ids, "labels": None, "pixels": pixels, "frame_mask": mask}
+
+
+@dataclass
+class Collator:
+    """Right-pads token sequences, stacks frames, and moves failed samples to ``skipped``."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, samples: list[dict]) -> dict:
+        skipped = [s["error"] for s in samples if "error" in s]
+        good = [s for s in samples if "error" not in s]
+        batch: dict = {"skipped": skipped, "ids": [s["id"] for s in good]}
+        if not good:
+            return batch
+        length = max(len(s["input_ids"]) for s in good)
+        n = len(good)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        has_labels = good[0]["labels"] is not None
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        for i, s in enumerate(good):
+            k = len(s["input_ids"])
+            input_ids[i, :k] = s["input_ids"]
+            attention_mask[i, :k] = 1
+            if has_labels:
+                labels[i, :k] = s["labels"]
+        batch.update(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixels=torch.stack([s["pixels"] for s in good]),
+            frame_mask=torch.stack([s["frame_mask"] for s in good]),
+        )
+        if has_labels:
+            batch["labels"] = labels
+        return batch

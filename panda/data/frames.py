@@ -1,0 +1,83 @@
+"""Resize, pad, mask and normalise sampled frames (stab.md §0.2–0.3).
+
+The long side becomes ``resolution``; the short side is rounded *up* to whole teacher patches
+(``ceil(base · short/long / patch)`` of them, ``base = resolution / ratio``) and scaled by
+``ratio``; the frame is pasted into a square canvas centred on whole teacher patches. The canvas
+holds the normalisation mean (0 after normalising) and the mask is 1 exactly on the pasted region.
+All frames of a video share one box. With the release values (448, patch 14, ratio 2) a 16:9
+frame becomes 448 × 252 pasted at row 84.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where a ``height × width`` video lands on the square canvas (pixels)."""
+
+    out_h: int
+    out_w: int
+    top: int
+    left: int
+
+
+def frame_geometry(height: int, width: int, resolution: int, patch_size: int, ratio: int = 2) -> FrameGeometry:
+    if resolution % (patch_size * ratio):
+        raise ValueError(
+            f"resolution {resolution} must be a multiple of patch_size*ratio = {patch_size * ratio}"
+        )
+    base = resolution // ratio  # the teacher resolution (224 in the release)
+    grid = base // patch_size  # teacher patches per side (16)
+    long_side, short_side = max(height, width), min(height, width)
+    valid = min(grid, math.ceil(base * short_side / long_side / patch_size))
+    short_px = valid * patch_size * ratio
+    offset = ((grid - valid) // 2) * patch_size * ratio
+    if height >= width:
+        return FrameGeometry(resolution, short_px, 0, offset)
+    return FrameGeometry(short_px, resolution, offset, 0)
+
+
+def preprocess_frames(
+    frames: np.ndarray | torch.Tensor,
+    num_frames: int,
+    resolution: int,
+    patch_size: int,
+    ratio: int = 2,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``frames``: (k, H, W, 3) uint8 RGB, k <= num_frames.
+
+    Returns ``pixels`` (num_frames, 3, R, R) float32, normalised, and ``mask`` (num_frames, R, R)
+    float32 in {0, 1}. Missing frames (a video shorter than ``num_frames``) are all-zero with an
+    all-zero mask.
+    """
+    video = torch.as_tensor(np.asarray(frames)) if not torch.is_tensor(frames) else frames
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (k, H, W, 3), got {tuple(video.shape)}")
+    k, height, width, _ = video.shape
+    k = min(k, num_frames)
+    geo = frame_geometry(height, width, resolution, patch_size, ratio)
+    pixels = torch.zeros(num_frames, 3, resolution, resolution)
+    mask = torch.zeros(num_frames, resolution, resolution)
+    if k == 0:
+        return pixels, mask
+    x = video[:k].permute(0, 3, 1, 2).float().div_(255.0)  # (k, H, W, 3) -> (k, 3, H, W)
+    x = F.interpolate(x, size=(geo.out_h, geo.out_w), mode="bicubic", antialias=True, align_corners=False)
+    x = x.clamp_(0.0, 1.0)
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
+    pixels[:k, :, geo.top : geo.top + geo.out_h, geo.left : geo.left + geo.out_w] = x
+    mask[:k, geo.top : geo.top + geo.out_h, geo.left : geo.left + geo.out_w] = 1.0
+    return pixels, mask

@@ -1,0 +1,140 @@
+"""Annotation records in the Valley / Video-ChatGPT format (training.md §1) and QA test files.
+
+A record is ``{"id", "video", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
+:func:`normalize_conversation` applies the release's rules: ``<video>`` moves to the front of the
+first human message, a leading assistant turn is dropped, roles must alternate, and a trailing
+human turn without an answer is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from panda.errors import RecordError
+
+log = logging.getLogger(__name__)
+
+VIDEO_TOKEN = "<video>"
+HUMAN_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+@dataclass
+class VideoRecord:
+    id: str
+    video: str  # path relative to the video root
+    turns: list[tuple[str, str]]  # [(question, answer), ...]; question 0 starts with "<video>\n"
+    meta: dict = field(default_factory=dict)  # unknown extra fields, kept
+
+
+def normalize_conversation(conversations, source="<records>", index=0) -> list[tuple[str, str]]:
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError(source, index, "'conversations' must be a non-empty list of {from, value}")
+    msgs = []
+    for j, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError(source, index, f"turn {j} must be an object with 'from' and 'value'")
+        role, value = str(turn["from"]).lower(), turn["value"]
+        if not isinstance(value, str):
+            raise RecordError(source, index, f"turn {j}: 'value' must be a string, got {type(value).__name__}")
+        if role in HUMAN_ROLES:
+            msgs.append(("human", value))
+        elif role in ASSISTANT_ROLES:
+            msgs.append(("gpt", value))
+        else:
+            raise RecordError(source, index, f"turn {j}: unknown role {turn['from']!r} (use human/gpt)")
+    while msgs and msgs[0][0] == "gpt":  # a conversation that starts with the assistant drops that turn
+        msgs.pop(0)
+    if msgs and msgs[-1][0] == "human":  # an unanswered question supervises nothing
+        msgs.pop()
+    if not msgs:
+        raise RecordError(source, index, "no human/gpt exchange in 'conversations'")
+    turns = []
+    for j in range(0, len(msgs), 2):
+        if msgs[j][0] != "human" or j + 1 >= len(msgs) or msgs[j + 1][0] != "gpt":
+            raise RecordError(source, index, "roles must alternate human, gpt, human, gpt, ...")
+        turns.append((msgs[j][1], msgs[j + 1][1]))
+    count = sum(q.count(VIDEO_TOKEN) + a.count(VIDEO_TOKEN) for q, a in turns)
+    if count > 1 or any(VIDEO_TOKEN in a for _, a in turns) or any(VIDEO_TOKEN in q for q, _ in turns[1:]):
+        raise RecordError(source, index, f"'{VIDEO_TOKEN}' must appear once, in the first human turn")
+    first = turns[0][0].replace(VIDEO_TOKEN, "").strip()
+    turns[0] = (f"{VIDEO_TOKEN}\n{first}", turns[0][1])
+    if any(not q.strip() or not a.strip() for q, a in turns[1:]) or not first or not turns[0][1].strip():
+        raise RecordError(source, index, "empty question or answer text")
+    return turns
+
+
+def parse_record(raw, source="<records>", index=0) -> VideoRecord:
+    if not isinstance(raw, dict):
+        raise RecordError(source, index, f"record must be a JSON object, got {type(raw).__name__}")
+    if "video" not in raw:
+        kind = "image" if "image" in raw else "text-only"
+        raise RecordError(source, index, f"{kind} record (no 'video' key); panda trains on video records")
+    if not isinstance(raw["video"], str) or not raw["video"]:
+        raise RecordError(source, index, "'video' must be a non-empty relative path")
+    turns = normalize_conversation(raw.get("conversations"), source, index)
+    meta = {k: v for k, v in raw.items() if k not in ("id", "video", "conversations")}
+    return VideoRecord(str(raw.get("id", f"{os.path.basename(str(source))}:{index}")), raw["video"], turns, meta)
+
+
+def load_records(path: str | os.PathLike, on_error: str = "skip") -> tuple[list[VideoRecord], list[dict]]:
+    """Read a JSON list of records. Returns (records, rejects).
+
+    ``on_error="raise"`` stops at the first malformed record; ``"skip"`` keeps going and returns
+    each reject as ``{"index", "id", "reason"}`` (and logs how many).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation file not found: {path} (check data.train_records / data.root)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordError(path, "-", f"not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(raw, list):
+        raise RecordError(path, "-", "the file must hold a JSON list of records")
+    records, rejects, seen = [], [], set()
+    for i, item in enumerate(raw):
+        try:
+            rec = parse_record(item, path, i)
+            if rec.id in seen:
+                raise RecordError(path, i, f"duplicate id {rec.id!r}")
+            seen.add(rec.id)
+            records.append(rec)
+        except RecordError as exc:
+            if on_error == "raise":
+                raise
+            rejects.append({"index": i, "id": item.get("id") if isinstance(item, dict) else None, "reason": exc.reason})
+    if rejects:
+        log.warning("%s: skipped %d malformed record(s) of %d; first: %s", path, len(rejects), len(raw), rejects[0])
+    return records, rejects
+
+
+@dataclass
+class QAItem:
+    """One open-ended VideoQA question (GPT_Zero_Shot_QA layout, training.md §4)."""
+
+    question_id: str
+    video: str
+    question: str
+    answer: str
+    type: str | None = None
+
+
+def load_qa(questions_path: str, answers_path: str) -> list[QAItem]:
+    """Read ``test_q.json`` + ``test_a.json`` (same order, joined on ``question_id``)."""
+    with open(questions_path, encoding="utf-8") as f:
+        questions = json.load(f)
+    with open(answers_path, encoding="utf-8") as f:
+        answers = {str(a["question_id"]): a for a in json.load(f)}
+    items = []
+    for i, q in enumerate(questions):
+        qid = str(q.get("question_id"))
+        if qid not in answers:
+            raise RecordError(answers_path, i, f"no answer for question_id {qid!r}")
+        a = answers[qid]
+        items.append(QAItem(qid, q["video_name"], q["question"], str(a["answer"]), a.get("type")))
+    return items

@@ -1,0 +1,197 @@
+"""The embedded default dataset: small generated videos of a moving shape, with questions.
+
+Every video shows one coloured shape moving in a straight line over a textured background.
+Three question kinds, each with >= 4 answers (chance <= 25%):
+
+- appearance: the shape's colour (6 choices) and its shape (4 choices) — answerable from one frame;
+- motion: its direction (left/right/up/down) — needs more than one frame.
+
+Files are written exactly as real data is laid out (training.md §1 and §4)::
+
+    ROOT/train/train_json/synthetic_train.json   Valley / Video-ChatGPT records (1 or 3 turns)
+    ROOT/train/synthetic/NNNNN.mp4               H.264 mp4 files (several aspect ratios)
+    ROOT/eval/Synthetic_Zero_Shot_QA/{test_q.json,test_a.json,videos/}
+    ROOT/tokenizer/                              a BPE tokenizer trained on the dataset's text
+
+Generation is seeded and cached: a finished dataset has ``ROOT/DONE`` and is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 40),
+    "purple": (150, 60, 200),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SIZES = ((64, 64), (80, 60), (96, 54), (48, 64))  # (width, height): square, 4:3, 16:9, portrait
+
+QUESTIONS = {
+    "colour": ["What colour is the moving object?", "Which colour does the shape have?", "What is the colour of the object?"],
+    "shape": ["What shape is the moving object?", "Which shape is shown in the video?", "What kind of shape moves here?"],
+    "direction": ["In which direction does the object move?", "Where is the shape moving to?", "Which way does the object go?"],
+}
+QUESTION_TYPE = {"colour": "appearance", "shape": "appearance", "direction": "motion"}
+
+
+@dataclass
+class SyntheticConfig:
+    root: str = "data_cache/synthetic"
+    train_videos: int = 800
+    eval_videos: int = 120
+    num_frames: int = 16  # frames written per video
+    fps: int = 8
+    seed: int = 0
+    vocab_size: int = 400
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    c = size / 2
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2) ** 2
+    if shape == "square":
+        return np.ones((size, size), bool)
+    if shape == "triangle":  # apex up
+        return (yy >= size * 0.1) & (np.abs(xx - c) <= (yy / size) * c)
+    if shape == "cross":
+        bar = size / 6
+        return (np.abs(yy - c) <= bar) | (np.abs(xx - c) <= bar)
+    raise ValueError(shape)
+
+
+def render_clip(colour: str, shape: str, direction: str, width: int, height: int, num_frames: int, rng) -> np.ndarray:
+    """(num_frames, height, width, 3) uint8 frames of one shape moving in a straight line."""
+    size = max(8, int(min(width, height) * rng.uniform(0.26, 0.34)))
+    dx, dy = DIRECTIONS[direction]
+    span_x, span_y = width - size, height - size
+    travel = int((span_x if dx else span_y) * rng.uniform(0.75, 1.0))
+    # start so that the whole path stays inside the frame; the other axis is random
+    if dx:
+        x0 = rng.integers(0, span_x - travel + 1) + (0 if dx > 0 else travel)
+        y0 = rng.integers(0, span_y + 1)
+    else:
+        y0 = rng.integers(0, span_y + 1 - travel) + (0 if dy > 0 else travel)
+        x0 = rng.integers(0, span_x + 1)
+    base = rng.integers(20, 90, size=3)
+    background = np.clip(base + rng.normal(0, 12, size=(height, width, 3)), 0, 255)
+    mask = _shape_mask(shape, size)
+    rgb = np.array(COLOURS[colour], dtype=np.float64)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        frac = t / max(1, num_frames - 1)
+        x = int(round(x0 + dx * travel * frac))
+        y = int(round(y0 + dy * travel * frac))
+        img = background.copy()
+        img[y : y + size, x : x + size][mask] = rgb
+        frames[t] = img.astype(np.uint8)
+    return frames
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 8, codec: str = "libx264", options: dict | None = None) -> None:
+    """Write (T, H, W, 3) uint8 RGB frames to a video file with PyAV."""
+    import av
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p" if codec != "gif" else "rgb8"
+        stream.options = options if options is not None else ({"crf": "12", "preset": "ultrafast"} if codec == "libx264" else {})
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _sample_clip(rng):
+    return (
+        str(rng.choice(list(COLOURS))),
+        str(rng.choice(SHAPES)),
+        str(rng.choice(list(DIRECTIONS))),
+        SIZES[int(rng.integers(len(SIZES)))],
+    )
+
+
+def _question(kind: str, rng) -> str:
+    return str(rng.choice(QUESTIONS[kind]))
+
+
+def generate(cfg: SyntheticConfig) -> str:
+    """Generate the dataset under ``cfg.root`` unless it is already there. Returns the root."""
+    root = cfg.root
+    done = os.path.join(root, "DONE")
+    if os.path.exists(done):
+        with open(done) as f:
+            if json.load(f) == asdict(cfg):
+                return root
+        log.warning("%s holds a synthetic dataset made with other settings; regenerating", root)
+    tmp = root.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = np.random.default_rng(cfg.seed)
+    records, texts = [], []
+    for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
+        colour, shape, direction, (w, h) = _sample_clip(rng)
+        rel = f"synthetic/{i:05d}.mp4"
+        write_video(os.path.join(tmp, "train", rel), render_clip(colour, shape, direction, w, h, cfg.num_frames, rng), cfg.fps)
+        answers = {"colour": colour, "shape": shape, "direction": direction}
+        kinds = list(answers)
+        rng.shuffle(kinds)
+        if rng.random() < 0.5:  # Valley-style one-turn record
+            kinds = kinds[:1]
+        conv = []
+        for j, kind in enumerate(kinds):
+            q = _question(kind, rng)
+            if j == 0:
+                q = f"{q}\n<video>" if rng.random() < 0.3 else f"<video>\n{q}"  # <video> first or last
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answers[kind]}]
+        records.append({"id": f"synthetic_{i:05d}", "video": rel, "conversations": conv})
+    os.makedirs(os.path.join(tmp, "train", "train_json"), exist_ok=True)
+    with open(os.path.join(tmp, "train", "train_json", "synthetic_train.json"), "w") as f:
+        json.dump(records, f, indent=1)
+
+    qa_dir = os.path.join(tmp, "eval", "Synthetic_Zero_Shot_QA")
+    questions, answers_out = [], []
+    for i in tqdm(range(cfg.eval_videos), desc="synthetic eval videos", leave=False):
+        colour, shape, direction, (w, h) = _sample_clip(rng)
+        name = f"eval_{i:05d}"
+        write_video(os.path.join(qa_dir, "videos", name + ".mp4"), render_clip(colour, shape, direction, w, h, cfg.num_frames, rng), cfg.fps)
+        for kind, answer in (("colour", colour), ("shape", shape), ("direction", direction)):
+            qid = f"{name}_{kind}"
+            questions.append({"video_name": name, "question": _question(kind, rng), "question_id": qid})
+            answers_out.append({"answer": answer, "type": QUESTION_TYPE[kind], "question_id": qid})
+    with open(os.path.join(qa_dir, "test_q.json"), "w") as f:
+        json.dump(questions, f, indent=1)
+    with open(os.path.join(qa_dir, "test_a.json"), "w") as f:
+        json.dump(answers_out, f, indent=1)
+
+    from panda.data.conversation import TEMPLATES
+    from panda.data.tokenizer import train_tokenizer
+
+    texts = [t.system for t in TEMPLATES.values()] + ["USER: ASSISTANT:"]
+    texts += [v for kind in QUESTIONS.values() for v in kind]
+    texts += list(COLOURS) + list(SHAPES) + list(DIRECTIONS)
+    train_tokenizer(texts * 4, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
+    with open(os.path.join(tmp, "DONE"), "w") as f:
+        json.dump(asdict(cfg), f)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    os.replace(tmp, root)
+    log.info("synthetic dataset: %d train records, %d eval questions under %s", len(records), len(questions), root)
+    return root

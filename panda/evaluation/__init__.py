@@ -1,0 +1,1 @@
+"""Generation on held-out questions and answer judging."""

@@ -1,0 +1,82 @@
+"""Open-ended VideoQA by greedy generation, judged offline by normalised exact match.
+
+The LLM judge of the published protocol comes with the evaluation issue; this module produces the
+predictions (one JSON line per question) that any judge consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse whitespace."""
+    text = text.lower().replace("</s>", " ")
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+@torch.no_grad()
+def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=None) -> tuple[dict[str, str], list[dict]]:
+    """Greedy answers for every question of ``loader``: ({question_id: text}, failures)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    predictions, failures = {}, []
+    for batch in tqdm(loader, desc="generating answers", leave=False):
+        failures += batch["skipped"]
+        for miss in batch["skipped"]:
+            log.warning("evaluation: no answer for %s (%s): %s", miss["id"], miss["path"], miss["reason"])
+        if "input_ids" not in batch:
+            continue
+        out = model.generate(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["pixels"].to(device),
+            batch["frame_mask"].to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        for qid, ids in zip(batch["ids"], out.tolist()):
+            predictions[qid] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return predictions, failures
+
+
+def score_exact_match(items, predictions: dict[str, str], failures: list[dict]) -> tuple[dict, list[dict]]:
+    """Accuracy overall and per question type. A question without a prediction counts as wrong
+    and is listed under ``eval/failures``."""
+    per_type = defaultdict(lambda: [0, 0])
+    rows = []
+    for item in items:
+        pred = predictions.get(item.question_id)
+        correct = pred is not None and exact_match(pred, item.answer)
+        for key in ("all", item.type or "untyped"):
+            per_type[key][0] += int(correct)
+            per_type[key][1] += 1
+        rows.append({"question_id": item.question_id, "video": item.video, "question": item.question, "answer": item.answer,
+                     "type": item.type, "prediction": pred, "correct": correct})
+    metrics = {"eval/accuracy": per_type["all"][0] / max(1, per_type["all"][1]), "eval/num_questions": per_type["all"][1],
+               "eval/failures": len(failures)}
+    for key, (hit, n) in per_type.items():
+        if key != "all":
+            metrics[f"eval/accuracy_{key}"] = hit / max(1, n)
+    return metrics, rows
+
+
+def write_predictions(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,1 @@
+"""Plain PyTorch modules; nothing here knows about Lightning or Hydra."""

@@ -1,0 +1,366 @@
+"""STAB, the Spatio-Temporal Alignment Block of Video-Panda (stab.md §1–5), batched.
+
+All frames of all videos in a batch go through each stage as one tensor. The only Python loop in
+:meth:`STAB.forward` runs over the distinct crop-box *shapes* in the batch (frames of one video
+share one box), so the number of launched ops does not grow with frames or videos.
+
+Stages, in the paper's terms:
+
+- patch embedding (Conv2d, stride = patch);
+- **LSTE** local spatio-temporal encoding: temporal mixer + dynamic position encoding (DPE) on
+  each chunk of ``chunk_size`` frames;
+- **GSTRA** global spatio-temporal relation aggregation: one learned query per chunk attends over
+  all of the chunk's tokens (the video context token);
+- dense connection (LSTE output + raw patch embeddings);
+- per frame: crop to the valid box, **LSD** local spatial downsampling (learned attention inside
+  s×s windows), **FSRA** frame-wise spatial relation aggregation (one learned query per frame),
+  α-fusion of the video and frame context tokens, row (split) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class STABConfig:
+    """Sizes and ablation switches of STAB. Defaults are the released Video-Panda-7B values."""
+
+    width: int = 1024  # d
+    patch_size: int = 14  # p
+    heads: int = 8
+    lsd_window: int = 2  # s
+    chunk_size: int = 4  # T
+    resolution: int = 448  # square canvas side, = ratio × teacher resolution
+    ratio: int = 2  # STAB resolution / teacher resolution
+    mixer_ratio: float = 1.5  # temporal mixer hidden = int(d / mixer_ratio) (682 in the release)
+    dropout: float = 0.5  # GSTRA MLP and fusion projection dropout
+    # ablation switches (stab.md §8); each removes computation and parameters
+    use_lste: bool = True
+    use_gstra: bool = True
+    use_fsra: bool = True
+    row_tokens: bool = True
+    lsd: str = "attention"  # "attention" (LSD) or "avgpool"
+    lsd_before_lste: bool = False
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"stab.width={self.width} must be divisible by stab.heads={self.heads}")
+        if self.lsd not in ("attention", "avgpool"):
+            raise ValueError(f"stab.lsd must be 'attention' or 'avgpool', got {self.lsd!r}")
+        if self.resolution % (self.patch_size * self.ratio):
+            raise ValueError(
+                f"stab.resolution={self.resolution} must be a multiple of patch_size*ratio="
+                f"{self.patch_size * self.ratio}"
+            )
+        grid = self.resolution // self.patch_size
+        if grid % self.lsd_window or (self.ratio % self.lsd_window and self.lsd_window % self.ratio):
+            raise ValueError(
+                f"the patch grid ({grid}) and ratio ({self.ratio}) must be compatible with "
+                f"stab.lsd_window={self.lsd_window}"
+            )
+        if self.chunk_size < 1:
+            raise ValueError("stab.chunk_size must be >= 1")
+
+    def max_tokens_per_frame(self) -> int:
+        """Visual tokens of a square frame (the most any frame can have): 273 at release sizes."""
+        side = self.resolution // self.patch_size // self.lsd_window
+        has_context = self.use_fsra or (self.chunk_size > 1 and self.use_gstra)
+        return int(has_context) + side * (side + int(self.row_tokens))
+
+
+@dataclass
+class VisualTokens:
+    """Visual tokens of a batch, packed: frame (b, f)'s tokens are contiguous, in (b, f) order."""
+
+    tokens: torch.Tensor  # (total_tokens, C)
+    lengths: torch.Tensor  # (B, F) long: tokens per frame
+
+    def per_frame(self) -> list[torch.Tensor]:
+        return list(torch.split(self.tokens, self.lengths.flatten().tolist()))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class QueryAttentionPool(nn.Module):
+    """One query attends over a set of tokens: ``query + W_o · Attn(W_q LN(query), W_kv LN(tokens))``.
+
+    Used by LSD (query = window average, tokens = the window) and FSRA (query = the learned frame
+    query, tokens = the frame's LSD tokens). The softmax scale is ``width ** -0.5`` — not the
+    per-head width — because the released weights were trained that way.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.width, self.heads = width, heads
+        self.query_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width, bias=False))
+        self.kv_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width, bias=False))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # query: (N, d), tokens: (N, L, d) -> (N, d)
+        n, length, d = tokens.shape
+        hd = d // self.heads
+        q = self.query_proj(query).view(n, 1, self.heads, hd).transpose(1, 2)  # (N, heads, 1, hd)
+        kv = self.kv_proj(tokens).view(n, length, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, kv[0], kv[1], scale=d**-0.5)  # (N, heads, 1, hd)
+        return query + self.out_proj(attn.reshape(n, d))
+
+
+class LocalSpatialDownsampler(nn.Module):
+    """LSD: each s×s window becomes one token, ``avg + attention over the window`` (or ``avg`` alone)."""
+
+    def __init__(self, width: int, heads: int, window: int, learned: bool = True):
+        super().__init__()
+        self.window = window
+        self.attend = QueryAttentionPool(width, heads) if learned else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, h, w, d) -> (N, h/s, w/s, d)
+        n, h, w, d = x.shape
+        s = self.window
+        if h % s or w % s:
+            raise ValueError(f"LSD window {s} does not divide the {h}x{w} patch crop")
+        windows = x.view(n, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, d)
+        base = windows.mean(1)  # (N*h'*w', d)
+        out = base if self.attend is None else self.attend(base, windows)
+        return out.view(n, h // s, w // s, d)
+
+
+class LocalSpatioTemporalEncoder(nn.Module):
+    """LSTE on a chunk volume (N, d, T, h, w): temporal mixer, then DPE, each residual."""
+
+    def __init__(self, width: int, mixer_ratio: float):
+        super().__init__()
+        hidden = int(width / mixer_ratio)
+        self.temporal_mixer = nn.Sequential(
+            nn.BatchNorm3d(width),
+            nn.Conv3d(width, hidden, 1),
+            nn.Conv3d(hidden, hidden, (3, 1, 1), padding=(1, 0, 0), groups=hidden),
+            nn.Conv3d(hidden, width, 1),
+        )
+        self.position_encoding = nn.Conv3d(width, width, 3, padding=1, groups=width)  # DPE
+        nn.init.zeros_(self.temporal_mixer[3].weight)
+        nn.init.zeros_(self.temporal_mixer[3].bias)
+        nn.init.zeros_(self.position_encoding.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.temporal_mixer(x)
+        return x + self.position_encoding(x)
+
+
+class GSTRAMlp(nn.Module):
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(width, 4 * width)
+        self.act = QuickGELU()
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(4 * width, width)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.drop(self.act(self.fc(x))))
+
+
+class VideoContextAggregator(nn.Module):
+    """GSTRA: a learned query (zeros at init) cross-attends over all tokens of a chunk."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, width))
+        self.norm_query = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # out_proj.bias starts at 0
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = GSTRAMlp(width, dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: (N, L, d) -> (N, d)
+        q = self.query.expand(tokens.shape[0], -1, -1)
+        kv = self.norm_kv(tokens)
+        g = q + self.attn(self.norm_query(q), kv, kv, need_weights=False)[0]
+        g = g + self.mlp(self.norm_mlp(g))
+        return g[:, 0]
+
+
+class STAB(nn.Module):
+    """Spatio-Temporal Alignment Block: frames + validity masks -> per-frame visual tokens.
+
+    Each frame's sequence is ``[context, row_1, r, row_2, r, ..., row_h', r]`` of width ``d``.
+    """
+
+    def __init__(self, cfg: STABConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.temporal = cfg.chunk_size > 1
+        self.lste = LocalSpatioTemporalEncoder(d, cfg.mixer_ratio) if self.temporal and cfg.use_lste else None
+        self.gstra = VideoContextAggregator(d, cfg.heads, cfg.dropout) if self.temporal and cfg.use_gstra else None
+        self.lsd = LocalSpatialDownsampler(d, cfg.heads, cfg.lsd_window, learned=cfg.lsd == "attention")
+        if cfg.use_fsra:
+            self.frame_query = nn.Parameter(torch.randn(d) * d**-0.5)
+            self.fsra = QueryAttentionPool(d, cfg.heads)
+        else:
+            self.frame_query, self.fsra = None, None
+        if self.gstra is not None:
+            # context = proj((1 - α) ⊙ g + α ⊙ f), α = sigmoid(fusion_logit), 0.5 at init
+            self.fusion_logit = nn.Parameter(torch.zeros(d)) if cfg.use_fsra else None
+            self.fusion_proj = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+        else:
+            self.fusion_logit, self.fusion_proj = None, None
+        self.row_token = nn.Parameter(torch.randn(d) * d**-0.5) if cfg.row_tokens else None
+        self._init_linears()
+
+    def _init_linears(self) -> None:
+        for module in [self.lsd.attend, self.fsra, self.fusion_proj]:
+            if module is None:
+                continue
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+    @property
+    def has_context_token(self) -> bool:
+        return self.fsra is not None or self.gstra is not None
+
+    def tokens_per_frame(self, valid_h: int, valid_w: int) -> int:
+        """Visual tokens of a frame whose valid region is ``valid_h × valid_w`` patches."""
+        s = self.cfg.lsd_window
+        rows, cols = valid_h // s, valid_w // s
+        return int(self.has_context_token) + rows * (cols + int(self.row_token is not None))
+
+    # ------------------------------------------------------------------ stages
+    def _temporal(self, x: torch.Tensor, batch: int, frames: int):
+        """LSTE + GSTRA + dense connection on chunks. x: (B*F, d, g, g)."""
+        T = self.cfg.chunk_size
+        if frames % T:
+            raise ValueError(f"frames={frames} is not a multiple of stab.chunk_size={T}")
+        _, d, gh, gw = x.shape
+        # (B*F, d, g, g) -> (B*nc, T, d, g, g) -> (B*nc, d, T, g, g)
+        volume = x.view(batch * frames // T, T, d, gh, gw).transpose(1, 2)
+        feats = self.lste(volume) if self.lste is not None else volume
+        video_ctx = None
+        if self.gstra is not None:
+            # (B*nc, d, T, g, g) -> (B*nc, T*g*g, d)
+            video_ctx = self.gstra(feats.flatten(2).transpose(1, 2))
+            video_ctx = video_ctx.repeat_interleave(T, dim=0)  # (B*nc, d) -> (B*F, d)
+        if self.lste is not None:
+            feats = feats + volume  # dense connection: LSTE(x) + x_patch
+            x = feats.transpose(1, 2).reshape(batch * frames, d, gh, gw)
+        return x, video_ctx
+
+    @staticmethod
+    def _boxes(valid: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """Bounding box (top, left, h, w) of valid patches per frame; empty frames -> top-left half grid."""
+        n, gh, gw = valid.shape
+        rows, cols = valid.any(2), valid.any(1)  # (N, gh), (N, gw)
+        has = rows.any(1)
+        top, left = rows.float().argmax(1), cols.float().argmax(1)
+        h, w = rows.sum(1), cols.sum(1)
+        fallback = torch.tensor([0, 0, gh // 2, gw // 2], device=valid.device)
+        boxes = torch.stack([top, left, h, w], 1)
+        boxes = torch.where(has[:, None], boxes, fallback)
+        return [tuple(b) for b in boxes.tolist()]  # one host sync per batch
+
+    def _frame_tokens(self, crops: torch.Tensor, video_ctx: torch.Tensor | None, downsampled: bool) -> torch.Tensor:
+        """crops: (n, h, w, d) frames of one box shape -> (n, L, d) token sequences."""
+        x = crops if downsampled else self.lsd(crops)  # (n, h', w', d)
+        n, hh, ww, d = x.shape
+        frame_ctx = None
+        if self.fsra is not None:
+            frame_ctx = self.fsra(self.frame_query.expand(n, d), x.reshape(n, hh * ww, d))  # (n, d)
+        if video_ctx is not None:
+            if frame_ctx is not None:
+                alpha = torch.sigmoid(self.fusion_logit)
+                context = self.fusion_proj((1 - alpha) * video_ctx + alpha * frame_ctx)
+            else:
+                context = self.fusion_proj(video_ctx)
+        else:
+            context = frame_ctx
+        if self.row_token is not None:
+            # (n, h', w', d) -> (n, h', w'+1, d): a split token after each row
+            x = torch.cat([x, self.row_token.expand(n, hh, 1, d)], dim=2)
+        seq = x.reshape(n, -1, d)
+        if context is not None:
+            seq = torch.cat([context[:, None], seq], dim=1)
+        return seq
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
+        """pixels: (B, F, 3, R, R) normalised; mask: (B, F, R, R) in {0, 1}."""
+        if pixels.ndim != 5:
+            raise ValueError(f"pixels must be (B, F, 3, R, R), got {tuple(pixels.shape)}")
+        batch, frames = pixels.shape[:2]
+        p, s = self.cfg.patch_size, self.cfg.lsd_window
+        x = self.patch_embed(pixels.flatten(0, 1))  # (B*F, 3, R, R) -> (B*F, d, g, g)
+        valid = F.avg_pool2d(mask.flatten(0, 1)[:, None].to(x.dtype), p)[:, 0] > 0.5  # (B*F, g, g)
+
+        downsampled = self.cfg.lsd_before_lste
+        if downsampled:  # ablation: LSD on the full canvas first, LSTE/GSTRA on the coarse grid
+            x = self.lsd(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B*F, d, g/s, g/s)
+            valid = F.avg_pool2d(valid[:, None].to(x.dtype), s)[:, 0] > 0.5
+
+        video_ctx = None
+        if self.temporal and (self.lste is not None or self.gstra is not None):
+            x, video_ctx = self._temporal(x, batch, frames)
+
+        grid = x.permute(0, 2, 3, 1)  # (B*F, d, g, g) -> (B*F, g, g, d)
+        boxes = self._boxes(valid)
+        scale = 1 if downsampled else s
+        lengths = [
+            int(self.has_context_token) + (h // scale) * (w // scale + int(self.row_token is not None))
+            for _, _, h, w in boxes
+        ]
+        offsets = [0]
+        for n in lengths[:-1]:
+            offsets.append(offsets[-1] + n)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, _, h, w) in enumerate(boxes):
+            groups.setdefault((h, w), []).append(i)
+
+        device = x.device
+        outputs, destinations = [], []
+        for (h, w), idx in groups.items():
+            idx_t = torch.tensor(idx, device=device)
+            tops = torch.tensor([boxes[i][0] for i in idx], device=device)
+            lefts = torch.tensor([boxes[i][1] for i in idx], device=device)
+            rows = tops[:, None] + torch.arange(h, device=device)  # (n, h)
+            cols = lefts[:, None] + torch.arange(w, device=device)  # (n, w)
+            crops = grid[idx_t[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, h, w, d)
+            ctx = video_ctx[idx_t] if video_ctx is not None else None
+            seq = self._frame_tokens(crops, ctx, downsampled)  # (n, L, d)
+            starts = torch.tensor([offsets[i] for i in idx], device=device)
+            destinations.append((starts[:, None] + torch.arange(seq.shape[1], device=device)).flatten())
+            outputs.append(seq.reshape(-1, seq.shape[-1]))
+        flat = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        dest = torch.cat(destinations) if len(destinations) > 1 else destinations[0]
+        tokens = flat.new_empty(flat.shape).index_copy(0, dest, flat)
+        return VisualTokens(tokens, torch.tensor(lengths, device=device).view(batch, frames))
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """The vision-to-LLM projector. ``mlp2x_gelu`` (release): Linear -> GELU -> Linear."""
+    match = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}
+    if kind not in match:
+        raise ValueError(f"unknown projector {kind!r}; choose one of {sorted(match)}")
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(match[kind] - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+def count_parameters(module: nn.Module | None, trainable_only: bool = False) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,180 @@
+"""The video-language model: STAB + projector in front of any Hugging Face causal LM.
+
+Each ``IMAGE_PLACEHOLDER_ID`` in ``input_ids`` is one frame; :func:`splice_visual_tokens`
+replaces it by that frame's projected visual tokens (their count may differ per video, e.g.
+16:9 vs square frames) in one vectorised scatter, with labels -100 at visual positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from panda.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from panda.models.stab import STAB, STABConfig, VisualTokens, build_projector, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplicedInputs:
+    inputs_embeds: torch.Tensor  # (B, M, D)
+    attention_mask: torch.Tensor  # (B, M) long
+    labels: torch.Tensor | None  # (B, M) or None
+    position_ids: torch.Tensor  # (B, M)
+
+
+def splice_visual_tokens(
+    text_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual: VisualTokens,
+    labels: torch.Tensor | None = None,
+    padding_side: str = "right",
+) -> SplicedInputs:
+    """Replace each frame placeholder by its frame's visual tokens.
+
+    text_embeds: (B, N, D) embeddings of ``input_ids`` (placeholders embedded as anything);
+    input_ids/attention_mask/labels: (B, N); visual.tokens: (total, D) in (b, f) order, which is
+    the order placeholders appear in the batch.
+    """
+    B, N, D = text_embeds.shape
+    device = text_embeds.device
+    is_frame = input_ids == IMAGE_PLACEHOLDER_ID  # (B, N)
+    per_video = is_frame.sum(1)
+    if not torch.all(per_video == visual.lengths.shape[1]):
+        raise ValueError(
+            f"each sample needs {visual.lengths.shape[1]} frame placeholders; found {per_video.tolist()}"
+        )
+    real = attention_mask.bool()
+    width = torch.ones_like(input_ids)
+    width[is_frame] = visual.lengths.flatten().to(width.dtype)  # row-major = (b, f) order
+    width = width * real  # padding positions vanish; each row is re-padded below
+    end = width.cumsum(1)
+    start = end - width  # (B, N) new position of each input position
+    seq_len = end[:, -1]  # (B,)
+    M = int(seq_len.max())
+    shift = (M - seq_len)[:, None] if padding_side == "left" else torch.zeros_like(seq_len)[:, None]
+    start = start + shift
+
+    embeds = text_embeds.new_zeros(B, M, D)
+    new_mask = torch.zeros(B, M, dtype=torch.long, device=device)
+    new_labels = torch.full((B, M), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
+
+    text = real & ~is_frame
+    b_txt, n_txt = text.nonzero(as_tuple=True)
+    p_txt = start[b_txt, n_txt]
+    embeds[b_txt, p_txt] = text_embeds[b_txt, n_txt]
+    new_mask[b_txt, p_txt] = 1
+    if new_labels is not None:
+        new_labels[b_txt, p_txt] = labels[b_txt, n_txt]
+
+    # visual token k of frame (b, f) goes to start[b, n_f] + k
+    b_frm, n_frm = is_frame.nonzero(as_tuple=True)  # row-major, matches visual order
+    frame_len = visual.lengths.flatten().to(device)
+    b_vis = b_frm.repeat_interleave(frame_len)
+    first = start[b_frm, n_frm].repeat_interleave(frame_len)
+    frame_begin = (frame_len.cumsum(0) - frame_len).repeat_interleave(frame_len)
+    within = torch.arange(int(frame_len.sum()), device=device) - frame_begin
+    p_vis = first + within
+    embeds[b_vis, p_vis] = visual.tokens.to(embeds.dtype)
+    new_mask[b_vis, p_vis] = 1
+
+    position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)
+    return SplicedInputs(embeds, new_mask, new_labels, position_ids)
+
+
+class VideoLanguageModel(nn.Module):
+    """STAB -> projector -> any Hugging Face causal LM (``llm``)."""
+
+    def __init__(self, stab_cfg: STABConfig, llm: nn.Module, projector: str = "mlp2x_gelu"):
+        super().__init__()
+        self.stab = STAB(stab_cfg)
+        self.llm = llm
+        self.projector = build_projector(projector, stab_cfg.width, llm.config.hidden_size)
+
+    def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
+        """(B, F, 3, R, R), (B, F, R, R) -> projected per-frame tokens, packed in (b, f) order."""
+        visual = self.stab(pixels, mask)
+        return VisualTokens(self.projector(visual.tokens), visual.lengths)
+
+    def prepare_inputs(self, input_ids, attention_mask, pixels, frame_mask, labels=None, padding_side="right") -> SplicedInputs:
+        visual = self.encode_video(pixels, frame_mask)
+        embed = self.llm.get_input_embeddings()
+        text_embeds = embed(input_ids.clamp(min=0))  # placeholders embed as id 0, then get overwritten
+        return splice_visual_tokens(text_embeds, input_ids, attention_mask, visual, labels, padding_side)
+
+    def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None):
+        """Returns the HF output; ``loss`` is the LM cross-entropy over supervised tokens."""
+        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels)
+        return self.llm(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids,
+            labels=spliced.labels,
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0):
+        """Greedy generation for a batch of (video, prompt); returns only the new token ids (B, ≤max_new)."""
+        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, padding_side="left")
+        return self.llm.generate(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            "params/stab": count_parameters(self.stab),
+            "params/projector": count_parameters(self.projector),
+            "params/llm": count_parameters(self.llm),
+            "params/trainable": count_parameters(self, trainable_only=True),
+            "params/total": count_parameters(self),
+        }
+
+
+def build_llm(
+    tokenizer_vocab: int,
+    pretrained: str | None = None,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 4096,
+    attn_implementation: str = "sdpa",
+    dtype: str = "float32",
+) -> nn.Module:
+    """A Hugging Face causal LM: ``from_pretrained`` of a local folder, or a LLaMA built from sizes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch_dtype = getattr(torch, dtype)
+    if pretrained:
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, attn_implementation=attn_implementation)
+        if model.get_input_embeddings().num_embeddings < tokenizer_vocab:
+            model.resize_token_embeddings(tokenizer_vocab)
+        return model
+    config = LlamaConfig(
+        vocab_size=tokenizer_vocab,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config).to(torch_dtype)

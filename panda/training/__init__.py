@@ -1,0 +1,1 @@
+"""Lightning lives here: the LightningModule, stages and callbacks."""

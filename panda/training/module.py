@@ -1,0 +1,124 @@
+"""The LightningModule: stages (what trains), optimiser groups, schedule, losses and logging."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from panda.models.video_lm import VideoLanguageModel
+
+log = logging.getLogger(__name__)
+
+
+def apply_stage(model: VideoLanguageModel, stage) -> dict[str, int]:
+    """Freeze/unfreeze STAB, projector and LLM for ``stage``; returns trainable parameters per module."""
+    parts = {"stab": (model.stab, stage.train_stab), "projector": (model.projector, stage.train_projector), "llm": (model.llm, stage.train_llm)}
+    counts = {}
+    for name, (module, trainable) in parts.items():
+        module.requires_grad_(trainable)
+        counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return counts
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases and learned tokens/queries (1-D once size-1 dims are dropped) get no weight decay."""
+    return param.squeeze().ndim <= 1
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class PandaModule(L.LightningModule):
+    """Trains a :class:`VideoLanguageModel` with the LM loss of one stage."""
+
+    def __init__(self, model: VideoLanguageModel, cfg: dict):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters({"cfg": cfg})  # the resolved config travels inside every checkpoint
+        self.stage_cfg = cfg["stage"]
+        self.trainable = apply_stage(model, _Attr(self.stage_cfg))
+        self.skipped_samples = 0
+        self._batch_start = None
+        self._last_batch_end = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict):
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch.get("labels"))
+
+    def on_fit_start(self) -> None:
+        lines = [f"  {name:<10} trainable {n:>12,d}" for name, n in self.trainable.items()]
+        rank_zero_info(f"stage {self.stage_cfg['name']!r}:\n" + "\n".join(lines))
+        if self.logger is not None:
+            self.logger.log_hyperparams({f"trainable/{k}": v for k, v in self.trainable.items()} | self.model.parameter_counts())
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            self.log("perf/data_time_s", now - self._last_batch_end, on_step=True, on_epoch=False)
+        self._batch_start = now
+
+    def training_step(self, batch: dict, batch_idx: int):
+        for miss in batch["skipped"]:
+            self.skipped_samples += 1
+            log.warning("skipped sample %s (%s): %s", miss["id"], miss["path"], miss["reason"])
+        self.log("data/skipped", float(self.skipped_samples), on_step=True, on_epoch=False, reduce_fx="sum")
+        if "input_ids" not in batch:  # every sample of the batch failed: nothing to train on
+            return None
+        out = self(batch)
+        loss = out.loss
+        n = batch["input_ids"].shape[0]
+        self.log("train/lm_loss", out.loss, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self._tokens = int(batch["attention_mask"].sum()) + int(batch["frame_mask"].shape[1] * n)  # text + placeholders
+        self._samples = n
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._batch_start is not None and "input_ids" in batch:
+            dt = max(now - self._batch_start, 1e-9)
+            self.log("perf/samples_per_s", self._samples / dt, on_step=True, on_epoch=False)
+            self.log("perf/text_tokens_per_s", self._tokens / dt, on_step=True, on_epoch=False)
+        self._last_batch_end = now
+        for i, group in enumerate(self.trainer.optimizers[0].param_groups):
+            self.log(f"lr/{group.get('name', i)}", group["lr"], on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        stage = self.stage_cfg
+        vision_lr = stage["vision_lr"] if stage["vision_lr"] is not None else stage["lr"]
+        groups: dict[str, dict] = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = "llm" if name.startswith("llm.") else "vision"
+            decay = not no_decay(name, param)
+            key = f"{part}{'' if decay else '_no_decay'}"
+            g = groups.setdefault(key, {"name": key, "params": [], "lr": stage["lr"] if part == "llm" else vision_lr,
+                                        "weight_decay": stage["weight_decay"] if decay else 0.0})
+            g["params"].append(param)
+        optimizer = torch.optim.AdamW(list(groups.values()), betas=tuple(stage["betas"]))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(stage["warmup_ratio"] * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, stage["schedule"], stage["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _Attr(dict):
+    """Attribute access to a plain dict (stage settings stored in hparams as a dict)."""
+
+    __getattr__ = dict.__getitem__

@@ -1,0 +1,152 @@
+"""One training run end to end: data, model, Lightning fit, held-out evaluation, summary.json."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from panda.config import validate
+from panda.data.datamodule import VideoDataModule
+from panda.data.synthetic import SyntheticConfig, generate
+from panda.evaluation.qa import generate_answers, score_exact_match, write_predictions
+from panda.training.build import build_logger, build_model, build_tokenizer
+from panda.training.module import PandaModule
+
+log = logging.getLogger(__name__)
+
+
+class LossTracker(Callback):
+    """Keeps the last training losses; ``train/loss_final`` is the mean of the last ``window``."""
+
+    def __init__(self, window: int = 10):
+        self.losses = collections.deque(maxlen=window)
+        self.first = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if outputs is not None:
+            loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+            self.first = loss if self.first is None else self.first
+            self.losses.append(loss)
+
+    @property
+    def final(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
+def run_dir_of(cfg) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:  # not under Hydra (e.g. called from Python)
+        return os.path.abspath(cfg.get("run_dir") or "outputs/run")
+
+
+def build_trainer(cfg: dict, run_dir: str, logger, callbacks) -> L.Trainer:
+    t = cfg["trainer"]
+    extra = {}
+    if t["limit_train_batches"] is not None:
+        extra["limit_train_batches"] = t["limit_train_batches"]
+    return L.Trainer(
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
+        precision=t["precision"], max_epochs=t["max_epochs"], max_steps=t["max_steps"],
+        gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
+        log_every_n_steps=t["log_every_n_steps"], fast_dev_run=t["fast_dev_run"], overfit_batches=t["overfit_batches"],
+        deterministic=t["deterministic"], enable_progress_bar=t["enable_progress_bar"], default_root_dir=run_dir,
+        logger=logger, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, **extra,
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train (and evaluate) as ``cfg`` says. Returns the summary that is also written to ``summary.json``."""
+    start = time.time()
+    validate(cfg)
+    run_dir = run_dir_of(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["data"]["root"] = os.path.abspath(container["data"]["root"])
+    if container["data"]["synthetic"] is not None:
+        generate(SyntheticConfig(root=container["data"]["root"], **container["data"]["synthetic"]))
+    data_time = time.time() - start
+
+    tokenizer = build_tokenizer(container)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer.save_pretrained(tok_dir)
+    container["llm"]["tokenizer"] = tok_dir  # checkpoints point at the run's own copy
+    model = build_model(container, tokenizer)
+    module = PandaModule(model, container)
+    counts = model.parameter_counts()
+
+    logger = build_logger(container, run_dir, counts)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    tracker = LossTracker()
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=container["trainer"]["checkpoint_every_n_steps"], save_last=True, save_top_k=1)
+    trainer = build_trainer(container, run_dir, logger, [checkpoint, tracker])
+    datamodule = VideoDataModule(cfg=OmegaConf.create(container), tokenizer=tokenizer, rejects_path=os.path.join(run_dir, "rejects.jsonl"))
+
+    summary: dict = {"run_dir": run_dir, "name": container["name"], "stage": container["stage"]["name"], "frames": container["frames"]}
+    try:
+        fit_start = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=container["ckpt_path"])
+        fit_time = time.time() - fit_start
+        final_ckpt = os.path.join(ckpt_dir, "last.ckpt")
+        if not container["trainer"]["fast_dev_run"]:
+            trainer.save_checkpoint(final_ckpt)
+        summary.update({
+            "train/loss_first": tracker.first,
+            "train/loss_final": tracker.final,
+            "train/steps": trainer.global_step,
+            "train/skipped_samples": module.skipped_samples,
+            "data/rejected_records": len(datamodule.rejects),
+            "checkpoint": final_ckpt if os.path.exists(final_ckpt) else None,
+            "time/data_prep_s": round(data_time, 2),
+            "time/fit_s": round(fit_time, 2),
+        })
+        summary.update(counts)
+        summary.update({f"trainable/{k}": v for k, v in module.trainable.items()})
+        if container["evaluate"] and container["data"]["eval_qa"] and trainer.is_global_zero:
+            eval_start = time.time()
+            metrics, rows = evaluate_qa(module.model, datamodule, tokenizer, container["max_new_tokens"])
+            write_predictions(os.path.join(run_dir, "predictions.jsonl"), rows)
+            summary.update(metrics)
+            summary["time/eval_s"] = round(time.time() - eval_start, 2)
+            if logger:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        summary["time/wall_s"] = round(time.time() - start, 2)
+        if trainer.is_global_zero:
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print_summary(summary)
+    finally:
+        if logger and hasattr(logger, "experiment") and container["logger"]["kind"] == "wandb":
+            import wandb
+
+            wandb.finish()
+        elif logger:
+            logger.finalize("success")
+    return summary
+
+
+def evaluate_qa(model, datamodule, tokenizer, max_new_tokens: int, data_cfg=None, batch_size=None) -> tuple[dict, list]:
+    loader = datamodule.qa_dataloader(data_cfg, batch_size)
+    predictions, failures = generate_answers(model, loader, tokenizer, max_new_tokens)
+    metrics, rows = score_exact_match(loader.dataset.items, predictions, failures)
+    return metrics, rows
+
+
+def print_summary(summary: dict) -> None:
+    width = max(len(k) for k in summary)
+    lines = [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in summary.items()]
+    print("\n== panda run summary ==\n" + "\n".join(lines), flush=True)
+
+

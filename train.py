@@ -1,0 +1,27 @@
+"""Train a Video-Panda-style model. ``python train.py`` runs the embedded synthetic default on CPU.
+
+Examples::
+
+    python train.py                                   # tiny STAB + tiny LLaMA on generated videos
+    python train.py experiment=ablation/no_fsra       # one ablation
+    python train.py --multirun experiment=ablation/no_fsra,ablation/no_gstra frames=4,8
+    python train.py hydra.run.dir=outputs/x ckpt_path=last   # resume the run in outputs/x
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from panda.config import register_configs
+from panda.training.run import train
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = train(cfg)
+    return summary.get("eval/accuracy")
+
+
+if __name__ == "__main__":
+    main()
