@@ -39,7 +39,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SIZES = ((64, 64), (80, 60), (96, 54), (48, 64))  # (width, height): square, 4:3, 16:9, portrait
+SIZES = ((112, 112), (128, 96), (128, 72), (96, 128))  # (width, height): square, 4:3, 16:9, portrait
 
 QUESTIONS = {
     "colour": ["What colour is the moving object?", "Which colour does the shape have?", "What is the colour of the object?"],
@@ -77,7 +77,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 def render_clip(colour: str, shape: str, direction: str, width: int, height: int, num_frames: int, rng) -> np.ndarray:
     """(num_frames, height, width, 3) uint8 frames of one shape moving in a straight line."""
-    size = max(8, int(min(width, height) * rng.uniform(0.26, 0.34)))
+    size = max(8, int(min(width, height) * rng.uniform(0.3, 0.38)))
     dx, dy = DIRECTIONS[direction]
     span_x, span_y = width - size, height - size
     travel = int((span_x if dx else span_y) * rng.uniform(0.75, 1.0))
@@ -133,16 +133,23 @@ def _question(kind: str, rng) -> str:
     return str(rng.choice(QUESTIONS[kind]))
 
 
+def _is_done(root: str, stamp: dict) -> bool:
+    try:
+        with open(os.path.join(root, "DONE")) as f:
+            return json.load(f) == stamp
+    except (OSError, ValueError):
+        return False
+
+
 def generate(cfg: SyntheticConfig) -> str:
     """Generate the dataset under ``cfg.root`` unless it is already there. Returns the root."""
-    root = cfg.root
-    done = os.path.join(root, "DONE")
-    if os.path.exists(done):
-        with open(done) as f:
-            if json.load(f) == asdict(cfg):
-                return root
+    root = os.path.abspath(cfg.root)
+    stamp = {k: v for k, v in asdict(cfg).items() if k != "root"}
+    if _is_done(root, stamp):
+        return root
+    if os.path.exists(root):
         log.warning("%s holds a synthetic dataset made with other settings; regenerating", root)
-    tmp = root.rstrip("/") + ".tmp"
+    tmp = f"{root}.tmp{os.getpid()}"  # concurrent runs (a --multirun sweep) each write their own
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(cfg.seed)
     records, texts = [], []
@@ -189,9 +196,11 @@ def generate(cfg: SyntheticConfig) -> str:
     texts += list(COLOURS) + list(SHAPES) + list(DIRECTIONS)
     train_tokenizer(texts * 4, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
     with open(os.path.join(tmp, "DONE"), "w") as f:
-        json.dump(asdict(cfg), f)
+        json.dump(stamp, f)
+    if _is_done(root, stamp):  # another process finished first: same seed, same data
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
     shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     os.replace(tmp, root)
     log.info("synthetic dataset: %d train records, %d eval questions under %s", len(records), len(questions), root)
     return root

@@ -1,0 +1,91 @@
+import pytest
+
+from panda.data.conversation import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER_ID,
+    get_template,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from panda.data.records import load_records, normalize_conversation
+from panda.errors import RecordError, SampleError
+
+GOLDEN_ONE_TURN = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: <image><image><image><image><image><image>"
+    "<image><image>\nWhat is the man doing? ASSISTANT: He is slicing bread.</s>"
+)
+
+
+def test_vicuna_template_renders_the_release_text():
+    turns = normalize_conversation([{"from": "human", "value": "What is the man doing?\n<video>"}, {"from": "gpt", "value": "He is slicing bread."}])
+    text, spans = get_template("vicuna_v1").render([(q.replace("<video>", "<image>" * 8), a) for q, a in turns])
+    assert text == GOLDEN_ONE_TURN
+    assert [text[s:e] for s, e in spans] == ["He is slicing bread.</s>"]
+
+
+def test_labels_cover_only_answers_and_their_eos(tokenizer):
+    turns = [("<video>\nWhat colour is the moving object?", "red"), ("Which way does the object go?", "left")]
+    out = tokenize_conversation(tokenizer, get_template("vicuna_v1"), turns, frames=4, max_length=4096)
+    ids, labels = out.input_ids.tolist(), out.labels.tolist()
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids.count(IMAGE_PLACEHOLDER_ID) == 4
+    supervised = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(supervised) .replace(" ", "") == "red</s>left</s>"
+    assert all(labels[i] == IGNORE_INDEX for i, t in enumerate(ids) if t == IMAGE_PLACEHOLDER_ID)
+    # everything up to and including the first "ASSISTANT:" is unsupervised
+    prompt = tokenize_prompt(tokenizer, get_template("vicuna_v1"), "What colour is the moving object?", 4).tolist()
+    assert ids[: len(prompt)] == prompt
+    assert all(label == IGNORE_INDEX for label in labels[: len(prompt)])
+
+
+def test_generation_prompt_ends_with_assistant_colon():
+    text, spans = get_template("vicuna_v1_eval").render([("<image>\nWhat?", None)])
+    assert text.endswith("USER: <image>\nWhat? ASSISTANT:") and "curious human" in text and spans == []
+
+
+def test_video_token_moves_to_front_and_leading_assistant_turn_is_dropped():
+    turns = normalize_conversation([
+        {"from": "gpt", "value": "Hello."},
+        {"from": "human", "value": "Describe it. <video>"},
+        {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "unanswered"},
+    ])
+    assert turns == [("<video>\nDescribe it.", "A dog.")]
+
+
+@pytest.mark.parametrize("conv, reason", [
+    ([], "non-empty list"),
+    ([{"from": "human", "value": "<video>\nq"}, {"from": "human", "value": "again"}, {"from": "gpt", "value": "a"}], "alternate"),
+    ([{"from": "human", "value": "<video>\nq <video>"}, {"from": "gpt", "value": "a"}], "once"),
+    ([{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}], "unknown role"),
+    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}], "must be a string"),
+])
+def test_malformed_conversations_name_the_problem(conv, reason):
+    with pytest.raises(RecordError, match=reason):
+        normalize_conversation(conv, "file.json", 7)
+
+
+def test_over_long_conversation_drops_trailing_turns_then_fails(tokenizer):
+    turns = [("<video>\nWhat colour is the moving object?", "red")] + [("Which way does the object go?", "left")] * 5
+    tpl = get_template("vicuna_v1")
+    full = tokenize_conversation(tokenizer, tpl, turns, 4, 4096)
+    one = tokenize_conversation(tokenizer, tpl, turns[:1], 4, 4096)
+    cut = tokenize_conversation(tokenizer, tpl, turns, 4, len(one.input_ids) + 1)
+    assert full.dropped_turns == 0 and cut.dropped_turns == 5
+    assert cut.input_ids.tolist() == one.input_ids.tolist()
+    with pytest.raises(SampleError, match="too long"):
+        tokenize_conversation(tokenizer, tpl, turns, 4, 4096, visual_tokens_per_frame=2000, record_id="r1")
+
+
+def test_load_records_skips_and_reports_malformed(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('[{"id": "a", "video": "a.mp4", "conversations": [{"from": "human", "value": "<video>\\nq"}, {"from": "gpt", "value": "x"}]},'
+                    ' {"id": "b", "image": "b.jpg", "conversations": []}, 5,'
+                    ' {"id": "a", "video": "c.mp4", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "y"}]}]')
+    records, rejects = load_records(path)
+    assert [r.id for r in records] == ["a"]
+    assert [r["index"] for r in rejects] == [1, 2, 3]
+    assert "duplicate id" in rejects[2]["reason"] and "image record" in rejects[0]["reason"]
+    with pytest.raises(RecordError, match=r"r\.json, record 1"):
+        load_records(path, on_error="raise")

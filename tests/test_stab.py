@@ -1,0 +1,152 @@
+import numpy as np
+import pytest
+import torch
+
+from panda.data.frames import preprocess_frames
+from panda.models.stab import STAB, STABConfig, QueryAttentionPool, count_parameters, build_projector
+
+TINY = dict(width=32, patch_size=7, heads=4, lsd_window=2, chunk_size=2, resolution=56, dropout=0.0)
+
+
+def video(width, height, frames=4, valid=None, seed=0, resolution=56, patch=7):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(valid or frames, height, width, 3), dtype=np.uint8)
+    return preprocess_frames(arr, frames, resolution, patch)
+
+
+def batch(*videos):
+    return torch.stack([v[0] for v in videos]), torch.stack([v[1] for v in videos])
+
+
+def test_release_sizes_give_273_tokens_square_and_154_for_16_9():
+    # release geometry (448 px, patch 14, LSD 2) at a narrow width to keep the test fast
+    cfg = STABConfig(width=32, heads=8)
+    stab = STAB(cfg).eval()
+    square = video(300, 300, frames=8, resolution=448, patch=14)
+    wide = video(1280, 720, frames=8, resolution=448, patch=14)
+    with torch.no_grad():
+        out = stab(*batch(square, wide))
+    assert out.lengths[0].tolist() == [273] * 8
+    assert out.lengths[1].tolist() == [154] * 8
+    assert out.tokens.shape == (8 * 273 + 8 * 154, 32)
+    assert cfg.max_tokens_per_frame() == 273
+
+
+def test_release_parameter_counts_match_the_paper():
+    stab = STAB(STABConfig())
+    assert count_parameters(stab) == 24_086_866  # ~24.1M without the unused lmhra2 block
+    assert count_parameters(build_projector("mlp2x_gelu", 1024, 4096)) == 20_979_712  # ~21.0M
+
+
+def test_padding_frames_get_zero_mask_and_pixels():
+    pixels, mask = video(64, 48, frames=4, valid=2)
+    assert mask[:2].sum() > 0 and mask[2:].sum() == 0
+    assert pixels[2:].abs().sum() == 0
+
+
+def test_padding_frame_is_cropped_to_top_left_half_grid():
+    stab = STAB(STABConfig(**TINY)).eval()
+    valid = torch.zeros(2, 8, 8, dtype=torch.bool)
+    valid[0, 2:6, 0:8] = True
+    assert stab._boxes(valid) == [(2, 0, 4, 8), (0, 0, 4, 4)]
+
+
+def test_zero_initialised_parts_start_as_identity():
+    torch.manual_seed(0)
+    stab = STAB(STABConfig(**TINY))
+    x = torch.randn(2, 32, 2, 8, 8)
+    assert torch.count_nonzero(stab.lste.temporal_mixer(x)) == 0
+    assert torch.count_nonzero(stab.gstra.query) == 0
+    assert torch.count_nonzero(stab.gstra.mlp(torch.randn(3, 32))) == 0
+    assert torch.count_nonzero(stab.gstra.attn.out_proj.bias) == 0
+    assert torch.count_nonzero(stab.lste.position_encoding.bias) == 0
+    assert torch.allclose(torch.sigmoid(stab.fusion_logit), torch.full((32,), 0.5))
+
+
+def test_lsd_and_fsra_scale_by_full_width_not_head_width():
+    torch.manual_seed(0)
+    pool = QueryAttentionPool(32, heads=4)
+    q, tokens = torch.randn(3, 32), torch.randn(3, 5, 32)
+    qh = pool.query_proj(q).view(3, 4, 8)
+    k, v = pool.kv_proj(tokens).view(3, 5, 2, 4, 8).unbind(2)
+    weights = torch.softmax(torch.einsum("nhc,nlhc->nhl", qh, k) * 32**-0.5, dim=-1)
+    expected = q + pool.out_proj(torch.einsum("nhl,nlhc->nhc", weights, v).reshape(3, 32))
+    assert torch.allclose(pool(q, tokens), expected, atol=1e-5)
+    wrong = torch.softmax(torch.einsum("nhc,nlhc->nhl", qh, k) * 8**-0.5, dim=-1)
+    assert not torch.allclose(weights, wrong)
+
+
+def test_batch_equals_each_video_alone():
+    torch.manual_seed(0)
+    stab = STAB(STABConfig(**TINY)).eval()
+    videos = [video(64, 48, seed=1), video(48, 64, seed=2), video(64, 64, valid=1, seed=3)]
+    with torch.no_grad():
+        joint = stab(*batch(*videos))
+        alone = [stab(*batch(v)) for v in videos]
+    assert torch.equal(joint.lengths, torch.cat([a.lengths for a in alone]))
+    assert torch.allclose(joint.tokens, torch.cat([a.tokens for a in alone]), atol=1e-5)
+
+
+ABLATIONS = {
+    "use_fsra": False,
+    "use_gstra": False,
+    "use_lste": False,
+    "row_tokens": False,
+    "lsd": "avgpool",
+    "lsd_before_lste": True,
+}
+REMOVES = {
+    "use_fsra": {"frame_query", "fsra.", "fusion_logit"},
+    "use_gstra": {"gstra.", "fusion_proj.", "fusion_logit"},
+    "use_lste": {"lste."},
+    "row_tokens": {"row_token"},
+    "lsd": {"lsd.attend."},
+    "lsd_before_lste": set(),  # same parameters, different order of computation
+}
+
+
+@pytest.mark.parametrize("switch", list(ABLATIONS))
+def test_each_ablation_changes_outputs_and_parameters(switch):
+    inputs = batch(video(64, 48, seed=1), video(64, 64, seed=2))
+    torch.manual_seed(0)
+    full = STAB(STABConfig(**TINY)).eval()
+    # perturb the zero-initialised parts so every branch contributes to the output
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.1)
+    ablated = STAB(STABConfig(**(TINY | {switch: ABLATIONS[switch]}))).eval()
+    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k in ablated.state_dict()})
+    full_names, ablated_names = set(full.state_dict()), set(ablated.state_dict())
+    assert ablated_names <= full_names
+    removed = full_names - ablated_names
+    for prefix in REMOVES[switch]:
+        assert any(n.startswith(prefix) for n in removed), f"{switch} should remove {prefix}*"
+    with torch.no_grad():
+        a, b = full(*inputs), ablated(*inputs)
+    assert a.tokens.shape != b.tokens.shape or not torch.allclose(a.tokens, b.tokens, atol=1e-4)
+
+
+def test_no_temporal_and_single_frame_chunks_skip_lste_and_gstra():
+    for cfg in (TINY | {"use_lste": False, "use_gstra": False}, TINY | {"chunk_size": 1}):
+        stab = STAB(STABConfig(**cfg))
+        assert stab.lste is None and stab.gstra is None and stab.fusion_proj is None
+        out = stab(*batch(video(64, 64, frames=2)))
+        assert out.lengths.tolist() == [[21, 21]]  # context from FSRA + 4 rows of (4 + 1)
+
+
+def _count_ops(stab, inputs) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        stab(*inputs)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def test_op_count_does_not_grow_with_frames_or_videos():
+    stab = STAB(STABConfig(**TINY)).eval()
+    small = batch(video(64, 48, frames=2))
+    large = batch(*[video(64, 48, frames=8, seed=i) for i in range(3)])
+    n_small, n_large = _count_ops(stab, small), _count_ops(stab, large)
+    # 1 video x 2 frames vs 3 videos x 8 frames: a per-frame loop would launch ~12x the ops
+    assert n_large <= n_small * 1.05, (n_small, n_large)

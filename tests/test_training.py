@@ -1,0 +1,78 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import compose, tiny_overrides
+from panda.training.run import train
+
+
+def run(root, run_dir, *extra):
+    cfg = compose(tiny_overrides(root, str(run_dir)) + list(extra))
+    return train(cfg)
+
+
+def test_tiny_run_learns_and_writes_summary(synthetic_root, tmp_path):
+    summary = run(synthetic_root, tmp_path, "trainer.max_epochs=12", "stage.lr=3e-3")
+    assert summary["train/loss_final"] < 0.5 * summary["train/loss_first"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("eval/accuracy", "eval/accuracy_appearance", "eval/accuracy_motion", "train/loss_final", "checkpoint",
+                "time/wall_s", "params/stab", "params/projector", "params/llm", "params/trainable"):
+        assert key in written, key
+    assert os.path.exists(written["checkpoint"])
+    assert written["params/trainable"] == written["params/stab"] + written["params/projector"] + written["params/llm"]
+    predictions = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == written["eval/num_questions"] == 6
+
+
+def test_resume_restores_step_optimizer_and_schedule(synthetic_root, tmp_path):
+    run(synthetic_root, tmp_path, "trainer.max_steps=4", "trainer.max_epochs=5", "evaluate=false")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    first = torch.load(ckpt, weights_only=False)
+    assert first["global_step"] == 4
+    run(synthetic_root, tmp_path, "trainer.max_steps=7", "trainer.max_epochs=5", "evaluate=false", f"ckpt_path={ckpt}")
+    second = torch.load(ckpt, weights_only=False)
+    assert second["global_step"] == 7
+    assert second["lr_schedulers"][0]["last_epoch"] == 7
+    adam_steps = {float(s["step"]) for s in second["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {7.0}  # the optimiser kept counting from 4, it did not start again
+    assert not all(torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in first["state_dict"])
+
+
+def test_bad_videos_are_skipped_counted_and_named(synthetic_root, tmp_path, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    records_path = root / "train" / "train_json" / "synthetic_train.json"
+    records = json.loads(records_path.read_text())[:6]
+    (root / "train" / "synthetic" / "00000.mp4").write_bytes(b"\x00" * 1000)  # corrupt
+    records[1]["video"] = "synthetic/missing.mp4"  # missing
+    records.append({"id": "broken"})  # malformed record
+    records_path.write_text(json.dumps(records))
+    summary = run(str(root), tmp_path / "run", "trainer.max_epochs=1", "evaluate=false")
+    assert summary["train/skipped_samples"] == 2
+    assert summary["data/rejected_records"] == 1
+    assert "missing.mp4" in caplog.text and "00000.mp4" in caplog.text
+    rejects = (tmp_path / "run" / "rejects.jsonl").read_text()
+    assert '"index": 6' in rejects
+
+
+def test_stage_prealign_freezes_the_llm(synthetic_root, tmp_path):
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from panda.training.build import build_model, build_tokenizer
+
+    cfg = compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["stage=prealign", "trainer.max_steps=3", "evaluate=false"])
+    summary = train(cfg)
+    assert summary["trainable/llm"] == 0 and summary["trainable/stab"] == summary["params/stab"]
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    # train() seeds, then builds the model: the same seed rebuilds the weights it started from
+    container = OmegaConf.to_container(cfg, resolve=True)
+    L.seed_everything(cfg.seed)
+    start = {"model." + k: v for k, v in build_model(container, build_tokenizer(container)).state_dict().items()}
+    llm_keys = [k for k in saved if k.startswith("model.llm.")]
+    stab_keys = [k for k in saved if k.startswith("model.stab.") and saved[k].is_floating_point()]
+    assert llm_keys and all(torch.equal(saved[k], start[k]) for k in llm_keys)
+    assert not all(torch.equal(saved[k], start[k]) for k in stab_keys)

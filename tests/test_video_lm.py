@@ -1,0 +1,75 @@
+import numpy as np
+import torch
+
+from panda.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, get_template, tokenize_prompt
+from panda.data.datasets import Collator
+from panda.data.frames import preprocess_frames
+from panda.models.stab import STABConfig, VisualTokens
+from panda.models.video_lm import VideoLanguageModel, build_llm, splice_visual_tokens
+
+P = IMAGE_PLACEHOLDER_ID
+
+
+def test_splice_places_each_frame_at_its_placeholder_with_ignored_labels():
+    D = 3
+    ids = torch.tensor([[1, 5, P, P, 6, 7], [1, P, P, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, -100, 6, 7], [-100, -100, -100, 8, -100, -100]])
+    text = ids.clamp(min=0).float()[..., None].expand(-1, -1, D) * 1.0
+    lengths = torch.tensor([[2, 2], [3, 1]])  # different token counts per video and frame
+    vis = torch.arange(8, dtype=torch.float)[:, None].expand(-1, D) + 100  # 100..107
+    out = splice_visual_tokens(text, ids, mask, VisualTokens(vis, lengths), labels)
+    first = out.inputs_embeds[..., 0]
+    assert first[0].tolist() == [1, 5, 100, 101, 102, 103, 6, 7]
+    assert first[1, :6].tolist() == [1, 104, 105, 106, 107, 8]
+    assert out.attention_mask.tolist() == [[1] * 8, [1] * 6 + [0, 0]]
+    assert out.labels[0].tolist() == [IGNORE_INDEX] * 6 + [6, 7]
+    assert out.labels[1].tolist() == [IGNORE_INDEX] * 5 + [8, IGNORE_INDEX, IGNORE_INDEX]
+    left = splice_visual_tokens(text, ids, mask, VisualTokens(vis, lengths), padding_side="left")
+    assert left.attention_mask[1].tolist() == [0, 0] + [1] * 6
+    assert left.inputs_embeds[1, 2:, 0].tolist() == [1, 104, 105, 106, 107, 8]
+
+
+def _tiny_model(vocab):
+    torch.manual_seed(0)
+    cfg = STABConfig(width=32, patch_size=7, heads=4, chunk_size=2, resolution=56, dropout=0.0)
+    return VideoLanguageModel(cfg, build_llm(vocab, hidden_size=32, layers=2, heads=4, intermediate_size=64)).eval()
+
+
+def _sample(tokenizer, question, width, height, seed):
+    rng = np.random.default_rng(seed)
+    pixels, mask = preprocess_frames(rng.integers(0, 255, (2, height, width, 3), dtype=np.uint8), 2, 56, 7)
+    ids = tokenize_prompt(tokenizer, get_template("vicuna_v1_eval"), question, 2)
+    return {"id": question, "input_ids": ids, "labels": None, "pixels": pixels, "frame_mask": mask}
+
+
+def test_batched_generation_equals_one_by_one(tokenizer):
+    model = _tiny_model(len(tokenizer))
+    samples = [_sample(tokenizer, "What colour is the moving object?", 64, 36, 1),
+               _sample(tokenizer, "Which way?", 64, 64, 2)]
+    collate = Collator(tokenizer.pad_token_id)
+
+    def run(batch):
+        return model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
+                              max_new_tokens=5, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+
+    together = run(collate(samples))
+    alone = [run(collate([s])) for s in samples]
+    assert together.shape == (2, 5)
+    assert together.tolist() == [a[0].tolist() for a in alone]
+
+
+def test_loss_ignores_visual_and_prompt_positions(tokenizer):
+    model = _tiny_model(len(tokenizer))
+    s = _sample(tokenizer, "What colour?", 64, 64, 0)
+    ids = torch.cat([s["input_ids"], torch.tensor([tokenizer.convert_tokens_to_ids("▁red"), tokenizer.eos_token_id])])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[-2:] = ids[-2:]
+    batch = Collator(0)([{**s, "input_ids": ids, "labels": labels}])
+    out = model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch["labels"])
+    spliced = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch["labels"])
+    assert (spliced.labels != IGNORE_INDEX).sum() == 2
+    logits = out.logits[0, :-1]
+    target = spliced.labels[0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[target != IGNORE_INDEX], target[target != IGNORE_INDEX])
+    assert torch.allclose(out.loss, expected, atol=1e-5)
