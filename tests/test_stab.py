@@ -150,3 +150,21 @@ def test_op_count_does_not_grow_with_frames_or_videos():
     n_small, n_large = _count_ops(stab, small), _count_ops(stab, large)
     # 1 video x 2 frames vs 3 videos x 8 frames: a per-frame loop would launch ~12x the ops
     assert n_large <= n_small * 1.05, (n_small, n_large)
+
+
+@pytest.mark.parametrize("switch", [None] + list(ABLATIONS))
+def test_batched_forward_matches_the_per_frame_reference(switch):
+    from panda.models.stab_reference import looped_stab_forward
+
+    torch.manual_seed(0)
+    cfg = TINY | ({switch: ABLATIONS[switch]} if switch else {})
+    stab = STAB(STABConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in stab.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.1)
+    inputs = batch(video(64, 48, seed=1), video(48, 64, seed=2), video(64, 64, valid=1, seed=3))
+    with torch.no_grad():
+        fast, slow = stab(*inputs), looped_stab_forward(stab, *inputs)
+    assert torch.equal(fast.lengths, slow.lengths)
+    assert torch.allclose(fast.tokens, slow.tokens, atol=1e-5)

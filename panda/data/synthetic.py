@@ -75,30 +75,40 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
     raise ValueError(shape)
 
 
+def _paste(img: np.ndarray, mask: np.ndarray, rgb: np.ndarray, x: int, y: int) -> None:
+    """Paste ``mask`` at (x, y) on a torus: what leaves one edge re-enters at the opposite one."""
+    height, width = img.shape[:2]
+    size = mask.shape[0]
+    for oy in (-height, 0, height):
+        for ox in (-width, 0, width):
+            x0, y0 = x + ox, y + oy
+            xa, ya, xb, yb = max(0, x0), max(0, y0), min(width, x0 + size), min(height, y0 + size)
+            if xa < xb and ya < yb:
+                region = img[ya:yb, xa:xb]
+                region[mask[ya - y0 : yb - y0, xa - x0 : xb - x0]] = rgb
+
+
 def render_clip(colour: str, shape: str, direction: str, width: int, height: int, num_frames: int, rng) -> np.ndarray:
-    """(num_frames, height, width, 3) uint8 frames of one shape moving in a straight line."""
-    size = max(8, int(min(width, height) * rng.uniform(0.3, 0.38)))
+    """(num_frames, height, width, 3) uint8 frames of one shape moving in a straight line.
+
+    The motion wraps around the frame edges and starts at a uniformly random position, so no
+    single frame says anything about the direction: only the change between frames does.
+    """
+    size = max(8, int(min(width, height) * rng.uniform(0.38, 0.48)))
     dx, dy = DIRECTIONS[direction]
-    span_x, span_y = width - size, height - size
-    travel = int((span_x if dx else span_y) * rng.uniform(0.75, 1.0))
-    # start so that the whole path stays inside the frame; the other axis is random
-    if dx:
-        x0 = rng.integers(0, span_x - travel + 1) + (0 if dx > 0 else travel)
-        y0 = rng.integers(0, span_y + 1)
-    else:
-        y0 = rng.integers(0, span_y + 1 - travel) + (0 if dy > 0 else travel)
-        x0 = rng.integers(0, span_x + 1)
+    extent = width if dx else height
+    speed = extent * rng.uniform(1 / 22, 1 / 16)  # pixels per frame; < extent/2 between sampled frames
+    x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
     base = rng.integers(20, 90, size=3)
     background = np.clip(base + rng.normal(0, 12, size=(height, width, 3)), 0, 255)
     mask = _shape_mask(shape, size)
     rgb = np.array(COLOURS[colour], dtype=np.float64)
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):
-        frac = t / max(1, num_frames - 1)
-        x = int(round(x0 + dx * travel * frac))
-        y = int(round(y0 + dy * travel * frac))
+        x = int(round(x0 + dx * speed * t)) % width
+        y = int(round(y0 + dy * speed * t)) % height
         img = background.copy()
-        img[y : y + size, x : x + size][mask] = rgb
+        _paste(img, mask, rgb, x, y)
         frames[t] = img.astype(np.uint8)
     return frames
 

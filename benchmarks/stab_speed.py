@@ -1,0 +1,99 @@
+"""STAB speed: the batched forward vs the per-frame loop of the official code, in one process.
+
+    python benchmarks/stab_speed.py            # release sizes (d=1024, 448 px, 8 frames), CPU fp32
+    python benchmarks/stab_speed.py --quick    # smaller, for a smoke run
+
+Prints forward time (median), FLOPs and the FLOP-bound time at this machine's measured matmul
+rate, and aten op counts (a proxy for GPU kernel launches) for 1 and 4 videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from panda.data.frames import preprocess_frames
+from panda.models.stab import STAB, STABConfig, build_projector
+from panda.models.stab_reference import looped_stab_forward
+
+
+def make_batch(videos: int, frames: int, resolution: int, patch: int):
+    rng = np.random.default_rng(0)
+    out = [preprocess_frames(rng.integers(0, 255, (frames, 360, 640, 3), dtype=np.uint8), frames, resolution, patch) for _ in range(videos)]
+    return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def op_count(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t = timed(lambda: a @ b, 5)
+    return 2 * 2048**3 / t / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="width 256, 224 px: a fast smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cfg = STABConfig(width=256, resolution=224) if args.quick else STABConfig()
+    frames, llm_width = 8, 4096
+    torch.manual_seed(0)
+    stab = STAB(cfg).eval()
+    projector = build_projector("mlp2x_gelu", cfg.width, llm_width).eval()
+    pixels, mask = make_batch(1, frames, cfg.resolution, cfg.patch_size)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, STAB d={cfg.width}, {cfg.resolution}px, {frames} frames (16:9 video)")
+
+    with torch.no_grad():
+        batched = stab(pixels, mask)
+        looped = looped_stab_forward(stab, pixels, mask)
+        assert torch.allclose(batched.tokens, looped.tokens, atol=1e-4), "batched and looped STAB disagree"
+        t_batched = timed(lambda: stab(pixels, mask), args.repeats)
+        t_looped = timed(lambda: looped_stab_forward(stab, pixels, mask), args.repeats)
+        t_proj = timed(lambda: projector(batched.tokens), args.repeats)
+        with FlopCounterMode(display=False) as counter:
+            stab(pixels, mask)
+        stab_flops = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            projector(batched.tokens)
+        proj_flops = counter.get_total_flops()
+    rate = matmul_gflops()
+    tokens = batched.tokens.shape[0]
+    print(f"visual tokens per video: {tokens} ({batched.lengths[0, 0].item()} per frame)")
+    print(f"matmul rate on this machine: {rate:.0f} GFLOP/s fp32")
+    print(f"STAB forward        batched {t_batched * 1e3:8.1f} ms   looped {t_looped * 1e3:8.1f} ms   speed-up x{t_looped / t_batched:.2f}")
+    print(f"STAB FLOPs          {stab_flops / 1e9:8.2f} GFLOP   FLOP-bound {stab_flops / rate / 1e6:8.1f} ms   achieved {stab_flops / t_batched / 1e9:.0f} GFLOP/s")
+    print(f"projector forward   {t_proj * 1e3:8.1f} ms   {proj_flops / 1e9:.2f} GFLOP")
+    print(f"STAB + projector    {(t_batched + t_proj) * 1e3:8.1f} ms   {(stab_flops + proj_flops) / 1e9:.2f} GFLOP (paper: 105.5 GFLOPs)")
+
+    small = STAB(STABConfig(width=64, resolution=cfg.resolution)).eval()  # op counts do not depend on width
+    for videos in (1, 4):
+        px, mk = make_batch(videos, frames, cfg.resolution, cfg.patch_size)
+        with torch.no_grad():
+            n_b = op_count(lambda: small(px, mk))
+            n_l = op_count(lambda: looped_stab_forward(small, px, mk))
+        print(f"aten ops, {videos} video(s) x {frames} frames: batched {n_b:6d}   looped {n_l:6d}   ratio x{n_l / n_b:.1f}")
+
+
+if __name__ == "__main__":
+    main()

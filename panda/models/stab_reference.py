@@ -1,0 +1,51 @@
+"""A straightforward per-video, per-frame STAB forward, as the official code is written.
+
+It reuses :class:`~panda.models.stab.STAB`'s submodules but loops over videos, chunks and
+frames in Python. It is the parity reference for the batched forward (tests) and the baseline
+of ``benchmarks/stab_speed.py``. Use :meth:`STAB.forward` for real work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from panda.models.stab import STAB, VisualTokens
+
+
+@torch.no_grad()
+def looped_stab_forward(stab: STAB, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
+    cfg = stab.cfg
+    T, s = cfg.chunk_size, cfg.lsd_window
+    batch, frames = pixels.shape[:2]
+    downsampled = cfg.lsd_before_lste
+    tokens, lengths = [], []
+    for b in range(batch):
+        x = stab.patch_embed(pixels[b])  # (F, d, g, g)
+        valid = F.avg_pool2d(mask[b][:, None], cfg.patch_size)[:, 0] > 0.5
+        if downsampled:
+            x = stab.lsd(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            valid = F.avg_pool2d(valid[:, None].float(), s)[:, 0] > 0.5
+        video_ctx = [None] * frames
+        if stab.temporal and (stab.lste is not None or stab.gstra is not None):
+            chunks = []
+            for c in range(frames // T):
+                volume = x[c * T : (c + 1) * T].transpose(0, 1)[None]  # (1, d, T, g, g)
+                feats = stab.lste(volume) if stab.lste is not None else volume
+                if stab.gstra is not None:
+                    g = stab.gstra(feats.flatten(2).transpose(1, 2))  # (1, d)
+                    video_ctx[c * T : (c + 1) * T] = [g] * T
+                chunks.append((feats + volume)[0].transpose(0, 1) if stab.lste is not None else volume[0].transpose(0, 1))
+            x = torch.cat(chunks)
+        for f in range(frames):
+            rows = valid[f].any(1).nonzero().flatten().tolist()
+            cols = valid[f].any(0).nonzero().flatten().tolist()
+            if rows:
+                top, h, left, w = rows[0], len(rows), cols[0], len(cols)
+            else:
+                top, left, h, w = 0, 0, valid.shape[1] // 2, valid.shape[2] // 2
+            crop = x[f, :, top : top + h, left : left + w].permute(1, 2, 0)[None]  # (1, h, w, d)
+            seq = stab._frame_tokens(crop, video_ctx[f], downsampled)[0]
+            tokens.append(seq)
+            lengths.append(seq.shape[0])
+    return VisualTokens(torch.cat(tokens), torch.tensor(lengths).view(batch, frames))
