@@ -26,6 +26,7 @@ class LLMConfig:
     heads: int = 4
     kv_heads: Optional[int] = None
     intermediate_size: int = 128
+    initializer_range: float = 0.02  # std of the random init (built LLMs only)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU, needs the [gpu] extra)
     dtype: str = "float32"
 
@@ -46,6 +47,9 @@ class SyntheticDataConfig:
     fps: int = 8
     seed: int = 0
     vocab_size: int = 400
+    kinds: list[str] = field(default_factory=lambda: ["colour", "direction"])  # add "shape" for a harder task
+    multi_turn_fraction: float = 0.2
+    phrasings: int = 3
 
 
 @dataclass
@@ -100,6 +104,7 @@ class TrainerConfig:
     overfit_batches: Any = 0.0
     deterministic: bool = False
     enable_progress_bar: bool = True
+    cpu_threads: Optional[int] = None  # torch intra-op threads in the training process; None = torch's default
 
 
 @dataclass

@@ -32,7 +32,8 @@ def test_resume_restores_step_optimizer_and_schedule(synthetic_root, tmp_path):
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     first = torch.load(ckpt, weights_only=False)
     assert first["global_step"] == 4
-    run(synthetic_root, tmp_path, "trainer.max_steps=7", "trainer.max_epochs=5", "evaluate=false", f"ckpt_path={ckpt}")
+    # ckpt_path=last: the newest checkpoint of this run directory
+    run(synthetic_root, tmp_path, "trainer.max_steps=7", "trainer.max_epochs=5", "evaluate=false", "ckpt_path=last")
     second = torch.load(ckpt, weights_only=False)
     assert second["global_step"] == 7
     assert second["lr_schedulers"][0]["last_epoch"] == 7

@@ -153,6 +153,7 @@ def build_llm(
     max_position_embeddings: int = 4096,
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
+    initializer_range: float = 0.02,
 ) -> nn.Module:
     """A Hugging Face causal LM: ``from_pretrained`` of a local folder, or a LLaMA built from sizes."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -175,6 +176,7 @@ def build_llm(
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
     config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config).to(torch_dtype)

@@ -34,6 +34,7 @@ def build_model(cfg, tokenizer) -> VideoLanguageModel:
         max_position_embeddings=max(cfg["model"]["max_length"], 256),
         attn_implementation=llm_cfg["attn_implementation"],
         dtype=llm_cfg["dtype"],
+        initializer_range=llm_cfg["initializer_range"],
     )
     return VideoLanguageModel(STABConfig(**cfg["stab"]), llm, projector=cfg["model"]["projector"])
 

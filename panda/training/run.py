@@ -9,6 +9,7 @@ import os
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,6 +72,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
 
     container = OmegaConf.to_container(cfg, resolve=True)
     container["data"]["root"] = os.path.abspath(container["data"]["root"])
@@ -95,6 +98,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = VideoDataModule(cfg=OmegaConf.create(container), tokenizer=tokenizer, rejects_path=os.path.join(run_dir, "rejects.jsonl"))
 
     summary: dict = {"run_dir": run_dir, "name": container["name"], "stage": container["stage"]["name"], "frames": container["frames"]}
+    status = "failed"
     try:
         fit_start = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=container["ckpt_path"])
@@ -127,13 +131,14 @@ def train(cfg: DictConfig) -> dict:
             with open(os.path.join(run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
             print_summary(summary)
-    finally:
-        if logger and hasattr(logger, "experiment") and container["logger"]["kind"] == "wandb":
-            import wandb
+        status = "success"
+    finally:  # the logger is always closed, also when training crashed
+        if logger:
+            logger.finalize(status)
+            if container["logger"]["kind"] == "wandb":
+                import wandb
 
-            wandb.finish()
-        elif logger:
-            logger.finalize("success")
+                wandb.finish(exit_code=0 if status == "success" else 1)
     return summary
 
 
