@@ -85,3 +85,16 @@ def test_wandb_logger_runs_offline_with_config_and_parameter_counts(synthetic_ro
     data = open(record, "rb").read()
     for needle in (b"params/stab", str(summary["params/stab"]).encode(), b"train/loss", b"eval/accuracy", b"use_fsra"):
         assert needle in data, needle
+
+
+def test_ddp_trains_with_two_cpu_processes(synthetic_root, tmp_path):
+    run_dir = tmp_path / "ddp"
+    overrides = [o for o in tiny_overrides(synthetic_root, "unused") if not o.startswith("+run_dir")]
+    cmd = [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
+           "logger=csv", "logger.kind=csv", f"hydra.run.dir={run_dir}", *overrides]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train/steps"] == 3 and summary["eval/num_questions"] == 6
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout

@@ -77,3 +77,24 @@ def test_stage_prealign_freezes_the_llm(synthetic_root, tmp_path):
     stab_keys = [k for k in saved if k.startswith("model.stab.") and saved[k].is_floating_point()]
     assert llm_keys and all(torch.equal(saved[k], start[k]) for k in llm_keys)
     assert not all(torch.equal(saved[k], start[k]) for k in stab_keys)
+
+
+def test_evaluate_py_reproduces_the_training_run_evaluation(synthetic_root, tmp_path):
+    from panda.evaluation.run import evaluate
+
+    summary = run(synthetic_root, tmp_path / "train", "trainer.max_steps=6", "trainer.max_epochs=3")
+    cfg = compose([f"checkpoint={summary['checkpoint']}", f"+run_dir={tmp_path / 'eval'}", "num_workers=0"], config_name="evaluate")
+    results = evaluate(cfg)
+    assert results["eval/num_questions"] == summary["eval/num_questions"]
+    assert results["eval/accuracy"] == summary["eval/accuracy"]
+    train_preds = (tmp_path / "train" / "predictions.jsonl").read_text()
+    assert (tmp_path / "eval" / "predictions.jsonl").read_text() == train_preds
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["checkpoint"] == summary["checkpoint"]
+
+
+def test_evaluate_names_a_missing_checkpoint(tmp_path):
+    from panda.evaluation.run import evaluate
+
+    cfg = compose([f"checkpoint={tmp_path}/nope.ckpt", f"+run_dir={tmp_path}"], config_name="evaluate")
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        evaluate(cfg)

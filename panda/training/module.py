@@ -15,9 +15,10 @@ from panda.models.video_lm import VideoLanguageModel
 log = logging.getLogger(__name__)
 
 
-def apply_stage(model: VideoLanguageModel, stage) -> dict[str, int]:
+def apply_stage(model: VideoLanguageModel, stage: dict) -> dict[str, int]:
     """Freeze/unfreeze STAB, projector and LLM for ``stage``; returns trainable parameters per module."""
-    parts = {"stab": (model.stab, stage.train_stab), "projector": (model.projector, stage.train_projector), "llm": (model.llm, stage.train_llm)}
+    parts = {"stab": (model.stab, stage["train_stab"]), "projector": (model.projector, stage["train_projector"]),
+             "llm": (model.llm, stage["train_llm"])}
     counts = {}
     for name, (module, trainable) in parts.items():
         module.requires_grad_(trainable)
@@ -50,7 +51,7 @@ class PandaModule(L.LightningModule):
         self.model = model
         self.save_hyperparameters({"cfg": cfg})  # the resolved config travels inside every checkpoint
         self.stage_cfg = cfg["stage"]
-        self.trainable = apply_stage(model, _Attr(self.stage_cfg))
+        self.trainable = apply_stage(model, self.stage_cfg)
         self.skipped_samples = 0
         self._batch_start = None
         self._last_batch_end = None
@@ -116,9 +117,3 @@ class PandaModule(L.LightningModule):
         warmup = int(round(stage["warmup_ratio"] * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, stage["schedule"], stage["min_lr_ratio"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class _Attr(dict):
-    """Attribute access to a plain dict (stage settings stored in hparams as a dict)."""
-
-    __getattr__ = dict.__getitem__
