@@ -59,8 +59,8 @@ def main() -> None:
     cfg = STABConfig(width=256, resolution=224) if args.quick else STABConfig()
     frames, llm_width = 8, 4096
     torch.manual_seed(0)
-    stab = STAB(cfg).eval()
-    projector = build_projector("mlp2x_gelu", cfg.width, llm_width).eval()
+    stab = STAB(cfg).eval().requires_grad_(False)  # inference timing
+    projector = build_projector("mlp2x_gelu", cfg.width, llm_width).eval().requires_grad_(False)
     pixels, mask = make_batch(1, frames, cfg.resolution, cfg.patch_size)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, STAB d={cfg.width}, {cfg.resolution}px, {frames} frames (16:9 video)")
 

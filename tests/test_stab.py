@@ -168,3 +168,14 @@ def test_batched_forward_matches_the_per_frame_reference(switch):
         fast, slow = stab(*inputs), looped_stab_forward(stab, *inputs)
     assert torch.equal(fast.lengths, slow.lengths)
     assert torch.allclose(fast.tokens, slow.tokens, atol=1e-5)
+
+
+def test_gstra_attention_equals_torch_multihead_attention_with_the_same_weights():
+    # the release's GSTRA is an nn.MultiheadAttention; panda's packed version must compute the same
+    from panda.models.stab import PackedCrossAttention
+
+    torch.manual_seed(0)
+    ours, reference = PackedCrossAttention(32, 4), torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    reference.load_state_dict(ours.state_dict())
+    q, kv = torch.randn(3, 1, 32), torch.randn(3, 50, 32)
+    assert torch.allclose(ours(q, kv), reference(q, kv, kv, need_weights=False)[0], atol=1e-6)

@@ -170,6 +170,35 @@ class GSTRAMlp(nn.Module):
         return self.proj(self.drop(self.act(self.fc(x))))
 
 
+class PackedCrossAttention(nn.Module):
+    """Multi-head cross-attention with one packed q/k/v in-projection (``nn.MultiheadAttention``'s
+    parameter names and initialisation), computed with two matmuls on contiguous inputs and SDPA.
+
+    ``nn.MultiheadAttention(batch_first=True)`` transposes keys to (L, N, d) before projecting,
+    which sends large batched inputs down a slow non-contiguous matmul path on CPU.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        # query: (N, Lq, d), keys (= values): (N, L, d) -> (N, Lq, d)
+        n, lq, d = query.shape
+        hd = d // self.heads
+        w_q, w_kv = self.in_proj_weight.split([d, 2 * d])
+        b_q, b_kv = self.in_proj_bias.split([d, 2 * d])
+        q = F.linear(query, w_q, b_q).view(n, lq, self.heads, hd).transpose(1, 2)  # (N, heads, Lq, hd)
+        kv = F.linear(keys, w_kv, b_kv).view(n, keys.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # scale head_dim ** -0.5
+        return self.out_proj(out.transpose(1, 2).reshape(n, lq, d))
+
+
 class VideoContextAggregator(nn.Module):
     """GSTRA: a learned query (zeros at init) cross-attends over all tokens of a chunk."""
 
@@ -178,15 +207,14 @@ class VideoContextAggregator(nn.Module):
         self.query = nn.Parameter(torch.zeros(1, 1, width))
         self.norm_query = nn.LayerNorm(width)
         self.norm_kv = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # out_proj.bias starts at 0
+        self.attn = PackedCrossAttention(width, heads)  # out_proj.bias starts at 0
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = GSTRAMlp(width, dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: (N, L, d) -> (N, d)
         q = self.query.expand(tokens.shape[0], -1, -1)
-        kv = self.norm_kv(tokens)
-        g = q + self.attn(self.norm_query(q), kv, kv, need_weights=False)[0]
+        g = q + self.attn(self.norm_query(q), self.norm_kv(tokens))
         g = g + self.mlp(self.norm_mlp(g))
         return g[:, 0]
 
