@@ -80,9 +80,6 @@ class VisualTokens:
     tokens: torch.Tensor  # (total_tokens, C)
     lengths: torch.Tensor  # (B, F) long: tokens per frame
 
-    def per_frame(self) -> list[torch.Tensor]:
-        return list(torch.split(self.tokens, self.lengths.flatten().tolist()))
-
 
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,9 +260,10 @@ class STAB(nn.Module):
     def has_context_token(self) -> bool:
         return self.fsra is not None or self.gstra is not None
 
-    def tokens_per_frame(self, valid_h: int, valid_w: int) -> int:
-        """Visual tokens of a frame whose valid region is ``valid_h × valid_w`` patches."""
-        s = self.cfg.lsd_window
+    def tokens_per_frame(self, valid_h: int, valid_w: int, downsampled: bool = False) -> int:
+        """Visual tokens of a frame whose valid region is ``valid_h × valid_w`` patches
+        (of the coarse grid when LSD already ran, ``downsampled``)."""
+        s = 1 if downsampled else self.cfg.lsd_window
         rows, cols = valid_h // s, valid_w // s
         return int(self.has_context_token) + rows * (cols + int(self.row_token is not None))
 
@@ -345,11 +343,7 @@ class STAB(nn.Module):
 
         grid = x.permute(0, 2, 3, 1)  # (B*F, d, g, g) -> (B*F, g, g, d)
         boxes = self._boxes(valid)
-        scale = 1 if downsampled else s
-        lengths = [
-            int(self.has_context_token) + (h // scale) * (w // scale + int(self.row_token is not None))
-            for _, _, h, w in boxes
-        ]
+        lengths = [self.tokens_per_frame(h, w, downsampled) for _, _, h, w in boxes]
         offsets = [0]
         for n in lengths[:-1]:
             offsets.append(offsets[-1] + n)
