@@ -73,3 +73,16 @@ def test_loss_ignores_visual_and_prompt_positions(tokenizer):
     target = spliced.labels[0, 1:]
     expected = torch.nn.functional.cross_entropy(logits[target != IGNORE_INDEX], target[target != IGNORE_INDEX])
     assert torch.allclose(out.loss, expected, atol=1e-5)
+
+
+def test_any_local_hugging_face_causal_lm_folder_loads(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # a non-LLaMA architecture, saved locally: the video LM wraps it the same way
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    llm = build_llm(len(tokenizer), pretrained=str(tmp_path / "gpt2"), attn_implementation="eager")
+    model = VideoLanguageModel(STABConfig(width=32, patch_size=7, heads=4, chunk_size=2, resolution=56), llm).eval()
+    batch = Collator(tokenizer.pad_token_id)([_sample(tokenizer, "What colour?", 64, 48, 0)])
+    out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
+                         max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+    assert type(model.llm).__name__ == "GPT2LMHeadModel" and out.shape == (1, 3)
