@@ -69,9 +69,7 @@ class ConversationDataset(Dataset):
                 self.visual_tokens_per_frame, rec.id, path,
             )
             pixels, mask = self.pipeline(path)
-        except VideoDecodeError as exc:
-            return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
-        except SampleError as exc:
+        except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
             return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
         return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels, "frame_mask": mask}
 

@@ -76,7 +76,7 @@ class PandaModule(L.LightningModule):
         for miss in batch["skipped"]:
             self.skipped_samples += 1
             log.warning("skipped sample %s (%s): %s", miss["id"], miss["path"], miss["reason"])
-        self.log("data/skipped", float(self.skipped_samples), on_step=True, on_epoch=False, reduce_fx="sum")
+        self.log("data/skipped", float(self.skipped_samples), on_step=True, on_epoch=False, batch_size=1)  # running total
         if "input_ids" not in batch:  # every sample of the batch failed: nothing to train on
             return None
         out = self(batch)
@@ -84,7 +84,7 @@ class PandaModule(L.LightningModule):
         n = batch["input_ids"].shape[0]
         self.log("train/lm_loss", out.loss, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        self._tokens = int(batch["attention_mask"].sum()) + int(batch["frame_mask"].shape[1] * n)  # text + placeholders
+        self._tokens = int(batch["attention_mask"].sum())  # text tokens, one per frame placeholder
         self._samples = n
         return loss
 
