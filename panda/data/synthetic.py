@@ -170,7 +170,7 @@ def generate(cfg: SyntheticConfig) -> str:
     tmp = f"{root}.tmp{os.getpid()}"  # concurrent runs (a --multirun sweep) each write their own
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(cfg.seed)
-    records, texts = [], []
+    records = []
     for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
         colour, shape, direction, (w, h) = _sample_clip(rng)
         rel = f"synthetic/{i:05d}.mp4"
@@ -198,7 +198,9 @@ def generate(cfg: SyntheticConfig) -> str:
         colour, shape, direction, (w, h) = _sample_clip(rng)
         name = f"eval_{i:05d}"
         write_video(os.path.join(qa_dir, "videos", name + ".mp4"), render_clip(colour, shape, direction, w, h, cfg.num_frames, rng), cfg.fps)
-        for kind, answer in ((k, {"colour": colour, "shape": shape, "direction": direction}[k]) for k in cfg.kinds):
+        answers = {"colour": colour, "shape": shape, "direction": direction}
+        for kind in cfg.kinds:
+            answer = answers[kind]
             qid = f"{name}_{kind}"
             questions.append({"video_name": name, "question": _question(kind, rng, cfg.phrasings), "question_id": qid})
             answers_out.append({"answer": answer, "type": QUESTION_TYPE[kind], "question_id": qid})

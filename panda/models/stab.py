@@ -66,11 +66,19 @@ class STABConfig:
         if self.chunk_size < 1:
             raise ValueError("stab.chunk_size must be >= 1")
 
+    @property
+    def has_context_token(self) -> bool:
+        """A context token leads each frame when FSRA or GSTRA (which needs chunks of > 1 frame) runs."""
+        return self.use_fsra or (self.chunk_size > 1 and self.use_gstra)
+
+    def tokens_per_frame(self, rows: int, cols: int) -> int:
+        """Visual tokens of a frame with ``rows × cols`` LSD tokens: context + rows, each with its row token."""
+        return int(self.has_context_token) + rows * (cols + int(self.row_tokens))
+
     def max_tokens_per_frame(self) -> int:
         """Visual tokens of a square frame (the most any frame can have): 273 at release sizes."""
         side = self.resolution // self.patch_size // self.lsd_window
-        has_context = self.use_fsra or (self.chunk_size > 1 and self.use_gstra)
-        return int(has_context) + side * (side + int(self.row_tokens))
+        return self.tokens_per_frame(side, side)
 
 
 @dataclass
@@ -256,16 +264,11 @@ class STAB(nn.Module):
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
 
-    @property
-    def has_context_token(self) -> bool:
-        return self.fsra is not None or self.gstra is not None
-
     def tokens_per_frame(self, valid_h: int, valid_w: int, downsampled: bool = False) -> int:
         """Visual tokens of a frame whose valid region is ``valid_h × valid_w`` patches
         (of the coarse grid when LSD already ran, ``downsampled``)."""
         s = 1 if downsampled else self.cfg.lsd_window
-        rows, cols = valid_h // s, valid_w // s
-        return int(self.has_context_token) + rows * (cols + int(self.row_token is not None))
+        return self.cfg.tokens_per_frame(valid_h // s, valid_w // s)
 
     # ------------------------------------------------------------------ stages
     def _temporal(self, x: torch.Tensor, batch: int, frames: int):
