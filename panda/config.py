@@ -12,7 +12,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from panda.models.distill import DISTILL_LOSSES, DistillConfig
 from panda.models.stab import STABConfig
+from panda.models.teachers import TEACHER_KINDS, TeacherConfig
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ModelConfig:
     template: str = "vicuna_v1"  # conversation template for training
     eval_template: str = "vicuna_v1_eval"  # the release evaluated with the "curious human" variant
     max_length: int = 4096  # tokens after visual expansion
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the LLM's decoder layers
 
 
 @dataclass
@@ -67,6 +70,8 @@ class DataConfig:
     sample_fps: float = 1.0
     video_backend: str = "auto"  # auto (decord, then PyAV) | decord | pyav
     on_bad_record: str = "skip"  # skip (count + list in rejects) | raise
+    fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
+    fraction_seed: int = 0
 
 
 @dataclass
@@ -97,6 +102,8 @@ class TrainerConfig:
     max_steps: int = -1
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
+    # the one batch knob of a recipe: accumulation = global / (data.batch_size × devices × num_nodes)
+    global_batch_size: Optional[int] = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
     limit_train_batches: Optional[Any] = None
@@ -116,6 +123,24 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
 
+INIT_KINDS = ("none", "eve", "release", "checkpoint")
+
+
+@dataclass
+class InitConfig:
+    """Where the weights of a run start from (training.md §3).
+
+    ``eve``: an EVE-7B-Pretrain folder — its LLM, plus the STAB parts it shares (patch, frame-query
+    and row embeddings, LSD, FSRA), the projector and the distillation head; the rest of STAB is
+    fresh. ``release``: a Video-Panda release folder or a folder exported by panda (a previous
+    stage). ``checkpoint``: a panda Lightning ``.ckpt`` (weights only; use ``ckpt_path`` to resume).
+    With ``eve``/``release`` the LLM's architecture comes from the folder, not from ``llm.*`` sizes.
+    """
+
+    kind: str = "none"  # none | eve | release | checkpoint
+    path: Optional[str] = None
+
+
 @dataclass
 class TrainConfig:
     frames: int = 4  # frames per video: data, STAB and prompts all read this one key
@@ -128,6 +153,11 @@ class TrainConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    runs_root: str = "outputs"  # run dirs live under it; recipe stages find each other's output here
+    export_final: bool = False  # write run_dir/final: a release-format folder the next stage can start from
     ckpt_path: Optional[str] = None  # resume: a .ckpt path, or "last" (this run dir's last checkpoint)
     evaluate: bool = True  # held-out QA after training
     max_new_tokens: int = 16
@@ -165,5 +195,15 @@ def validate(cfg) -> None:
         raise ValueError(f"stage.schedule={cfg.stage.schedule!r}: use cosine or constant")
     if cfg.data.on_bad_record not in ("skip", "raise"):
         raise ValueError(f"data.on_bad_record={cfg.data.on_bad_record!r}: use skip or raise")
+    if cfg.teacher.kind not in TEACHER_KINDS:
+        raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: use one of {TEACHER_KINDS} (or pick a file in conf/teacher)")
+    if cfg.distill.loss not in DISTILL_LOSSES:
+        raise ValueError(f"distill.loss={cfg.distill.loss!r}: use one of {DISTILL_LOSSES}")
+    if cfg.init.kind not in INIT_KINDS:
+        raise ValueError(f"init.kind={cfg.init.kind!r}: use one of {INIT_KINDS}")
+    if cfg.init.kind != "none" and not cfg.init.path:
+        raise ValueError(f"init.kind={cfg.init.kind} needs init.path (a folder or .ckpt to start from)")
+    if not 0.0 < cfg.data.fraction <= 1.0:
+        raise ValueError(f"data.fraction={cfg.data.fraction} must be in (0, 1]")
     if not (cfg.stage.train_stab or cfg.stage.train_projector or cfg.stage.train_llm):
         raise ValueError(f"stage {cfg.stage.name!r} trains nothing: set one of stage.train_* to true")

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from panda.models.checkpoints import CheckpointKeyError, load_release_vision, panda_to_release
+from torch import nn
+
+from panda.models.checkpoints import CheckpointKeyError, apply_release_state, panda_to_release
 from panda.models.stab import STAB, STABConfig, build_projector
 
 # shapes straight from stab.md §9 (d = 1024, D = 4096)
@@ -54,6 +56,16 @@ def test_panda_names_map_to_the_release_names_and_shapes(release_state):
     for key, shape in RELEASE_SHAPES.items():
         assert key in release_state, key
         assert tuple(release_state[key].shape) == shape, key
+
+
+def vision_parts(stab, proj) -> nn.Module:
+    parts = nn.Module()
+    parts.stab, parts.projector, parts.distill_head = stab, proj, None
+    return parts
+
+
+def load_release_vision(stab, proj, state, strict=True):
+    return apply_release_state(vision_parts(stab, proj), state, strict=strict)
 
 
 def test_release_round_trip_restores_every_tensor(release_state):

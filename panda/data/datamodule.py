@@ -7,6 +7,7 @@ import logging
 import os
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from panda.data.conversation import get_template
@@ -21,8 +22,12 @@ def resolve(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def frame_pipeline(cfg) -> FramePipeline:
-    """The one frame pipeline of a run: frames from ``cfg.frames``, geometry from ``cfg.stab``."""
+def frame_pipeline(cfg, with_teacher: bool = False) -> FramePipeline:
+    """The one frame pipeline of a run: frames from ``cfg.frames``, geometry from ``cfg.stab``;
+    ``with_teacher`` adds the teacher's copy of the frames (``cfg.teacher`` image and patch size)."""
+    teacher = {}
+    if with_teacher:
+        teacher = {"teacher_resolution": cfg.teacher.image_size, "teacher_patch_size": cfg.teacher.patch_size}
     return FramePipeline(
         frames=cfg.frames,
         resolution=cfg.stab.resolution,
@@ -30,12 +35,14 @@ def frame_pipeline(cfg) -> FramePipeline:
         ratio=cfg.stab.ratio,
         sample_fps=cfg.data.sample_fps,
         backend=cfg.data.video_backend,
+        **teacher,
     )
 
 
 class VideoDataModule(L.LightningDataModule):
-    def __init__(self, cfg, tokenizer, rejects_path: str | None = None):
+    def __init__(self, cfg, tokenizer, rejects_path: str | None = None, with_teacher: bool = False):
         super().__init__()
+        self.with_teacher = with_teacher
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.rejects_path = rejects_path
@@ -52,6 +59,11 @@ class VideoDataModule(L.LightningDataModule):
             recs, rejects = load_records(path, on_error=data.on_bad_record)
             records += recs
             self.rejects += [dict(r, source=path) for r in rejects]
+        if data.fraction < 1.0:  # a seeded random subset (stage 1 trains on half of Valley)
+            keep = max(1, round(len(records) * data.fraction))
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(data.fraction_seed))
+            records = [records[i] for i in sorted(order[:keep].tolist())]
+            log.info("data.fraction=%s: training on %d records", data.fraction, len(records))
         if not records:
             raise ValueError(f"no usable training records in {list(data.train_records)} under {data.root}")
         if self.rejects and self.rejects_path:
@@ -65,7 +77,7 @@ class VideoDataModule(L.LightningDataModule):
             resolve(data.root, data.video_root),
             self.tokenizer,
             get_template(self.cfg.model.template),
-            frame_pipeline(self.cfg),
+            frame_pipeline(self.cfg, self.with_teacher),
             self.cfg.model.max_length,
             stab.max_tokens_per_frame(),
         )

@@ -38,10 +38,19 @@ class FramePipeline:
     ratio: int = 2
     sample_fps: float = 1.0
     backend: str = "auto"
+    teacher_resolution: int | None = None  # set when a distillation teacher needs its own copy of the frames
+    teacher_patch_size: int = 14
 
-    def __call__(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, path: str) -> dict[str, torch.Tensor]:
+        """``pixels`` (F, 3, R, R), ``frame_mask`` (F, R, R); with a teacher also ``teacher_pixels``
+        and ``teacher_mask`` at the teacher's resolution (ratio 1: stab.md §0)."""
         decoded = decode_video(path, self.frames, self.sample_fps, self.backend)
-        return preprocess_frames(decoded.frames, self.frames, self.resolution, self.patch_size, self.ratio)
+        pixels, mask = preprocess_frames(decoded.frames, self.frames, self.resolution, self.patch_size, self.ratio)
+        out = {"pixels": pixels, "frame_mask": mask}
+        if self.teacher_resolution:
+            out["teacher_pixels"], out["teacher_mask"] = preprocess_frames(
+                decoded.frames, self.frames, self.teacher_resolution, self.teacher_patch_size, 1)
+        return out
 
 
 class ConversationDataset(Dataset):
@@ -68,10 +77,10 @@ class ConversationDataset(Dataset):
                 self.tokenizer, self.template, rec.turns, self.pipeline.frames, self.max_length,
                 self.visual_tokens_per_frame, rec.id, path,
             )
-            pixels, mask = self.pipeline(path)
+            frames = self.pipeline(path)
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
             return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
-        return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels, "frame_mask": mask}
+        return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, **frames}
 
 
 def find_video(video_dir: str, name: str) -> str | None:
@@ -105,11 +114,11 @@ class QADataset(Dataset):
         if path is None:
             return {"error": {"id": item.question_id, "path": os.path.join(self.video_dir, item.video), "reason": "video file not found"}}
         try:
-            pixels, mask = self.pipeline(path)
+            frames = self.pipeline(path)
         except VideoDecodeError as exc:
             return {"error": {"id": item.question_id, "path": path, "reason": exc.reason}}
         ids = tokenize_prompt(self.tokenizer, self.template, item.question, self.pipeline.frames)
-        return {"id": item.question_id, "input_ids": ids, "labels": None, "pixels": pixels, "frame_mask": mask}
+        return {"id": item.question_id, "input_ids": ids, "labels": None, **frames}
 
 
 @dataclass
@@ -136,12 +145,10 @@ class Collator:
             attention_mask[i, :k] = 1
             if has_labels:
                 labels[i, :k] = s["labels"]
-        batch.update(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixels=torch.stack([s["pixels"] for s in good]),
-            frame_mask=torch.stack([s["frame_mask"] for s in good]),
-        )
+        batch.update(input_ids=input_ids, attention_mask=attention_mask)
+        for key in ("pixels", "frame_mask", "teacher_pixels", "teacher_mask"):
+            if key in good[0]:
+                batch[key] = torch.stack([s[key] for s in good])
         if has_labels:
             batch["labels"] = labels
         return batch

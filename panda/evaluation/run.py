@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from panda.data.datamodule import VideoDataModule
 from panda.evaluation.qa import write_predictions
-from panda.training.build import build_model, build_tokenizer
+from panda.training.build import build_model, build_tokenizer, load_weights_from_ckpt
 from panda.training.run import evaluate_qa, print_summary, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,8 @@ def load_checkpoint(path: str):
     if cfg is None:
         raise ValueError(f"{path} has no panda config in hyper_parameters; was it written by train.py?")
     tokenizer = build_tokenizer(cfg)
-    model = build_model(cfg, tokenizer)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    model = build_model(cfg, tokenizer, initialise=False)
+    load_weights_from_ckpt(model, path, ckpt)
     model.eval()
     return model, tokenizer, cfg
 

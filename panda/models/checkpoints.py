@@ -1,15 +1,29 @@
-"""Released-weight key mapping (stab.md §9), in one place.
+"""Released weights in and out (stab.md §9), with the key mapping in one place.
 
 The release names STAB's parameters after the code it grew from (``lmhra1``, ``dec``,
 ``local_attention`` ...); panda's names say what each part is. :data:`STAB_KEY_MAP` pairs the
-two; :func:`release_to_panda` and :func:`panda_to_release` convert state dicts both ways, and
-:func:`load_release_vision` loads STAB + projector from a release state dict with a report of
-missing, unexpected and known-unused keys.
+two; :func:`panda_to_release` and :func:`split_state` convert state dicts both ways.
+
+- :func:`read_weights` reads a Hugging Face-style folder: ``*.safetensors`` or
+  ``pytorch_model*.bin`` (``weights_only``), sharded with an index or not.
+- :func:`load_release` turns a Video-Panda release folder (or one panda exported) into a
+  :class:`~panda.models.video_lm.VideoLanguageModel`: LLM, STAB, projector, distillation head.
+  The unused ``lmhra2.*``, teacher towers and the image-path aliases are reported and skipped;
+  any other missing or unexpected key raises :class:`CheckpointKeyError` listing the keys.
+- :func:`export_release` writes a Hugging Face folder (the LLM loads with
+  ``AutoModelForCausalLM``; STAB, projector and head in release key names in
+  ``panda_vision.safetensors`` beside it; ``panda.json`` for the settings), and
+  :func:`export_trainable` a single small ``safetensors`` of STAB + projector + head.
+- :func:`apply_eve_state` initialises stage 1 from EVE-7B-Pretrain (``vision_tower.*``,
+  ``mm_projector.*``, ``vision_tower_compressor.*``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +33,19 @@ log = logging.getLogger(__name__)
 
 RELEASE_STAB_PREFIX = "model.video_tower."
 RELEASE_PROJECTOR_PREFIX = "model.video_projector."
+RELEASE_HEAD_PREFIX = "model.video_tower_compressor."
+# EVE-7B-Pretrain names of the parts STAB shares with EVE (stab.md §9)
+EVE_STAB_PREFIX = "model.vision_tower."
+EVE_PROJECTOR_PREFIX = "model.mm_projector."
+EVE_HEAD_PREFIX = "model.vision_tower_compressor."
+# Frozen teachers stored inside release checkpoints: never part of the student.
+TEACHER_PREFIXES = ("model.video_teacher.", "model.image_teacher.")
+# The release's image path shares STAB and projector with the video path (same tensors twice).
+IMAGE_ALIAS_PREFIXES = (EVE_STAB_PREFIX, EVE_PROJECTOR_PREFIX, EVE_HEAD_PREFIX)
+# STAB parts EVE has (patch, frame-query and row embeddings, LSD, FSRA), in panda names
+EVE_SHARED_STAB = ("patch_embed.", "frame_query", "row_token", "lsd.attend.", "fsra.")
+PANDA_VISION_FILE = "panda_vision.safetensors"
+PANDA_META_FILE = "panda.json"
 
 # (panda name prefix inside STAB, release name prefix inside model.video_tower.)
 STAB_KEY_MAP: list[tuple[str, str]] = [
@@ -92,50 +119,175 @@ def panda_to_release(stab: nn.Module, projector: nn.Module | None = None) -> dic
     return out
 
 
-def release_to_panda(state: dict[str, torch.Tensor]) -> tuple[dict, dict, LoadReport]:
-    """Split a release state dict into (STAB state, projector state, report of what was skipped).
+# ---------------------------------------------------------------------------- reading folders
 
-    Keys outside ``model.video_tower.`` / ``model.video_projector.`` (the LLM, the distillation
-    head) are ignored here; known-unused STAB keys (``lmhra2.*``) go to ``report.unused``.
+
+class NotACheckpointError(FileNotFoundError):
+    """A path that is not a checkpoint folder panda can read."""
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files of a Hugging Face-style folder (shards from the index, or the single file),
+    plus panda's ``panda_vision.safetensors`` when present."""
+    if not os.path.isdir(folder):
+        raise NotACheckpointError(f"{folder} is not a folder; pass a checkpoint folder (config.json + weights)")
+    files: list[str] = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = os.path.join(folder, index)
+        if os.path.exists(path):
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            lost = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+            if lost:
+                raise NotACheckpointError(f"{folder}: {index} names shards that are not there: {lost}")
+            files = [os.path.join(folder, s) for s in shards]
+            break
+    else:
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(folder, single)):
+                files = [os.path.join(folder, single)]
+                break
+    extra = os.path.join(folder, PANDA_VISION_FILE)
+    if os.path.exists(extra):
+        files.append(extra)
+    if not files:
+        raise NotACheckpointError(
+            f"{folder} holds no weights: expected model.safetensors, pytorch_model.bin, or shards with "
+            "model.safetensors.index.json / pytorch_model.bin.index.json"
+        )
+    return files
+
+
+def read_file_weights(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        state.update(read_file_weights(path))
+    return state
+
+
+def read_meta(folder: str) -> dict:
+    path = os.path.join(folder, PANDA_META_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str | None = None,
+                         attn_implementation: str = "sdpa") -> nn.Module:
+    """The causal LM of a release/EVE/exported folder, built from its ``config.json`` and filled
+    from ``state`` (keys ``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``).
+
+    A ``model_type`` transformers does not know (the release's own) is read as a LLaMA config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers.initialization import no_init_weights
+
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise NotACheckpointError(f"{folder} has no config.json; is it a Hugging Face / Video-Panda checkpoint folder?")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError):
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")})
+        log.info("%s: model_type %r is not a transformers model; reading it as LLaMA", folder, raw.get("model_type"))
+    torch_dtype = getattr(torch, dtype) if dtype else getattr(config, "dtype", None) or torch.float32
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    config._attn_implementation = attn_implementation
+    with no_init_weights():  # every tensor is overwritten below; skip the random init of 7B parameters
+        llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    own = llm.state_dict()
+    tied = set(getattr(llm, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    mine = {k: v for k, v in state.items() if k in own}
+    missing = [k for k in own if k not in mine and k not in tied]
+    if missing:
+        raise CheckpointKeyError(f"{folder}: the LLM weights lack {len(missing)} keys: {missing[:20]}")
+    bad = [f"{k}: file {tuple(v.shape)} vs config {tuple(own[k].shape)}" for k, v in mine.items() if v.shape != own[k].shape]
+    if bad:
+        raise CheckpointKeyError(f"{folder}: LLM weights do not fit its config.json: {bad[:10]}")
+    llm.load_state_dict(mine, strict=False)
+    if tied:
+        llm.tie_weights()
+    return llm
+
+
+# ---------------------------------------------------------------------------- release state <-> model
+
+
+def split_state(state: dict[str, torch.Tensor], llm_keys: set[str] | None) -> tuple[dict, LoadReport]:
+    """Sort a release state dict into panda parts: ``{"stab": …, "projector": …, "distill_head": …}``.
+
+    LLM keys (``llm_keys``) are left out; lmhra2, teachers and image aliases go to ``report.unused``;
+    anything else to ``report.unexpected``.
     """
     inverse = [(dst, src) for src, dst in STAB_KEY_MAP]
-    stab_state, proj_state, report = {}, {}, LoadReport()
+    parts: dict[str, dict] = {"stab": {}, "projector": {}, "distill_head": {}}
+    report = LoadReport()
+    has_video = any(k.startswith(RELEASE_STAB_PREFIX) for k in state)
     for key, value in state.items():
+        if llm_keys is not None and key in llm_keys:
+            continue
         if key.startswith(RELEASE_STAB_PREFIX):
             inner = key[len(RELEASE_STAB_PREFIX) :]
             if inner.startswith(RELEASE_UNUSED_PREFIXES):
                 report.unused.append(key)
                 continue
             new = _rename(inner, inverse)
-            if new is None:
-                report.unexpected.append(key)
-            else:
-                stab_state[new] = value
+            (parts["stab"].__setitem__(new, value) if new is not None else report.unexpected.append(key))
         elif key.startswith(RELEASE_PROJECTOR_PREFIX):
-            proj_state[key[len(RELEASE_PROJECTOR_PREFIX) :]] = value
-    return stab_state, proj_state, report
+            parts["projector"][key[len(RELEASE_PROJECTOR_PREFIX) :]] = value
+        elif key.startswith(RELEASE_HEAD_PREFIX):
+            parts["distill_head"][key[len(RELEASE_HEAD_PREFIX) :]] = value
+        elif key.startswith(TEACHER_PREFIXES) or (has_video and key.startswith(IMAGE_ALIAS_PREFIXES)):
+            report.unused.append(key)
+        else:
+            report.unexpected.append(key)
+    return parts, report
 
 
-def load_release_vision(stab: nn.Module, projector: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> LoadReport:
-    """Load STAB and projector weights from a release state dict.
+def apply_release_state(model: nn.Module, state: dict[str, torch.Tensor], llm_keys: set[str] | None = None,
+                        strict: bool = True, source: str = "checkpoint") -> LoadReport:
+    """Load STAB, projector and distillation head of ``model`` from a release-named state dict.
 
-    With ``strict`` any missing or unexpected key (other than the known-unused ``lmhra2.*``), or a
-    shape mismatch, raises :class:`CheckpointKeyError` listing them.
+    A model without a head skips the checkpoint's head (reported as unused); a model with a head
+    and a checkpoint without one keeps the fresh head (logged). Everything else missing, unexpected
+    or of the wrong shape raises :class:`CheckpointKeyError` when ``strict``.
     """
-    stab_state, proj_state, report = release_to_panda(state)
+    parts, report = split_state(state, llm_keys)
     problems = []
-    for module, sub, prefix in ((stab, stab_state, RELEASE_STAB_PREFIX), (projector, proj_state, RELEASE_PROJECTOR_PREFIX)):
-        own = module.state_dict()
-        for key, value in sub.items():
-            if key not in own:
-                report.unexpected.append(prefix + (_rename(key, STAB_KEY_MAP) or key if module is stab else key))
-            elif own[key].shape != value.shape:
-                problems.append(f"{key}: release {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-        missing = [k for k in own if k not in sub]
-        report.missing += [prefix + (stab_key_to_release(k) if module is stab else k) for k in missing]
+    head = getattr(model, "distill_head", None)
+    if head is None and parts["distill_head"]:
+        report.unused += [RELEASE_HEAD_PREFIX + k for k in parts["distill_head"]]
+    targets = [("stab", model.stab, RELEASE_STAB_PREFIX), ("projector", model.projector, RELEASE_PROJECTOR_PREFIX)]
+    if head is not None:
+        if parts["distill_head"]:
+            targets.append(("distill_head", head, RELEASE_HEAD_PREFIX))
+        else:
+            log.warning("%s has no distillation head (%s*); the head starts fresh", source, RELEASE_HEAD_PREFIX)
+
+    def release_name(part, key):
+        return prefix + (_rename(key, STAB_KEY_MAP) or key if part == "stab" else key)
+
+    for part, module, prefix in targets:
+        sub, own = parts[part], module.state_dict()
+        report.unexpected += [release_name(part, k) for k in sub if k not in own]
+        problems += [f"{release_name(part, k)}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                     for k, v in sub.items() if k in own and own[k].shape != v.shape]
+        report.missing += [release_name(part, k) for k in own if k not in sub]
         fitting = {k: v for k, v in sub.items() if k in own and own[k].shape == v.shape}
         module.load_state_dict(fitting, strict=False)
-        report.loaded += list(fitting)
+        report.loaded += [release_name(part, k) for k in fitting]
     if strict and (report.missing or report.unexpected or problems):
         lines = []
         if report.missing:
@@ -145,8 +297,133 @@ def load_release_vision(stab: nn.Module, projector: nn.Module, state: dict[str, 
         if problems:
             lines.append(f"shape mismatches: {problems}")
         raise CheckpointKeyError(
-            "release checkpoint does not match the STAB/projector config "
-            "(check stab.width, ablation switches and projector type):\n  " + "\n  ".join(lines)
+            f"{source} does not match the model (check stab.* sizes and ablation switches, model.projector, "
+            "distill.layer_stride and the teacher width):\n  " + "\n  ".join(lines)
         )
-    log.info("release vision weights: %s", report.summary())
+    log.info("%s: %s", source, report.summary())
     return report
+
+
+def apply_eve_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "EVE checkpoint") -> LoadReport:
+    """Stage-1 initialisation from EVE-7B-Pretrain: the STAB parts EVE shares, the projector and
+    (when the model has one) the distillation head. The other STAB parts stay freshly initialised;
+    a shared part missing from the file is an error."""
+    renames = [(EVE_STAB_PREFIX, RELEASE_STAB_PREFIX), (EVE_PROJECTOR_PREFIX, RELEASE_PROJECTOR_PREFIX),
+               (EVE_HEAD_PREFIX, RELEASE_HEAD_PREFIX)]
+    renamed = {}
+    for key, value in state.items():
+        for src, dst in renames:
+            if key.startswith(src):
+                renamed[dst + key[len(src) :]] = value
+                break
+    report = apply_release_state(model, renamed, strict=False, source=source)
+    shared_missing = [k for k in report.missing if k.startswith(RELEASE_STAB_PREFIX)
+                      and _rename(k[len(RELEASE_STAB_PREFIX) :], [(d, s) for s, d in STAB_KEY_MAP]).startswith(EVE_SHARED_STAB)]
+    other_missing = [k for k in report.missing if not k.startswith(RELEASE_STAB_PREFIX)]
+    if shared_missing or other_missing or report.unexpected:
+        raise CheckpointKeyError(
+            f"{source} lacks parts stage 1 starts from: missing {shared_missing + other_missing}, "
+            f"unexpected {report.unexpected}"
+        )
+    fresh = sorted({k[len(RELEASE_STAB_PREFIX) :].split(".")[0] for k in report.missing})
+    log.info("%s: loaded %d tensors; fresh STAB parts: %s", source, len(report.loaded), ", ".join(fresh) or "-")
+    return report
+
+
+# ---------------------------------------------------------------------------- load / export
+
+
+def model_meta(model: nn.Module, frames: int | None = None, **extra) -> dict:
+    """What a folder needs besides tensors to rebuild ``model``: STAB config, projector, head settings."""
+    distill = getattr(model, "distill_head", None)
+    return {
+        "panda_format": 1,
+        "stab": dataclasses.asdict(model.stab_cfg),
+        "projector": model.projector_kind,
+        "distill": None if distill is None else {
+            "layer_stride": model.distill_cfg.layer_stride, "heads": model.distill_cfg.heads,
+            "teacher_width": distill.teacher_width,
+        },
+        "frames": frames,
+        **extra,
+    }
+
+
+def vision_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """STAB + projector + head in release key names (the trainable parts of stage 1)."""
+    out = panda_to_release(model.stab, model.projector)
+    if getattr(model, "distill_head", None) is not None:
+        out.update({RELEASE_HEAD_PREFIX + k: v for k, v in model.distill_head.state_dict().items()})
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def export_release(model: nn.Module, out_dir: str, tokenizer=None, meta: dict | None = None) -> str:
+    """A Hugging Face folder: the LLM (``AutoModelForCausalLM.from_pretrained(out_dir)`` works), the
+    panda parts beside it in release names, ``panda.json`` and the tokenizer."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.llm.save_pretrained(out_dir, safe_serialization=True)
+    save_file(vision_state(model), os.path.join(out_dir, PANDA_VISION_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, PANDA_META_FILE), "w") as f:
+        json.dump(meta or model_meta(model), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def export_trainable(model: nn.Module, path: str, meta: dict | None = None) -> str:
+    """One ``safetensors`` file with STAB + projector + head (release names); settings in its metadata."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(vision_state(model), path, metadata={"format": "pt", "panda": json.dumps(meta or model_meta(model))})
+    return path
+
+
+def load_release(path: str, stab_cfg=None, dtype: str | None = None, attn_implementation: str = "sdpa",
+                 with_tokenizer: bool = True):
+    """A release-style folder -> ``(VideoLanguageModel, tokenizer or None, LoadReport)``.
+
+    The STAB config comes from ``stab_cfg``, else the folder's ``panda.json`` (panda exports),
+    else the release values (stab.md) with the width read from the weights. The distillation head
+    is built when the folder has one.
+    """
+    from panda.models.distill import DistillConfig
+    from panda.models.stab import STABConfig
+    from panda.models.video_lm import VideoLanguageModel
+
+    state = read_weights(path)
+    meta = read_meta(path)
+    if stab_cfg is None:
+        if meta.get("stab"):
+            stab_cfg = STABConfig(**meta["stab"])
+        else:
+            key = RELEASE_STAB_PREFIX + "class_embedding"
+            if key not in state:
+                raise CheckpointKeyError(f"{path} has no STAB weights ({key}); is it a Video-Panda checkpoint?")
+            stab_cfg = STABConfig(width=state[key].shape[0])
+    llm = load_llm_from_folder(path, state, dtype, attn_implementation)
+    head_meta = meta.get("distill") or {}
+    head_keys = [k for k in state if k.startswith(RELEASE_HEAD_PREFIX + "norm_layer.") and k.endswith(".1.weight")]
+    distill, teacher_width = None, None
+    if head_keys:
+        layers = llm.config.num_hidden_layers
+        teacher_width = state[RELEASE_HEAD_PREFIX + "input_layer.weight"].shape[0]
+        stride = head_meta.get("layer_stride") or next(
+            (s for s in range(1, layers + 1) if len(range(layers, -1, -s)) == len(head_keys)), 4)
+        distill = DistillConfig(layer_stride=stride, heads=head_meta.get("heads", 8))
+    model = VideoLanguageModel(stab_cfg, llm, projector=meta.get("projector", "mlp2x_gelu"), distill=distill,
+                               teacher_width=teacher_width)
+    model.to(next(llm.parameters()).dtype)
+    report = apply_release_state(model, state, llm_keys=set(llm.state_dict()), source=path)
+    model.eval()
+    tokenizer = None
+    if with_tokenizer:
+        from panda.data.tokenizer import load_tokenizer
+
+        if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            tokenizer = load_tokenizer(path)
+        else:
+            log.warning("%s has no tokenizer files; pass one separately", path)
+    return model, tokenizer, report

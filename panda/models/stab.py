@@ -87,6 +87,26 @@ class VisualTokens:
 
     tokens: torch.Tensor  # (total_tokens, C)
     lengths: torch.Tensor  # (B, F) long: tokens per frame
+    grids: list[tuple[int, int]] | None = None  # (rows, cols) of each frame's spatial tokens, (b, f) order
+    content: torch.Tensor | None = None  # (B*F,) bool: the frame has valid pixels (not padding)
+
+    def spatial_index(self, context_token: bool, row_tokens: bool) -> torch.Tensor:
+        """Indices into ``tokens`` of the spatial tokens (context and row tokens left out), frame by
+        frame in row-major order: what the distillation head reads."""
+        device = self.tokens.device
+        starts = (self.lengths.flatten().cumsum(0) - self.lengths.flatten()).tolist()
+        parts = []
+        for start, (r, c) in zip(starts, self.grids):
+            first = start + int(context_token)
+            rows = first + torch.arange(r, device=device)[:, None] * (c + int(row_tokens))  # (r, 1)
+            parts.append((rows + torch.arange(c, device=device)).flatten())  # (r*c,)
+        return torch.cat(parts)
+
+    def per_frame(self) -> list[list[torch.Tensor]]:
+        """``tokens`` split into [video][frame] tensors of shape (L_frame, C)."""
+        chunks = self.tokens.split(self.lengths.flatten().tolist())
+        F = self.lengths.shape[1]
+        return [list(chunks[b * F : (b + 1) * F]) for b in range(self.lengths.shape[0])]
 
 
 class QuickGELU(nn.Module):
@@ -346,7 +366,10 @@ class STAB(nn.Module):
 
         grid = x.permute(0, 2, 3, 1)  # (B*F, d, g, g) -> (B*F, g, g, d)
         boxes = self._boxes(valid)
+        content = valid.flatten(1).any(1)  # (B*F,)
         lengths = [self.tokens_per_frame(h, w, downsampled) for _, _, h, w in boxes]
+        step = 1 if downsampled else s
+        grids = [(h // step, w // step) for _, _, h, w in boxes]
         offsets = [0]
         for n in lengths[:-1]:
             offsets.append(offsets[-1] + n)
@@ -371,7 +394,7 @@ class STAB(nn.Module):
         flat = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         dest = torch.cat(destinations) if len(destinations) > 1 else destinations[0]
         tokens = flat.new_empty(flat.shape).index_copy(0, dest, flat)
-        return VisualTokens(tokens, torch.tensor(lengths, device=device).view(batch, frames))
+        return VisualTokens(tokens, torch.tensor(lengths, device=device).view(batch, frames), grids, content)
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from panda.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from panda.models.distill import DistillationHead, DistillConfig, TeacherFeatures, distillation_loss
 from panda.models.stab import STAB, STABConfig, VisualTokens, build_projector, count_parameters
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class SplicedInputs:
     attention_mask: torch.Tensor  # (B, M) long
     labels: torch.Tensor | None  # (B, M) or None
     position_ids: torch.Tensor  # (B, M)
+    visual_positions: torch.Tensor  # (total visual tokens,) index into the flattened (B*M) sequence, packed order
 
 
 def splice_visual_tokens(
@@ -84,39 +86,71 @@ def splice_visual_tokens(
     new_mask[b_vis, p_vis] = 1
 
     position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)
-    return SplicedInputs(embeds, new_mask, new_labels, position_ids)
+    return SplicedInputs(embeds, new_mask, new_labels, position_ids, b_vis * M + p_vis)
+
+
+@dataclass
+class VideoLMOutput:
+    loss: torch.Tensor | None  # lm_loss + weight · distill_loss
+    lm_loss: torch.Tensor | None
+    distill_loss: torch.Tensor | None
+    logits: torch.Tensor
 
 
 class VideoLanguageModel(nn.Module):
-    """STAB -> projector -> any Hugging Face causal LM (``llm``)."""
+    """STAB -> projector -> any Hugging Face causal LM (``llm``), plus the optional distillation
+    head (stab.md §7) that is trained with STAB and read only during training."""
 
-    def __init__(self, stab_cfg: STABConfig, llm: nn.Module, projector: str = "mlp2x_gelu"):
+    def __init__(self, stab_cfg: STABConfig, llm: nn.Module, projector: str = "mlp2x_gelu",
+                 distill: DistillConfig | None = None, teacher_width: int | None = None):
         super().__init__()
+        self.stab_cfg = stab_cfg
         self.stab = STAB(stab_cfg)
         self.llm = llm
+        self.projector_kind = projector
         self.projector = build_projector(projector, stab_cfg.width, llm.config.hidden_size)
+        self.distill_cfg = distill
+        self.distill_head = None
+        if distill is not None and teacher_width is not None:
+            self.distill_head = DistillationHead(llm.config.hidden_size, llm.config.num_hidden_layers, teacher_width,
+                                                 distill.layer_stride, distill.heads)
 
     def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
-        """(B, F, 3, R, R), (B, F, R, R) -> projected per-frame tokens, packed in (b, f) order."""
+        """(B, F, 3, R, R), (B, F, R, R) -> projected per-frame tokens, packed in (b, f) order:
+        for each frame its context token, then each row of LSD tokens followed by its row token.
+        ``.per_frame()`` splits them into one tensor per frame."""
         visual = self.stab(pixels, mask)
-        return VisualTokens(self.projector(visual.tokens), visual.lengths)
+        return VisualTokens(self.projector(visual.tokens), visual.lengths, visual.grids, visual.content)
 
-    def prepare_inputs(self, input_ids, attention_mask, pixels, frame_mask, labels=None, padding_side="right") -> SplicedInputs:
-        visual = self.encode_video(pixels, frame_mask)
+    def prepare_inputs(self, input_ids, attention_mask, pixels, frame_mask, labels=None, padding_side="right",
+                       visual: VisualTokens | None = None) -> SplicedInputs:
+        visual = visual if visual is not None else self.encode_video(pixels, frame_mask)
         embed = self.llm.get_input_embeddings()
         text_embeds = embed(input_ids.clamp(min=0))  # placeholders embed as id 0, then get overwritten
         return splice_visual_tokens(text_embeds, input_ids, attention_mask, visual, labels, padding_side)
 
-    def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None):
-        """Returns the HF output; ``loss`` is the LM cross-entropy over supervised tokens."""
-        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels)
-        return self.llm(
+    def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None, teacher: TeacherFeatures | None = None) -> VideoLMOutput:
+        """LM cross-entropy over supervised tokens, plus the distillation loss when ``teacher``
+        features are given and the model has a distillation head."""
+        visual = self.encode_video(pixels, frame_mask)
+        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels, visual=visual)
+        distil = teacher is not None and self.distill_head is not None
+        out = self.llm(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
             position_ids=spliced.position_ids,
             labels=spliced.labels,
             use_cache=False,
+            output_hidden_states=distil,
         )
+        lm_loss, distill_loss, loss = out.loss, None, out.loss
+        if distil:
+            hidden = out.hidden_states  # L + 1 tensors (B, M, D); index 0 = embeddings
+            spatial = spliced.visual_positions[visual.spatial_index(self.stab_cfg.has_context_token, self.stab_cfg.row_tokens)]
+            picked = torch.stack([hidden[j].flatten(0, 1)[spatial] for j in self.distill_head.layers], dim=1)  # (N, J, D)
+            distill_loss = distillation_loss(self.distill_head, picked, visual.grids, visual.content, teacher, self.distill_cfg.loss)
+            loss = distill_loss * self.distill_cfg.weight if lm_loss is None else lm_loss + self.distill_cfg.weight * distill_loss
+        return VideoLMOutput(loss, lm_loss, distill_loss, out.logits)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0):
@@ -136,6 +170,7 @@ class VideoLanguageModel(nn.Module):
         return {
             "params/stab": count_parameters(self.stab),
             "params/projector": count_parameters(self.projector),
+            "params/distill_head": count_parameters(self.distill_head),
             "params/llm": count_parameters(self.llm),
             "params/trainable": count_parameters(self, trainable_only=True),
             "params/total": count_parameters(self),

@@ -5,38 +5,107 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
+from panda.data.conversation import IMAGE_TOKEN
 from panda.data.tokenizer import load_tokenizer
+from panda.models.checkpoints import apply_eve_state, apply_release_state, load_llm_from_folder, read_weights
+from panda.models.distill import DistillConfig
 from panda.models.stab import STABConfig
 from panda.models.video_lm import VideoLanguageModel, build_llm
 
 log = logging.getLogger(__name__)
 
 
+FOLDER_INITS = ("eve", "release")  # inits whose folder also holds the LLM (and its tokenizer)
+
+
+def init_of(cfg) -> dict:
+    return cfg.get("init") or {"kind": "none", "path": None}
+
+
+def distill_active(cfg) -> bool:
+    """Distillation runs when a teacher is configured and the loss is not ``off``."""
+    return cfg.get("teacher", {}).get("kind", "none") != "none" and cfg.get("distill", {}).get("loss", "off") != "off"
+
+
 def tokenizer_path(cfg) -> str:
-    """``llm.tokenizer``, else the pretrained LLM's folder, else the dataset's own tokenizer."""
-    return cfg["llm"]["tokenizer"] or cfg["llm"]["pretrained"] or os.path.join(cfg["data"]["root"], "tokenizer")
+    """``llm.tokenizer``, else the pretrained LLM's folder, else the init folder, else the dataset's own."""
+    init = init_of(cfg)
+    from_init = init["path"] if init["kind"] in FOLDER_INITS else None
+    return cfg["llm"]["tokenizer"] or cfg["llm"]["pretrained"] or from_init or os.path.join(cfg["data"]["root"], "tokenizer")
 
 
 def build_tokenizer(cfg):
     return load_tokenizer(tokenizer_path(cfg))
 
 
-def build_model(cfg, tokenizer) -> VideoLanguageModel:
-    llm_cfg = cfg["llm"]
-    llm = build_llm(
-        len(tokenizer),
-        pretrained=llm_cfg["pretrained"],
-        hidden_size=llm_cfg["hidden_size"],
-        layers=llm_cfg["layers"],
-        heads=llm_cfg["heads"],
-        kv_heads=llm_cfg["kv_heads"],
-        intermediate_size=llm_cfg["intermediate_size"],
-        max_position_embeddings=max(cfg["model"]["max_length"], 256),
-        attn_implementation=llm_cfg["attn_implementation"],
-        dtype=llm_cfg["dtype"],
-        initializer_range=llm_cfg["initializer_range"],
-    )
-    return VideoLanguageModel(STABConfig(**cfg["stab"]), llm, projector=cfg["model"]["projector"])
+def _text_vocab(tokenizer) -> int:
+    """Embedding rows the text needs: the image placeholder never reaches the embedding table."""
+    return max(i for t, i in tokenizer.get_vocab().items() if t != IMAGE_TOKEN) + 1
+
+
+def build_model(cfg, tokenizer, initialise: bool = True) -> VideoLanguageModel:
+    """The model ``cfg`` describes. With ``initialise`` its weights start where ``init`` says;
+    without (a checkpoint's weights are loaded next) nothing is read from ``init.path``."""
+    llm_cfg, init = cfg["llm"], init_of(cfg)
+    state = None
+    if init["kind"] in FOLDER_INITS and initialise:
+        state = read_weights(init["path"])
+        llm = load_llm_from_folder(init["path"], state, llm_cfg["dtype"], llm_cfg["attn_implementation"])
+        if llm.get_input_embeddings().num_embeddings < _text_vocab(tokenizer):
+            raise ValueError(f"the tokenizer ({tokenizer_path(cfg)}) has more tokens than the LLM in {init['path']}")
+    elif llm_cfg.get("hf_config"):  # rebuilding a run whose LLM came from a folder: same architecture, no init
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        config = AutoConfig.for_model(**llm_cfg["hf_config"])
+        config._attn_implementation = llm_cfg["attn_implementation"]
+        with no_init_weights():
+            llm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, llm_cfg["dtype"]))
+    else:
+        llm = build_llm(
+            len(tokenizer),
+            pretrained=llm_cfg["pretrained"],
+            hidden_size=llm_cfg["hidden_size"],
+            layers=llm_cfg["layers"],
+            heads=llm_cfg["heads"],
+            kv_heads=llm_cfg["kv_heads"],
+            intermediate_size=llm_cfg["intermediate_size"],
+            max_position_embeddings=max(cfg["model"]["max_length"], 256),
+            attn_implementation=llm_cfg["attn_implementation"],
+            dtype=llm_cfg["dtype"],
+            initializer_range=llm_cfg["initializer_range"],
+        )
+    teacher_width = cfg["teacher"]["width"] if distill_active(cfg) else None
+    distill = DistillConfig(**cfg["distill"]) if teacher_width else None
+    model = VideoLanguageModel(STABConfig(**cfg["stab"]), llm, projector=cfg["model"]["projector"],
+                               distill=distill, teacher_width=teacher_width)
+    if initialise and init["kind"] == "release":
+        apply_release_state(model, state, llm_keys=set(llm.state_dict()), source=init["path"])
+    elif initialise and init["kind"] == "eve":
+        apply_eve_state(model, state, source=init["path"])
+    elif initialise and init["kind"] == "checkpoint":
+        load_weights_from_ckpt(model, init["path"])
+    if cfg["model"].get("gradient_checkpointing"):
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | None = None) -> None:
+    """Weights of a panda Lightning checkpoint into ``model`` (optimizer state is not restored)."""
+    if ckpt is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    head_fresh = model.distill_head is not None and not any(k.startswith("distill_head.") for k in state)
+    result = model.load_state_dict(state, strict=not head_fresh)
+    if head_fresh:
+        log.warning("%s has no distillation head; the head starts fresh", path)
+    bad = [k for k in result.missing_keys if not k.startswith("distill_head.")] + list(result.unexpected_keys)
+    if bad:
+        raise KeyError(f"{path} does not match the model: {bad[:20]}")
 
 
 def build_logger(cfg, run_dir: str, parameter_counts: dict):

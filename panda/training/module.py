@@ -16,9 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def apply_stage(model: VideoLanguageModel, stage: dict) -> dict[str, int]:
-    """Freeze/unfreeze STAB, projector and LLM for ``stage``; returns trainable parameters per module."""
+    """Freeze/unfreeze STAB, projector and LLM for ``stage``; returns trainable parameters per module.
+    The distillation head trains with STAB (it exists only to shape STAB's tokens)."""
     parts = {"stab": (model.stab, stage["train_stab"]), "projector": (model.projector, stage["train_projector"]),
              "llm": (model.llm, stage["train_llm"])}
+    if model.distill_head is not None:
+        parts["distill_head"] = (model.distill_head, stage["train_stab"])
     counts = {}
     for name, (module, trainable) in parts.items():
         module.requires_grad_(trainable)
@@ -44,11 +47,17 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: flo
 
 
 class PandaModule(L.LightningModule):
-    """Trains a :class:`VideoLanguageModel` with the LM loss of one stage."""
+    """Trains a :class:`VideoLanguageModel` with the LM loss of one stage, plus distillation from a
+    frozen ``teacher`` when one is given (stab.md §7).
 
-    def __init__(self, model: VideoLanguageModel, cfg: dict):
+    The teacher is deliberately kept out of the module tree: it is not saved in checkpoints, gets no
+    optimiser state, and is never wrapped or sharded by a strategy; it follows the module's device.
+    """
+
+    def __init__(self, model: VideoLanguageModel, cfg: dict, teacher=None):
         super().__init__()
         self.model = model
+        object.__setattr__(self, "teacher", teacher)
         self.save_hyperparameters({"cfg": cfg})  # the resolved config travels inside every checkpoint
         self.stage_cfg = cfg["stage"]
         self.trainable = apply_stage(model, self.stage_cfg)
@@ -58,9 +67,17 @@ class PandaModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch.get("labels"))
+        teacher = None
+        if self.teacher is not None and self.model.distill_head is not None:
+            if "teacher_pixels" not in batch:
+                raise ValueError("distillation is on but the batch has no teacher_pixels (build the data module with_teacher=True)")
+            teacher = self.teacher(batch["teacher_pixels"], batch["teacher_mask"])
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
+                          batch.get("labels"), teacher=teacher)
 
     def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         lines = [f"  {name:<10} trainable {n:>12,d}" for name, n in self.trainable.items()]
         rank_zero_info(f"stage {self.stage_cfg['name']!r}:\n" + "\n".join(lines))
         if self.logger is not None:
@@ -82,7 +99,9 @@ class PandaModule(L.LightningModule):
         out = self(batch)
         loss = out.loss
         n = batch["input_ids"].shape[0]
-        self.log("train/lm_loss", out.loss, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/lm_loss", out.lm_loss, on_step=True, on_epoch=False, batch_size=n)
+        if out.distill_loss is not None:
+            self.log("train/distill_loss", out.distill_loss, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         self._tokens = int(batch["attention_mask"].sum())  # text tokens, one per frame placeholder
         self._samples = n

@@ -17,7 +17,9 @@ from panda.config import validate
 from panda.data.datamodule import VideoDataModule
 from panda.data.synthetic import SyntheticConfig, generate
 from panda.evaluation.qa import generate_answers, score_exact_match, write_predictions
-from panda.training.build import build_logger, build_model, build_tokenizer
+from panda.models.checkpoints import export_release, model_meta
+from panda.models.teachers import build_teacher
+from panda.training.build import FOLDER_INITS, build_logger, build_model, build_tokenizer, distill_active
 from panda.training.module import PandaModule
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,38 @@ def build_trainer(cfg: dict, run_dir: str, logger, callbacks) -> L.Trainer:
     )
 
 
+def count_devices(devices, accelerator: str) -> int:
+    """How many processes per node ``trainer.devices`` means."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        return max(1, torch.cuda.device_count()) if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else 1
+    return int(devices)
+
+
+def resolve_accumulation(container: dict) -> None:
+    """Derive ``trainer.accumulate_grad_batches`` from ``trainer.global_batch_size`` (the recipe's one knob)."""
+    t = container["trainer"]
+    target = t["global_batch_size"]
+    if target is None:
+        return
+    world = count_devices(t["devices"], t["accelerator"]) * t["num_nodes"]
+    per_step = container["data"]["batch_size"] * world
+    if target % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={target} is not a multiple of data.batch_size × devices × num_nodes = "
+            f"{container['data']['batch_size']} × {world // t['num_nodes']} × {t['num_nodes']} = {per_step}; "
+            "change data.batch_size or trainer.global_batch_size"
+        )
+    if t["accumulate_grad_batches"] not in (1, target // per_step):
+        raise ValueError("set either trainer.global_batch_size or trainer.accumulate_grad_batches, not both")
+    t["accumulate_grad_batches"] = target // per_step
+    log.info("global batch %d = %d per device × %d processes × %d accumulation", target,
+             container["data"]["batch_size"], world, t["accumulate_grad_batches"])
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (and evaluate) as ``cfg`` says. Returns the summary that is also written to ``summary.json``."""
     start = time.time()
@@ -81,12 +115,24 @@ def train(cfg: DictConfig) -> dict:
         generate(SyntheticConfig(root=container["data"]["root"], **container["data"]["synthetic"]))
     data_time = time.time() - start
 
+    resolve_accumulation(container)
+
+    teacher = None
+    if distill_active(container):
+        teacher = build_teacher(container["teacher"], container["stab"]["chunk_size"])
+        # the head's width and the teacher's copy of the frames follow the teacher actually loaded
+        container["teacher"].update(width=teacher.width, image_size=teacher.image_size, patch_size=teacher.patch_size)
+    elif container["teacher"]["kind"] != "none":
+        log.info("distill.loss=off: the teacher is not loaded")
+
     tokenizer = build_tokenizer(container)
     tok_dir = os.path.join(run_dir, "tokenizer")
     tokenizer.save_pretrained(tok_dir)
     container["llm"]["tokenizer"] = tok_dir  # checkpoints point at the run's own copy
     model = build_model(container, tokenizer)
-    module = PandaModule(model, container)
+    if container["init"]["kind"] in FOLDER_INITS:  # evaluation rebuilds this architecture without the folder
+        container["llm"]["hf_config"] = model.llm.config.to_dict()
+    module = PandaModule(model, container, teacher=teacher)
     counts = model.parameter_counts()
 
     logger = build_logger(container, run_dir, counts)
@@ -95,7 +141,8 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                  every_n_train_steps=container["trainer"]["checkpoint_every_n_steps"], save_last=True, save_top_k=1)
     trainer = build_trainer(container, run_dir, logger, [checkpoint, tracker])
-    datamodule = VideoDataModule(cfg=OmegaConf.create(container), tokenizer=tokenizer, rejects_path=os.path.join(run_dir, "rejects.jsonl"))
+    datamodule = VideoDataModule(cfg=OmegaConf.create(container), tokenizer=tokenizer,
+                                 rejects_path=os.path.join(run_dir, "rejects.jsonl"), with_teacher=teacher is not None)
 
     summary: dict = {"run_dir": run_dir, "name": container["name"], "stage": container["stage"]["name"], "frames": container["frames"]}
     status = "failed"
@@ -116,6 +163,10 @@ def train(cfg: DictConfig) -> dict:
             "time/data_prep_s": round(data_time, 2),
             "time/fit_s": round(fit_time, 2),
         })
+        if container["export_final"] and trainer.is_global_zero:
+            meta = model_meta(model, frames=container["frames"], template=container["model"]["template"],
+                              eval_template=container["model"]["eval_template"])
+            summary["export"] = export_release(model, os.path.join(run_dir, "final"), tokenizer, meta)
         summary.update(counts)
         summary.update({f"trainable/{k}": v for k, v in module.trainable.items()})
         if container["evaluate"] and container["data"]["eval_qa"] and trainer.is_global_zero:
