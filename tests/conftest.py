@@ -67,3 +67,73 @@ def tiny_overrides(root: str, run_dir: str) -> list[str]:
         "logger.kind=none",
         f"+run_dir={run_dir}",
     ]
+
+
+def tiny_video_lm(tokenizer, teacher_width=None, seed=0, layers=2, stab_width=32):
+    """A tiny VideoLanguageModel (tiny STAB, 2-layer LLaMA, optional distillation head)."""
+    from panda.models.distill import DistillConfig
+    from panda.models.stab import STABConfig
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+
+    torch.manual_seed(seed)
+    llm = build_llm(len(tokenizer), hidden_size=32, layers=layers, heads=4, intermediate_size=64)
+    stab = STABConfig(width=stab_width, heads=4, resolution=112, dropout=0.0)
+    distill = DistillConfig(layer_stride=1, heads=4) if teacher_width else None
+    return VideoLanguageModel(stab, llm, distill=distill, teacher_width=teacher_width).eval()
+
+
+def write_release_folder(model, folder, tokenizer=None, flavour="release", shards=2, fmt="safetensors",
+                         model_type="videopanda_llama", extra=None, drop=()):
+    """Write ``model`` the way the Video-Panda release (or EVE) stores it: one LLaMA-style folder,
+    every tensor under the release's key names, sharded with an index. Built here from the key
+    table, independently of panda's exporter."""
+    import json
+
+    from panda.models.checkpoints import RELEASE_HEAD_PREFIX, panda_to_release
+
+    os.makedirs(folder, exist_ok=True)
+    state = dict(model.llm.state_dict())
+    vision = panda_to_release(model.stab, model.projector)
+    if model.distill_head is not None:
+        vision.update({RELEASE_HEAD_PREFIX + k: v for k, v in model.distill_head.state_dict().items()})
+    if flavour == "eve":  # EVE has the shared parts only, under its own prefixes
+        shared = ("patch_embedding.", "class_embedding", "split_embedding", "local_attention.", "global_attention.")
+        eve = {}
+        for k, v in vision.items():
+            if k.startswith("model.video_tower."):
+                inner = k[len("model.video_tower."):]
+                if inner.startswith(shared):
+                    eve["model.vision_tower." + inner] = v
+            elif k.startswith("model.video_projector."):
+                eve["model.mm_projector." + k[len("model.video_projector."):]] = v
+            else:
+                eve["model.vision_tower_compressor." + k[len(RELEASE_HEAD_PREFIX):]] = v
+        vision = eve
+    state.update(vision)
+    state.update(extra or {})
+    for key in drop:
+        state.pop(key)
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    keys = sorted(state)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if fmt == "safetensors" else f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(part, os.path.join(folder, name), metadata={"format": "pt"})
+        else:
+            torch.save(part, os.path.join(folder, name))
+        weight_map.update({k: name for k in part})
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    with open(os.path.join(folder, index), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    config = model.llm.config.to_dict()
+    config.update(model_type=model_type, architectures=["VideoPandaLlamaForCausalLM"], mm_video_tower="LanguageBind")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

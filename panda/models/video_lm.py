@@ -153,8 +153,10 @@ class VideoLanguageModel(nn.Module):
         return VideoLMOutput(loss, lm_loss, distill_loss, out.logits)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0):
-        """Greedy generation for a batch of (video, prompt); returns only the new token ids (B, ≤max_new)."""
+    def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0,
+                 **generate_kwargs):
+        """Greedy generation for a batch of (video, prompt); returns only the new token ids (B, ≤max_new).
+        ``generate_kwargs`` go to the LLM's ``generate`` (e.g. a ``streamer``)."""
         spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, padding_side="left")
         return self.llm.generate(
             inputs_embeds=spliced.inputs_embeds,
@@ -164,6 +166,7 @@ class VideoLanguageModel(nn.Module):
             num_beams=1,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            **generate_kwargs,
         )
 
     def parameter_counts(self) -> dict[str, int]:

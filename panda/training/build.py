@@ -87,8 +87,9 @@ def build_model(cfg, tokenizer, initialise: bool = True) -> VideoLanguageModel:
         apply_eve_state(model, state, source=init["path"])
     elif initialise and init["kind"] == "checkpoint":
         load_weights_from_ckpt(model, init["path"])
-    if cfg["model"].get("gradient_checkpointing"):
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if initialise and cfg["model"].get("gradient_checkpointing"):  # training only: recompute decoder layers in backward
+        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -1,0 +1,120 @@
+"""Ask a checkpoint about a video, with the answer streamed as it is generated.
+
+    python -m panda.chat --checkpoint DIR_OR_CKPT --video FILE "What is happening?"
+
+``--checkpoint`` is a Video-Panda release folder, a folder panda exported (``run_dir/final``), or a
+``.ckpt`` written by ``train.py``. The prompt uses the evaluation template (training.md §2) and
+decoding is greedy unless ``--temperature`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from panda.data.conversation import get_template, tokenize_prompt
+from panda.data.datasets import FramePipeline
+from panda.errors import PandaError
+from panda.models.checkpoints import CheckpointKeyError, NotACheckpointError, load_release, read_meta
+
+RELEASE_FRAMES = 8
+RELEASE_EVAL_TEMPLATE = "vicuna_v1_eval"
+
+
+class ChatError(PandaError):
+    """A request the chat command cannot serve; the message says what to change."""
+
+
+def load_for_chat(path: str, dtype: str = "float32", attn: str = "sdpa"):
+    """(model, tokenizer, frames, eval template) from a release/exported folder or a panda ``.ckpt``."""
+    if os.path.isfile(path) and path.endswith(".ckpt"):
+        from panda.evaluation.run import load_checkpoint
+
+        model, tokenizer, cfg = load_checkpoint(path)
+        return model.to(getattr(torch, dtype)), tokenizer, cfg["frames"], cfg["model"]["eval_template"]
+    if not os.path.isdir(path):
+        raise NotACheckpointError(f"{path}: not a checkpoint folder or .ckpt file")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise NotACheckpointError(
+            f"{path} is not a checkpoint folder (no config.json); pass a Video-Panda release folder, "
+            "a panda export (run_dir/final) or a .ckpt"
+        )
+    model, tokenizer, _ = load_release(path, dtype=dtype, attn_implementation=attn)
+    if tokenizer is None:
+        raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
+    meta = read_meta(path)
+    return model, tokenizer, meta.get("frames") or RELEASE_FRAMES, meta.get("eval_template") or RELEASE_EVAL_TEMPLATE
+
+
+def check_device(device: str, dtype: str, attn: str) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ChatError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+    if attn == "flash_attention_2" and not device.startswith("cuda"):
+        raise ChatError(
+            f"--attn flash_attention_2 needs a CUDA GPU (this run is on {device}); use --attn sdpa, "
+            "which works everywhere"
+        )
+    if attn == "flash_attention_2" and dtype not in ("bfloat16", "float16"):
+        raise ChatError("flash_attention_2 runs in bfloat16 or float16; add --dtype bfloat16")
+    return device
+
+
+def answer(model, tokenizer, video: str, question: str, frames: int, template: str, max_new_tokens: int = 256,
+           device: str = "cpu", sample_fps: float = 1.0, stream: bool = True, temperature: float = 0.0) -> str:
+    stab = model.stab_cfg
+    pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, sample_fps)
+    sample = pipeline(video)  # raises VideoDecodeError naming the file
+    ids = tokenize_prompt(tokenizer, get_template(template), question, frames)[None].to(device)
+    dtype = next(model.parameters()).dtype
+    kwargs = {}
+    if stream:
+        from transformers import TextStreamer
+
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+    out = model.generate(ids, torch.ones_like(ids), sample["pixels"][None].to(device, dtype),
+                         sample["frame_mask"][None].to(device, dtype), max_new_tokens=max_new_tokens,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m panda.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("question")
+    parser.add_argument("--checkpoint", required=True, help="release folder, panda export folder, or train.py .ckpt")
+    parser.add_argument("--video", required=True)
+    parser.add_argument("--frames", type=int, default=None, help="default: the checkpoint's (8 for the release)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the release's evaluation)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--sample-fps", type=float, default=1.0)
+    parser.add_argument("--no-stream", action="store_true", help="print the answer once, at the end")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        device = check_device(args.device, args.dtype, args.attn)
+        if not os.path.exists(args.video):
+            raise ChatError(f"video not found: {args.video}")
+        model, tokenizer, frames, template = load_for_chat(args.checkpoint, args.dtype, args.attn)
+        model.to(device)
+        text = answer(model, tokenizer, args.video, args.question, args.frames or frames, template,
+                      args.max_new_tokens, device, args.sample_fps, stream=not args.no_stream, temperature=args.temperature)
+    except (PandaError, NotACheckpointError, CheckpointKeyError) as exc:
+        print(f"panda.chat: error: {exc}", file=sys.stderr)
+        return 2
+    if args.no_stream:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
