@@ -88,8 +88,10 @@ def build_model(cfg, tokenizer, initialise: bool = True) -> VideoLanguageModel:
     elif initialise and init["kind"] == "checkpoint":
         load_weights_from_ckpt(model, init["path"])
     if initialise and cfg["model"].get("gradient_checkpointing"):  # training only: recompute decoder layers in backward
-        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -1,0 +1,153 @@
+"""Distillation head (stab.md §7), teachers, and distillation inside a training step."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from panda.models.distill import DistillationHead, TeacherFeatures, distillation_loss, picked_layers
+from panda.models.teachers import HFVisionTeacher, LanguageBindVideoTeacher, TeacherConfig, build_teacher
+
+TINY_TEACHER = TeacherConfig(kind="languagebind_video", width=32, layers=2, heads=4, intermediate_size=64,
+                             image_size=56, patch_size=14, num_frames=8)
+
+
+def test_picked_layers_follow_the_release_rule():
+    assert picked_layers(32, 4) == [32, 28, 24, 20, 16, 12, 8, 4, 0]  # 9 of the 33 hidden states
+    assert picked_layers(2, 1) == [2, 1, 0]
+    with pytest.raises(ValueError, match="layer_stride"):
+        DistillationHead(32, 2, 16, layer_stride=4)
+
+
+def test_head_computes_the_written_formula_token_by_token():
+    torch.manual_seed(0)
+    D, t, heads = 12, 8, 2
+    head = DistillationHead(D, 4, t, layer_stride=2, heads=heads)  # layers 4, 2, 0
+    hidden = torch.randn(5, 3, D)
+    got = head(hidden)
+    with torch.no_grad():
+        for n in range(5):
+            normed = [head.norm_layer[j][1](F.layer_norm(hidden[n, j], (D,), head.norm_layer[j][0].weight, head.norm_layer[j][0].bias))
+                      for j in range(3)]
+            fused = []
+            for h in range(heads):
+                sl = slice(h * t // heads, (h + 1) * t // heads)
+                scores = [float(normed[0][sl] @ normed[k][sl]) / math.sqrt(t) for k in (1, 2)]
+                w = torch.softmax(torch.tensor(scores), 0)
+                fused.append(w[0] * normed[1][sl] + w[1] * normed[2][sl])
+            want = head.input_layer(hidden[n, 0]) + head.output_layer(torch.cat(fused))
+            assert torch.allclose(got[n], want, atol=1e-5)
+
+
+def test_loss_pools_the_finer_grid_and_skips_frames_without_content():
+    torch.manual_seed(0)
+    head = DistillationHead(8, 2, 4, layer_stride=1, heads=2)
+    # frame 0: a 4x4 token grid vs a 2x2 teacher box; frame 1: padding (no content)
+    hidden = torch.randn(16 + 4, 3, 8)
+    grid = torch.randn(2, 3, 3, 4)
+    valid = torch.zeros(2, 3, 3, dtype=torch.bool)
+    valid[0, 1:3, 0:2] = True
+    teacher = TeacherFeatures(grid, valid)
+    loss = distillation_loss(head, hidden, [(4, 4), (2, 2)], torch.tensor([True, False]), teacher, "cosine")
+    pred = head(hidden[:16]).view(4, 4, 4).permute(2, 0, 1)
+    pooled = F.avg_pool2d(pred[None], 2)[0].permute(1, 2, 0).reshape(4, 4)
+    want = 1 - F.cosine_similarity(pooled, grid[0, 1:3, 0:2].reshape(4, 4), dim=-1).mean()
+    assert torch.allclose(loss, want, atol=1e-6)
+    mse = distillation_loss(head, hidden, [(4, 4), (2, 2)], torch.tensor([True, False]), teacher, "mse")
+    assert torch.allclose(mse, (pooled - grid[0, 1:3, 0:2].reshape(4, 4)).pow(2).mean(), atol=1e-6)
+
+
+def test_languagebind_teacher_is_frozen_and_mixes_frames_within_a_chunk_only():
+    torch.manual_seed(0)
+    teacher = LanguageBindVideoTeacher(TINY_TEACHER, chunk_size=2).freeze()
+    for p in teacher.vision_model.encoder.layers[0].temporal_embedding, teacher.vision_model.embeddings.class_embedding:
+        p.data.normal_()  # the temporal embedding starts at zero; make the temporal step visible
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    pixels, mask = torch.randn(1, 4, 3, 56, 56), torch.ones(1, 4, 56, 56)
+    mask[..., :14, :] = 0  # the top row of patches is padding
+    out = teacher(pixels, mask)
+    assert out.grid.shape == (4, 4, 4, 32) and not out.grid.requires_grad
+    assert out.valid[:, 0].sum() == 0 and out.valid[:, 1:].all()
+    changed = pixels.clone()
+    changed[0, 0] += 1.0  # frame 0 is in chunk (0, 1)
+    again = teacher(changed, mask).grid
+    assert not torch.allclose(again[1], out.grid[1])  # temporal attention carries it to frame 1
+    assert torch.allclose(again[2:], out.grid[2:])  # but not into the next chunk
+
+
+def test_languagebind_teacher_loads_release_key_names_and_skips_other_towers(tmp_path):
+    torch.manual_seed(1)
+    source = LanguageBindVideoTeacher(TINY_TEACHER, chunk_size=4)
+    state = dict(source.state_dict())
+    state["text_model.embeddings.token_embedding.weight"] = torch.randn(10, 32)
+    state["logit_scale"] = torch.tensor(1.0)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": 56, "patch_size": 14, "hidden_act": "gelu", "num_frames": 8}
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": vision}))
+    loaded = build_teacher({"kind": "languagebind_video", "path": str(tmp_path)}, chunk_size=4)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    del state["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(KeyError, match="temporal_attn"):
+        build_teacher({"kind": "languagebind_video", "path": str(tmp_path)}, chunk_size=4)
+
+
+def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=56, patch_size=14)
+    CLIPVisionModel(cfg).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    teacher = build_teacher({"kind": "hf_vision", "path": str(tmp_path)}, chunk_size=4)
+    assert isinstance(teacher, HFVisionTeacher) and (teacher.width, teacher.image_size, teacher.patch_size) == (32, 56, 14)
+    pixels = torch.randn(2, 2, 3, 56, 56)
+    out = teacher(pixels, torch.ones(2, 2, 56, 56))
+    assert out.grid.shape == (4, 4, 4, 32)
+    # its own normalisation is applied, and the second-to-last hidden state is used, CLS dropped
+    raw = (pixels * torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+           + torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1) - 0.5) / 0.5
+    want = CLIPVisionModel.from_pretrained(tmp_path)(pixel_values=raw.flatten(0, 1), output_hidden_states=True).hidden_states[-2]
+    assert torch.allclose(out.grid, want[:, 1:].reshape(4, 4, 4, 32), atol=1e-5)
+
+
+def test_teacher_none_and_missing_folder():
+    assert build_teacher({"kind": "none"}, 4) is None
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        build_teacher({"kind": "languagebind_video", "path": "/no/such/folder"}, 4)
+    with pytest.raises(ValueError, match="teacher.kind"):
+        build_teacher({"kind": "clip"}, 4)
+
+
+def test_training_with_a_teacher_logs_both_losses_and_trains_the_head(synthetic_root, tmp_path):
+    from conftest import compose, tiny_overrides
+
+    from panda.training.run import train
+
+    run_dir = str(tmp_path / "run")
+    cfg = compose(tiny_overrides(synthetic_root, run_dir) + [
+        "teacher=tiny_languagebind", "distill.layer_stride=1", "distill.heads=4", "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1", "logger.kind=csv", "evaluate=false",
+    ])
+    summary = train(cfg)
+    assert summary["params/distill_head"] > 0 and summary["trainable/distill_head"] == summary["params/distill_head"]
+    import csv
+
+    with open(os.path.join(run_dir, "csv", "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/distill_loss")]
+    assert len(rows) == 3
+    for r in rows:  # loss = lm + 1.0 * distill, each logged on its own
+        assert math.isclose(float(r["train/loss"]), float(r["train/lm_loss"]) + float(r["train/distill_loss"]), rel_tol=1e-5)
+        assert 0.0 < float(r["train/distill_loss"]) < 2.0  # 1 - cos lies in [0, 2]
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("model.distill_head.") for k in keys)
+    assert not any("teacher" in k for k in keys)  # the frozen teacher is never saved
+    assert ckpt["hyper_parameters"]["cfg"]["teacher"]["width"] == 32
