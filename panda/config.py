@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
 from panda.models.distill import DISTILL_LOSSES, DistillConfig
 from panda.models.stab import STABConfig
@@ -58,7 +59,7 @@ class SyntheticDataConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    root: str = "data_cache/synthetic"  # DATA_ROOT; other paths below are relative to it
+    root: str = MISSING  # DATA_ROOT; other paths below are relative to it (each data config sets or requires it)
     synthetic: Optional[SyntheticDataConfig] = None  # set: generate the demo dataset under ``root``
     train_records: list[str] = field(default_factory=lambda: ["train/train_json/synthetic_train.json"])
     video_root: str = "train"
@@ -197,6 +198,15 @@ def validate(cfg) -> None:
         raise ValueError(f"data.on_bad_record={cfg.data.on_bad_record!r}: use skip or raise")
     if cfg.teacher.kind not in TEACHER_KINDS:
         raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: use one of {TEACHER_KINDS} (or pick a file in conf/teacher)")
+    if OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg.data, "root"):
+        raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT (the folder that holds train/ and eval/)")
+    if cfg.teacher.kind == "languagebind_video" and not cfg.teacher.path and not cfg.teacher.random_init:
+        raise ValueError(
+            "teacher=languagebind_video needs teacher.path=/path/to/LanguageBind_Video_merge "
+            "(teacher.random_init=true builds an untrained toy teacher instead)"
+        )
+    if cfg.teacher.kind == "hf_vision" and not cfg.teacher.path:
+        raise ValueError("teacher=hf_vision needs teacher.path=/path/to/a/local/vision/model")
     if cfg.distill.loss not in DISTILL_LOSSES:
         raise ValueError(f"distill.loss={cfg.distill.loss!r}: use one of {DISTILL_LOSSES}")
     if cfg.init.kind not in INIT_KINDS:

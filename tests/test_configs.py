@@ -14,6 +14,8 @@ from panda.training.run import train
 
 EXPERIMENTS = sorted(os.path.relpath(p, os.path.join(CONF, "experiment"))[:-5]
                      for p in glob.glob(os.path.join(CONF, "experiment", "**", "*.yaml"), recursive=True))
+ABLATIONS = [e for e in EXPERIMENTS if e.startswith("ablation/")]
+RECIPE = [e for e in EXPERIMENTS if e.startswith("videopanda_7b/")]
 
 
 def test_the_default_composes_to_the_tiny_synthetic_run():
@@ -30,13 +32,40 @@ def test_release_stab_and_paper_stages_compose():
     assert not cfg.stage.train_llm and cfg.stage.vision_lr == 4e-4 and cfg.stage.lr == 4e-5
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_trains_one_step(experiment, synthetic_root, tmp_path):
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_every_ablation_composes_and_trains_one_step(experiment, synthetic_root, tmp_path):
     cfg = compose(tiny_overrides(synthetic_root, str(tmp_path)) + [f"experiment={experiment}", "debug=fast_dev_run"])
     validate(cfg)
     summary = train(cfg)
     assert summary["train/steps"] == 1 and summary["eval/num_questions"] == 6  # data.eval_limit
     assert summary["name"] == cfg.name != "default"
+
+
+def test_recipe_configs_hold_the_papers_values():
+    paths = ["teacher.path=/m/LanguageBind_Video_merge", "data.root=/data", "runs_root=/runs"]
+    expect = {  # stage: (data, train_llm, lr, vision_lr, warmup, global batch, init kind, starts from)
+        "stage1_prealign": ("valley", False, 4e-5, 4e-4, 0.03, 2048, "eve", "/m/EVE-7B-Pretrain-v1.0"),
+        "stage2_pretrain": ("valley", True, 4e-5, None, 0.01, 2048, "release", "/runs/videopanda_7b/stage1_prealign/final"),
+        "stage3_finetune": ("videochatgpt", True, 2e-5, None, 0.01, 1024, "release", "/runs/videopanda_7b/stage2_pretrain/final"),
+    }
+    assert sorted(e.split("/")[1] for e in RECIPE) == sorted(expect)
+    for stage, (data, train_llm, lr, vision_lr, warmup, batch, init, start) in expect.items():
+        eve = ["init.path=/m/EVE-7B-Pretrain-v1.0"] if stage == "stage1_prealign" else []  # later stages: by reference
+        cfg = compose([f"experiment=videopanda_7b/{stage}"] + paths + eve)
+        validate(cfg)
+        assert (cfg.data.name, cfg.stage.train_llm, cfg.stage.lr, cfg.stage.vision_lr) == (data, train_llm, lr, vision_lr)
+        assert (cfg.stage.warmup_ratio, cfg.trainer.global_batch_size, cfg.init.kind, cfg.init.path) == (warmup, batch, init, start)
+        assert cfg.stage.schedule == "cosine" and cfg.stage.weight_decay == 0.0 and cfg.trainer.max_epochs == 1
+        assert cfg.frames == 8 and cfg.model.max_length == 4096 and cfg.model.gradient_checkpointing
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.seed == 42 and cfg.stab.width == 1024
+        assert cfg.teacher.kind == "languagebind_video" and cfg.distill.loss == "cosine" and cfg.distill.weight == 1.0
+        assert cfg.data.fraction == (0.5 if stage == "stage1_prealign" else 1.0)
+    with pytest.raises(ValueError, match="init.path"):  # the EVE folder is required
+        validate(compose(["experiment=videopanda_7b/stage1_prealign"] + paths))
+    with pytest.raises(ValueError, match="teacher.path"):  # and so is the teacher: never a silent random one
+        validate(compose(["experiment=videopanda_7b/stage2_pretrain", "data.root=/data"]))
+    with pytest.raises(ValueError, match="data.root"):  # real data has no default location
+        validate(compose(["experiment=videopanda_7b/stage3_finetune", "teacher.path=/m/LB"]))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from panda.models.distill import DistillationHead, TeacherFeatures, distillation_loss, picked_layers
 from panda.models.teachers import HFVisionTeacher, LanguageBindVideoTeacher, TeacherConfig, build_teacher
 
-TINY_TEACHER = TeacherConfig(kind="languagebind_video", width=32, layers=2, heads=4, intermediate_size=64,
+TINY_TEACHER = TeacherConfig(kind="languagebind_video", random_init=True, width=32, layers=2, heads=4, intermediate_size=64,
                              image_size=56, patch_size=14, num_frames=8)
 
 

@@ -38,7 +38,8 @@ class TeacherConfig:
     """Which teacher distils STAB. Sizes are read from ``path``'s config when a folder is given."""
 
     kind: str = "none"  # none | languagebind_video | hf_vision
-    path: Optional[str] = None  # local folder; languagebind_video without one is built randomly
+    path: Optional[str] = None  # local folder with the teacher's weights
+    random_init: bool = False  # languagebind_video without a folder: an untrained toy teacher (tests, demos)
     feature_layer: int = -2  # hidden-state index (0 = embeddings); -2 = second-to-last layer (release)
     chunk_size: Optional[int] = None  # frames per temporal chunk (LanguageBind); None = stab.chunk_size
     width: int = 1024
@@ -264,6 +265,8 @@ def build_teacher(cfg: TeacherConfig | dict, chunk_size: int) -> FrozenTeacher |
     dtype = getattr(torch, cfg.dtype)
     if cfg.path is not None and not os.path.isdir(cfg.path):
         raise FileNotFoundError(f"teacher.path={cfg.path} is not a folder")
+    if cfg.kind == "languagebind_video" and not cfg.path and not cfg.random_init:
+        raise ValueError("teacher=languagebind_video needs teacher.path (or teacher.random_init=true for a toy teacher)")
     if cfg.kind == "hf_vision":
         if cfg.path is None:
             raise ValueError("teacher=hf_vision needs teacher.path=/path/to/a/local/vision/model")
