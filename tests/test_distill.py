@@ -151,3 +151,14 @@ def test_training_with_a_teacher_logs_both_losses_and_trains_the_head(synthetic_
     assert any(k.startswith("model.distill_head.") for k in keys)
     assert not any("teacher" in k for k in keys)  # the frozen teacher is never saved
     assert ckpt["hyper_parameters"]["cfg"]["teacher"]["width"] == 32
+
+
+def test_distill_off_builds_no_head_and_loads_no_teacher(synthetic_root, tmp_path):
+    from conftest import compose, tiny_overrides
+
+    from panda.training.run import train
+
+    cfg = compose(tiny_overrides(synthetic_root, str(tmp_path / "run")) + [
+        "teacher=tiny_languagebind", "distill.loss=off", "debug=fast_dev_run", "evaluate=false"])
+    summary = train(cfg)
+    assert summary["params/distill_head"] == 0 and "trainable/distill_head" not in summary

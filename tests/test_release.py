@@ -183,6 +183,16 @@ def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, 
     metrics = (root / "stage3_finetune" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/distill_loss" in metrics and "train/lm_loss" in metrics
 
+    # python -m panda.export of the last checkpoint gives the same trainable tensors as the stage's export
+    from panda.export import main as export_main
+
+    small = str(tmp_path / "stage3_trainable.safetensors")
+    assert export_main([str(root / "stage3_finetune" / "checkpoints" / "last.ckpt"), "--out", small, "--trainable-only"]) == 0
+    s3 = read_weights(str(root / "stage3_finetune" / "final"))
+    exported = read_file_weights(small)
+    assert exported.keys() <= s3.keys() and all(torch.equal(v, s3[k]) for k, v in exported.items())
+    assert any(k.startswith("model.video_tower_compressor.") for k in exported)
+
     video = os.path.join(synthetic_root, "eval", "Synthetic_Zero_Shot_QA", "videos")
     video = os.path.join(video, sorted(os.listdir(video))[0])
     final = str(root / "stage3_finetune" / "final")

@@ -181,6 +181,19 @@ def read_meta(folder: str) -> dict:
         return json.load(f)
 
 
+def empty_llm_from_config(config, dtype: torch.dtype) -> nn.Module:
+    """A causal LM of ``config`` whose weights are allocated but not randomly initialised (they are
+    loaded next; initialising 7B parameters first would take minutes)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str | None = None,
                          attn_implementation: str = "sdpa") -> nn.Module:
     """The causal LM of a release/EVE/exported folder, built from its ``config.json`` and filled
@@ -188,8 +201,7 @@ def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str
 
     A ``model_type`` transformers does not know (the release's own) is read as a LLaMA config.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-    from transformers.initialization import no_init_weights
+    from transformers import AutoConfig, LlamaConfig
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
@@ -205,8 +217,7 @@ def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     config._attn_implementation = attn_implementation
-    with no_init_weights():  # every tensor is overwritten below; skip the random init of 7B parameters
-        llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    llm = empty_llm_from_config(config, torch_dtype)  # every tensor is overwritten below
     own = llm.state_dict()
     tied = set(getattr(llm, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
     mine = {k: v for k, v in state.items() if k in own}

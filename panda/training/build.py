@@ -9,7 +9,13 @@ import torch
 
 from panda.data.conversation import IMAGE_TOKEN
 from panda.data.tokenizer import load_tokenizer
-from panda.models.checkpoints import apply_eve_state, apply_release_state, load_llm_from_folder, read_weights
+from panda.models.checkpoints import (
+    apply_eve_state,
+    apply_release_state,
+    empty_llm_from_config,
+    load_llm_from_folder,
+    read_weights,
+)
 from panda.models.distill import DistillConfig
 from panda.models.stab import STABConfig
 from panda.models.video_lm import VideoLanguageModel, build_llm
@@ -56,13 +62,11 @@ def build_model(cfg, tokenizer, initialise: bool = True) -> VideoLanguageModel:
         if llm.get_input_embeddings().num_embeddings < _text_vocab(tokenizer):
             raise ValueError(f"the tokenizer ({tokenizer_path(cfg)}) has more tokens than the LLM in {init['path']}")
     elif llm_cfg.get("hf_config"):  # rebuilding a run whose LLM came from a folder: same architecture, no init
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
+        from transformers import AutoConfig
 
         config = AutoConfig.for_model(**llm_cfg["hf_config"])
         config._attn_implementation = llm_cfg["attn_implementation"]
-        with no_init_weights():
-            llm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, llm_cfg["dtype"]))
+        llm = empty_llm_from_config(config, getattr(torch, llm_cfg["dtype"]))
     else:
         llm = build_llm(
             len(tokenizer),

@@ -1,0 +1,42 @@
+"""Export a ``train.py`` checkpoint in the release format.
+
+    python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/          # HF folder
+    python -m panda.export outputs/RUN/checkpoints/last.ckpt --out vision.safetensors --trainable-only
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained`` (the LLM) and with
+``panda.models.checkpoints.load_release`` (everything); the trainable-only file holds STAB, the
+projector and the distillation head in release key names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from panda.models.checkpoints import export_release, export_trainable, model_meta
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m panda.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a .ckpt written by train.py")
+    parser.add_argument("--out", required=True, help="output folder (or .safetensors file with --trainable-only)")
+    parser.add_argument("--trainable-only", action="store_true", help="STAB + projector + head only")
+    args = parser.parse_args(argv)
+    if not (os.path.isfile(args.checkpoint) and args.checkpoint.endswith(".ckpt")):
+        print(f"panda.export: error: {args.checkpoint} is not a .ckpt file written by train.py", file=sys.stderr)
+        return 2
+    from panda.evaluation.run import load_checkpoint
+
+    model, tokenizer, cfg = load_checkpoint(args.checkpoint)
+    meta = model_meta(model, frames=cfg["frames"], template=cfg["model"]["template"], eval_template=cfg["model"]["eval_template"])
+    if args.trainable_only:
+        path = export_trainable(model, args.out, meta)
+    else:
+        path = export_release(model, args.out, tokenizer, meta)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
