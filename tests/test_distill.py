@@ -162,3 +162,24 @@ def test_distill_off_builds_no_head_and_loads_no_teacher(synthetic_root, tmp_pat
         "teacher=tiny_languagebind", "distill.loss=off", "debug=fast_dev_run", "evaluate=false"])
     summary = train(cfg)
     assert summary["params/distill_head"] == 0 and "trainable/distill_head" not in summary
+
+
+@pytest.mark.parametrize("family", ["siglip", "dinov2"])
+def test_other_hf_vision_families_drop_their_prefix_tokens(tmp_path, family):
+    import transformers
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14)
+    if family == "siglip":  # no CLS token
+        transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**sizes)).save_pretrained(tmp_path)
+        prefix = 0
+    else:  # CLS + 2 register tokens
+        transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **sizes)).save_pretrained(tmp_path)
+        prefix = 3
+    teacher = build_teacher({"kind": "hf_vision", "path": str(tmp_path)}, chunk_size=4)
+    pixels = torch.randn(1, 2, 3, 56, 56)
+    out = teacher(pixels, torch.ones(1, 2, 56, 56))
+    assert out.grid.shape == (2, 4, 4, 32)
+    hidden = teacher.model(pixel_values=pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape[1] == prefix + 16
+    assert torch.allclose(out.grid, hidden[:, prefix:].reshape(2, 4, 4, 32))
