@@ -183,3 +183,12 @@ def test_other_hf_vision_families_drop_their_prefix_tokens(tmp_path, family):
     hidden = teacher.model(pixel_values=pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-2]
     assert hidden.shape[1] == prefix + 16
     assert torch.allclose(out.grid, hidden[:, prefix:].reshape(2, 4, 4, 32))
+
+
+def test_spatial_index_skips_context_and_row_tokens():
+    from panda.models.stab import VisualTokens
+
+    visual = VisualTokens(torch.zeros(13, 1), torch.tensor([[9, 4]]), [(2, 3), (1, 2)], torch.tensor([True, True]))
+    assert visual.spatial_index(True, True).tolist() == [1, 2, 3, 5, 6, 7, 10, 11]
+    bare = VisualTokens(torch.zeros(8, 1), torch.tensor([[6, 2]]), [(2, 3), (1, 2)], torch.tensor([True, True]))
+    assert bare.spatial_index(False, False).tolist() == list(range(8))

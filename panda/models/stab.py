@@ -94,13 +94,14 @@ class VisualTokens:
         """Indices into ``tokens`` of the spatial tokens (context and row tokens left out), frame by
         frame in row-major order: what the distillation head reads."""
         device = self.tokens.device
-        starts = (self.lengths.flatten().cumsum(0) - self.lengths.flatten()).tolist()
-        parts = []
-        for start, (r, c) in zip(starts, self.grids):
-            first = start + int(context_token)
-            rows = first + torch.arange(r, device=device)[:, None] * (c + int(row_tokens))  # (r, 1)
-            parts.append((rows + torch.arange(c, device=device)).flatten())  # (r*c,)
-        return torch.cat(parts)
+        lengths = self.lengths.flatten()
+        rows, cols = torch.tensor(self.grids, device=device).unbind(1)  # (n,), (n,)
+        sizes = rows * cols
+        frame = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)  # frame of each spatial token
+        within = torch.arange(int(sizes.sum()), device=device) - (sizes.cumsum(0) - sizes)[frame]
+        c = cols[frame]
+        start = (lengths.cumsum(0) - lengths)[frame] + int(context_token)
+        return start + (within // c) * (c + int(row_tokens)) + within % c
 
     def per_frame(self) -> list[list[torch.Tensor]]:
         """``tokens`` split into [video][frame] tensors of shape (L_frame, C)."""

@@ -106,6 +106,9 @@ def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | No
             raise FileNotFoundError(f"checkpoint not found: {path}")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if model.distill_head is None and any(k.startswith("distill_head.") for k in state):
+        log.info("%s: skipping its distillation head (this run has no teacher)", path)
+        state = {k: v for k, v in state.items() if not k.startswith("distill_head.")}
     head_fresh = model.distill_head is not None and not any(k.startswith("distill_head.") for k in state)
     result = model.load_state_dict(state, strict=not head_fresh)
     if head_fresh:
