@@ -1,6 +1,9 @@
-"""Evaluate a trained checkpoint on held-out open-ended QA (normalised exact match).
+"""Evaluate a checkpoint on one or more benchmarks: generate, judge, tabulate.
 
-    python evaluate.py checkpoint=outputs/default/<date>/checkpoints/last.ckpt
+    python evaluate.py checkpoint=outputs/default/<date>/checkpoints/last.ckpt        # the synthetic split
+    python evaluate.py checkpoint=/models/Video-Panda-7B benchmark=[msvd_qa,vcgbench] \\
+        benchmark.msvd_qa.root=/data/eval benchmark.vcgbench.root=/data/eval judge=openai
+    torchrun --nproc_per_node=4 evaluate.py ...                                        # sharded generation
 """
 
 import hydra
@@ -13,8 +16,8 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["eval/accuracy"]
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -19,35 +19,11 @@ import torch
 from panda.data.conversation import get_template, tokenize_prompt
 from panda.data.datasets import FramePipeline
 from panda.errors import PandaError
-from panda.models.checkpoints import CheckpointKeyError, NotACheckpointError, load_release, read_meta
-
-RELEASE_FRAMES = 8
-RELEASE_EVAL_TEMPLATE = "vicuna_v1_eval"
-
+from panda.evaluation.run import load_model
+from panda.models.checkpoints import CheckpointKeyError, NotACheckpointError
 
 class ChatError(PandaError):
     """A request the chat command cannot serve; the message says what to change."""
-
-
-def load_for_chat(path: str, dtype: str = "float32", attn: str = "sdpa"):
-    """(model, tokenizer, frames, eval template) from a release/exported folder or a panda ``.ckpt``."""
-    if os.path.isfile(path) and path.endswith(".ckpt"):
-        from panda.evaluation.run import load_checkpoint
-
-        model, tokenizer, cfg = load_checkpoint(path)
-        return model.to(getattr(torch, dtype)), tokenizer, cfg["frames"], cfg["model"]["eval_template"]
-    if not os.path.isdir(path):
-        raise NotACheckpointError(f"{path}: not a checkpoint folder or .ckpt file")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise NotACheckpointError(
-            f"{path} is not a checkpoint folder (no config.json); pass a Video-Panda release folder, "
-            "a panda export (run_dir/final) or a .ckpt"
-        )
-    model, tokenizer, _ = load_release(path, dtype=dtype, attn_implementation=attn)
-    if tokenizer is None:
-        raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
-    meta = read_meta(path)
-    return model, tokenizer, meta.get("frames") or RELEASE_FRAMES, meta.get("eval_template") or RELEASE_EVAL_TEMPLATE
 
 
 def check_device(device: str, dtype: str, attn: str) -> str:
@@ -104,7 +80,7 @@ def main(argv=None) -> int:
         device = check_device(args.device, args.dtype, args.attn)
         if not os.path.exists(args.video):
             raise ChatError(f"video not found: {args.video}")
-        model, tokenizer, frames, template = load_for_chat(args.checkpoint, args.dtype, args.attn)
+        model, tokenizer, frames, template, _ = load_model(args.checkpoint, args.dtype, args.attn)
         model.to(device)
         text = answer(model, tokenizer, args.video, args.question, args.frames or frames, template,
                       args.max_new_tokens, device, args.sample_fps, stream=not args.no_stream, temperature=args.temperature)

@@ -8,11 +8,13 @@ checks (divisibility, known names) live in :func:`validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from panda.evaluation.benchmarks import BenchmarkConfig
+from panda.evaluation.judge import JudgeConfig
 from panda.models.distill import DISTILL_LOSSES, DistillConfig
 from panda.models.stab import STABConfig
 from panda.models.teachers import TEACHER_KINDS, TeacherConfig
@@ -166,11 +168,22 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: Optional[str] = None  # a .ckpt written by train.py
-    data: Optional[DataConfig] = None  # None: the data config stored in the checkpoint
-    batch_size: Optional[int] = None
-    max_new_tokens: int = 16
+    """``evaluate.py``: benchmarks (a dict, composed from ``conf/benchmark``), judge, decoding."""
+
+    checkpoint: str = MISSING  # a train.py .ckpt, a panda export folder, or a Video-Panda release folder
+    benchmark: Dict[str, BenchmarkConfig] = field(default_factory=dict)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
+    name: str = "evaluate"
+    frames: Optional[int] = None  # None: the checkpoint's (8 for the release)
+    batch_size: int = 8
+    max_new_tokens: int = 1024  # the release's limit; generation stops at </s>
     num_workers: int = 2
+    sample_fps: float = 1.0
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when there is a GPU, else cpu
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    samples: int = 16  # rows per benchmark in the wandb samples table
 
 
 def register_configs() -> None:

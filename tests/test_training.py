@@ -83,12 +83,14 @@ def test_evaluate_py_reproduces_the_training_run_evaluation(synthetic_root, tmp_
     from panda.evaluation.run import evaluate
 
     summary = run(synthetic_root, tmp_path / "train", "trainer.max_steps=6", "trainer.max_epochs=3")
-    cfg = compose([f"checkpoint={summary['checkpoint']}", f"+run_dir={tmp_path / 'eval'}", "num_workers=0"], config_name="evaluate")
-    results = evaluate(cfg)
-    assert results["eval/num_questions"] == summary["eval/num_questions"]
-    assert results["eval/accuracy"] == summary["eval/accuracy"]
-    train_preds = (tmp_path / "train" / "predictions.jsonl").read_text()
-    assert (tmp_path / "eval" / "predictions.jsonl").read_text() == train_preds
+    cfg = compose([f"checkpoint={summary['checkpoint']}", f"+run_dir={tmp_path / 'eval'}", "num_workers=0",
+                   "max_new_tokens=16", "benchmark.synthetic.limit=6"], config_name="evaluate")
+    results = evaluate(cfg)["benchmarks"]["synthetic"]
+    assert results["num_questions"] == summary["eval/num_questions"] == results["judged"]
+    assert results["accuracy"] == summary["eval/accuracy"]
+    train_preds = [json.loads(line) for line in (tmp_path / "train" / "predictions.jsonl").read_text().splitlines()]
+    eval_preds = [json.loads(line) for line in (tmp_path / "eval" / "synthetic" / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["question_id"], p["prediction"]) for p in train_preds] == [(p["uid"], p["prediction"]) for p in eval_preds]
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["checkpoint"] == summary["checkpoint"]
 
 

@@ -32,25 +32,31 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 @torch.no_grad()
-def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=None) -> tuple[dict[str, str], list[dict]]:
-    """Greedy answers for every question of ``loader``: ({question_id: text}, failures)."""
+def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=None, on_batch=None) -> tuple[dict[str, str], list[dict]]:
+    """Greedy answers for every question of ``loader``: ({question_id: text}, failures).
+
+    ``on_batch(predictions, failures)`` is called after each batch with that batch's results (the
+    evaluation writes them out as it goes, so an interrupted run loses at most one batch)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     predictions, failures = {}, []
     for batch in tqdm(loader, desc="generating answers", leave=False):
         failures += batch["skipped"]
         for miss in batch["skipped"]:
             log.warning("evaluation: no answer for %s (%s): %s", miss["id"], miss["path"], miss["reason"])
-        if "input_ids" not in batch:
-            continue
-        out = model.generate(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["pixels"].to(device),
-            batch["frame_mask"].to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        for qid, ids in zip(batch["ids"], out.tolist()):
-            predictions[qid] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        new = {}
+        if "input_ids" in batch:
+            out = model.generate(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["pixels"].to(device, dtype),
+                batch["frame_mask"].to(device, dtype), max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+            new = {qid: tokenizer.decode(ids, skip_special_tokens=True).strip() for qid, ids in zip(batch["ids"], out.tolist())}
+            predictions.update(new)
+        if on_batch is not None:
+            on_batch(new, batch["skipped"])
     model.train(was_training)
     return predictions, failures
 

@@ -1,21 +1,52 @@
-"""Evaluate a checkpoint written by ``train.py`` on its held-out QA split (or another one)."""
+"""``evaluate.py``: generate answers for one or more benchmarks, judge them, write the results.
+
+Per benchmark, in ``run_dir/<benchmark>/``:
+
+- ``predictions.jsonl`` — one line per generation, keyed by ``uid``; written batch by batch, so
+  an interrupted run resumes without regenerating finished questions. A video that is missing
+  or unreadable gets an ``error`` line instead (retried on resume, reported, never dropped).
+- ``judgements.jsonl`` — one line per judge request: verdict, score, or the failure reason.
+
+Then ``run_dir/results.json`` and ``run_dir/results.md`` (the paper's Tables 1 and 2 layout with
+the published Video-Panda row). Under ``torchrun`` (``WORLD_SIZE`` > 1) every process generates a
+slice; rank 0 merges the slices and judges.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import subprocess
 import time
+from collections import defaultdict
 
 import torch
 from omegaconf import OmegaConf
 
-from panda.data.datamodule import VideoDataModule
-from panda.evaluation.qa import write_predictions
+from panda.data.conversation import get_template
+from panda.data.datasets import Collator, FramePipeline, QADataset
+from panda.data.records import QAItem
+from panda.evaluation.benchmarks import (
+    PUBLISHED_QA,
+    PUBLISHED_VCG,
+    QA_TITLES,
+    VCG_CRITERIA,
+    Benchmark,
+    BenchmarkConfig,
+    load_benchmark,
+)
+from panda.evaluation.judge import JudgeConfig, build_judge
+from panda.evaluation.qa import generate_answers
+from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
 from panda.training.build import build_model, build_tokenizer, load_weights_from_ckpt
-from panda.training.run import evaluate_qa, print_summary, run_dir_of
+from panda.training.run import print_summary, run_dir_of
 
 log = logging.getLogger(__name__)
+
+RELEASE_FRAMES = 8
+RELEASE_EVAL_TEMPLATE = "vicuna_v1_eval"
 
 
 def load_checkpoint(path: str):
@@ -33,22 +64,298 @@ def load_checkpoint(path: str):
     return model, tokenizer, cfg
 
 
+def load_model(path: str, dtype: str = "float32", attn: str = "sdpa"):
+    """(model, tokenizer, frames, eval template, run config or None) from a release folder, a panda
+    export folder, or a ``train.py`` ``.ckpt``."""
+    if path.endswith(".ckpt"):
+        model, tokenizer, cfg = load_checkpoint(path)
+        return model.to(getattr(torch, dtype)), tokenizer, cfg["frames"], cfg["model"]["eval_template"], cfg
+    if not os.path.isdir(path):
+        raise NotACheckpointError(f"{path}: not a checkpoint folder or .ckpt file")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise NotACheckpointError(
+            f"{path} is not a checkpoint folder (no config.json); pass a Video-Panda release folder, "
+            "a panda export (run_dir/final) or a .ckpt"
+        )
+    model, tokenizer, _ = load_release(path, dtype=dtype, attn_implementation=attn)
+    if tokenizer is None:
+        raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
+    meta = read_meta(path)
+    return model, tokenizer, meta.get("frames") or RELEASE_FRAMES, meta.get("eval_template") or RELEASE_EVAL_TEMPLATE, None
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------- predictions
+
+
+def read_predictions(folder: str) -> dict[str, dict]:
+    """Every line of ``predictions*.jsonl`` in ``folder``, keyed by uid; an answer beats an error."""
+    rows: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "predictions*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption: regenerate it
+                    continue
+                if "prediction" in row or row["uid"] not in rows:
+                    rows[row["uid"]] = row
+    return rows
+
+
+def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: str,
+                         batch_size: int, max_new_tokens: int, num_workers: int, rank: int = 0, world: int = 1) -> int:
+    """Generate what is missing from this rank's slice; returns how many generations ran."""
+    from torch.utils.data import DataLoader
+
+    os.makedirs(folder, exist_ok=True)
+    done = {uid for uid, row in read_predictions(folder).items() if "prediction" in row}
+    todo = [it for k, it in enumerate(bench.items) if k % world == rank and it.uid not in done]
+    if not todo:
+        return 0
+    log.info("%s: %d to generate on rank %d (%d already done)", bench.cfg.name, len(todo), rank, len(done))
+    dataset = QADataset([QAItem(it.uid, it.video, it.question, "") for it in todo], bench.video_dir, tokenizer,
+                        get_template(template), pipeline)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=Collator(tokenizer.pad_token_id))
+    path = os.path.join(folder, f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
+    with open(path, "a", encoding="utf-8") as f:
+
+        def write(new: dict, failed: list[dict]) -> None:
+            for uid, text in new.items():
+                f.write(json.dumps({"uid": uid, "prediction": text}) + "\n")
+            for miss in failed:
+                f.write(json.dumps({"uid": miss["id"], "error": miss["reason"], "path": miss["path"]}) + "\n")
+            f.flush()
+
+        generate_answers(model, loader, tokenizer, max_new_tokens, on_batch=write)
+    return len(todo)
+
+
+def merge_predictions(bench: Benchmark, folder: str) -> dict[str, dict]:
+    """One ``predictions.jsonl`` in benchmark order from all ranks' files; the rank files go."""
+    rows = read_predictions(folder)
+    ordered = [rows[it.uid] for it in bench.items if it.uid in rows]
+    tmp = os.path.join(folder, "predictions.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in ordered:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, os.path.join(folder, "predictions.jsonl"))
+    for path in glob.glob(os.path.join(folder, "predictions.rank*.jsonl")):
+        os.remove(path)
+    return rows
+
+
+# ---------------------------------------------------------------------------- judging and results
+
+
+def aggregate(bench: Benchmark, rows: dict[str, dict], judged: list[tuple[str, str, object]]) -> dict:
+    """Metrics of one benchmark from its predictions and verdicts (training.md §4)."""
+    missing = sorted(uid for uid, row in rows.items() if "prediction" not in row)
+    never = [it.uid for it in bench.items if it.uid not in rows]
+    failures = [(group, crit, v.reason) for group, crit, v in judged if not v.ok]
+    out = {
+        "num_questions": len(bench.qa) if bench.qa is not None else len(bench.items),
+        "judged": sum(v.ok for _, _, v in judged),
+        "judge_failures": {"count": len(failures), "items": [{"id": g, "criterion": c, "reason": r} for g, c, r in failures]},
+        "missing_videos": {"count": len(missing), "ids": missing},
+        "not_generated": {"count": len(never), "ids": never},
+    }
+    ok = [(group, crit, v) for group, crit, v in judged if v.ok]
+    if bench.qa is not None:
+        types = {q.question_id: q.type for q in bench.qa}
+
+        def summarise(verdicts):
+            yes = sum(v.pred == "yes" for v in verdicts)
+            return {"accuracy": yes / len(verdicts) if verdicts else None,
+                    "score": sum(v.score for v in verdicts) / len(verdicts) if verdicts else None, "judged": len(verdicts)}
+
+        out.update(summarise([v for _, _, v in ok]))
+        by_type = defaultdict(list)
+        for group, _, v in ok:
+            if types.get(group) is not None:
+                by_type[str(types[group])].append(v)
+        if by_type:
+            out["per_type"] = {t: summarise(vs) for t, vs in sorted(by_type.items())}
+        return out
+    scores = defaultdict(list)
+    for _, crit, v in ok:
+        scores[crit].append(v.score)
+    for crit in VCG_CRITERIA:
+        out[crit] = sum(scores[crit]) / len(scores[crit]) if scores[crit] else None
+    present = [out[c] for c in VCG_CRITERIA if out[c] is not None]
+    out["average"] = sum(present) / len(present) if len(present) == len(VCG_CRITERIA) else None
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    def fmt(x, digits):
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    lines = []
+    qa = {k: v for k, v in results["benchmarks"].items() if "accuracy" in v}
+    if qa:
+        names = list(qa)
+        header = [QA_TITLES.get(n, n) for n in names]
+        lines += ["Open-ended VideoQA (accuracy % / score), the layout of the paper's Table 1", "",
+                  "| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(names),
+                  "| this run | " + " | ".join(f"{fmt(qa[n]['accuracy'] and 100 * qa[n]['accuracy'], 1)} / {fmt(qa[n]['score'], 2)}" for n in names) + " |"]
+        if any(n in PUBLISHED_QA for n in names):
+            lines.append("| Video-Panda (published) | " + " | ".join(
+                f"{PUBLISHED_QA[n][0]} / {PUBLISHED_QA[n][1]}" if n in PUBLISHED_QA else "–" for n in names) + " |")
+        lines.append("")
+    for name, res in results["benchmarks"].items():
+        if "correctness" in res:
+            cols = list(VCG_CRITERIA) + ["average"]
+            lines += [f"Video-ChatGPT benchmark `{name}`, the layout of the paper's Table 2", "",
+                      "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+                      "| this run | " + " | ".join(fmt(res[c], 2) for c in cols) + " |",
+                      "| Video-Panda (published) | " + " | ".join(f"{PUBLISHED_VCG[c]:.2f}" for c in cols) + " |", ""]
+    judge = results["judge"]
+    lines.append(f"Judge: `{judge['model']}` (served: {', '.join(judge['served_models']) or '–'}), prompts `{judge['prompt_version']}`; "
+                 f"checkpoint `{results['checkpoint']}`, {results['frames']} frames, greedy, max {results['decoding']['max_new_tokens']} new tokens.")
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(cfg, results: dict, samples: list[dict], run_dir: str) -> None:
+    import wandb
+
+    offline = cfg.logger.offline
+    if offline is None:
+        offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
+    run = wandb.init(project=cfg.logger.project, group=cfg.logger.group, name=cfg.name, dir=run_dir,
+                     mode="offline" if offline else "online", config={"checkpoint": results["checkpoint"], "frames": results["frames"],
+                                                                      "judge": results["judge"]["model"]})
+    flat = {}
+    for bench, res in results["benchmarks"].items():
+        for k, v in res.items():
+            if isinstance(v, (int, float)) and v is not None:
+                flat[f"{bench}/{k}"] = v
+            elif isinstance(v, dict) and "count" in v:
+                flat[f"{bench}/{k}"] = v["count"]
+    run.log(flat)
+    table = wandb.Table(columns=["benchmark", "id", "frames", "question", "reference", "prediction", "verdict", "score"])
+    for s in samples:
+        strip = s.get("strip")
+        table.add_data(s["benchmark"], s["id"], wandb.Image(strip) if strip is not None else None, s["question"],
+                       s["reference"], s["prediction"], s["verdict"], s["score"])
+    run.log({"samples": table})
+    run.finish()
+
+
+def frame_strip(path: str, frames: int = 4, height: int = 64):
+    """A horizontal strip of ``frames`` frames of a video, for the samples table (None if unreadable)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from panda.data.video import decode_video
+    from panda.errors import VideoDecodeError
+
+    try:
+        clip = decode_video(path, frames, 1.0).frames
+    except VideoDecodeError:
+        return None
+    x = torch.as_tensor(np.asarray(clip)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, int(height * x.shape[3] / x.shape[2])), mode="bilinear", align_corners=False)
+    return torch.cat(list(x), dim=2).permute(1, 2, 0).clamp(0, 255).byte().numpy()
+
+
 def evaluate(cfg) -> dict:
     start = time.time()
-    model, tokenizer, run_cfg = load_checkpoint(cfg.checkpoint)
-    if cfg.data is not None:
-        run_cfg["data"] = OmegaConf.to_container(cfg.data, resolve=True)
-    run_cfg["data"]["num_workers"] = cfg.num_workers
-    if not run_cfg["data"].get("eval_qa"):
-        raise ValueError("no evaluation split: set data.eval_qa (a folder with test_q.json, test_a.json, videos/)")
-    datamodule = VideoDataModule(OmegaConf.create(run_cfg), tokenizer)
-    metrics, rows = evaluate_qa(model, datamodule, tokenizer, cfg.max_new_tokens, batch_size=cfg.batch_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+    model, tokenizer, frames, template, run_cfg = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
+    model.to(device).eval()
+    frames = cfg.frames or frames
+    stab = model.stab_cfg
+    pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps)
     run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    write_predictions(os.path.join(run_dir, "predictions.jsonl"), rows)
-    results = {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": run_cfg["frames"], **metrics,
-               "time/eval_s": round(time.time() - start, 2)}
+    judge_cfg = JudgeConfig(**OmegaConf.to_container(cfg.judge, resolve=True))
+    if not cfg.benchmark:
+        raise ValueError("no benchmark selected: add benchmark=[synthetic] (or msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa, vcgbench)")
+
+    results = {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": frames,
+               "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template},
+               "git_commit": git_commit(), "benchmarks": {}}
+    judges_used, samples = {}, []
+    for name, bcfg_raw in cfg.benchmark.items():
+        bcfg = BenchmarkConfig(**{**OmegaConf.to_container(bcfg_raw, resolve=True), "name": name})
+        if bcfg.from_checkpoint and not bcfg.root:  # the checkpoint's own held-out split
+            if run_cfg is None or not run_cfg["data"].get("eval_qa"):
+                raise ValueError(f"benchmark {name} reads the held-out split of a train.py checkpoint; "
+                                 f"{cfg.checkpoint} has none: set benchmark.{name}.root and qa_dir")
+            bcfg.root, bcfg.qa_dir = run_cfg["data"]["root"], bcfg.qa_dir or run_cfg["data"]["eval_qa"]
+        bench = load_benchmark(bcfg)
+        folder = os.path.join(run_dir, name)
+        generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, cfg.batch_size,
+                                         cfg.max_new_tokens, cfg.num_workers, rank, world)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            continue
+        rows = merge_predictions(bench, folder)
+        predictions = {uid: row["prediction"] for uid, row in rows.items() if "prediction" in row}
+        kind = bcfg.judge or judge_cfg.kind
+        if kind not in judges_used:
+            judges_used[kind] = build_judge(JudgeConfig(**{**judge_cfg.__dict__, "kind": kind}))
+        judge = judges_used[kind]
+        tasks = bench.judge_tasks(predictions)
+        verdicts = judge.judge_all([t for _, _, t in tasks], desc=f"judging {name}")
+        judged = [(g, c, v) for (g, c, _), v in zip(tasks, verdicts)]
+        with open(os.path.join(folder, "judgements.jsonl"), "w", encoding="utf-8") as f:
+            for (g, c, t), v in zip(tasks, verdicts):
+                f.write(json.dumps({"id": g, "criterion": c, "ok": v.ok, "pred": v.pred, "score": v.score,
+                                    "reason": v.reason, "cached": v.cached}) + "\n")
+        res = aggregate(bench, rows, judged)
+        res.update(judge=judge.model, generated_now=generated)
+        results["benchmarks"][name] = res
+        log.info("%s: %s", name, {k: v for k, v in res.items() if not isinstance(v, dict)})
+        for (g, c, t), v in list(zip(tasks, verdicts))[: cfg.samples]:
+            item = next((it for it in bench.items if it.uid == g or it.uid.startswith(g + "/")), None)
+            samples.append({"benchmark": name, "id": g, "question": t.question, "reference": t.reference,
+                            "prediction": t.prediction, "verdict": v.pred if v.ok else f"failed: {v.reason}", "score": v.score,
+                            "video": item.video if item else None, "video_dir": bench.video_dir})
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return {}
+    main_judge = judges_used.get(judge_cfg.kind) or next(iter(judges_used.values()))
+    results["judge"] = {
+        "kind": judge_cfg.kind, "model": main_judge.model, "base_url": judge_cfg.base_url,
+        "served_models": sorted(set().union(*(j.served_models for j in judges_used.values()))),
+        "prompt_version": main_judge.prompt_version,
+        "api_calls": sum(j.api_calls for j in judges_used.values()),
+        "cache_hits": sum(j.cache.hits for j in judges_used.values()),
+    }
+    results["time/eval_s"] = round(time.time() - start, 2)
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print_summary(results)
+    with open(os.path.join(run_dir, "results.md"), "w") as f:
+        f.write(markdown_table(results))
+    if cfg.logger.kind == "wandb":
+        from panda.data.datasets import find_video
+
+        for s in samples:
+            path = find_video(s["video_dir"], s["video"]) if s["video"] else None
+            s["strip"] = frame_strip(path) if path else None
+        log_to_wandb(cfg, results, samples, run_dir)
+    print_summary({f"{b}/{k}": v for b, r in results["benchmarks"].items() for k, v in r.items()
+                   if isinstance(v, (int, float, str)) or v is None} | {"judge": results["judge"]["model"],
+                                                                         "judge/api_calls": results["judge"]["api_calls"]})
     return results

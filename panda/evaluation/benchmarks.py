@@ -1,0 +1,125 @@
+"""Evaluation benchmarks (training.md §4): what to generate and how to judge it.
+
+- ``qa``: open-ended zero-shot VideoQA in the GPT_Zero_Shot_QA layout (``test_q.json``,
+  ``test_a.json``, ``videos/``): MSVD-QA, MSRVTT-QA, TGIF-QA, ActivityNet-QA, and the synthetic
+  held-out split. One generation and one judge request (yes/no + score) per question.
+- ``vcgbench``: the Video-ChatGPT benchmark: generic questions (judged for correctness, detail
+  and context), temporal questions (temporal) and consistency pairs (two phrasings, both answered,
+  judged together against the one reference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from panda.data.records import QAItem, load_qa
+from panda.errors import RecordError
+from panda.evaluation.judge import JudgeTask
+
+VCG_CRITERIA = ("correctness", "detail", "context", "temporal", "consistency")
+
+# Published Video-Panda numbers (training.md §5), for the comparison row of results.md
+PUBLISHED_QA = {"msvd_qa": (64.7, 3.8), "msrvtt_qa": (54.8, 3.4), "tgif_qa": (42.9, 3.2), "activitynet_qa": (40.0, 3.3)}
+PUBLISHED_VCG = {"correctness": 2.74, "detail": 2.47, "context": 3.01, "temporal": 2.26, "consistency": 2.36, "average": 2.57}
+QA_TITLES = {"msvd_qa": "MSVD-QA", "msrvtt_qa": "MSRVTT-QA", "tgif_qa": "TGIF-QA", "activitynet_qa": "ActivityNet-QA"}
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "synthetic"
+    kind: str = "qa"  # qa | vcgbench
+    root: Optional[str] = None  # the evaluation DATA_ROOT; paths below are relative to it
+    from_checkpoint: bool = False  # qa: use the data root and held-out split stored in a train.py checkpoint
+    qa_dir: Optional[str] = None  # qa: folder with test_q.json, test_a.json, videos/
+    generic: Optional[str] = None  # vcgbench files
+    temporal: Optional[str] = None
+    consistency: Optional[str] = None
+    video_dir: Optional[str] = None  # vcgbench: the videos
+    judge: Optional[str] = None  # None: the run's judge; "exact_match" forces the offline judge
+    limit: Optional[int] = None  # first N questions only
+
+
+@dataclass
+class GenItem:
+    """One generation: a question about a video."""
+
+    uid: str  # unique within the benchmark (the predictions file is keyed by it)
+    video: str  # file name as the benchmark gives it (resolved with find_video)
+    question: str
+
+
+@dataclass
+class Benchmark:
+    cfg: BenchmarkConfig
+    items: list[GenItem]
+    video_dir: str
+    qa: list[QAItem] | None = None  # qa kind: the references and types
+    vcg: dict | None = None  # vcgbench kind: {"generic": [...], "temporal": [...], "consistency": [...]}
+
+    def judge_tasks(self, predictions: dict[str, str]) -> list[tuple[str, str, JudgeTask]]:
+        """(group, criterion, task) for every judgeable item; items without a prediction are skipped."""
+        out = []
+        if self.qa is not None:
+            for q in self.qa:
+                if q.question_id in predictions:
+                    out.append((q.question_id, "qa", JudgeTask("qa", q.question, q.answer, predictions[q.question_id])))
+            return out
+        for i, rec in enumerate(self.vcg["generic"]):
+            uid = f"generic/{i}"
+            if uid in predictions:
+                for crit in ("correctness", "detail", "context"):
+                    out.append((uid, crit, JudgeTask(crit, rec["Q"], rec["A"], predictions[uid])))
+        for i, rec in enumerate(self.vcg["temporal"]):
+            uid = f"temporal/{i}"
+            if uid in predictions:
+                out.append((uid, "temporal", JudgeTask("temporal", rec["Q"], rec["A"], predictions[uid])))
+        for i, rec in enumerate(self.vcg["consistency"]):
+            a, b = f"consistency/{i}/1", f"consistency/{i}/2"
+            if a in predictions and b in predictions:
+                out.append((f"consistency/{i}", "consistency",
+                            JudgeTask("consistency", rec["Q1"], rec["A"], predictions[a], rec["Q2"], predictions[b])))
+        return out
+
+
+def _read_list(path: str, keys: tuple[str, ...]) -> list[dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"benchmark file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise RecordError(path, "-", "expected a JSON list of records")
+    for i, rec in enumerate(data):
+        missing = [k for k in keys if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise RecordError(path, i, f"missing {missing}")
+    return data
+
+
+def load_benchmark(cfg: BenchmarkConfig | dict) -> Benchmark:
+    cfg = cfg if isinstance(cfg, BenchmarkConfig) else BenchmarkConfig(**cfg)
+    if not cfg.root:
+        raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.root=/path/to/eval/DATA_ROOT")
+    root = os.path.abspath(cfg.root)
+    if cfg.kind == "qa":
+        qa_dir = os.path.join(root, cfg.qa_dir or "")
+        qa = load_qa(os.path.join(qa_dir, "test_q.json"), os.path.join(qa_dir, "test_a.json"))
+        if cfg.limit:
+            qa = qa[: cfg.limit]
+        items = [GenItem(q.question_id, q.video, q.question) for q in qa]
+        return Benchmark(cfg, items, os.path.join(qa_dir, "videos"), qa=qa)
+    if cfg.kind == "vcgbench":
+        vcg = {
+            "generic": _read_list(os.path.join(root, cfg.generic), ("video_name", "Q", "A")),
+            "temporal": _read_list(os.path.join(root, cfg.temporal), ("video_name", "Q", "A")),
+            "consistency": _read_list(os.path.join(root, cfg.consistency), ("video_name", "Q1", "Q2", "A")),
+        }
+        if cfg.limit:
+            vcg = {k: v[: cfg.limit] for k, v in vcg.items()}
+        items = [GenItem(f"{part}/{i}", r["video_name"], r["Q"]) for part in ("generic", "temporal") for i, r in enumerate(vcg[part])]
+        for i, r in enumerate(vcg["consistency"]):
+            items += [GenItem(f"consistency/{i}/1", r["video_name"], r["Q1"]), GenItem(f"consistency/{i}/2", r["video_name"], r["Q2"])]
+        return Benchmark(cfg, items, os.path.join(root, cfg.video_dir or "videos"), vcg=vcg)
+    raise ValueError(f"benchmark {cfg.name}: kind={cfg.kind!r}; use qa or vcgbench")
