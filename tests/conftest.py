@@ -25,16 +25,19 @@ def tokenizer(synthetic_root):
     return load_tokenizer(os.path.join(synthetic_root, "tokenizer"))
 
 
+def make_video_file(path, width=64, height=48, frames=8, codec="libx264", fps=8, seed=0):
+    """Write a real clip with PyAV (a moving coloured shape) to ``path``."""
+    rng = np.random.default_rng(seed)
+    write_video(path, render_clip("red", "circle", "right", width, height, frames, rng), fps=fps, codec=codec)
+    return path
+
+
 @pytest.fixture
 def make_video(tmp_path):
     """Write a clip with PyAV: make_video(name, width, height, frames, codec) -> path."""
 
     def _make(name="clip.mp4", width=64, height=48, frames=8, codec="libx264", fps=8, seed=0):
-        rng = np.random.default_rng(seed)
-        arr = render_clip("red", "circle", "right", width, height, frames, rng)
-        path = str(tmp_path / name)
-        write_video(path, arr, fps=fps, codec=codec)
-        return path
+        return make_video_file(str(tmp_path / name), width, height, frames, codec, fps, seed)
 
     return _make
 

@@ -284,6 +284,10 @@ def evaluate(cfg) -> dict:
     stab = model.stab_cfg
     pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps)
     run_dir = run_dir_of(cfg)
+    if world > 1:  # ranks may have started a second apart: all write where rank 0 writes
+        shared = [run_dir]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
     os.makedirs(run_dir, exist_ok=True)
     judge_cfg = JudgeConfig(**OmegaConf.to_container(cfg.judge, resolve=True))
     if not cfg.benchmark:

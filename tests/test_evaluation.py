@@ -1,0 +1,212 @@
+"""Evaluation as published: benchmarks, the LLM judge against a local OpenAI-compatible server
+(including its failures), the SQLite cache, aggregation, resume, sharded generation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, compose, make_video_file, tiny_overrides
+from judge_server import JudgeServer
+
+from panda.evaluation.benchmarks import BenchmarkConfig, load_benchmark
+from panda.evaluation.judge import JudgeConfig, JudgeTask, OpenAIJudge, Verdict, parse_reply
+from panda.evaluation.run import aggregate
+
+SECRET = "sk-test-DO-NOT-LEAK-4242"
+
+
+@pytest.fixture
+def judge_cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("PANDA_TEST_JUDGE_KEY", SECRET)
+
+    def make(server, **kw):
+        return JudgeConfig(kind="openai", model="judge-x", base_url=server.base_url, api_key_env="PANDA_TEST_JUDGE_KEY",
+                           timeout_s=0.5, max_retries=3, backoff_s=0.01, backoff_max_s=0.05, concurrency=4,
+                           cache=str(tmp_path / "cache.sqlite"), **kw)
+
+    return make
+
+
+def test_parse_reply_is_strict():
+    assert parse_reply('{"pred": "yes", "score": 4}', "qa") == ("yes", 4)
+    assert parse_reply("Sure! {'pred': 'No', 'score': '2'}", "qa") == ("no", 2)
+    assert parse_reply('{"score": 3}', "detail") == (None, 3)
+    for bad in ("yes", '{"pred": "maybe", "score": 3}', '{"pred": "yes", "score": 7}', '{"pred": "yes", "score": 2.5}', ""):
+        with pytest.raises(ValueError):
+            parse_reply(bad, "qa")
+
+
+def test_judge_survives_a_misbehaving_server_and_a_rerun_is_all_cache(judge_cfg):
+    tasks = [JudgeTask("qa", "what colour?", "red", "red"), JudgeTask("qa", "what colour?", "red", "blue"),
+             JudgeTask("qa", "q flaky429", "a", "a flaky429"), JudgeTask("qa", "q flaky500", "b", "b flaky500"),
+             JudgeTask("qa", "q slowpoke", "c", "c slowpoke"), JudgeTask("qa", "q mumble", "d", "d mumble"),
+             JudgeTask("qa", "q gibberish", "e", "e gibberish"), JudgeTask("detail", "describe", "a cat sits", "a cat sits still")]
+    with JudgeServer(hang_s=2.0) as server:
+        judge = OpenAIJudge(judge_cfg(server))
+        verdicts = judge.judge_all(tasks)
+        assert [v.ok for v in verdicts] == [True, True, True, True, True, True, False, True]  # none lost
+        assert (verdicts[0].pred, verdicts[0].score, verdicts[1].pred, verdicts[1].score) == ("yes", 5, "no", 1)
+        assert verdicts[2].pred == "no" and verdicts[5].pred == "no"  # graded after retries / after the repair request
+        assert verdicts[6].pred is None and "unparseable" in verdicts[6].reason  # a failure, never a "no"
+        assert verdicts[7].score == 4
+        assert judge.served_models == {"judge-x-served-0001"}
+        first_calls = judge.api_calls
+        assert first_calls == server.requests == 8 + 2 + 2 + 1 + 1 + 1  # retries, one timeout, two repairs
+        assert server.auth_headers == {f"Bearer {SECRET}"}
+
+        again = OpenAIJudge(judge_cfg(server))
+        second = again.judge_all(tasks)
+        assert again.api_calls == 0 and server.requests == first_calls  # zero API calls: all cached
+        assert all(v.cached for v in second)
+        assert [(v.ok, v.pred, v.score) for v in second] == [(v.ok, v.pred, v.score) for v in verdicts]
+        other = OpenAIJudge(judge_cfg(server, prompt_file=None, temperature=0.0, max_tokens=64, extra={}))
+        other.model = "judge-y"  # another judge model never reuses judge-x's verdicts
+        other.judge_all(tasks[:1])
+        assert other.api_calls == 1
+
+
+def test_client_errors_fail_at_once_and_transport_failures_are_not_cached(judge_cfg):
+    with JudgeServer() as server:
+        judge = OpenAIJudge(judge_cfg(server))
+        v = judge.judge_one(JudgeTask("qa", "q", "a", "a badrequest"))
+        assert not v.ok and "HTTP 400" in v.reason and judge.api_calls == 1  # retrying cannot fix a 400
+    task = JudgeTask("qa", "q", "a", "a")
+    judge.client = judge.client.with_options(base_url="http://127.0.0.1:9/v1")  # nothing listens there
+    v = judge.judge_one(task)
+    assert not v.ok and "gave up after 4 attempts" in v.reason and judge.api_calls == 1 + 4
+    assert judge.cache.get(judge.cache.key("judge-x", judge.prompt_version, task)) is None  # tried again next run
+
+
+def test_aggregation_matches_hand_computed_accuracy_and_score(tmp_path):
+    qa_dir = tmp_path / "qa"
+    (qa_dir / "videos").mkdir(parents=True)
+    qs = [{"video_name": f"v{i}", "question": f"q{i}", "question_id": f"id{i}"} for i in range(5)]
+    ans = [{"answer": "x", "type": "what" if i < 3 else "how", "question_id": f"id{i}"} for i in range(5)]
+    (qa_dir / "test_q.json").write_text(json.dumps(qs))
+    (qa_dir / "test_a.json").write_text(json.dumps(ans))
+    bench = load_benchmark(BenchmarkConfig(name="t", root=str(tmp_path), qa_dir="qa"))
+    rows = {"id0": {"prediction": "a"}, "id1": {"prediction": "b"}, "id2": {"prediction": "c"},
+            "id3": {"uid": "id3", "error": "video file not found"}, "id4": {"prediction": "e"}}
+    judged = [("id0", "qa", Verdict(True, "yes", 5)), ("id1", "qa", Verdict(True, "no", 2)),
+              ("id2", "qa", Verdict(False, reason="unparseable reply")), ("id4", "qa", Verdict(True, "yes", 4))]
+    res = aggregate(bench, rows, judged)
+    assert res["accuracy"] == pytest.approx(2 / 3) and res["score"] == pytest.approx(11 / 3)  # yes/(yes+no), mean score
+    assert res["judged"] == 3 and res["judge_failures"]["count"] == 1 and res["judge_failures"]["items"][0]["id"] == "id2"
+    assert res["missing_videos"] == {"count": 1, "ids": ["id3"]}
+    assert res["per_type"]["what"] == {"accuracy": 0.5, "score": 3.5, "judged": 2}
+    assert res["per_type"]["how"] == {"accuracy": 1.0, "score": 4.0, "judged": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synthetic_root, tmp_path_factory):
+    from panda.training.run import train
+
+    run_dir = str(tmp_path_factory.mktemp("ckpt_run"))
+    summary = train(compose(tiny_overrides(synthetic_root, run_dir) + ["trainer.max_steps=2", "evaluate=false"]))
+    return summary["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    """A small evaluation DATA_ROOT: MSVD-style QA (.avi-less mp4 names), ActivityNet-style v_ prefix,
+    one missing video, and a Video-ChatGPT benchmark fixture."""
+    root = tmp_path_factory.mktemp("eval_root")
+    msvd = root / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA"
+    anet = root / "GPT_Zero_Shot_QA" / "Activitynet_Zero_Shot_QA"
+    vcg = root / "Video-ChatGPT"
+    for folder in (msvd / "videos", anet / "videos", vcg / "Test_Videos"):
+        folder.mkdir(parents=True)
+    make_video_file(str(msvd / "videos" / "clipA.mp4"), seed=1)
+    make_video_file(str(msvd / "videos" / "clipB.mkv"), seed=2)
+    make_video_file(str(anet / "videos" / "v_abc.mp4"), seed=3)
+    make_video_file(str(vcg / "Test_Videos" / "v_xyz.mp4"), seed=4)
+    (msvd / "test_q.json").write_text(json.dumps([
+        {"video_name": "clipA", "question": "what colour is it?", "question_id": "m0"},
+        {"video_name": "clipB", "question": "where does it move?", "question_id": "m1"},
+        {"video_name": "gone", "question": "what is it?", "question_id": "m2"},
+        {"video_name": "clipA", "question": "what shape is it? gibberish", "question_id": "m3"}]))
+    (msvd / "test_a.json").write_text(json.dumps([{"answer": "red", "type": "what", "question_id": f"m{i}"} for i in range(4)]))
+    (anet / "test_q.json").write_text(json.dumps([{"video_name": "abc", "question": "what happens?", "question_id": "a0"}]))
+    (anet / "test_a.json").write_text(json.dumps([{"answer": "a shape moves", "type": 1, "question_id": "a0"}]))
+    (vcg / "generic_qa.json").write_text(json.dumps([{"video_name": "v_xyz", "Q": "describe the video", "A": "a red circle moves right"}]))
+    (vcg / "temporal_qa.json").write_text(json.dumps([{"video_name": "v_xyz", "Q": "what happens first?", "A": "the circle appears"}]))
+    (vcg / "consistency_qa.json").write_text(json.dumps([{"video_name": "v_xyz", "Q1": "what moves?", "Q2": "which object is moving?", "A": "a circle"}]))
+    return str(root)
+
+
+def _eval_overrides(ckpt, eval_root, run_dir, server, tmp_path):
+    return [f"checkpoint={ckpt}", f"+run_dir={run_dir}", "num_workers=0", "max_new_tokens=6", "batch_size=2",
+            "benchmark=[msvd_qa,activitynet_qa,vcgbench]", f"benchmark.msvd_qa.root={eval_root}",
+            f"benchmark.activitynet_qa.root={eval_root}", f"benchmark.vcgbench.root={eval_root}",
+            "judge=openai", f"judge.base_url={server.base_url}", "judge.model=judge-x", "judge.api_key_env=PANDA_TEST_JUDGE_KEY",
+            "judge.timeout_s=2", "judge.backoff_s=0.01", f"judge.cache={tmp_path / 'cache.sqlite'}"]
+
+
+def test_evaluate_end_to_end_with_an_llm_judge_resumes_and_never_writes_the_key(
+        tiny_checkpoint, eval_root, tmp_path, monkeypatch):
+    from panda.evaluation.run import evaluate
+
+    monkeypatch.setenv("PANDA_TEST_JUDGE_KEY", SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "eval"
+    with JudgeServer() as server:
+        cfg = compose(_eval_overrides(tiny_checkpoint, eval_root, run_dir, server, tmp_path) + ["logger.kind=wandb", "samples=3"],
+                      config_name="evaluate")
+        results = evaluate(cfg)
+        msvd, anet, vcg = (results["benchmarks"][k] for k in ("msvd_qa", "activitynet_qa", "vcgbench"))
+        assert msvd["num_questions"] == 4 and msvd["missing_videos"] == {"count": 1, "ids": ["m2"]}
+        assert msvd["judged"] + msvd["judge_failures"]["count"] == 3  # every generated answer judged or a failure
+        assert anet["num_questions"] == 1 and anet["missing_videos"]["count"] == 0  # v_ prefix resolved
+        assert set(vcg) >= {"correctness", "detail", "context", "temporal", "consistency", "average"}
+        assert vcg["judged"] == 5 and vcg["average"] is not None
+        assert results["judge"]["model"] == "judge-x" and results["judge"]["served_models"] == ["judge-x-served-0001"]
+        assert results["judge"]["prompt_version"] == "panda-judge-v1" and results["git_commit"]
+        table = (run_dir / "results.md").read_text()
+        assert "| Video-Panda (published) | 64.7 / 3.8 | 40.0 / 3.3 |" in table and "2.57" in table
+        preds = [json.loads(x) for x in (run_dir / "msvd_qa" / "predictions.jsonl").read_text().splitlines()]
+        assert [p["uid"] for p in preds] == ["m0", "m1", "m2", "m3"] and "error" in preds[2]
+
+        # interrupted: drop the last answers; the re-run regenerates only those and judges nothing anew
+        calls = server.requests
+        lines = (run_dir / "msvd_qa" / "predictions.jsonl").read_text().splitlines()
+        (run_dir / "msvd_qa" / "predictions.jsonl").write_text("\n".join(lines[:2]) + "\n")
+        again = evaluate(compose(_eval_overrides(tiny_checkpoint, eval_root, run_dir, server, tmp_path), config_name="evaluate"))
+        assert again["benchmarks"]["msvd_qa"]["generated_now"] == 2  # m2 (missing, retried) and m3
+        assert again["benchmarks"]["activitynet_qa"]["generated_now"] == 0
+        assert again["judge"]["api_calls"] == 0 and server.requests == calls  # a re-run hits the cache 100%
+        assert again["benchmarks"]["msvd_qa"]["accuracy"] == msvd["accuracy"]
+    for folder, _, files in os.walk(tmp_path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                assert SECRET.encode() not in f.read(), os.path.join(folder, name)
+    assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
+
+
+def test_sharded_generation_over_two_processes_merges_to_the_single_process_predictions(tiny_checkpoint, synthetic_root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    common = [f"checkpoint={tiny_checkpoint}", "num_workers=0", "max_new_tokens=6", "batch_size=3", "benchmark.synthetic.limit=7"]
+    single = subprocess.run([sys.executable, "evaluate.py", *common, f"hydra.run.dir={tmp_path / 'one'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # no hydra.run.dir: the ranks must agree on rank 0's timestamped run dir by themselves
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                              "evaluate.py", *common, f"hydra.run.dir={tmp_path / 'two'}/${{now:%H-%M-%S-%f}}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    # Hydra makes one (microsecond-named) dir per rank; all predictions and results land in rank 0's
+    written = [d for d in (tmp_path / "two").iterdir() if (d / "synthetic").exists()]
+    assert len(written) == 1
+    two_dir = written[0]
+    one = (tmp_path / "one" / "synthetic" / "predictions.jsonl").read_text()
+    two = (two_dir / "synthetic" / "predictions.jsonl").read_text()
+    assert len(one.splitlines()) == 7 and one == two
+    assert not list((two_dir / "synthetic").glob("predictions.rank*"))
+    r1, r2 = (json.loads((d / "results.json").read_text())["benchmarks"]["synthetic"] for d in (tmp_path / "one", two_dir))
+    assert r1["accuracy"] == r2["accuracy"] and r1["judged"] == r2["judged"] == 7
