@@ -152,7 +152,7 @@ def test_evaluate_end_to_end_with_an_llm_judge_resumes_and_never_writes_the_key(
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "eval"
     with JudgeServer() as server:
-        cfg = compose(_eval_overrides(tiny_checkpoint, eval_root, run_dir, server, tmp_path) + ["logger.kind=wandb", "samples=3"],
+        cfg = compose(_eval_overrides(tiny_checkpoint, eval_root, run_dir, server, tmp_path) + ["logger=wandb", "samples=3"],
                       config_name="evaluate")
         results = evaluate(cfg)
         msvd, anet, vcg = (results["benchmarks"][k] for k in ("msvd_qa", "activitynet_qa", "vcgbench"))
@@ -181,7 +181,11 @@ def test_evaluate_end_to_end_with_an_llm_judge_resumes_and_never_writes_the_key(
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 assert SECRET.encode() not in f.read(), os.path.join(folder, name)
-    assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
+    (table_file,) = list((run_dir / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["benchmark", "id", "frames", "question", "reference", "prediction", "verdict", "score"]
+    assert len(table["data"]) == 3 + 1 + 3  # samples=3 per benchmark (activitynet has 1)
+    assert table["data"][0][:2] == ["msvd_qa", "m0"] and table["data"][0][2] == "Image"  # a frame strip of clipA
 
 
 def test_sharded_generation_over_two_processes_merges_to_the_single_process_predictions(tiny_checkpoint, synthetic_root, tmp_path):
@@ -210,3 +214,22 @@ def test_sharded_generation_over_two_processes_merges_to_the_single_process_pred
     assert not list((two_dir / "synthetic").glob("predictions.rank*"))
     r1, r2 = (json.loads((d / "results.json").read_text())["benchmarks"]["synthetic"] for d in (tmp_path / "one", two_dir))
     assert r1["accuracy"] == r2["accuracy"] and r1["judged"] == r2["judged"] == 7
+
+
+def test_a_prompt_file_overrides_the_prompts_and_versions_the_cache(judge_cfg, tmp_path):
+    custom = {"version": "lab-prompts-v7", "prompts": {"qa": {
+        "system": "You are strict.",
+        "user": "Does the assistant's answer match?\nCorrect answer: {reference}\nAssistant's answer: {prediction}\n"}}}
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(custom))
+    task = JudgeTask("qa", "q", "red", "red")
+    with JudgeServer() as server:
+        default = OpenAIJudge(judge_cfg(server))
+        default.judge_one(task)
+        judge = OpenAIJudge(judge_cfg(server, prompt_file=str(path)))
+        v = judge.judge_one(task)
+        assert v.ok and v.pred == "yes" and not v.cached and judge.prompt_version == "lab-prompts-v7"
+        assert any(user.startswith("Does the assistant's answer match?\nCorrect answer: red") for user in server.attempts)
+    (tmp_path / "broken.json").write_text(json.dumps({"prompts": {}}))
+    with pytest.raises(ValueError, match="version"):
+        OpenAIJudge(judge_cfg(server, prompt_file=str(tmp_path / "broken.json")))
