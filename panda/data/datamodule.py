@@ -98,12 +98,12 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.cfg.data.batch_size, shuffle=True)
 
-    def qa_dataloader(self, data_cfg=None, batch_size: int | None = None) -> DataLoader:
+    def qa_dataloader(self) -> DataLoader:
         """Held-out open-ended QA (GPT_Zero_Shot_QA layout) for generation."""
-        data = data_cfg or self.cfg.data
+        data = self.cfg.data
         qa_dir = resolve(data.root, data.eval_qa)
         items = load_qa(os.path.join(qa_dir, "test_q.json"), os.path.join(qa_dir, "test_a.json"))
         if data.eval_limit:
             items = items[: data.eval_limit]
         dataset = QADataset(items, os.path.join(qa_dir, "videos"), self.tokenizer, get_template(self.cfg.model.eval_template), frame_pipeline(self.cfg))
-        return self._loader(dataset, batch_size or data.eval_batch_size, shuffle=False)
+        return self._loader(dataset, data.eval_batch_size, shuffle=False)

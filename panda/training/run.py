@@ -193,8 +193,9 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-def evaluate_qa(model, datamodule, tokenizer, max_new_tokens: int, data_cfg=None, batch_size=None) -> tuple[dict, list]:
-    loader = datamodule.qa_dataloader(data_cfg, batch_size)
+def evaluate_qa(model, datamodule, tokenizer, max_new_tokens: int) -> tuple[dict, list]:
+    """The run's held-out split, answered greedily and scored by exact match (the summary's ``eval/*``)."""
+    loader = datamodule.qa_dataloader()
     predictions, failures = generate_answers(model, loader, tokenizer, max_new_tokens)
     metrics, rows = score_exact_match(loader.dataset.items, predictions, failures)
     return metrics, rows
