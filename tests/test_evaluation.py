@@ -233,3 +233,17 @@ def test_a_prompt_file_overrides_the_prompts_and_versions_the_cache(judge_cfg, t
     (tmp_path / "broken.json").write_text(json.dumps({"prompts": {}}))
     with pytest.raises(ValueError, match="version"):
         OpenAIJudge(judge_cfg(server, prompt_file=str(tmp_path / "broken.json")))
+
+
+def test_a_release_style_folder_evaluates_like_its_checkpoint(tiny_checkpoint, eval_root, tmp_path):
+    from panda.evaluation.run import evaluate
+    from panda.export import main as export_main
+
+    folder = str(tmp_path / "export")
+    assert export_main([tiny_checkpoint, "--out", folder]) == 0
+    common = ["num_workers=0", "max_new_tokens=6", "benchmark=[msvd_qa]", f"benchmark.msvd_qa.root={eval_root}"]
+    from_ckpt = evaluate(compose([f"checkpoint={tiny_checkpoint}", f"+run_dir={tmp_path / 'a'}", *common], config_name="evaluate"))
+    from_folder = evaluate(compose([f"checkpoint={folder}", f"+run_dir={tmp_path / 'b'}", *common], config_name="evaluate"))
+    assert from_folder["frames"] == from_ckpt["frames"] == 4
+    a = (tmp_path / "a" / "msvd_qa" / "predictions.jsonl").read_text()
+    assert a == (tmp_path / "b" / "msvd_qa" / "predictions.jsonl").read_text() and len(a.splitlines()) == 4
