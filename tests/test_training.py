@@ -100,3 +100,36 @@ def test_evaluate_names_a_missing_checkpoint(tmp_path):
     cfg = compose([f"checkpoint={tmp_path}/nope.ckpt", f"+run_dir={tmp_path}"], config_name="evaluate")
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         evaluate(cfg)
+
+
+def test_mid_epoch_resume_continues_with_exactly_the_batches_of_an_uninterrupted_run(synthetic_root, tmp_path):
+    # a constant learning rate, so a run stopped at step 5 follows the same schedule as one run to 16
+    common = ["trainer.max_epochs=5", "evaluate=false", "trainer.checkpoint_every_n_steps=1000",
+              "stage.schedule=constant", "stage.warmup_ratio=0"]
+    straight = run(synthetic_root, tmp_path / "straight", "trainer.max_steps=16", *common)
+    run(synthetic_root, tmp_path / "split", "trainer.max_steps=5", *common)
+    resumed = run(synthetic_root, tmp_path / "split", "trainer.max_steps=16", *common, "ckpt_path=last")
+    assert [s for s, _ in resumed["train/loss_by_step"]] == list(range(6, 17))
+    assert resumed["train/loss_by_step"] == straight["train/loss_by_step"][5:]  # same batches, same losses
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["epoch"] >= 1  # the comparison crossed an epoch boundary after the resume
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_resumable_sampler_splits_ranks_and_skips_exactly():
+    from panda.data.datamodule import ResumableSampler
+
+    ranks = [ResumableSampler(10, seed=3, rank=r, world=2) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    a, b = (list(s) for s in ranks)
+    assert len(a) == len(b) == 5 and sorted(a + b) == list(range(10))  # every sample once across 2 ranks
+    again = ResumableSampler(10, seed=3, rank=0, world=2)
+    again.set_epoch(7)  # Lightning's counter may differ after a max_steps stop; the data epoch does not
+    again.resume(1, 2)
+    assert list(again) == a[2:]
+    again.set_epoch(8)
+    nxt = ResumableSampler(10, seed=3, rank=0, world=2)
+    nxt.set_epoch(2)
+    assert list(again) == list(nxt)  # and the epoch after continues the same sequence of orders

@@ -8,7 +8,7 @@ import os
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from panda.data.conversation import get_template
 from panda.data.datasets import Collator, ConversationDataset, FramePipeline, QADataset
@@ -39,6 +39,52 @@ def frame_pipeline(cfg, with_teacher: bool = False) -> FramePipeline:
     )
 
 
+class ResumableSampler(Sampler[int]):
+    """A seeded per-epoch shuffle, split across ranks, that can start an epoch part-way.
+
+    Every rank draws the same permutation of epoch ``e`` (seed + e), pads it to a multiple of the
+    world size by repeating its head (as ``DistributedSampler`` does) and takes every
+    ``world``-th index from its rank, so ranks never share a sample within an epoch. After a
+    mid-epoch resume the first ``skip`` samples of that epoch are left out, so training continues
+    with exactly the batches an uninterrupted run would have seen. ``len`` stays the full epoch
+    (the learning-rate schedule is computed from it).
+    """
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
+        self.epoch = 0  # Lightning's epoch counter (set_epoch)
+        self.shift = 0  # data epoch = Lightning's epoch + shift (they part when a run stopped on max_steps)
+        self._resume: tuple[int, int] | None = None  # (data epoch, samples of this rank to skip)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    @property
+    def data_epoch(self) -> int:
+        return self.epoch + self.shift
+
+    def resume(self, data_epoch: int, skip: int) -> None:
+        """The next epoch iterated continues ``data_epoch``'s order after ``skip`` samples."""
+        self._resume = (data_epoch, skip)
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world)
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            self.shift = self._resume[0] - self.epoch
+            skip = self._resume[1]
+            self._resume = None
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.data_epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        total = len(self) * self.world
+        order += order[: total - self.size]
+        return iter(order[self.rank : total : self.world][skip:])
+
+
 class VideoDataModule(L.LightningDataModule):
     def __init__(self, cfg, tokenizer, rejects_path: str | None = None, with_teacher: bool = False):
         super().__init__()
@@ -48,6 +94,8 @@ class VideoDataModule(L.LightningDataModule):
         self.rejects_path = rejects_path
         self.train_set: ConversationDataset | None = None
         self.rejects: list[dict] = []
+        self._resume: dict | None = None  # loader position restored from a checkpoint
+        self._sampler: ResumableSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -83,12 +131,12 @@ class VideoDataModule(L.LightningDataModule):
         )
         log.info("training records: %d (rejected %d)", len(records), len(self.rejects))
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         workers = self.cfg.data.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=Collator(self.tokenizer.pad_token_id),
             persistent_workers=workers > 0,
@@ -96,7 +144,30 @@ class VideoDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.cfg.data.batch_size, shuffle=True)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world=world)
+        if self._resume is not None:
+            epoch, skip = self._resume["epoch"], self._resume["batches_done"] * self.cfg.data.batch_size
+            if skip >= len(sampler):  # the checkpoint closed its epoch: start the next one
+                epoch, skip = epoch + 1, 0
+            sampler.resume(epoch, skip)
+            log.info("resuming data epoch %d after %d samples per rank", epoch, skip)
+        self._sampler = sampler
+        return self._loader(self.train_set, self.cfg.data.batch_size, sampler)
+
+    # Lightning saves these in every checkpoint and restores them before the loaders are built
+    def state_dict(self) -> dict:
+        if self.trainer is None or self._sampler is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        # checkpoints are written at the end of a batch: that batch counts as done. The epoch is the
+        # one the sampler is drawing (Lightning's counter has already moved on when max_steps ends a run)
+        return {"epoch": self._sampler.data_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = dict(state)
 
     def qa_dataloader(self) -> DataLoader:
         """Held-out open-ended QA (GPT_Zero_Shot_QA layout) for generation."""
@@ -106,4 +177,4 @@ class VideoDataModule(L.LightningDataModule):
         if data.eval_limit:
             items = items[: data.eval_limit]
         dataset = QADataset(items, os.path.join(qa_dir, "videos"), self.tokenizer, get_template(self.cfg.model.eval_template), frame_pipeline(self.cfg))
-        return self._loader(dataset, data.eval_batch_size, shuffle=False)
+        return self._loader(dataset, data.eval_batch_size)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -26,10 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class LossTracker(Callback):
-    """Keeps the last training losses; ``train/loss_final`` is the mean of the last ``window``."""
+    """Keeps the training losses of this process: ``history`` (global step, loss) of every
+    optimisation step it ran, and ``final`` = the mean of the last ``window``."""
 
     def __init__(self, window: int = 10):
         self.losses = collections.deque(maxlen=window)
+        self.history: list[tuple[int, float]] = []
         self.first = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -37,6 +40,7 @@ class LossTracker(Callback):
             loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
             self.first = loss if self.first is None else self.first
             self.losses.append(loss)
+            self.history.append((trainer.global_step, loss))
 
     @property
     def final(self) -> float | None:
@@ -52,6 +56,11 @@ def run_dir_of(cfg) -> str:
         return os.path.abspath(cfg.get("run_dir") or "outputs/run")
 
 
+# Lightning cannot see that the data module restores the loader position itself (ResumableSampler
+# + VideoDataModule.state_dict); its mid-epoch warning does not apply to panda runs
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
 def build_trainer(cfg: dict, run_dir: str, logger, callbacks) -> L.Trainer:
     t = cfg["trainer"]
     extra = {}
@@ -63,7 +72,9 @@ def build_trainer(cfg: dict, run_dir: str, logger, callbacks) -> L.Trainer:
         gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
         log_every_n_steps=t["log_every_n_steps"], fast_dev_run=t["fast_dev_run"], overfit_batches=t["overfit_batches"],
         deterministic=t["deterministic"], enable_progress_bar=t["enable_progress_bar"], default_root_dir=run_dir,
-        logger=logger, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, **extra,
+        logger=logger, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data module's ResumableSampler splits ranks itself
+        **extra,
     )
 
 
@@ -157,6 +168,7 @@ def train(cfg: DictConfig) -> dict:
             "train/loss_first": tracker.first,
             "train/loss_final": tracker.final,
             "train/steps": trainer.global_step,
+            "train/loss_by_step": [[step, round(loss, 6)] for step, loss in tracker.history],
             "train/skipped_samples": module.skipped_samples,
             "data/rejected_records": len(datamodule.rejects),
             "checkpoint": final_ckpt if os.path.exists(final_ckpt) else None,
