@@ -18,6 +18,7 @@ from panda.evaluation.judge import JudgeConfig
 from panda.models.distill import DISTILL_LOSSES, DistillConfig
 from panda.models.stab import STABConfig
 from panda.models.teachers import TEACHER_KINDS, TeacherConfig
+from panda.training.fsdp import FSDPConfig
 
 
 @dataclass
@@ -99,7 +100,8 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2 via ModelParallelStrategy; settings in trainer.fsdp)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     precision: str = "32-true"
     max_epochs: int = 1
     max_steps: int = -1
@@ -162,6 +164,7 @@ class TrainConfig:
     runs_root: str = "outputs"  # run dirs live under it; recipe stages find each other's output here
     export_final: bool = False  # write run_dir/final: a release-format folder the next stage can start from
     ckpt_path: Optional[str] = None  # resume: a .ckpt path, or "last" (this run dir's last checkpoint)
+    resume: str = "none"  # auto: continue from the newest complete checkpoint of this run (same name)
     evaluate: bool = True  # held-out QA after training
     max_new_tokens: int = 16
 

@@ -1,7 +1,9 @@
-"""Export a ``train.py`` checkpoint in the release format.
+"""Export a ``train.py`` checkpoint in the release format; sharded (FSDP) checkpoints are
+consolidated on the way, on one machine, without a process group.
 
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/          # HF folder
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out vision.safetensors --trainable-only
+    python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/ --single-file full.ckpt
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` (the LLM) and with
 ``panda.models.checkpoints.load_release`` (everything); the trainable-only file holds STAB, the
@@ -22,12 +24,19 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
     parser.add_argument("--out", required=True, help="output folder (or .safetensors file with --trainable-only)")
     parser.add_argument("--trainable-only", action="store_true", help="STAB + projector + head only")
+    parser.add_argument("--single-file", help="also write the consolidated Lightning checkpoint to this .ckpt file")
     args = parser.parse_args(argv)
-    if not (os.path.isfile(args.checkpoint) and args.checkpoint.endswith(".ckpt")):
-        print(f"panda.export: error: {args.checkpoint} is not a .ckpt file written by train.py", file=sys.stderr)
+    if not args.checkpoint.rstrip("/").endswith(".ckpt") or not os.path.exists(args.checkpoint):
+        print(f"panda.export: error: {args.checkpoint} is not a .ckpt file or sharded .ckpt folder written by train.py",
+              file=sys.stderr)
         return 2
-    from panda.evaluation.run import load_checkpoint
+    from panda.evaluation.run import load_checkpoint, read_lightning_checkpoint
 
+    if args.single_file:
+        import torch
+
+        torch.save(read_lightning_checkpoint(args.checkpoint), args.single_file)
+        print(args.single_file)
     model, tokenizer, cfg = load_checkpoint(args.checkpoint)
     meta = model_meta(model, frames=cfg["frames"], template=cfg["model"]["template"], eval_template=cfg["model"]["eval_template"])
     if args.trainable_only:

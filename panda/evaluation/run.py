@@ -49,11 +49,25 @@ RELEASE_FRAMES = 8
 RELEASE_EVAL_TEMPLATE = "vicuna_v1_eval"
 
 
-def load_checkpoint(path: str):
-    """(model, tokenizer, run config) from a Lightning checkpoint of :class:`PandaModule`."""
+def read_lightning_checkpoint(path: str) -> dict:
+    """A ``train.py`` checkpoint as one dict: a single ``.ckpt`` file, or the folder of a sharded
+    (FSDP, distributed) checkpoint, consolidated in memory without a process group."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (pass checkpoint=.../checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
+        from pathlib import Path
+
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(Path(path))
+    return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
+
+
+def load_checkpoint(path: str):
+    """(model, tokenizer, run config) from a Lightning checkpoint of :class:`PandaModule`."""
+    ckpt = read_lightning_checkpoint(path)
     cfg = ckpt.get("hyper_parameters", {}).get("cfg")
     if cfg is None:
         raise ValueError(f"{path} has no panda config in hyper_parameters; was it written by train.py?")
@@ -67,7 +81,7 @@ def load_checkpoint(path: str):
 def load_model(path: str, dtype: str = "float32", attn: str = "sdpa"):
     """(model, tokenizer, frames, eval template, run config or None) from a release folder, a panda
     export folder, or a ``train.py`` ``.ckpt``."""
-    if path.endswith(".ckpt"):
+    if path.rstrip("/").endswith(".ckpt"):  # a train.py checkpoint (a file, or a sharded checkpoint's folder)
         model, tokenizer, cfg = load_checkpoint(path)
         return model.to(getattr(torch, dtype)), tokenizer, cfg["frames"], cfg["model"]["eval_template"], cfg
     if not os.path.isdir(path):

@@ -133,7 +133,23 @@ def build_logger(cfg, run_dir: str, parameter_counts: dict):
         offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
         if offline:
             log.info("wandb: no API key configured; logging offline (upload later with `wandb sync %s/wandb`)", run_dir)
+    # one wandb run per panda run: a resumed (or requeued) job continues it instead of starting another
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    id_file = os.path.join(run_dir, "wandb_run_id")
+    run_id = None
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    elif rank_zero_only.rank == 0:  # only rank 0 talks to wandb
+        import secrets
+
+        run_id = secrets.token_hex(6)  # wandb run ids: lower-case letters and digits
+        with open(id_file, "w") as f:
+            f.write(run_id)
     return WandbLogger(
+        id=run_id,
+        resume="allow",
         project=cfg["logger"]["project"],
         group=cfg["logger"]["group"],
         name=cfg["name"],

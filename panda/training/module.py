@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 
 import lightning as L
@@ -31,7 +33,7 @@ def apply_stage(model: VideoLanguageModel, stage: dict) -> dict[str, int]:
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """Norm weights, biases and learned tokens/queries (1-D once size-1 dims are dropped) get no weight decay."""
-    return param.squeeze().ndim <= 1
+    return sum(size > 1 for size in param.shape) <= 1  # the global shape: also right for sharded (DTensor) parameters
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
@@ -59,6 +61,9 @@ class PandaModule(L.LightningModule):
         self.model = model
         object.__setattr__(self, "teacher", teacher)
         self.save_hyperparameters({"cfg": cfg})  # the resolved config travels inside every checkpoint
+        self.cfg = cfg
+        self._sharded = False
+        self._digests_before: dict[str, float] = {}
         self.stage_cfg = cfg["stage"]
         self.trainable = apply_stage(model, self.stage_cfg)
         self.skipped_samples = 0
@@ -74,6 +79,27 @@ class PandaModule(L.LightningModule):
             teacher = self.teacher(batch["teacher_pixels"], batch["teacher_mask"])
         return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
                           batch.get("labels"), teacher=teacher)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` shard the model with FSDP2 (panda/training/fsdp.py); once."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._sharded or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from panda.training.fsdp import FSDPConfig, shard_model
+
+        fsdp_cfg = FSDPConfig(**self.cfg["trainer"]["fsdp"])
+        mesh = self.device_mesh["data_parallel"]
+        if fsdp_cfg.hybrid_shard and self.trainer.num_nodes > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            per_node = self.trainer.world_size // self.trainer.num_nodes
+            mesh = init_device_mesh(self.device.type, (self.trainer.num_nodes, per_node), mesh_dim_names=("replicate", "shard"))
+        self._digests_before = self._part_digests()
+        units = shard_model(self.model, mesh, fsdp_cfg)
+        self._sharded = True
+        rank_zero_info(f"FSDP2: {units} units, compute {fsdp_cfg.param_dtype or 'as stored'}, reduce {fsdp_cfg.reduce_dtype}, "
+                       f"cpu_offload={fsdp_cfg.cpu_offload}, activation checkpointing={fsdp_cfg.activation_checkpointing}")
 
     def on_fit_start(self) -> None:
         if self.teacher is not None:
@@ -107,7 +133,60 @@ class PandaModule(L.LightningModule):
         self._samples = n
         return loss
 
+    def _parts(self) -> dict:
+        parts = {"stab": self.model.stab, "projector": self.model.projector, "llm": self.model.llm}
+        if self.model.distill_head is not None:
+            parts["distill_head"] = self.model.distill_head
+        return parts
+
+    def _part_digests(self) -> dict[str, float]:
+        """A checksum of each part's full weights (collective under FSDP: every rank calls it)."""
+        out = {}
+        for name, module in self._parts().items():
+            total = 0.0
+            for p in module.parameters():
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                total += float(full.detach().double().abs().sum())
+            out[name] = total
+        return out
+
+    def on_train_end(self) -> None:
+        """Under FSDP, write ``fsdp_rank<r>.json``: this rank's share of the sharded parameters, the
+        weight checksums before/after, and whether any frozen parameter holds a gradient or optimiser state."""
+        if not self._sharded:
+            return
+        from panda.training.fsdp import unit_trainability
+
+        params = list(self.model.parameters())
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        optimizer_params = {id(p) for group in self.trainer.optimizers[0].param_groups for p in group["params"]}
+        state_params = {id(p) for p in self.trainer.optimizers[0].state}
+        frozen = [p for p in params if not p.requires_grad]
+        report = {
+            "rank": self.global_rank, "world_size": self.trainer.world_size,
+            "local_numel": local, "global_numel": sum(p.numel() for p in params),
+            "digests_before": self._digests_before, "digests_after": self._part_digests(),
+            "frozen_with_grad": sum(p.grad is not None for p in frozen),
+            "units_mixing_frozen_and_trainable": [name for name, flags in unit_trainability(self.model) if len(flags) > 1],
+            "frozen_in_optimizer": sum(id(p) in optimizer_params or id(p) in state_params for p in frozen),
+        }
+        with open(os.path.join(self.trainer.default_root_dir, f"fsdp_rank{self.global_rank}.json"), "w") as f:
+            json.dump(report, f, indent=2)
+
+    def _sync_norm_statistics(self) -> None:
+        """FSDP does not synchronise buffers: average batch-norm running statistics over ranks after
+        each step, so every rank (and every checkpoint) holds the same ones."""
+        import torch.distributed as dist
+
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                for buf in (module.running_mean, module.running_var):
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(self.trainer.world_size)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._sharded and self.trainer.world_size > 1:
+            self._sync_norm_statistics()
         now = time.perf_counter()
         if self._batch_start is not None and "input_ids" in batch:
             dt = max(now - self._batch_start, 1e-9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import logging
 import os
@@ -47,6 +48,65 @@ class LossTracker(Callback):
         return sum(self.losses) / len(self.losses) if self.losses else None
 
 
+COMPLETE_MARKER = "complete.json"
+
+
+def mark_complete(trainer, path: str) -> None:
+    """Record ``path`` as the newest fully written checkpoint (after every rank finished writing)."""
+    trainer.strategy.barrier("checkpoint-written")
+    if trainer.is_global_zero:
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, COMPLETE_MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"path": os.path.abspath(path), "step": trainer.global_step, "time": time.time()}, f)
+        os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))  # atomic: a reader sees the old or the new marker
+
+
+class MarkedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that names each checkpoint complete only once it is fully on disk, so
+    ``resume=auto`` never picks a checkpoint a killed job left half-written."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        mark_complete(trainer, filepath)
+
+
+def find_resume_checkpoint(runs_root: str, name: str, run_dir: str) -> str | None:
+    """The newest complete checkpoint of this run dir, else of any run dir of the same name."""
+    own = os.path.join(run_dir, "checkpoints", COMPLETE_MARKER)
+    candidates = [own] if os.path.exists(own) else glob.glob(os.path.join(runs_root, name, "*", "checkpoints", COMPLETE_MARKER))
+    best = None
+    for marker in candidates:
+        with open(marker) as f:
+            info = json.load(f)
+        if os.path.exists(info["path"]) and (best is None or info["time"] > best["time"]):
+            best = info
+    return best["path"] if best else None
+
+
+def check_multirun_launch(cfg) -> None:
+    """``--multirun`` must not start DDP/FSDP processes inside the sweep's own process tree (each
+    rank would re-run the sweep); on SLURM every sweep point is its own job and that is fine."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        return
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    t = cfg.trainer
+    multi = t.strategy in ("ddp", "fsdp") and (count_devices(t.devices, t.accelerator) * t.num_nodes > 1)
+    launcher = str(hc.launcher.get("_target_", ""))
+    if multi and "submitit" not in launcher and "SLURM_NTASKS" not in os.environ:
+        raise ValueError(
+            f"--multirun with trainer.strategy={t.strategy} on {t.devices} devices would start every sweep point's "
+            "processes inside the sweep (each rank re-runs the sweep): use hydra/launcher=slurm (one job per point) "
+            "or run the points one at a time"
+        )
+
+
 def run_dir_of(cfg) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -66,8 +126,15 @@ def build_trainer(cfg: dict, run_dir: str, logger, callbacks) -> L.Trainer:
     extra = {}
     if t["limit_train_batches"] is not None:
         extra["limit_train_batches"] = t["limit_train_batches"]
+    strategy = t["strategy"]
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        world = count_devices(t["devices"], t["accelerator"]) * t["num_nodes"]
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=t["fsdp"]["distributed_checkpoint"])
     return L.Trainer(
-        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=strategy,
         precision=t["precision"], max_epochs=t["max_epochs"], max_steps=t["max_steps"],
         gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
         log_every_n_steps=t["log_every_n_steps"], fast_dev_run=t["fast_dev_run"], overfit_batches=t["overfit_batches"],
@@ -114,7 +181,18 @@ def train(cfg: DictConfig) -> dict:
     """Train (and evaluate) as ``cfg`` says. Returns the summary that is also written to ``summary.json``."""
     start = time.time()
     validate(cfg)
+    check_multirun_launch(cfg)
     run_dir = run_dir_of(cfg)
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = find_resume_checkpoint(os.path.abspath(cfg.runs_root), cfg.name, run_dir)
+        if resume_from:  # continue in the run dir that checkpoint belongs to
+            run_dir = os.path.dirname(os.path.dirname(resume_from))
+            log.info("resume=auto: continuing %s from %s", run_dir, resume_from)
+        else:
+            log.info("resume=auto: no complete checkpoint of %r yet; starting fresh", cfg.name)
+    elif cfg.resume != "none":
+        raise ValueError(f"resume={cfg.resume!r}: use none or auto (ckpt_path=PATH resumes from a given checkpoint)")
     os.makedirs(run_dir, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.cpu_threads:
@@ -149,7 +227,7 @@ def train(cfg: DictConfig) -> dict:
     logger = build_logger(container, run_dir, counts)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     tracker = LossTracker()
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+    checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                  every_n_train_steps=container["trainer"]["checkpoint_every_n_steps"], save_last=True, save_top_k=1)
     trainer = build_trainer(container, run_dir, logger, [checkpoint, tracker])
     datamodule = VideoDataModule(cfg=OmegaConf.create(container), tokenizer=tokenizer,
@@ -159,11 +237,13 @@ def train(cfg: DictConfig) -> dict:
     status = "failed"
     try:
         fit_start = time.time()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=container["ckpt_path"])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from or container["ckpt_path"])
         fit_time = time.time() - fit_start
         final_ckpt = os.path.join(ckpt_dir, "last.ckpt")
         if not container["trainer"]["fast_dev_run"]:
             trainer.save_checkpoint(final_ckpt)
+            mark_complete(trainer, final_ckpt)
+        sharded = type(trainer.strategy).__name__ == "ModelParallelStrategy"
         summary.update({
             "train/loss_first": tracker.first,
             "train/loss_final": tracker.final,
@@ -175,13 +255,24 @@ def train(cfg: DictConfig) -> dict:
             "time/data_prep_s": round(data_time, 2),
             "time/fit_s": round(fit_time, 2),
         })
-        if container["export_final"] and trainer.is_global_zero:
-            meta = model_meta(model, frames=container["frames"], template=container["model"]["template"],
-                              eval_template=container["model"]["eval_template"])
-            summary["export"] = export_release(model, os.path.join(run_dir, "final"), tokenizer, meta)
+        if container["export_final"]:
+            plain = model
+            if sharded:  # gather the full weights (every rank takes part), rank 0 writes them unsharded
+                from panda.training.fsdp import full_state_dict
+
+                state = full_state_dict(model)
+                if trainer.is_global_zero:
+                    plain = build_model(container, tokenizer, initialise=False)
+                    plain.load_state_dict(state)
+            if trainer.is_global_zero:
+                meta = model_meta(plain, frames=container["frames"], template=container["model"]["template"],
+                                  eval_template=container["model"]["eval_template"])
+                summary["export"] = export_release(plain, os.path.join(run_dir, "final"), tokenizer, meta)
         summary.update(counts)
         summary.update({f"trainable/{k}": v for k, v in module.trainable.items()})
-        if container["evaluate"] and container["data"]["eval_qa"] and trainer.is_global_zero:
+        if sharded and trainer.world_size > 1 and container["evaluate"]:
+            log.info("FSDP run: held-out evaluation skipped here; run evaluate.py on the checkpoint or the export")
+        elif container["evaluate"] and container["data"]["eval_qa"] and trainer.is_global_zero:
             eval_start = time.time()
             metrics, rows = evaluate_qa(module.model, datamodule, tokenizer, container["max_new_tokens"])
             write_predictions(os.path.join(run_dir, "predictions.jsonl"), rows)

@@ -1,0 +1,122 @@
+"""FSDP2 (``fully_shard``) for panda models, applied through Lightning's ``ModelParallelStrategy``.
+
+Sharding units (stab.md, architecture.md): one per LLM decoder layer, the input embedding (panda
+calls it directly to splice visual tokens, so it needs its own hooks), the rest of the LLM (final
+norm, LM head), and the vision side (STAB + projector + distillation head) grouped by whether
+they train, so **frozen and trainable parameters never share a unit** (stage 1 freezes the LLM).
+The teacher is not part of the module tree: it stays replicated and gradient-free.
+
+Mixed precision keeps fp32 master weights and computes in ``param_dtype`` (bf16 by default) with
+gradient reduction in ``reduce_dtype``; ``cpu_offload`` keeps sharded parameters, gradients and
+optimiser state in host memory; ``hybrid_shard`` shards within a node and replicates across nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FSDPConfig:
+    param_dtype: Optional[str] = "bfloat16"  # compute dtype of the unsharded parameters; None = as stored
+    reduce_dtype: Optional[str] = "float32"  # gradient reduce-scatter dtype
+    cpu_offload: bool = False
+    activation_checkpointing: bool = True  # non-reentrant, per decoder layer
+    hybrid_shard: bool = False  # shard inside a node, replicate across trainer.num_nodes
+    distributed_checkpoint: bool = True  # sharded checkpoints (no full gather on rank 0)
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (``model.layers``, ``transformer.h`` …)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+        module = llm
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(llm).__name__} to shard; add its path to decoder_layers()")
+
+
+def _dtype(name: Optional[str]):
+    return getattr(torch, name) if name else None
+
+
+def shard_model(model: nn.Module, mesh, cfg: FSDPConfig) -> int:
+    """Apply ``fully_shard`` to ``model`` (a VideoLanguageModel) in place; returns the number of units."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype)),
+        "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+    }
+    if cfg.activation_checkpointing:
+        llm = model.llm
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    units = 0
+    for layer in decoder_layers(model.llm):
+        fully_shard(layer, **kwargs)
+        units += 1
+    fully_shard(model.llm.get_input_embeddings(), **kwargs)
+    units += 1
+    vision = [m for m in (model.stab, model.projector, getattr(model, "distill_head", None)) if m is not None]
+    if cfg.param_dtype not in (None, "float32"):
+        # batch norm (LSTE) keeps fp32 weights and running statistics: its own unit computes in fp32
+        # and hands bf16 back to the layers around it
+        bn_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=_dtype(cfg.reduce_dtype),
+                                         output_dtype=_dtype(cfg.param_dtype))
+        for module in vision:
+            for sub in module.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    fully_shard(sub, **{**kwargs, "mp_policy": bn_policy})
+                    units += 1
+    groups: dict[bool, list[nn.Module]] = {}
+    for module in vision:
+        if module is None:
+            continue
+        flags = {p.requires_grad for p in module.parameters()}
+        if len(flags) > 1:
+            raise ValueError(f"{type(module).__name__} mixes frozen and trainable parameters; it cannot be one FSDP unit")
+        groups.setdefault(flags.pop(), []).append(module)
+    for modules in groups.values():
+        fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
+        units += 1
+    fully_shard(model.llm, **kwargs)  # final norm + LM head (+ anything else the LLM owns)
+    fully_shard(model, **kwargs)  # the root: owns nothing left, drives the lazy init
+    return units + 2
+
+
+def unit_trainability(model: nn.Module) -> list[tuple[str, set[bool]]]:
+    """For each FSDP unit, the ``requires_grad`` values of the parameters it manages itself."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    owner: dict[int, str] = {}
+    for name, m in sorted(units, key=lambda u: -len(u[0])):  # deepest unit first claims its parameters
+        for p in m.parameters():
+            owner.setdefault(id(p), name)
+    flags: dict[str, set[bool]] = {name: set() for name, _ in units}
+    for p in model.parameters():
+        if id(p) in owner:
+            flags[owner[id(p)]].add(p.requires_grad)
+    return [(name or "<root>", f) for name, f in flags.items()]
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model on CPU; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

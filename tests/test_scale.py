@@ -1,0 +1,129 @@
+"""Scale-out on CPU: FSDP2 and DDP over 2 gloo processes, exact resume, SIGKILL + resume=auto,
+sharded checkpoints consolidated offline, the SLURM launcher config, and the --multirun guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from panda.models.checkpoints import read_weights
+
+
+def _overrides(root):
+    return [o for o in tiny_overrides(root, "unused") if not o.startswith(("+run_dir", "logger.kind"))]
+
+
+def _train(args, timeout=600, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+TWO_CPU = ["trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "evaluate=false"]
+
+
+def test_fsdp_shards_half_per_rank_keeps_units_pure_and_stage1_leaves_the_llm_untouched(synthetic_root, tmp_path):
+    run_dir = tmp_path / "fsdp"
+    _train(["trainer=fsdp", *TWO_CPU, "trainer.max_steps=3", "stage=prealign", "teacher=tiny_languagebind",
+            "distill.layer_stride=1", "distill.heads=4", "export_final=true", f"hydra.run.dir={run_dir}", *_overrides(synthetic_root)])
+    reports = [json.loads((run_dir / f"fsdp_rank{r}.json").read_text()) for r in (0, 1)]
+    total = reports[0]["global_numel"]
+    assert sum(r["local_numel"] for r in reports) == total
+    for r in reports:
+        assert 0.45 < r["local_numel"] / total < 0.55  # each rank holds about half
+        assert r["units_mixing_frozen_and_trainable"] == []
+        assert r["frozen_with_grad"] == 0 and r["frozen_in_optimizer"] == 0
+        before, after = r["digests_before"], r["digests_after"]
+        assert after["llm"] == before["llm"]  # stage 1: the LLM is frozen
+        assert after["stab"] != before["stab"] and after["distill_head"] != before["distill_head"]
+    assert reports[0]["digests_after"] == reports[1]["digests_after"]  # ranks agree on the full weights
+    # the sharded checkpoint is a folder; consolidated offline it equals the export gathered at the end
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and (ckpt / ".metadata").exists()
+    from panda.export import main as export_main
+
+    assert export_main([str(ckpt), "--out", str(tmp_path / "consolidated")]) == 0
+    a, b = read_weights(str(tmp_path / "consolidated")), read_weights(str(run_dir / "final"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_resume_in_a_new_process_group_continues_the_loss_trajectory(synthetic_root, tmp_path, strategy):
+    common = [f"trainer={strategy}", *TWO_CPU, "trainer.max_epochs=5", "trainer.checkpoint_every_n_steps=1000",
+              "stage.schedule=constant", "stage.warmup_ratio=0", "trainer.deterministic=true", *_overrides(synthetic_root)]
+    if strategy == "fsdp":
+        common.append("trainer.fsdp.param_dtype=null")  # fp32 compute: bit-exact comparisons
+    _train([*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'straight'}"])
+    _train([*common, "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'split'}"])
+    _train([*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'split'}", "ckpt_path=last"])
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())["train/loss_by_step"]
+    resumed = json.loads((tmp_path / "split" / "summary.json").read_text())["train/loss_by_step"]
+    assert [s for s, _ in resumed] == [4, 5, 6]
+    assert resumed == straight[3:]
+
+
+def _marker(run_dirs):
+    for d in run_dirs:
+        path = os.path.join(d, "checkpoints", "complete.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_complete_checkpoint(synthetic_root, tmp_path):
+    runs = tmp_path / "runs"
+    args = [f"runs_root={runs}", "name=preempted", "trainer.max_steps=40", "trainer.max_epochs=20",
+            "trainer.checkpoint_every_n_steps=4", "logger=none", "evaluate=false", "resume=auto", *_overrides(synthetic_root)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    marker = None
+    while time.time() < deadline:
+        dirs = [str(p) for p in (runs / "preempted").glob("*")] if (runs / "preempted").exists() else []
+        marker = _marker(dirs)
+        if marker and marker["step"] >= 8:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean shutdown, like a preempted node
+    proc.wait()
+    assert marker and marker["step"] >= 8, "the first run never wrote a checkpoint"
+    first_dir = os.path.dirname(os.path.dirname(marker["path"]))
+    marker = _marker([first_dir])  # the newest complete one at the time of the kill
+    # a half-written, newer checkpoint left by the kill must never be picked
+    (runs / "preempted" / os.path.basename(first_dir) / "checkpoints" / "step999999.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    time.sleep(1.1)  # the second run gets its own timestamped run dir
+    _train(args)  # the same command again: no paths given
+    summary = json.loads((runs / "preempted" / os.path.basename(first_dir) / "summary.json").read_text())
+    assert summary["run_dir"] == first_dir and summary["train/steps"] == 40
+    assert summary["train/loss_by_step"][0][0] == marker["step"] + 1
+
+
+def test_multirun_never_starts_ddp_inside_the_sweep(synthetic_root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "train.py", "--multirun", "trainer=ddp", *TWO_CPU, "seed=1,2",
+                           f"hydra.sweep.dir={tmp_path}", *_overrides(synthetic_root)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "hydra/launcher=slurm" in proc.stderr + proc.stdout
+    assert not list(tmp_path.glob("*/checkpoints"))  # nothing trained
+
+
+def test_slurm_launcher_places_one_job_per_point_with_the_trainer_geometry():
+    proc = subprocess.run([sys.executable, "train.py", "hydra/launcher=slurm", "trainer=fsdp", "trainer.devices=4",
+                           "trainer.num_nodes=2", "--cfg", "all", "--resolve"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
+    assert launcher["max_num_timeout"] > 0  # requeued on preemption / timeout
