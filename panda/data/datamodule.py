@@ -50,8 +50,10 @@ class ResumableSampler(Sampler[int]):
     (the learning-rate schedule is computed from it).
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world: int = 1, resume_from=None):
         self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
+        # asked at the first iteration: Lightning may build the loader before it restores a checkpoint
+        self.resume_from = resume_from
         self.epoch = 0  # Lightning's epoch counter (set_epoch)
         self.shift = 0  # data epoch = Lightning's epoch + shift (they part when a run stopped on max_steps)
         self._resume: tuple[int, int] | None = None  # (data epoch, samples of this rank to skip)
@@ -72,6 +74,8 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self):
         skip = 0
+        if self._resume is None and self.resume_from is not None:
+            self._resume = self.resume_from(len(self))
         if self._resume is not None:
             self.shift = self._resume[0] - self.epoch
             skip = self._resume[1]
@@ -146,15 +150,21 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world=world)
-        if self._resume is not None:
-            epoch, skip = self._resume["epoch"], self._resume["batches_done"] * self.cfg.data.batch_size
-            if skip >= len(sampler):  # the checkpoint closed its epoch: start the next one
-                epoch, skip = epoch + 1, 0
-            sampler.resume(epoch, skip)
-            log.info("resuming data epoch %d after %d samples per rank", epoch, skip)
+        sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world=world,
+                                   resume_from=self._take_resume)
         self._sampler = sampler
         return self._loader(self.train_set, self.cfg.data.batch_size, sampler)
+
+    def _take_resume(self, samples_per_epoch: int) -> tuple[int, int] | None:
+        """(data epoch, samples to skip) restored from a checkpoint, handed out once."""
+        if self._resume is None:
+            return None
+        epoch, skip = self._resume["epoch"], self._resume["batches_done"] * self.cfg.data.batch_size
+        self._resume = None
+        if skip >= samples_per_epoch:  # the checkpoint closed its epoch: start the next one
+            epoch, skip = epoch + 1, 0
+        log.info("resuming data epoch %d after %d samples per rank", epoch, skip)
+        return epoch, skip
 
     # Lightning saves these in every checkpoint and restores them before the loaders are built
     def state_dict(self) -> dict:
