@@ -229,6 +229,12 @@ def validate(cfg) -> None:
         raise ValueError(f"init.kind={cfg.init.kind!r}: use one of {INIT_KINDS}")
     if cfg.init.kind != "none" and not cfg.init.path:
         raise ValueError(f"init.kind={cfg.init.kind} needs init.path (a folder or .ckpt to start from)")
+    if cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.cpu_offload:
+        import torch
+
+        if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+            raise ValueError("trainer.fsdp.cpu_offload keeps GPU shards in host memory: it needs a CUDA GPU "
+                             "(on a CPU-only run everything already lives in host memory; drop the option)")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ValueError(f"data.fraction={cfg.data.fraction} must be in (0, 1]")
     if not (cfg.stage.train_stab or cfg.stage.train_projector or cfg.stage.train_llm):

@@ -83,10 +83,11 @@ def test_invalid_overrides_fail_naming_the_key(override, message):
     ("frames=6", "stab.chunk_size"),
     ("stab.lsd=maxpool", "stab.lsd"),
     ("logger.kind=tensorboard", "logger.kind"),
+    ("trainer=fsdp trainer.accelerator=cpu trainer.fsdp.cpu_offload=true", "cpu_offload"),
 ])
 def test_semantic_errors_name_the_key_and_fix(override, message):
     with pytest.raises(ValueError, match=message):
-        validate(compose([override]))
+        validate(compose(override.split()))
 
 
 def test_multirun_sweeps_ablations_and_frames_from_the_cli(synthetic_root, tmp_path):

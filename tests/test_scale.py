@@ -127,3 +127,14 @@ def test_slurm_launcher_places_one_job_per_point_with_the_trainer_geometry():
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
     assert launcher["max_num_timeout"] > 0  # requeued on preemption / timeout
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    from panda.training.build import build_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = {"logger": {"kind": "wandb", "project": "p", "group": None, "offline": True, "tags": []}, "name": "n"}
+    first = build_logger(cfg, str(tmp_path), {})
+    again = build_logger(cfg, str(tmp_path), {})  # the same run dir, as resume=auto picks it
+    assert first._id == again._id and (tmp_path / "wandb_run_id").read_text() == first._id
+    assert first._wandb_init["resume"] == "allow"
