@@ -18,7 +18,6 @@ import glob
 import json
 import logging
 import os
-import subprocess
 import time
 from collections import defaultdict
 
@@ -41,7 +40,7 @@ from panda.evaluation.judge import JudgeConfig, build_judge
 from panda.evaluation.qa import generate_answers
 from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
 from panda.training.build import build_model, build_tokenizer, load_weights_from_ckpt
-from panda.training.run import print_summary, run_dir_of
+from panda.training.run import git_commit, print_summary, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,6 @@ def load_model(path: str, dtype: str = "float32", attn: str = "sdpa"):
         raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     meta = read_meta(path)
     return model, tokenizer, meta.get("frames") or RELEASE_FRAMES, meta.get("eval_template") or RELEASE_EVAL_TEMPLATE, None
-
-
-def git_commit() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------------------- predictions

@@ -107,6 +107,28 @@ def check_multirun_launch(cfg) -> None:
         )
 
 
+def git_commit() -> str | None:
+    """The commit of the panda checkout this runs from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def experiment_choice() -> str | None:
+    """The ``experiment=`` config this run composed (None outside Hydra or without one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("experiment")
+    except ValueError:
+        return None
+
+
 def run_dir_of(cfg) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -233,7 +255,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule = VideoDataModule(cfg=OmegaConf.create(container), tokenizer=tokenizer,
                                  rejects_path=os.path.join(run_dir, "rejects.jsonl"), with_teacher=teacher is not None)
 
-    summary: dict = {"run_dir": run_dir, "name": container["name"], "stage": container["stage"]["name"], "frames": container["frames"]}
+    summary: dict = {"run_dir": run_dir, "name": container["name"], "experiment": experiment_choice(),
+                     "seed": container["seed"], "stage": container["stage"]["name"], "frames": container["frames"],
+                     "git_commit": git_commit()}
     status = "failed"
     try:
         fit_start = time.time()
