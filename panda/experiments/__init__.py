@@ -1,0 +1,1 @@
+"""Tools for studies run as Hydra sweeps (``python -m panda.experiments.collect``)."""

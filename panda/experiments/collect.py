@@ -1,0 +1,199 @@
+"""Turn a Hydra ``--multirun`` directory of ``train.py`` runs into a table and plots.
+
+    python -m panda.experiments.collect experiments/ablations_synthetic/multirun --out experiments/ablations_synthetic
+
+Reads only local files (``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``summary.json``,
+``train.log``); no wandb needed. Writes:
+
+- ``results.csv`` — one row per run, **failed runs included** (status ``failed`` and the last error
+  line of their log): experiment, variant, frames, seed, accuracies, train wall time, parameter
+  counts, git commit;
+- ``summary.csv`` — per variant: runs ok / failed, mean ± sample std of each accuracy;
+- ``accuracy_by_variant.png`` and ``accuracy_by_frames.png`` — means with ±1 std error bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+
+import yaml
+
+METRICS = ("accuracy", "accuracy_appearance", "accuracy_motion")
+COLUMNS = ["job", "experiment", "variant", "frames", "seed", "status", *METRICS, "train_wall_s", "fit_s", "steps",
+           "params_stab", "params_total", "git_commit", "run_dir", "error"]
+
+
+def _overrides(job_dir: str) -> dict[str, str]:
+    path = os.path.join(job_dir, ".hydra", "overrides.yaml")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        items = yaml.safe_load(f) or []
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def _last_error(job_dir: str) -> str:
+    for name in ("train.log", "evaluate.log"):
+        path = os.path.join(job_dir, name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                lines = [line.strip() for line in f if "Error" in line or "error" in line]
+            if lines:
+                return lines[-1][:300]
+    return "no summary.json (the run did not finish)"
+
+
+def variant_of(experiment: str | None) -> str:
+    """``ablation/no_fsra`` -> ``no_fsra``; ``frames/f8`` -> ``full``; none -> ``full``."""
+    if not experiment or experiment.startswith("frames/"):
+        return "full"
+    return experiment.split("/", 1)[1] if "/" in experiment else experiment
+
+
+def collect_runs(multirun_dir: str) -> list[dict]:
+    if not os.path.isdir(multirun_dir):
+        raise FileNotFoundError(f"{multirun_dir} is not a directory (pass the hydra.sweep.dir of a --multirun)")
+    jobs = sorted((d for d in os.listdir(multirun_dir) if os.path.isdir(os.path.join(multirun_dir, d, ".hydra"))),
+                  key=lambda d: (not d.isdigit(), int(d) if d.isdigit() else 0, d))
+    if not jobs:
+        raise ValueError(f"{multirun_dir} holds no Hydra job directories (no */.hydra)")
+    rows = []
+    for job in jobs:
+        job_dir = os.path.join(multirun_dir, job)
+        overrides = _overrides(job_dir)
+        with open(os.path.join(job_dir, ".hydra", "config.yaml")) as f:
+            config = yaml.safe_load(f)
+        experiment = overrides.get("experiment")
+        row = {"job": job, "experiment": experiment or "-", "variant": variant_of(experiment),
+               "frames": config.get("frames"), "seed": config.get("seed"), "run_dir": os.path.abspath(job_dir)}
+        summary_path = os.path.join(job_dir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                s = json.load(f)
+            row.update(status="ok", train_wall_s=s.get("time/wall_s"), fit_s=s.get("time/fit_s"), steps=s.get("train/steps"),
+                       params_stab=s.get("params/stab"), params_total=s.get("params/total"), git_commit=s.get("git_commit"),
+                       error="")
+            for m in METRICS:
+                row[m] = s.get(f"eval/{m}")
+        else:
+            row.update(status="failed", error=_last_error(job_dir))
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (variant, frames): runs ok / failed and mean ± sample std of each accuracy."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["frames"]), []).append(r)
+    out = []
+    for (variant, frames), rs in sorted(groups.items(), key=lambda g: (g[0][0] != "full", g[0][0], g[0][1] or 0)):
+        ok = [r for r in rs if r["status"] == "ok"]
+        entry = {"variant": variant, "frames": frames, "runs_ok": len(ok), "runs_failed": len(rs) - len(ok)}
+        for m in METRICS:
+            vals = [float(r[m]) for r in ok if r.get(m) is not None]
+            entry[f"{m}_mean"], entry[f"{m}_std"] = _mean_std(vals)
+        out.append(entry)
+    return out
+
+
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: float | None = None) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit("plots need matplotlib: pip install -e '.[dev]'") from exc
+    written = []
+    default_frames = next((s["frames"] for s in summary if s["variant"] == "full"), None)
+    variants = [s for s in summary if s["frames"] == default_frames and s[f"{metric}_mean"] is not None]
+    if variants:
+        fig, ax = plt.subplots(figsize=(1.1 * len(variants) + 2, 3.6))
+        ax.bar([s["variant"] for s in variants], [s[f"{metric}_mean"] for s in variants],
+               yerr=[s[f"{metric}_std"] for s in variants], capsize=4, color="#4c72b0")
+        if chance is not None:
+            ax.axhline(chance, ls="--", c="grey", lw=1, label=f"chance {chance:.2f}")
+            ax.legend(loc="lower right")
+        ax.set_ylabel(f"held-out {metric} (mean ± std over seeds)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"ablations at {default_frames} frames")
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "accuracy_by_variant.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    frames = sorted((s for s in summary if s["variant"] == "full" and s[f"{metric}_mean"] is not None), key=lambda s: s["frames"])
+    if len(frames) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        ax.errorbar([s["frames"] for s in frames], [s[f"{metric}_mean"] for s in frames],
+                    yerr=[s[f"{metric}_std"] for s in frames], marker="o", capsize=4)
+        if chance is not None:
+            ax.axhline(chance, ls="--", c="grey", lw=1, label=f"chance {chance:.2f}")
+            ax.legend(loc="lower right")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([s["frames"] for s in frames], [str(s["frames"]) for s in frames])
+        ax.set_xlabel("frames per video")
+        ax.set_ylabel(f"held-out {metric}")
+        ax.set_ylim(0, 1)
+        ax.set_title("full model by frame count")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "accuracy_by_frames.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m panda.experiments.collect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("multirun_dir")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metric", default="accuracy", choices=METRICS)
+    parser.add_argument("--chance", type=float, default=None, help="draw a chance line at this accuracy")
+    args = parser.parse_args(argv)
+    try:
+        rows = collect_runs(args.multirun_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"collect: error: {exc}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
+    summary = summarise(rows)
+    cols = ["variant", "frames", "runs_ok", "runs_failed"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std")]
+    write_csv(os.path.join(args.out, "summary.csv"), summary, cols)
+    plots = plot(summary, args.out, args.metric, args.chance)
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} runs ({len(failed)} failed) -> {args.out}/results.csv, summary.csv, {', '.join(os.path.basename(p) for p in plots)}")
+    for s in summary:
+        mean, std = s[f"{args.metric}_mean"], s[f"{args.metric}_std"]
+        shown = "–" if mean is None else f"{mean:.3f} ± {std:.3f}"
+        print(f"  {s['variant']:<16} {s['frames']!s:>3} frames  {args.metric} {shown}  (ok {s['runs_ok']}, failed {s['runs_failed']})")
+    for r in failed:
+        print(f"  FAILED job {r['job']} ({r['experiment']}, seed {r['seed']}): {r['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The sweep collector on a fake multirun directory (a failed run must show up as failed), and
+every experiment config of the ablation study composes."""
+
+import csv
+import json
+import os
+
+import pytest
+import yaml
+from conftest import compose
+
+from panda.experiments.collect import collect_runs, main, summarise
+
+STUDY = ["ablation/full", "ablation/no_fsra", "ablation/no_gstra", "ablation/no_lste", "ablation/no_temporal",
+         "ablation/no_row_tokens", "ablation/lsd_avgpool", "ablation/lsd_before_lste",
+         "frames/f1", "frames/f2", "frames/f8", "frames/f16"]
+
+
+def _job(root, num, experiment, seed, frames, accuracy=None, error=None):
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"experiment={experiment}", f"seed={seed}"]))
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"frames": frames, "seed": seed, "name": experiment}))
+    if accuracy is not None:
+        (d / "summary.json").write_text(json.dumps({
+            "eval/accuracy": accuracy, "eval/accuracy_motion": accuracy, "time/wall_s": 60.0 + num, "time/fit_s": 50.0,
+            "train/steps": 600, "params/stab": 133266, "params/total": 306898, "git_commit": "abc123"}))
+    if error:
+        (d / "train.log").write_text(f"[INFO] starting\nRuntimeError: {error}\n")
+
+
+def test_collector_tables_plots_and_keeps_failed_runs(tmp_path):
+    multirun = tmp_path / "multirun"
+    _job(multirun, 0, "ablation/full", 0, 4, 0.80)
+    _job(multirun, 1, "ablation/full", 1, 4, 0.60)
+    _job(multirun, 2, "ablation/no_temporal", 0, 4, 0.25)
+    _job(multirun, 3, "ablation/no_temporal", 1, 4, error="out of memory")
+    _job(multirun, 4, "frames/f8", 0, 8, 0.90)
+    _job(multirun, 10, "frames/f8", 1, 8, 0.70)
+    rows = collect_runs(str(multirun))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "4", "10"]  # numeric order, the failed run kept
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["variant"] == "no_temporal" and "out of memory" in failed[0]["error"]
+    summary = {(s["variant"], s["frames"]): s for s in summarise(rows)}
+    full = summary[("full", 4)]
+    assert full["runs_ok"] == 2 and full["accuracy_mean"] == pytest.approx(0.70) and full["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert summary[("no_temporal", 4)]["runs_failed"] == 1 and summary[("no_temporal", 4)]["accuracy_std"] == 0.0
+    assert summary[("full", 8)]["accuracy_mean"] == pytest.approx(0.80)
+
+    out = tmp_path / "out"
+    assert main([str(multirun), "--out", str(out), "--chance", "0.25"]) == 0
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and [r["status"] for r in table].count("failed") == 1
+    assert table[0]["git_commit"] == "abc123" and table[0]["frames"] == "4" and table[0]["train_wall_s"] == "60.0"
+    for png in ("accuracy_by_variant.png", "accuracy_by_frames.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("experiment", STUDY)
+def test_every_experiment_of_the_study_composes(experiment):
+    cfg = compose([f"experiment={experiment}", "seed=2", "data.root=data_cache/synthetic_direction", "data.synthetic.kinds=[direction]"])
+    from panda.config import validate
+
+    validate(cfg)
+    assert cfg.frames % cfg.stab.chunk_size == 0 and cfg.seed == 2
+    if experiment.startswith("frames/"):
+        assert cfg.frames == int(experiment.split("/f")[1])
