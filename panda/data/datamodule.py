@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import sys
 
 import lightning as L
 import torch
@@ -137,10 +139,15 @@ class VideoDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         workers = self.cfg.data.num_workers
+        context = None
+        if workers > 0 and sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+            # inside joblib/loky sweep workers the default start method cannot start loader workers; fork can
+            context = "fork"
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
+            multiprocessing_context=context,
             num_workers=workers,
             collate_fn=Collator(self.tokenizer.pad_token_id),
             persistent_workers=workers > 0,
