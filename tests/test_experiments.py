@@ -53,6 +53,8 @@ def test_collector_tables_plots_and_keeps_failed_runs(tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 6 and [r["status"] for r in table].count("failed") == 1
     assert table[0]["git_commit"] == "abc123" and table[0]["frames"] == "4" and table[0]["train_wall_s"] == "60.0"
+    table_md = (out / "summary.md").read_text()
+    assert "| full | 4 | 2 / 0 | 0.700 ± 0.141 |" in table_md and "| no_temporal | 4 | 1 / 1 | 0.250 ± 0.000 |" in table_md
     for png in ("accuracy_by_variant.png", "accuracy_by_frames.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2

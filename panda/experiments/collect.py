@@ -8,7 +8,8 @@ Reads only local files (``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``sum
 - ``results.csv`` — one row per run, **failed runs included** (status ``failed`` and the last error
   line of their log): experiment, variant, frames, seed, accuracies, train wall time, parameter
   counts, git commit;
-- ``summary.csv`` — per variant: runs ok / failed, mean ± sample std of each accuracy;
+- ``summary.csv`` and ``summary.md`` — per variant: runs ok / failed, mean ± sample std of each
+  accuracy, mean wall time per run;
 - ``accuracy_by_variant.png`` and ``accuracy_by_frames.png`` — means with ±1 std error bars.
 """
 
@@ -109,6 +110,26 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def markdown(summary: list[dict], rows: list[dict]) -> str:
+    """The summary as a markdown table (what a study README embeds)."""
+    wall: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get("train_wall_s") is not None:
+            wall.setdefault((r["variant"], r["frames"]), []).append(float(r["train_wall_s"]))
+
+    def cell(s, m):
+        mean, std = s[f"{m}_mean"], s[f"{m}_std"]
+        return "–" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+    lines = ["| variant | frames | runs ok / failed | accuracy | motion | appearance | wall s / run |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        w = wall.get((s["variant"], s["frames"]))
+        lines.append(f"| {s['variant']} | {s['frames']} | {s['runs_ok']} / {s['runs_failed']} | {cell(s, 'accuracy')} | "
+                     f"{cell(s, 'accuracy_motion')} | {cell(s, 'accuracy_appearance')} | {statistics.fmean(w):.0f} |" if w else
+                     f"| {s['variant']} | {s['frames']} | {s['runs_ok']} / {s['runs_failed']} | – | – | – | – |")
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -183,6 +204,8 @@ def main(argv=None) -> int:
     summary = summarise(rows)
     cols = ["variant", "frames", "runs_ok", "runs_failed"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std")]
     write_csv(os.path.join(args.out, "summary.csv"), summary, cols)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(markdown(summary, rows))
     plots = plot(summary, args.out, args.metric, args.chance)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} runs ({len(failed)} failed) -> {args.out}/results.csv, summary.csv, {', '.join(os.path.basename(p) for p in plots)}")
