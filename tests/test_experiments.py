@@ -46,6 +46,9 @@ def test_collector_tables_plots_and_keeps_failed_runs(tmp_path):
     assert full["runs_ok"] == 2 and full["accuracy_mean"] == pytest.approx(0.70) and full["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
     assert summary[("no_temporal", 4)]["runs_failed"] == 1 and summary[("no_temporal", 4)]["accuracy_std"] == 0.0
     assert summary[("full", 8)]["accuracy_mean"] == pytest.approx(0.80)
+    from panda.experiments.collect import ablation_frames
+
+    assert ablation_frames(summarise(rows)) == 4  # the variant plot compares variants at their shared frame count
 
     out = tmp_path / "out"
     assert main([str(multirun), "--out", str(out), "--chance", "0.25"]) == 0

@@ -14,4 +14,4 @@ $PY train.py --multirun hydra/launcher=joblib hydra.launcher.n_jobs=2 \
   trainer.checkpoint_every_n_steps=100000 data.num_workers=0 \
   logger=wandb logger.group=ablations_synthetic logger.offline=true \
   hydra.sweep.dir=experiments/ablations_synthetic/multirun
-$PY -m panda.experiments.collect experiments/ablations_synthetic/multirun --out experiments/ablations_synthetic
+$PY -m panda.experiments.collect experiments/ablations_synthetic/multirun --out experiments/ablations_synthetic --chance 0.25

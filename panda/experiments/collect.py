@@ -138,6 +138,14 @@ def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
+def ablation_frames(summary: list[dict]):
+    """The frame count the ablation variants ran at: the one shared by the most variants."""
+    counts: dict = {}
+    for s in summary:
+        counts[s["frames"]] = counts.get(s["frames"], 0) + 1
+    return max(counts, key=lambda f: (counts[f], f == 4)) if counts else None
+
+
 def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: float | None = None) -> list[str]:
     try:
         import matplotlib
@@ -147,7 +155,7 @@ def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: fl
     except ImportError as exc:  # pragma: no cover
         raise SystemExit("plots need matplotlib: pip install -e '.[dev]'") from exc
     written = []
-    default_frames = next((s["frames"] for s in summary if s["variant"] == "full"), None)
+    default_frames = ablation_frames(summary)
     variants = [s for s in summary if s["frames"] == default_frames and s[f"{metric}_mean"] is not None]
     if variants:
         fig, ax = plt.subplots(figsize=(1.1 * len(variants) + 2, 3.6))
