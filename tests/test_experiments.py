@@ -72,3 +72,19 @@ def test_every_experiment_of_the_study_composes(experiment):
     assert cfg.frames % cfg.stab.chunk_size == 0 and cfg.seed == 2
     if experiment.startswith("frames/"):
         assert cfg.frames == int(experiment.split("/f")[1])
+
+
+def test_joblib_sweep_points_can_use_loader_workers(synthetic_root, tmp_path):
+    """Inside joblib's (loky) workers the default start method could not start DataLoader workers;
+    panda's loaders fork them there."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, tiny_overrides
+
+    overrides = [o for o in tiny_overrides(synthetic_root, "unused") if not o.startswith(("+run_dir", "data.num_workers"))]
+    proc = subprocess.run([sys.executable, "train.py", "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                           "seed=1,2", "debug=fast_dev_run", "data.num_workers=1", "evaluate=false", f"hydra.sweep.dir={tmp_path}",
+                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/summary.json")) == ["0", "1"]
