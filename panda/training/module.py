@@ -95,9 +95,9 @@ class PandaModule(L.LightningModule):
 
             per_node = self.trainer.world_size // self.trainer.num_nodes
             mesh = init_device_mesh(self.device.type, (self.trainer.num_nodes, per_node), mesh_dim_names=("replicate", "shard"))
-        self._digests_before = self._part_digests()
         units = shard_model(self.model, mesh, fsdp_cfg)
         self._sharded = True
+        self._digests_before = self._part_digests()
         rank_zero_info(f"FSDP2: {units} units, compute {fsdp_cfg.param_dtype or 'as stored'}, reduce {fsdp_cfg.reduce_dtype}, "
                        f"cpu_offload={fsdp_cfg.cpu_offload}, activation checkpointing={fsdp_cfg.activation_checkpointing}")
 
@@ -140,15 +140,19 @@ class PandaModule(L.LightningModule):
         return parts
 
     def _part_digests(self) -> dict[str, float]:
-        """A checksum of each part's full weights (collective under FSDP: every rank calls it)."""
-        out = {}
-        for name, module in self._parts().items():
-            total = 0.0
+        """A checksum of each part's weights from the local shards, summed over ranks (collective:
+        every rank calls it; no parameter is gathered)."""
+        import torch.distributed as dist
+
+        names = list(self._parts())
+        local = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for i, module in enumerate(self._parts().values()):
             for p in module.parameters():
-                full = p.full_tensor() if hasattr(p, "full_tensor") else p
-                total += float(full.detach().double().abs().sum())
-            out[name] = total
-        return out
+                shard = p.to_local() if hasattr(p, "to_local") else p
+                local[i] += shard.detach().double().abs().sum()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(local)
+        return dict(zip(names, local.tolist()))
 
     def on_train_end(self) -> None:
         """Under FSDP, write ``fsdp_rank<r>.json``: this rank's share of the sharded parameters, the
