@@ -22,6 +22,7 @@ from panda.errors import PandaError
 from panda.evaluation.run import load_model
 from panda.models.checkpoints import CheckpointKeyError, NotACheckpointError
 
+
 class ChatError(PandaError):
     """A request the chat command cannot serve; the message says what to change."""
 

@@ -41,6 +41,25 @@ def frame_pipeline(cfg, with_teacher: bool = False) -> FramePipeline:
     )
 
 
+def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, sampler: Sampler | None = None) -> DataLoader:
+    """The DataLoader of every panda dataset (training, held-out QA, evaluate.py): padding collator,
+    failed samples reported by the collator, workers that also start inside sweep workers."""
+    context = None
+    if num_workers > 0 and sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        # inside joblib/loky sweep workers the default start method cannot start loader workers; fork can
+        context = "fork"
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        multiprocessing_context=context,
+        num_workers=num_workers,
+        collate_fn=Collator(pad_token_id),
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
 class ResumableSampler(Sampler[int]):
     """A seeded per-epoch shuffle, split across ranks, that can start an epoch part-way.
 
@@ -138,21 +157,7 @@ class VideoDataModule(L.LightningDataModule):
         log.info("training records: %d (rejected %d)", len(records), len(self.rejects))
 
     def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        context = None
-        if workers > 0 and sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
-            # inside joblib/loky sweep workers the default start method cannot start loader workers; fork can
-            context = "fork"
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            multiprocessing_context=context,
-            num_workers=workers,
-            collate_fn=Collator(self.tokenizer.pad_token_id),
-            persistent_workers=workers > 0,
-            drop_last=False,
-        )
+        return make_loader(dataset, batch_size, self.cfg.data.num_workers, self.tokenizer.pad_token_id, sampler)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

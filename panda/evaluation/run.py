@@ -25,7 +25,8 @@ import torch
 from omegaconf import OmegaConf
 
 from panda.data.conversation import get_template
-from panda.data.datasets import Collator, FramePipeline, QADataset
+from panda.data.datamodule import make_loader
+from panda.data.datasets import FramePipeline, QADataset
 from panda.data.records import QAItem
 from panda.evaluation.benchmarks import (
     PUBLISHED_QA,
@@ -39,7 +40,7 @@ from panda.evaluation.benchmarks import (
 from panda.evaluation.judge import JudgeConfig, build_judge
 from panda.evaluation.qa import generate_answers
 from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
-from panda.training.build import build_model, build_tokenizer, load_weights_from_ckpt
+from panda.training.build import build_model, build_tokenizer, load_weights_from_ckpt, wandb_offline
 from panda.training.run import git_commit, print_summary, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def read_predictions(folder: str) -> dict[str, dict]:
 def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: str,
                          batch_size: int, max_new_tokens: int, num_workers: int, rank: int = 0, world: int = 1) -> int:
     """Generate what is missing from this rank's slice; returns how many generations ran."""
-    from torch.utils.data import DataLoader
-
     os.makedirs(folder, exist_ok=True)
     done = {uid for uid, row in read_predictions(folder).items() if "prediction" in row}
     todo = [it for k, it in enumerate(bench.items) if k % world == rank and it.uid not in done]
@@ -130,7 +129,7 @@ def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeli
     log.info("%s: %d to generate on rank %d (%d already done)", bench.cfg.name, len(todo), rank, len(done))
     dataset = QADataset([QAItem(it.uid, it.video, it.question, "") for it in todo], bench.video_dir, tokenizer,
                         get_template(template), pipeline)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=Collator(tokenizer.pad_token_id))
+    loader = make_loader(dataset, batch_size, num_workers, tokenizer.pad_token_id)
     path = os.path.join(folder, f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
     with open(path, "a", encoding="utf-8") as f:
 
@@ -233,9 +232,7 @@ def markdown_table(results: dict) -> str:
 def log_to_wandb(cfg, results: dict, samples: list[dict], run_dir: str) -> None:
     import wandb
 
-    offline = cfg.logger.offline
-    if offline is None:
-        offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
+    offline = wandb_offline(cfg.logger.offline, run_dir)
     run = wandb.init(project=cfg.logger.project, group=cfg.logger.group, name=cfg.name, dir=run_dir,
                      mode="offline" if offline else "online", config={"checkpoint": results["checkpoint"], "frames": results["frames"],
                                                                       "judge": results["judge"]["model"]})

@@ -118,6 +118,16 @@ def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | No
         raise KeyError(f"{path} does not match the model: {bad[:20]}")
 
 
+def wandb_offline(offline: bool | None, run_dir: str) -> bool:
+    """``logger.offline``, where None means offline unless an API key is configured."""
+    if offline is not None:
+        return offline
+    offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
+    if offline:
+        log.info("wandb: no API key configured; logging offline (upload later with `wandb sync %s/wandb`)", run_dir)
+    return offline
+
+
 def build_logger(cfg, run_dir: str, parameter_counts: dict):
     kind = cfg["logger"]["kind"]
     if kind == "none":
@@ -128,11 +138,7 @@ def build_logger(cfg, run_dir: str, parameter_counts: dict):
         return CSVLogger(run_dir, name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
-    offline = cfg["logger"]["offline"]
-    if offline is None:
-        offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
-        if offline:
-            log.info("wandb: no API key configured; logging offline (upload later with `wandb sync %s/wandb`)", run_dir)
+    offline = wandb_offline(cfg["logger"]["offline"], run_dir)
     # one wandb run per panda run: a resumed (or requeued) job continues it instead of starting another
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
