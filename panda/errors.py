@@ -8,19 +8,21 @@ class PandaError(Exception):
 class VideoDecodeError(PandaError):
     """A video could not be opened or decoded (missing, empty, truncated, unsupported codec)."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, code: str = "undecodable"):
         self.path = str(path)
         self.reason = reason
+        self.code = code  # short reject code: missing, empty_file, unreadable, no_video_stream, undecodable, ...
         super().__init__(f"cannot decode video {self.path}: {reason}")
 
 
 class RecordError(PandaError):
     """An annotation record is malformed (missing keys, wrong types, bad conversation)."""
 
-    def __init__(self, source, index, reason: str):
+    def __init__(self, source, index, reason: str, code: str = "malformed_record"):
         self.source = str(source)
         self.index = index
         self.reason = reason
+        self.code = code  # short reject code, as in rejects.jsonl
         super().__init__(f"{self.source}, record {index}: {reason}")
 
 

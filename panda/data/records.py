@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from panda.errors import RecordError
@@ -51,7 +52,7 @@ def normalize_conversation(conversations, source="<records>", index=0) -> list[t
     if msgs and msgs[-1][0] == "human":  # an unanswered question supervises nothing
         msgs.pop()
     if not msgs:
-        raise RecordError(source, index, "no human/gpt exchange in 'conversations'")
+        raise RecordError(source, index, "no human/gpt exchange in 'conversations'", code="empty_conversation")
     turns = []
     for j in range(0, len(msgs), 2):
         if msgs[j][0] != "human" or j + 1 >= len(msgs) or msgs[j + 1][0] != "gpt":
@@ -63,7 +64,7 @@ def normalize_conversation(conversations, source="<records>", index=0) -> list[t
     first = turns[0][0].replace(VIDEO_TOKEN, "").strip()
     turns[0] = (f"{VIDEO_TOKEN}\n{first}", turns[0][1])
     if any(not q.strip() or not a.strip() for q, a in turns[1:]) or not first or not turns[0][1].strip():
-        raise RecordError(source, index, "empty question or answer text")
+        raise RecordError(source, index, "empty question or answer text", code="empty_conversation")
     return turns
 
 
@@ -80,36 +81,111 @@ def parse_record(raw, source="<records>", index=0) -> VideoRecord:
     return VideoRecord(str(raw.get("id", f"{os.path.basename(str(source))}:{index}")), raw["video"], turns, meta)
 
 
+def _lone_surrogate(value) -> bool:
+    """True if a string (anywhere inside ``value``) holds text that is not valid UTF-8: bytes the
+    file decoder could not read (surrogate-escaped) or a ``\\ud800``-style escape without its pair."""
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
+def iter_json_records(path: str | os.PathLike):
+    """Yield ``(index, raw)`` for each element of the JSON list in ``path``, one at a time.
+
+    A syntax error raises :class:`RecordError` naming the file, the record index and the line and
+    column, so a 1 GB annotation file with one bad comma is fixable without a JSON linter. Bytes
+    that are not UTF-8 are let through as surrogate escapes; :func:`check_text` rejects those
+    records one by one instead of failing the whole file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation file not found: {path} (check data.train_records / data.root / --records)")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="surrogateescape")
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    pos = ws.match(text, 0).end()
+    if text.startswith("\ufeff", pos):  # a UTF-8 byte-order mark
+        pos = ws.match(text, pos + 1).end()
+    if not text.startswith("[", pos):
+        raise RecordError(path, "-", "the file must hold a JSON list of records ([{...}, {...}])")
+    pos = ws.match(text, pos + 1).end()
+    index = 0
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            raw, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise RecordError(path, index, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        yield index, raw
+        index += 1
+        pos = ws.match(text, pos).end()
+        if text.startswith("]", pos):
+            break
+        if not text.startswith(",", pos):
+            line = text.count("\n", 0, pos) + 1
+            raise RecordError(path, index, f"invalid JSON at line {line}: expected ',' or ']' after record {index - 1}")
+        pos = ws.match(text, pos + 1).end()
+    if text[ws.match(text, pos + 1).end():].strip():
+        raise RecordError(path, index, "unexpected text after the closing ']' of the record list")
+
+
+class RecordReader:
+    """Reads records from one or more files: each malformed record becomes a reject with a short
+    ``code`` (``malformed_record``, ``empty_conversation``, ``non_utf8_text``, ``duplicate_id``)
+    and its reason; ids must be unique across all files read by one reader."""
+
+    def __init__(self, on_error: str = "skip"):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be skip or raise, got {on_error!r}")
+        self.on_error = on_error
+        self.seen: set[str] = set()
+
+    def classify(self, raw, path: str, index: int) -> VideoRecord:
+        if _lone_surrogate(raw):
+            raise RecordError(path, index, "text is not valid UTF-8 (re-encode the annotation file)", code="non_utf8_text")
+        if isinstance(raw, dict) and isinstance(raw.get("video"), str) and raw.get("conversations") in ([], None, ""):
+            raise RecordError(path, index, "'conversations' is empty", code="empty_conversation")
+        rec = parse_record(raw, path, index)
+        if rec.id in self.seen:
+            raise RecordError(path, index, f"duplicate id {rec.id!r} (its first record is kept)", code="duplicate_id")
+        self.seen.add(rec.id)
+        return rec
+
+    def read(self, path: str | os.PathLike):
+        """Yield ``(index, record, reject)``; exactly one of ``record`` / ``reject`` is set."""
+        path = os.fspath(path)
+        for index, raw in iter_json_records(path):
+            try:
+                yield index, self.classify(raw, path, index), None
+            except RecordError as exc:
+                if self.on_error == "raise":
+                    raise
+                rid = raw.get("id") if isinstance(raw, dict) else None
+                yield index, None, {"index": index, "id": None if _lone_surrogate(rid) else rid, "code": exc.code, "reason": exc.reason}
+
+
 def load_records(path: str | os.PathLike, on_error: str = "skip") -> tuple[list[VideoRecord], list[dict]]:
     """Read a JSON list of records. Returns (records, rejects).
 
     ``on_error="raise"`` stops at the first malformed record; ``"skip"`` keeps going and returns
-    each reject as ``{"index", "id", "reason"}`` (and logs how many).
+    each reject as ``{"index", "id", "code", "reason"}`` (and logs how many). Invalid JSON always
+    raises, naming the file and the record index.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"annotation file not found: {path} (check data.train_records / data.root)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecordError(path, "-", f"not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(raw, list):
-        raise RecordError(path, "-", "the file must hold a JSON list of records")
-    records, rejects, seen = [], [], set()
-    for i, item in enumerate(raw):
-        try:
-            rec = parse_record(item, path, i)
-            if rec.id in seen:
-                raise RecordError(path, i, f"duplicate id {rec.id!r}")
-            seen.add(rec.id)
+    records, rejects = [], []
+    for _, rec, reject in RecordReader(on_error).read(path):
+        if rec is not None:
             records.append(rec)
-        except RecordError as exc:
-            if on_error == "raise":
-                raise
-            rejects.append({"index": i, "id": item.get("id") if isinstance(item, dict) else None, "reason": exc.reason})
+        else:
+            rejects.append(reject)
     if rejects:
-        log.warning("%s: skipped %d malformed record(s) of %d; first: %s", path, len(rejects), len(raw), rejects[0])
+        log.warning("%s: skipped %d malformed record(s) of %d; first: %s", path, len(rejects),
+                    len(records) + len(rejects), rejects[0])
     return records, rejects
 
 

@@ -7,9 +7,11 @@ the file, so callers catch one type.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 
@@ -47,17 +49,26 @@ def sample_frame_indices(num_frames: int, fps: float, frames: int, sample_fps: f
     return list(range(first, last + 1, stride))[:frames]
 
 
+# a file path, or the encoded bytes of a video (a shard entry)
+VideoSource = Union[str, os.PathLike, bytes, memoryview]
+
+
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
-        raise VideoDecodeError(path, "file not found (check data.video_root and the record's 'video' path)")
+        raise VideoDecodeError(path, "file not found (check data.video_root and the record's 'video' path)", code="missing")
     if os.path.getsize(path) == 0:
-        raise VideoDecodeError(path, "file is empty (0 bytes); re-download it")
+        raise VideoDecodeError(path, "file is empty (0 bytes); re-download it", code="empty_file")
 
 
-def _decode_decord(path: str, frames: int, sample_fps: float) -> DecodedVideo:
+def _open(source):
+    """What decord and PyAV open: the path itself, or a fresh in-memory file over the bytes."""
+    return io.BytesIO(source) if isinstance(source, (bytes, memoryview)) else source
+
+
+def _decode_decord(source, frames: int, sample_fps: float) -> DecodedVideo:
     import decord
 
-    reader = decord.VideoReader(path, num_threads=1)
+    reader = decord.VideoReader(_open(source), num_threads=1)
     n = len(reader)
     fps = float(reader.get_avg_fps())
     idx = sample_frame_indices(n, fps, frames, sample_fps)
@@ -67,10 +78,10 @@ def _decode_decord(path: str, frames: int, sample_fps: float) -> DecodedVideo:
     return DecodedVideo(data, idx, fps, n, "decord")
 
 
-def _decode_pyav(path: str, frames: int, sample_fps: float) -> DecodedVideo:
+def _decode_pyav(source, frames: int, sample_fps: float) -> DecodedVideo:
     import av
 
-    with av.open(path) as container:
+    with av.open(_open(source)) as container:
         if not container.streams.video:
             raise ValueError("no video stream in file")
         stream = container.streams.video[0]
@@ -82,34 +93,97 @@ def _decode_pyav(path: str, frames: int, sample_fps: float) -> DecodedVideo:
         idx = sample_frame_indices(n, fps, frames, sample_fps)
         wanted = set(idx)
         out = {}
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                out[i] = frame.to_ndarray(format="rgb24")
-            if i >= idx[-1]:
-                break
+        decoded = 0
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                decoded = i + 1
+                if i in wanted:
+                    out[i] = frame.to_ndarray(format="rgb24")
+                if i >= idx[-1]:
+                    break
+        except av.error.FFmpegError as exc:  # damaged data part-way: judged below by how far it got
+            if not out:
+                raise
+            log.debug("decoding stopped at frame %d: %s", decoded, exc)
     if not out:
         raise ValueError("no frame could be decoded")
     got = [i for i in idx if i in out]
+    if len(got) < len(idx) and decoded < 0.95 * n:
+        # the stream ends well before the frame count its header gives: the file was cut short.
+        # (A header off by a frame or two is common and only loses the last sampled frame.)
+        raise VideoFileTruncated(f"only {len(got)} of the {len(idx)} sampled frames decode: the stream stops "
+                                 f"at frame {decoded} of the {n} its header gives (file cut short?)")
     return DecodedVideo(np.stack([out[i] for i in got]), got, fps, n, "pyav")
 
 
-def decode_video(path: str | os.PathLike, frames: int, sample_fps: float = 1.0, backend: str = "auto") -> DecodedVideo:
-    """Decode the sampled frames of ``path``.
+class VideoFileTruncated(ValueError):
+    """The stream ends long before the frame count its header gives."""
+
+
+def decode_video(source: VideoSource, frames: int, sample_fps: float = 1.0, backend: str = "auto",
+                 name: str | None = None) -> DecodedVideo:
+    """Decode the sampled frames of ``source``: a file path, or a video's encoded bytes (then
+    ``name`` says where they came from, for error messages).
 
     ``backend``: ``auto`` (decord, then PyAV on any failure), ``decord`` or ``pyav``.
     Raises :class:`VideoDecodeError` naming the file when nothing works.
     """
-    path = os.fspath(path)
-    _check_file(path)
+    if isinstance(source, (bytes, memoryview)):
+        path = name or "<video bytes>"
+        if len(source) == 0:
+            raise VideoDecodeError(path, "video is empty (0 bytes)", code="empty_file")
+    else:
+        path = source = os.fspath(source)
+        _check_file(path)
     order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}.get(backend)
     if order is None:
         raise ValueError(f"unknown video backend {backend!r}; use auto, decord or pyav")
-    errors = []
+    errors, code = [], "undecodable"
     for name in order:
         try:
             fn = _decode_decord if name == "decord" else _decode_pyav
-            return fn(path, frames, sample_fps)
-        except Exception as exc:  # decord raises DECORDError (not a RuntimeError); catch at the boundary
+            return fn(source, frames, sample_fps)
+        except Exception as exc:
+            if isinstance(exc, VideoFileTruncated):
+                code = "truncated"  # decord raises DECORDError (not a RuntimeError); catch at the boundary
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             log.debug("decoder %s failed on %s: %s", name, path, exc)
-    raise VideoDecodeError(path, "; ".join(errors))
+    raise VideoDecodeError(path, "; ".join(errors), code=code)
+
+
+@dataclass
+class VideoProbe:
+    """What the container says about a video, read without decoding it."""
+
+    width: int
+    height: int
+    fps: float
+    num_frames: int  # 0 when the container does not say
+    codec: str
+    container: str
+
+
+def probe_video(path: str | os.PathLike) -> VideoProbe:
+    """Open ``path`` with PyAV and read its first video stream's header.
+
+    Raises :class:`VideoDecodeError` with code ``missing``, ``empty_file``, ``unreadable`` (not a
+    container FFmpeg can open: garbage bytes, or a file cut before its index) or
+    ``no_video_stream`` (e.g. an audio-only file).
+    """
+    import av
+
+    path = os.fspath(path)
+    _check_file(path)
+    try:
+        container = av.open(path)
+    except Exception as exc:  # av.error.InvalidDataError and friends
+        raise VideoDecodeError(path, f"not a readable video container: {str(exc).strip()[:200]}", code="unreadable") from exc
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})", code="no_video_stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        return VideoProbe(int(ctx.width), int(ctx.height), fps, int(stream.frames or 0), str(ctx.name),
+                          str(container.format.name))

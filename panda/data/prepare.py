@@ -1,0 +1,388 @@
+"""Validate Valley / Video-ChatGPT records and their videos once, and write litdata shards.
+
+    python -m panda.data.prepare --records DATA_ROOT/train/train_json/valley_.json \\
+        --video-root DATA_ROOT/train --output /data/shards/valley --workers 16
+
+Every record is read (a malformed one is rejected with its file and index; JSON that does not
+parse stops the job and names the record), its video resolved and **validated once**: the
+container is opened, fps, frame count and size are read, and the frames training samples are
+decoded (decord, PyAV as the fallback: AV1 and some containers need it). What passes is written
+as litdata chunks holding the *encoded* video bytes and a JSON metadata string per sample; what
+fails goes to ``OUT/rejects.jsonl`` as ``{"id", "path", "code", "reason", "source"}``. Nothing
+that one record does stops the job.
+
+The work is cut into parts of ``--part-size`` records, processed by ``--workers`` processes. Each
+finished part leaves ``OUT/.parts/<part>.json``; ``--resume`` keeps those and redoes only the rest,
+so an interrupted run loses at most one part per worker. The last step merges the parts into one
+litdata dataset (``OUT/index.json``, readable by ``litdata.StreamingDataset`` as it is) and
+writes ``OUT/panda_index.json`` (per-sample text lengths, for length-grouped batches),
+``OUT/stats.json`` and ``OUT/rejects.jsonl``.
+
+Reject codes: ``malformed_record``, ``empty_conversation``, ``non_utf8_text``, ``duplicate_id``
+(the record), ``missing``, ``empty_file``, ``unreadable``, ``no_video_stream``, ``undecodable``,
+``truncated``, ``too_few_frames``, ``frame_too_large`` (the video).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from panda.data.records import RecordReader, VideoRecord
+from panda.data.video import decode_video, probe_video
+from panda.errors import PandaError, VideoDecodeError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "panda-shards-v1"
+INDEX_FILE = "panda_index.json"  # per-sample lengths for the sampler; litdata's own is index.json
+PARTS_DIR = ".parts"
+
+
+@dataclass
+class PrepareOptions:
+    records: list[str]
+    video_root: str
+    output: str
+    workers: int = 1
+    resume: bool = False
+    frames: int = 8  # the frames training samples (8 in the release); these are test-decoded
+    sample_fps: float = 1.0
+    min_frames: int | None = None  # fewer frames in the file than this: reject (None = ``frames``)
+    max_side: int = 4096  # a longer frame side is rejected (decoding it would stall a loader worker)
+    chunk_bytes: str = "64MB"
+    part_size: int = 256
+    tokenizer: str | None = None  # a local tokenizer folder: text lengths in tokens (else characters)
+    backend: str = "auto"
+    progress: bool = True
+
+    def plan_key(self) -> dict:
+        """The settings a resumed run must share with the run it continues."""
+        keys = ("video_root", "frames", "sample_fps", "min_frames", "max_side", "chunk_bytes", "part_size", "tokenizer")
+        files = [[os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))] for p in self.records]
+        return {"records": files, **{k: getattr(self, k) for k in keys}}
+
+
+class PrepareError(PandaError):
+    """The job cannot start or continue (bad arguments, an output folder in the way)."""
+
+
+@dataclass
+class PartResult:
+    part: int
+    kept: list[dict] = field(default_factory=list)  # [{"id", "length"}] in write order
+    rejects: list[dict] = field(default_factory=list)
+    source_bytes: int = 0
+    backends: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --- one record ---------------------------------------------------------------------------------
+
+_TOKENIZERS: dict = {}
+
+
+def text_length(turns, tokenizer_path: str | None) -> int:
+    """Length of a conversation's text: tokens with a tokenizer, else characters."""
+    texts = [t for turn in turns for t in turn]
+    if not tokenizer_path:
+        return sum(len(t) for t in texts)
+    if tokenizer_path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[tokenizer_path] = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok = _TOKENIZERS[tokenizer_path]
+    return sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+
+
+def inspect_video(path: str, opts: PrepareOptions) -> dict:
+    """Validate one video the way training will read it. Returns its metadata, or raises
+    :class:`VideoDecodeError` with a reject code."""
+    probe = probe_video(path)  # missing, empty_file, unreadable, no_video_stream
+    if max(probe.width, probe.height) > opts.max_side:
+        raise VideoDecodeError(path, f"frame size {probe.width}x{probe.height} exceeds --max-side {opts.max_side}",
+                               code="frame_too_large")
+    decoded = decode_video(path, opts.frames, opts.sample_fps, opts.backend)  # undecodable, truncated
+    if probe.num_frames and decoded.num_frames < 0.95 * probe.num_frames:
+        # decord counts the frames present; a header promising many more means the file was cut short
+        raise VideoDecodeError(path, f"{decoded.num_frames} frames present, the header gives {probe.num_frames} "
+                               "(file cut short?)", code="truncated")
+    min_frames = opts.min_frames or opts.frames
+    if decoded.num_frames < min_frames:
+        raise VideoDecodeError(path, f"{decoded.num_frames} frame(s), fewer than {min_frames} (--min-frames)",
+                               code="too_few_frames")
+    height, width = decoded.frames.shape[1:3]
+    return {"fps": decoded.fps, "num_frames": decoded.num_frames,
+            "duration": round(decoded.num_frames / decoded.fps, 3) if decoded.fps else None,
+            "width": int(width), "height": int(height), "codec": probe.codec, "container": probe.container,
+            "backend": decoded.backend}
+
+
+def make_sample(rec: VideoRecord, opts: PrepareOptions) -> tuple[dict, int]:
+    """(the shard sample, source bytes) for a record whose video validates."""
+    path = os.path.join(opts.video_root, rec.video)
+    info = inspect_video(path, opts)
+    with open(path, "rb") as f:
+        data = f.read()
+    meta = {"id": rec.id, "video": rec.video, **info, "turns": [list(t) for t in rec.turns],
+            "text_length": text_length(rec.turns, opts.tokenizer), "extra": rec.meta}
+    return {"video": data, "meta": json.dumps(meta, ensure_ascii=False)}, len(data)
+
+
+# --- one part -----------------------------------------------------------------------------------
+
+_PROGRESS = None  # a queue the workers tick per record
+
+
+def _init_worker(progress) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+    logging.getLogger("panda.data.video").setLevel(logging.WARNING)
+
+
+def _part_paths(output: str, part: int) -> tuple[str, str]:
+    return os.path.join(output, PARTS_DIR, f"{part}.json"), os.path.join(output, PARTS_DIR, f"{part}.index.json")
+
+
+def prepare_part(part: int, records: list[VideoRecord], opts: PrepareOptions) -> PartResult:
+    """Validate and write one part: chunks ``chunk-<part>-<i>.bin`` and ``.parts/<part>.json``."""
+    from litdata.streaming.writer import BinaryWriter
+
+    start = time.perf_counter()
+    done_path, index_path = _part_paths(opts.output, part)
+    for stale in glob.glob(os.path.join(opts.output, f"chunk-{part}-*.bin")) + [index_path]:
+        if os.path.exists(stale):  # what an interrupted run left of this part
+            os.remove(stale)
+    # litdata names chunks and the part index after the writer's rank: make it the part number
+    os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = str(part)
+    writer = BinaryWriter(opts.output, chunk_bytes=opts.chunk_bytes)
+    result = PartResult(part)
+    for rec in records:
+        path = os.path.join(opts.video_root, rec.video)
+        try:
+            sample, nbytes = make_sample(rec, opts)
+        except VideoDecodeError as exc:
+            result.rejects.append({"id": rec.id, "path": path, "code": exc.code, "reason": exc.reason})
+        except Exception as exc:  # a bug or an exotic file: reject it, name it, keep going
+            result.rejects.append({"id": rec.id, "path": path, "code": "undecodable",
+                                   "reason": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
+        else:
+            writer.add_item(len(result.kept), sample)
+            meta = json.loads(sample["meta"])
+            result.kept.append({"id": rec.id, "length": meta["text_length"]})
+            result.source_bytes += nbytes
+            result.backends[meta["backend"]] = result.backends.get(meta["backend"], 0) + 1
+        if _PROGRESS is not None:
+            _PROGRESS.put(1)
+    if result.kept:
+        writer.done()
+        os.replace(os.path.join(opts.output, f"{part}.index.json"), index_path)
+    os.environ.pop("DATA_OPTIMIZER_GLOBAL_RANK", None)
+    result.seconds = time.perf_counter() - start
+    _write_json(done_path, asdict(result))  # last: its presence marks the part finished
+    return result
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+def read_all_records(opts: PrepareOptions) -> tuple[list[VideoRecord], list[dict]]:
+    """Every record of every ``--records`` file (ids unique across files), and the record rejects."""
+    reader = RecordReader(on_error="skip")
+    records, rejects = [], []
+    for path in opts.records:
+        for index, rec, reject in reader.read(path):
+            if rec is not None:
+                records.append(rec)
+            else:
+                rejects.append({"id": reject["id"], "path": None, "code": reject["code"],
+                                "reason": reject["reason"], "source": f"{path}#{index}"})
+    return records, rejects
+
+
+def _check_output(opts: PrepareOptions) -> None:
+    plan_path = os.path.join(opts.output, PARTS_DIR, "plan.json")
+    key = opts.plan_key()
+    if opts.resume:
+        if os.path.exists(plan_path):
+            with open(plan_path, encoding="utf-8") as f:
+                old = json.load(f)
+            changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            if changed:
+                raise PrepareError(f"--resume: {opts.output} was prepared with different {', '.join(changed)}; "
+                                   "rerun with the same arguments, or write to a new --output")
+    elif os.path.isdir(opts.output) and os.listdir(opts.output):
+        raise PrepareError(f"{opts.output} is not empty: pass --resume to continue an interrupted run, "
+                           "or choose a new --output")
+    os.makedirs(os.path.join(opts.output, PARTS_DIR), exist_ok=True)
+    _write_json(plan_path, key)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="video", desc="prepare", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+
+def _run_parts(todo: list[tuple[int, list[VideoRecord]]], opts: PrepareOptions, bar) -> list[PartResult]:
+    if opts.workers <= 1:
+        class Ticks:
+            put = bar.update
+
+        _init_worker(Ticks())
+        results = [prepare_part(part, recs, opts) for part, recs in todo]
+        _init_worker(None)
+        return results
+    ctx = multiprocessing.get_context("spawn")  # decoders and litdata threads do not survive fork well
+    ticks = ctx.SimpleQueue()
+    with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(ticks,)) as pool:
+        pending = [pool.apply_async(prepare_part, (part, recs, opts)) for part, recs in todo]
+        while not all(p.ready() for p in pending):
+            while not ticks.empty():
+                bar.update(ticks.get())
+            time.sleep(0.1)
+        results = [p.get() for p in pending]  # re-raises a worker crash
+    while not ticks.empty():
+        bar.update(ticks.get())
+    ticks.close()
+    del ticks
+    return results
+
+
+def _merge(opts: PrepareOptions, parts: list[PartResult]) -> tuple[int, int]:
+    """One litdata index over every part's chunks, in part order. Returns (samples, shard bytes)."""
+    chunks, config = [], None
+    for res in parts:
+        if not res.kept:
+            continue
+        with open(_part_paths(opts.output, res.part)[1], encoding="utf-8") as f:
+            index = json.load(f)
+        config = config or index["config"]
+        chunks += index["chunks"]
+    if config is None:
+        raise PrepareError(f"no record of {opts.records} passed validation; see {opts.output}/rejects.jsonl")
+    _write_json(os.path.join(opts.output, "index.json"), {"chunks": chunks, "config": config, "updated_at": str(time.time())})
+    shard_bytes = sum(os.path.getsize(os.path.join(opts.output, c["filename"])) for c in chunks)
+    return sum(c["chunk_size"] for c in chunks), shard_bytes
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run the whole job; returns the stats written to ``OUT/stats.json``."""
+    start = time.perf_counter()
+    for path in opts.records:
+        if not os.path.isfile(path):
+            raise PrepareError(f"--records {path}: file not found")
+    if not os.path.isdir(opts.video_root):
+        raise PrepareError(f"--video-root {opts.video_root}: not a folder")
+    if opts.part_size < 1 or opts.workers < 1:
+        raise PrepareError("--part-size and --workers must be at least 1")
+    _check_output(opts)
+    records, record_rejects = read_all_records(opts)
+    log.info("%d records read (%d rejected as records) from %s", len(records), len(record_rejects), opts.records)
+    parts = [(p, records[i: i + opts.part_size]) for p, i in enumerate(range(0, len(records), opts.part_size))]
+    finished: dict[int, PartResult] = {}
+    if opts.resume:
+        for part, _ in parts:
+            done_path = _part_paths(opts.output, part)[0]
+            if os.path.exists(done_path):
+                with open(done_path, encoding="utf-8") as f:
+                    finished[part] = PartResult(**json.load(f))
+    todo = [(p, recs) for p, recs in parts if p not in finished]
+    bar = _progress_bar(len(records), opts.progress)
+    bar.update(sum(len(recs) for p, recs in parts if p in finished))
+    if finished:
+        log.info("--resume: %d of %d parts already written, %d to go", len(finished), len(parts), len(todo))
+    for res in _run_parts(todo, opts, bar):
+        finished[res.part] = res
+    bar.close()
+    results = [finished[p] for p, _ in parts]
+    video_rejects = [dict(r, source=None) for res in results for r in res.rejects]
+    rejects = record_rejects + video_rejects
+    with open(os.path.join(opts.output, "rejects.jsonl"), "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    num_samples, shard_bytes = _merge(opts, results)
+    lengths = [k["length"] for res in results for k in res.kept]
+    _write_json(os.path.join(opts.output, INDEX_FILE), {
+        "format": FORMAT, "num_samples": num_samples, "length_unit": "tokens" if opts.tokenizer else "characters",
+        "lengths": lengths, "frames_validated": opts.frames, "sample_fps": opts.sample_fps})
+    by_code: dict[str, int] = {}
+    for r in rejects:
+        by_code[r["code"]] = by_code.get(r["code"], 0) + 1
+    backends: dict[str, int] = {}
+    for res in results:
+        for k, v in res.backends.items():
+            backends[k] = backends.get(k, 0) + v
+    seconds = time.perf_counter() - start
+    source_bytes = sum(res.source_bytes for res in results)
+    stats = {
+        "records_seen": len(records) + len(record_rejects), "kept": num_samples, "rejected": len(rejects),
+        "rejected_by_reason": dict(sorted(by_code.items())), "decoded_with": backends,
+        "source_bytes": source_bytes, "shard_bytes": shard_bytes,
+        "shard_to_source": round(shard_bytes / source_bytes, 4) if source_bytes else None,
+        "parts": len(parts), "parts_reused": len(parts) - len(todo), "workers": opts.workers,
+        "seconds": round(seconds, 2), "videos_per_second": round(sum(len(r) for _, r in todo) / seconds, 2) if todo else None,
+        "records": opts.records, "frames_validated": opts.frames,
+        "id_digest": hashlib.sha256("\n".join(k["id"] for res in results for k in res.kept).encode()).hexdigest()[:16],
+    }
+    _write_json(os.path.join(opts.output, "stats.json"), stats)
+    log.info("kept %d of %d records (%s); shards %.1f MB from %.1f MB of video", num_samples, stats["records_seen"],
+             ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items()) or "no rejects",
+             shard_bytes / 1e6, source_bytes / 1e6)
+    return stats
+
+
+def parse_args(argv=None) -> PrepareOptions:
+    p = argparse.ArgumentParser(prog="python -m panda.data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", action="append", required=True, help="a JSON list of records (repeat for several)")
+    p.add_argument("--video-root", required=True, help="folder the records' 'video' paths are relative to")
+    p.add_argument("--output", required=True, help="folder for the shards (then point data.root at it)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    p.add_argument("--frames", type=int, default=8, help="frames training samples per video (test-decoded)")
+    p.add_argument("--sample-fps", type=float, default=1.0)
+    p.add_argument("--min-frames", type=int, default=None, help="reject videos with fewer frames (default --frames)")
+    p.add_argument("--max-side", type=int, default=4096, help="reject frames with a longer side (pixels)")
+    p.add_argument("--chunk-bytes", default="64MB", help="litdata chunk size")
+    p.add_argument("--part-size", type=int, default=256, help="records per resumable unit of work")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer folder: store text lengths in tokens")
+    p.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav"])
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    return PrepareOptions(records=a.records, video_root=a.video_root, output=a.output, workers=a.workers,
+                          resume=a.resume, frames=a.frames, sample_fps=a.sample_fps, min_frames=a.min_frames,
+                          max_side=a.max_side, chunk_bytes=a.chunk_bytes, part_size=a.part_size,
+                          tokenizer=a.tokenizer, backend=a.backend, progress=not a.no_progress)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = parse_args(argv)
+    from panda.data import prepare as module  # the importable copy: spawn workers pickle its functions by name
+
+    try:
+        stats = module.prepare(opts)
+    except (module.PandaError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: stats[k] for k in ("records_seen", "kept", "rejected", "rejected_by_reason", "seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
