@@ -60,6 +60,15 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class ShardSourceConfig:
+    """One prepared shard folder (``python -m panda.data.prepare --output``), local or an object-store URL."""
+
+    name: str = MISSING
+    path: str = MISSING
+    weight: Optional[float] = None  # share of each epoch's samples; None on every source = all samples once
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"
     root: str = MISSING  # DATA_ROOT; other paths below are relative to it (each data config sets or requires it)
@@ -76,6 +85,13 @@ class DataConfig:
     on_bad_record: str = "skip"  # skip (count + list in rejects) | raise
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
     fraction_seed: int = 0
+    # streaming: set -> train on prepared litdata shards instead of train_records + video_root
+    shards: list[ShardSourceConfig] = field(default_factory=list)
+    cache_dir: Optional[str] = None  # local cache of remote chunks (default ~/.cache/panda/shards)
+    samples_per_epoch: Optional[int] = None  # with weighted sources: samples per epoch (default: all of them)
+    shuffle_window: int = 4096  # samples shuffled together after the chunk order is shuffled
+    group_by_length: bool = True  # batches of similar text length (less padding)
+    group_batches: int = 32  # ... sorted within groups of this many batches
 
 
 @dataclass
@@ -235,6 +251,14 @@ def validate(cfg) -> None:
         if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
             raise ValueError("trainer.fsdp.cpu_offload keeps GPU shards in host memory: it needs a CUDA GPU "
                              "(on a CPU-only run everything already lives in host memory; drop the option)")
+    if cfg.data.shards:
+        if cfg.data.synthetic is not None:
+            raise ValueError("data.shards and data.synthetic are exclusive: set data.synthetic=null to train on shards")
+        weights = [s.weight for s in cfg.data.shards]
+        if any(w is None for w in weights) and any(w is not None for w in weights):
+            raise ValueError(f"data.shards: give every source a weight or none, got {weights}")
+        if any(w is not None and w <= 0 for w in weights):
+            raise ValueError(f"data.shards: weights must be > 0, got {weights}")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ValueError(f"data.fraction={cfg.data.fraction} must be in (0, 1]")
     if not (cfg.stage.train_stab or cfg.stage.train_projector or cfg.stage.train_llm):

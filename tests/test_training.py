@@ -117,19 +117,23 @@ def test_mid_epoch_resume_continues_with_exactly_the_batches_of_an_uninterrupted
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
-def test_resumable_sampler_splits_ranks_and_skips_exactly():
-    from panda.data.datamodule import ResumableSampler
+def test_batch_sampler_splits_ranks_and_skips_exactly():
+    from panda.data.sampling import EpochBatchSampler, SourceSpec
 
-    ranks = [ResumableSampler(10, seed=3, rank=r, world=2) for r in range(2)]
+    src = [SourceSpec("records", 10, [1] * 10, lengths=list(range(10)))]
+    ranks = [EpochBatchSampler(src, 2, seed=3, rank=r, world=2) for r in range(2)]
     for s in ranks:
         s.set_epoch(1)
     a, b = (list(s) for s in ranks)
-    assert len(a) == len(b) == 5 and sorted(a + b) == list(range(10))  # every sample once across 2 ranks
-    again = ResumableSampler(10, seed=3, rank=0, world=2)
+    assert len(a) == len(b) == 3  # 5 batches, padded to 6 by repeating the first
+    flat = sorted(i for batch in a + b for i in batch)
+    assert set(flat) == set(range(10)) and len(flat) == 12  # every sample, 2 of them twice (the pad batch)
+    again = EpochBatchSampler(src, 2, seed=3, rank=0, world=2)
     again.set_epoch(7)  # Lightning's counter may differ after a max_steps stop; the data epoch does not
     again.resume(1, 2)
     assert list(again) == a[2:]
     again.set_epoch(8)
-    nxt = ResumableSampler(10, seed=3, rank=0, world=2)
+    nxt = EpochBatchSampler(src, 2, seed=3, rank=0, world=2)
     nxt.set_epoch(2)
     assert list(again) == list(nxt)  # and the epoch after continues the same sequence of orders
+    assert list(nxt) != a  # epochs differ

@@ -1,4 +1,4 @@
-"""The LightningDataModule for JSON records + a video folder (the synthetic default uses it too)."""
+"""The LightningDataModule: JSON records + a video folder (the synthetic default), or prepared shards."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import os
 import sys
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Sampler
 
 from panda.data.conversation import get_template
 from panda.data.datasets import Collator, ConversationDataset, FramePipeline, QADataset
-from panda.data.records import load_qa, load_records
+from panda.data.records import RecordReader, load_qa
+from panda.data.sampling import EpochBatchSampler, SourceSpec
+from panda.data.shards import ShardDataset, ShardSource
 from panda.models.stab import STABConfig
 
 log = logging.getLogger(__name__)
@@ -41,141 +42,113 @@ def frame_pipeline(cfg, with_teacher: bool = False) -> FramePipeline:
     )
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, sampler: Sampler | None = None) -> DataLoader:
+def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, batch_sampler: Sampler | None = None) -> DataLoader:
     """The DataLoader of every panda dataset (training, held-out QA, evaluate.py): padding collator,
-    failed samples reported by the collator, workers that also start inside sweep workers."""
+    failed samples reported by the collator, workers that also start inside sweep workers.
+    With a ``batch_sampler`` (training) the batches are its; otherwise ``batch_size`` in order."""
     context = None
     if num_workers > 0 and sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
         # inside joblib/loky sweep workers the default start method cannot start loader workers; fork can
         context = "fork"
+    sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size, "drop_last": False}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **sizing,
         multiprocessing_context=context,
         num_workers=num_workers,
         collate_fn=Collator(pad_token_id),
         persistent_workers=num_workers > 0,
-        drop_last=False,
     )
 
 
-class ResumableSampler(Sampler[int]):
-    """A seeded per-epoch shuffle, split across ranks, that can start an epoch part-way.
-
-    Every rank draws the same permutation of epoch ``e`` (seed + e), pads it to a multiple of the
-    world size by repeating its head (as ``DistributedSampler`` does) and takes every
-    ``world``-th index from its rank, so ranks never share a sample within an epoch. After a
-    mid-epoch resume the first ``skip`` samples of that epoch are left out, so training continues
-    with exactly the batches an uninterrupted run would have seen. ``len`` stays the full epoch
-    (the learning-rate schedule is computed from it).
-    """
-
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world: int = 1, resume_from=None):
-        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
-        # asked at the first iteration: Lightning may build the loader before it restores a checkpoint
-        self.resume_from = resume_from
-        self.epoch = 0  # Lightning's epoch counter (set_epoch)
-        self.shift = 0  # data epoch = Lightning's epoch + shift (they part when a run stopped on max_steps)
-        self._resume: tuple[int, int] | None = None  # (data epoch, samples of this rank to skip)
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
-        self.epoch = epoch
-
-    @property
-    def data_epoch(self) -> int:
-        return self.epoch + self.shift
-
-    def resume(self, data_epoch: int, skip: int) -> None:
-        """The next epoch iterated continues ``data_epoch``'s order after ``skip`` samples."""
-        self._resume = (data_epoch, skip)
-
-    def __len__(self) -> int:
-        return -(-self.size // self.world)
-
-    def __iter__(self):
-        skip = 0
-        if self._resume is None and self.resume_from is not None:
-            self._resume = self.resume_from(len(self))
-        if self._resume is not None:
-            self.shift = self._resume[0] - self.epoch
-            skip = self._resume[1]
-            self._resume = None
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.data_epoch)).tolist()
-        else:
-            order = list(range(self.size))
-        total = len(self) * self.world
-        order += order[: total - self.size]
-        return iter(order[self.rank : total : self.world][skip:])
-
-
 class VideoDataModule(L.LightningDataModule):
+    """Training data from JSON records + a video folder (``data.train_records``, the synthetic
+    default) or from prepared litdata shards (``data.shards``: one source or a weighted mixture),
+    batched by :class:`EpochBatchSampler` in both cases."""
+
     def __init__(self, cfg, tokenizer, rejects_path: str | None = None, with_teacher: bool = False):
         super().__init__()
         self.with_teacher = with_teacher
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.rejects_path = rejects_path
-        self.train_set: ConversationDataset | None = None
+        self.train_set: ConversationDataset | ShardDataset | None = None
+        self.sources: list[SourceSpec] = []
         self.rejects: list[dict] = []
         self._resume: dict | None = None  # loader position restored from a checkpoint
-        self._sampler: ResumableSampler | None = None
+        self._sampler: EpochBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        stab = STABConfig(**self.cfg.stab)
+        common = dict(tokenizer=self.tokenizer, template=get_template(self.cfg.model.template),
+                      pipeline=frame_pipeline(self.cfg, self.with_teacher), max_length=self.cfg.model.max_length,
+                      visual_tokens_per_frame=stab.max_tokens_per_frame())
+        if self.cfg.data.shards:
+            self._setup_shards(common)
+        else:
+            self._setup_records(common)
+
+    def _setup_shards(self, common: dict) -> None:
+        data = self.cfg.data
+        sources = [ShardSource.open(s.name, s.path, s.weight, data.cache_dir) for s in data.shards]
+        self.sources = [SourceSpec(s.name, s.num_samples, s.chunk_sizes, s.lengths, s.weight) for s in sources]
+        self.train_set = ShardDataset(sources, **common)
+        for s in sources:
+            log.info("shards %s: %d samples in %d chunks at %s%s", s.name, s.num_samples, len(s.chunk_sizes), s.path,
+                     f" (weight {s.weight})" if s.weight is not None else "")
+
+    def _setup_records(self, common: dict) -> None:
         data = self.cfg.data
         records = []
+        reader = RecordReader(on_error=data.on_bad_record)  # ids unique across all the files
         for path in data.train_records:
             path = resolve(data.root, path)
-            recs, rejects = load_records(path, on_error=data.on_bad_record)
-            records += recs
-            self.rejects += [dict(r, source=path) for r in rejects]
-        if data.fraction < 1.0:  # a seeded random subset (stage 1 trains on half of Valley)
-            keep = max(1, round(len(records) * data.fraction))
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(data.fraction_seed))
-            records = [records[i] for i in sorted(order[:keep].tolist())]
-            log.info("data.fraction=%s: training on %d records", data.fraction, len(records))
+            for index, rec, reject in reader.read(path):
+                if rec is not None:
+                    records.append(rec)
+                else:
+                    self.rejects.append(dict(reject, source=path))
         if not records:
             raise ValueError(f"no usable training records in {list(data.train_records)} under {data.root}")
-        if self.rejects and self.rejects_path:
-            with open(self.rejects_path, "w") as f:
-                for r in self.rejects:
-                    f.write(json.dumps(r) + "\n")
-            log.warning("%d malformed record(s) skipped; listed in %s", len(self.rejects), self.rejects_path)
-        stab = STABConfig(**self.cfg.stab)
-        self.train_set = ConversationDataset(
-            records,
-            resolve(data.root, data.video_root),
-            self.tokenizer,
-            get_template(self.cfg.model.template),
-            frame_pipeline(self.cfg, self.with_teacher),
-            self.cfg.model.max_length,
-            stab.max_tokens_per_frame(),
-        )
+        if self.rejects:
+            log.warning("%d malformed record(s) skipped; first: %s", len(self.rejects), self.rejects[0])
+            if self.rejects_path:
+                with open(self.rejects_path, "w") as f:
+                    for r in self.rejects:
+                        f.write(json.dumps(r) + "\n")
+                log.warning("malformed records listed in %s", self.rejects_path)
+        lengths = [sum(len(q) + len(a) for q, a in rec.turns) for rec in records]  # characters
+        # one sample per "chunk": local files are read at random, so the shuffle is a full one
+        self.sources = [SourceSpec("records", len(records), [1] * len(records), lengths)]
+        self.train_set = ConversationDataset(records, resolve(data.root, data.video_root), **common)
         log.info("training records: %d (rejected %d)", len(records), len(self.rejects))
-
-    def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        return make_loader(dataset, batch_size, self.cfg.data.num_workers, self.tokenizer.pad_token_id, sampler)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world=world,
-                                   resume_from=self._take_resume)
+        data = self.cfg.data
+        sampler = EpochBatchSampler(
+            self.sources, data.batch_size, seed=self.cfg.seed, rank=rank, world=world,
+            samples_per_epoch=data.samples_per_epoch, shuffle_window=data.shuffle_window,
+            group_by_length=data.group_by_length, group_batches=data.group_batches,
+            fraction=data.fraction, fraction_seed=data.fraction_seed, resume_from=self._take_resume)
+        if data.fraction < 1.0:
+            log.info("data.fraction=%s: training on %d of %d samples", data.fraction,
+                     sum(len(m) for m in sampler.members), sum(s.size for s in self.sources))
         self._sampler = sampler
-        return self._loader(self.train_set, self.cfg.data.batch_size, sampler)
+        return make_loader(self.train_set, data.batch_size, data.num_workers, self.tokenizer.pad_token_id, sampler)
 
-    def _take_resume(self, samples_per_epoch: int) -> tuple[int, int] | None:
-        """(data epoch, samples to skip) restored from a checkpoint, handed out once."""
+    def _take_resume(self, batches_per_epoch: int) -> tuple[int, int] | None:
+        """(data epoch, batches of this rank to skip) restored from a checkpoint, handed out once."""
         if self._resume is None:
             return None
-        epoch, skip = self._resume["epoch"], self._resume["batches_done"] * self.cfg.data.batch_size
+        epoch, skip = self._resume["epoch"], self._resume["batches_done"]
         self._resume = None
-        if skip >= samples_per_epoch:  # the checkpoint closed its epoch: start the next one
+        if skip >= batches_per_epoch:  # the checkpoint closed its epoch: start the next one
             epoch, skip = epoch + 1, 0
-        log.info("resuming data epoch %d after %d samples per rank", epoch, skip)
+        log.info("resuming data epoch %d after %d batches per rank", epoch, skip)
         return epoch, skip
 
     # Lightning saves these in every checkpoint and restores them before the loaders are built
@@ -190,6 +163,9 @@ class VideoDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._resume = dict(state)
+
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
+        return make_loader(dataset, batch_size, self.cfg.data.num_workers, self.tokenizer.pad_token_id)
 
     def qa_dataloader(self) -> DataLoader:
         """Held-out open-ended QA (GPT_Zero_Shot_QA layout) for generation."""

@@ -41,10 +41,14 @@ class FramePipeline:
     teacher_resolution: int | None = None  # set when a distillation teacher needs its own copy of the frames
     teacher_patch_size: int = 14
 
-    def __call__(self, path: str) -> dict[str, torch.Tensor]:
-        """``pixels`` (F, 3, R, R), ``frame_mask`` (F, R, R); with a teacher also ``teacher_pixels``
+    def __call__(self, source, name: str | None = None, backend: str | None = None) -> dict[str, torch.Tensor]:
+        """``source``: a video file, or a video's encoded bytes (a shard entry; ``name`` says which).
+        ``backend``: the decoder prepare found to work (``pyav`` skips a decord attempt that fails).
+
+        Returns ``pixels`` (F, 3, R, R), ``frame_mask`` (F, R, R); with a teacher also ``teacher_pixels``
         and ``teacher_mask`` at the teacher's resolution (ratio 1: stab.md §0)."""
-        decoded = decode_video(path, self.frames, self.sample_fps, self.backend)
+        use = "pyav" if self.backend == "auto" and backend == "pyav" else self.backend
+        decoded = decode_video(source, self.frames, self.sample_fps, use, name=name)
         pixels, mask = preprocess_frames(decoded.frames, self.frames, self.resolution, self.patch_size, self.ratio)
         out = {"pixels": pixels, "frame_mask": mask}
         if self.teacher_resolution:
@@ -146,6 +150,7 @@ class Collator:
             if has_labels:
                 labels[i, :k] = s["labels"]
         batch.update(input_ids=input_ids, attention_mask=attention_mask)
+        batch["padded_fraction"] = 1.0 - float(attention_mask.sum()) / attention_mask.numel()  # text tokens only
         for key in ("pixels", "frame_mask", "teacher_pixels", "teacher_mask"):
             if key in good[0]:
                 batch[key] = torch.stack([s[key] for s in good])

@@ -67,6 +67,7 @@ class PandaModule(L.LightningModule):
         self.stage_cfg = cfg["stage"]
         self.trainable = apply_stage(model, self.stage_cfg)
         self.skipped_samples = 0
+        self.padded_fractions: list[float] = []  # per batch: padding share of the text tokens (length grouping cuts it)
         self._batch_start = None
         self._last_batch_end = None
 
@@ -125,6 +126,8 @@ class PandaModule(L.LightningModule):
         out = self(batch)
         loss = out.loss
         n = batch["input_ids"].shape[0]
+        self.padded_fractions.append(batch["padded_fraction"])
+        self.log("data/padded_fraction", batch["padded_fraction"], on_step=True, on_epoch=False, batch_size=1)
         self.log("train/lm_loss", out.lm_loss, on_step=True, on_epoch=False, batch_size=n)
         if out.distill_loss is not None:
             self.log("train/distill_loss", out.distill_loss, on_step=True, on_epoch=False, batch_size=n)

@@ -274,6 +274,8 @@ def train(cfg: DictConfig) -> dict:
             "train/steps": trainer.global_step,
             "train/loss_by_step": [[step, round(loss, 6)] for step, loss in tracker.history],
             "train/skipped_samples": module.skipped_samples,
+            "train/padded_fraction_mean": (sum(module.padded_fractions) / len(module.padded_fractions)
+                                           if module.padded_fractions else None),
             "data/rejected_records": len(datamodule.rejects),
             "checkpoint": final_ckpt if os.path.exists(final_ckpt) else None,
             "time/data_prep_s": round(data_time, 2),

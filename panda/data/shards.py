@@ -1,0 +1,145 @@
+"""Read the shards ``python -m panda.data.prepare`` writes: locally, or from an object store
+(``s3://``, ``gs://``, ``azure://``, ``hf://``, ``r2://``, ``local:`` — whatever litdata reads).
+
+A source is one prepared folder. :class:`ShardSource` reads its two small index files
+(litdata's ``index.json`` for the chunk layout, ``panda_index.json`` for the per-sample text
+lengths) without touching the chunks; :class:`ShardDataset` reads samples by global index through
+``litdata.StreamingDataset`` (which downloads and caches remote chunks), decodes the stored video
+bytes and tokenises the stored conversation. A sample that fails (a corrupt entry, a video that
+no longer decodes) comes back as ``{"error": ...}`` naming the source, the entry and the video:
+the collator drops it and training counts it — it is never replaced by another sample.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from panda.data.conversation import ConversationTemplate, tokenize_conversation
+from panda.data.prepare import FORMAT, INDEX_FILE
+from panda.errors import PandaError, SampleError, VideoDecodeError
+
+
+class ShardFormatError(PandaError):
+    """A data source is not a folder prepared by ``python -m panda.data.prepare``."""
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("local:")
+
+
+def default_cache_dir(path: str, cache_root: str | None) -> str:
+    root = cache_root or os.path.join(os.path.expanduser("~"), ".cache", "panda", "shards")
+    return os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16])
+
+
+def _read_json(path: str, name: str, cache_dir: str) -> dict:
+    if is_remote(path):
+        from litdata.streaming.downloader import get_downloader
+
+        local = os.path.join(cache_dir, name)
+        if not os.path.exists(local):
+            os.makedirs(cache_dir, exist_ok=True)
+            try:
+                get_downloader(path, cache_dir, []).download_file(f"{path.rstrip('/')}/{name}", local)
+            except Exception as exc:
+                raise ShardFormatError(f"cannot fetch {path}/{name}: {type(exc).__name__}: {exc}") from exc
+    else:
+        local = os.path.join(path, name)
+        if not os.path.exists(local):
+            hint = ("run `python -m panda.data.prepare --records ... --video-root ... --output "
+                    f"{path}` first" if not os.path.isdir(path) or not os.listdir(path) else
+                    "an interrupted prepare? rerun it with --resume")
+            raise ShardFormatError(f"{local} not found: {path} is not a prepared shard folder ({hint})")
+    with open(local, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class ShardSource:
+    name: str
+    path: str  # local folder or object-store URL
+    cache_dir: str  # where litdata keeps downloaded chunks of a remote source
+    num_samples: int
+    chunk_sizes: list[int]
+    lengths: list[int]
+    length_unit: str
+    weight: float | None = None
+
+    @classmethod
+    def open(cls, name: str, path: str, weight: float | None = None, cache_root: str | None = None) -> "ShardSource":
+        path = path.rstrip("/")
+        cache_dir = default_cache_dir(path, cache_root)
+        index = _read_json(path, "index.json", cache_dir)
+        meta = _read_json(path, INDEX_FILE, cache_dir)
+        if meta.get("format") != FORMAT:
+            raise ShardFormatError(f"{path}/{INDEX_FILE}: format {meta.get('format')!r}, expected {FORMAT!r} "
+                                   "(prepare it again with this version of panda)")
+        chunk_sizes = [int(c["chunk_size"]) for c in index["chunks"]]
+        if sum(chunk_sizes) != meta["num_samples"] or len(meta["lengths"]) != meta["num_samples"]:
+            raise ShardFormatError(f"{path}: index.json holds {sum(chunk_sizes)} samples, {INDEX_FILE} "
+                                   f"{meta['num_samples']} ({len(meta['lengths'])} lengths): the folder is inconsistent; prepare it again")
+        return cls(name, path, cache_dir, meta["num_samples"], chunk_sizes, meta["lengths"], meta["length_unit"], weight)
+
+
+class ShardDataset(Dataset):
+    """Training samples from one or more prepared sources, by global index (sources in order)."""
+
+    def __init__(self, sources: list[ShardSource], tokenizer, template: ConversationTemplate, pipeline,
+                 max_length: int, visual_tokens_per_frame: int):
+        self.sources = sources
+        self.starts = [0]
+        for s in sources:
+            self.starts.append(self.starts[-1] + s.num_samples)
+        self.tokenizer, self.template, self.pipeline = tokenizer, template, pipeline
+        self.max_length, self.visual_tokens_per_frame = max_length, visual_tokens_per_frame
+        self._streams = None  # one litdata reader per source, opened in the process that reads
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getstate__(self):  # loader workers open their own readers
+        state = self.__dict__.copy()
+        state["_streams"], state["_pid"] = None, None
+        return state
+
+    def _stream(self, j: int):
+        if self._streams is None or self._pid != os.getpid():
+            self._streams = [None] * len(self.sources)
+            self._pid = os.getpid()
+        if self._streams[j] is None:
+            from litdata import StreamingDataset
+
+            s = self.sources[j]
+            self._streams[j] = StreamingDataset(s.path, cache_dir=s.cache_dir if is_remote(s.path) else None)
+        return self._streams[j]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        j = bisect.bisect_right(self.starts, index) - 1
+        return j, index - self.starts[j]
+
+    def __getitem__(self, index: int) -> dict:
+        j, local = self.locate(index)
+        entry = f"{self.sources[j].path}#{local}"
+        try:
+            raw = self._stream(j)[local]
+            meta = json.loads(raw["meta"])
+            data = bytes(raw["video"])
+        except Exception as exc:  # a damaged chunk entry: litdata and json raise many types
+            return {"error": {"id": entry, "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
+        name = f"{entry} ({meta.get('video')})"
+        try:
+            tok = tokenize_conversation(
+                self.tokenizer, self.template, [tuple(t) for t in meta["turns"]], self.pipeline.frames,
+                self.max_length, self.visual_tokens_per_frame, meta["id"], name,
+            )
+            frames = self.pipeline(data, name=name, backend=meta.get("backend"))
+        except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
+            return {"error": {"id": meta.get("id", entry), "path": name, "reason": exc.reason}}
+        return {"id": meta["id"], "input_ids": tok.input_ids, "labels": tok.labels, **frames}
