@@ -120,20 +120,23 @@ def test_mid_epoch_resume_continues_with_exactly_the_batches_of_an_uninterrupted
 def test_batch_sampler_splits_ranks_and_skips_exactly():
     from panda.data.sampling import EpochBatchSampler, SourceSpec
 
-    src = [SourceSpec("records", 10, [1] * 10, lengths=list(range(10)))]
+    def indices(sampler):
+        return [[i for i, _, _ in batch] for batch in sampler]
+
+    src = [SourceSpec("records", 10, list(range(10)), lengths=list(range(10)))]
     ranks = [EpochBatchSampler(src, 2, seed=3, rank=r, world=2) for r in range(2)]
-    for s in ranks:
-        s.set_epoch(1)
-    a, b = (list(s) for s in ranks)
+    a, b = (indices(s) for s in ranks)
     assert len(a) == len(b) == 3  # 5 batches, padded to 6 by repeating the first
     flat = sorted(i for batch in a + b for i in batch)
     assert set(flat) == set(range(10)) and len(flat) == 12  # every sample, 2 of them twice (the pad batch)
+    a1 = indices(ranks[0])  # the next iteration draws the next epoch
+    assert a1 != a
+    assert [pos for *_, pos in (batch[0] for batch in ranks[0])] == [0, 1, 2]  # batches carry their position
+
     again = EpochBatchSampler(src, 2, seed=3, rank=0, world=2)
-    again.set_epoch(7)  # Lightning's counter may differ after a max_steps stop; the data epoch does not
-    again.resume(1, 2)
-    assert list(again) == a[2:]
-    again.set_epoch(8)
-    nxt = EpochBatchSampler(src, 2, seed=3, rank=0, world=2)
-    nxt.set_epoch(2)
-    assert list(again) == list(nxt)  # and the epoch after continues the same sequence of orders
-    assert list(nxt) != a  # epochs differ
+    iter(again)  # a multi-worker DataLoader starts by iterating twice; only yielding iterations count
+    again.set_epoch(7)  # Lightning's counter may differ after a max_steps stop; it does not steer the order
+    again.resume(0, 2)
+    first = list(again)
+    assert [[i for i, _, _ in batch] for batch in first] == a[2:] and first[0][0][1:] == (0, 2)
+    assert indices(again) == a1  # and the epoch after continues the same sequence of orders

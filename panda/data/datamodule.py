@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from panda.data.conversation import get_template
 from panda.data.datasets import Collator, ConversationDataset, FramePipeline, QADataset
 from panda.data.records import RecordReader, load_qa
-from panda.data.sampling import EpochBatchSampler, SourceSpec
+from panda.data.sampling import EpochBatchSampler, Positioned, SourceSpec
 from panda.data.shards import ShardDataset, ShardSource
 from panda.models.stab import STABConfig
 
@@ -93,10 +93,11 @@ class VideoDataModule(L.LightningDataModule):
     def _setup_shards(self, common: dict) -> None:
         data = self.cfg.data
         sources = [ShardSource.open(s.name, s.path, s.weight, data.cache_dir) for s in data.shards]
-        self.sources = [SourceSpec(s.name, s.num_samples, s.chunk_sizes, s.lengths, s.weight) for s in sources]
+        self.sources = [SourceSpec(s.name, s.num_records, s.record_chunks(), s.lengths, s.weight) for s in sources]
         self.train_set = ShardDataset(sources, **common)
         for s in sources:
-            log.info("shards %s: %d samples in %d chunks at %s%s", s.name, s.num_samples, len(s.chunk_sizes), s.path,
+            log.info("shards %s: %d records on %d videos in %d chunks at %s%s", s.name, s.num_records, s.num_entries,
+                     len(s.chunk_sizes), s.path,
                      f" (weight {s.weight})" if s.weight is not None else "")
 
     def _setup_records(self, common: dict) -> None:
@@ -121,7 +122,7 @@ class VideoDataModule(L.LightningDataModule):
                 log.warning("malformed records listed in %s", self.rejects_path)
         lengths = [sum(len(q) + len(a) for q, a in rec.turns) for rec in records]  # characters
         # one sample per "chunk": local files are read at random, so the shuffle is a full one
-        self.sources = [SourceSpec("records", len(records), [1] * len(records), lengths)]
+        self.sources = [SourceSpec("records", len(records), list(range(len(records))), lengths)]
         self.train_set = ConversationDataset(records, resolve(data.root, data.video_root), **common)
         log.info("training records: %d (rejected %d)", len(records), len(self.rejects))
 
@@ -138,7 +139,7 @@ class VideoDataModule(L.LightningDataModule):
             log.info("data.fraction=%s: training on %d of %d samples", data.fraction,
                      sum(len(m) for m in sampler.members), sum(s.size for s in self.sources))
         self._sampler = sampler
-        return make_loader(self.train_set, data.batch_size, data.num_workers, self.tokenizer.pad_token_id, sampler)
+        return make_loader(Positioned(self.train_set), data.batch_size, data.num_workers, self.tokenizer.pad_token_id, sampler)
 
     def _take_resume(self, batches_per_epoch: int) -> tuple[int, int] | None:
         """(data epoch, batches of this rank to skip) restored from a checkpoint, handed out once."""
@@ -153,12 +154,12 @@ class VideoDataModule(L.LightningDataModule):
 
     # Lightning saves these in every checkpoint and restores them before the loaders are built
     def state_dict(self) -> dict:
-        if self.trainer is None or self._sampler is None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        position = getattr(module, "data_position", None)  # (data epoch, position) of the last batch trained
+        if position is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        # checkpoints are written at the end of a batch: that batch counts as done. The epoch is the
-        # one the sampler is drawing (Lightning's counter has already moved on when max_steps ends a run)
-        return {"epoch": self._sampler.data_epoch, "batches_done": progress.processed}
+        # checkpoints are written at the end of a batch: that batch counts as done
+        return {"epoch": int(position[0]), "batches_done": int(position[1]) + 1}
 
     def load_state_dict(self, state: dict) -> None:
         if state:

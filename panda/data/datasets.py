@@ -135,6 +135,8 @@ class Collator:
         skipped = [s["error"] for s in samples if "error" in s]
         good = [s for s in samples if "error" not in s]
         batch: dict = {"skipped": skipped, "ids": [s["id"] for s in good]}
+        if samples and "position" in samples[0]:  # (data epoch, batch position) from EpochBatchSampler
+            batch["position"] = samples[0]["position"]
         if not good:
             return batch
         length = max(len(s["input_ids"]) for s in good)

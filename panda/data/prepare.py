@@ -7,15 +7,17 @@ Every record is read (a malformed one is rejected with its file and index; JSON 
 parse stops the job and names the record), its video resolved and **validated once**: the
 container is opened, fps, frame count and size are read, and the frames training samples are
 decoded (decord, PyAV as the fallback: AV1 and some containers need it). What passes is written
-as litdata chunks holding the *encoded* video bytes and a JSON metadata string per sample; what
-fails goes to ``OUT/rejects.jsonl`` as ``{"id", "path", "code", "reason", "source"}``. Nothing
-that one record does stops the job.
+as litdata chunks holding the *encoded* video bytes and a JSON metadata string per entry. Each
+video is stored **once**, with every record that uses it (Video-ChatGPT asks ~7 questions per
+video); the training sampler still draws records. What fails goes to ``OUT/rejects.jsonl`` as
+``{"id", "path", "code", "reason", "source"}`` (one line per record). Nothing that one record
+does stops the job.
 
-The work is cut into parts of ``--part-size`` records, processed by ``--workers`` processes. Each
+The work is cut into parts of ``--part-size`` videos, processed by ``--workers`` processes. Each
 finished part leaves ``OUT/.parts/<part>.json``; ``--resume`` keeps those and redoes only the rest,
 so an interrupted run loses at most one part per worker. The last step merges the parts into one
 litdata dataset (``OUT/index.json``, readable by ``litdata.StreamingDataset`` as it is) and
-writes ``OUT/panda_index.json`` (per-sample text lengths, for length-grouped batches),
+writes ``OUT/panda_index.json`` (each record's entry and text length, for the sampler),
 ``OUT/stats.json`` and ``OUT/rejects.jsonl``.
 
 Reject codes: ``malformed_record``, ``empty_conversation``, ``non_utf8_text``, ``duplicate_id``
@@ -43,7 +45,7 @@ from panda.errors import PandaError, VideoDecodeError
 log = logging.getLogger(__name__)
 
 FORMAT = "panda-shards-v1"
-INDEX_FILE = "panda_index.json"  # per-sample lengths for the sampler; litdata's own is index.json
+INDEX_FILE = "panda_index.json"  # records -> entries and text lengths, for the sampler; litdata's own is index.json
 PARTS_DIR = ".parts"
 
 
@@ -59,7 +61,7 @@ class PrepareOptions:
     min_frames: int | None = None  # fewer frames in the file than this: reject (None = ``frames``)
     max_side: int = 4096  # a longer frame side is rejected (decoding it would stall a loader worker)
     chunk_bytes: str = "64MB"
-    part_size: int = 256
+    part_size: int = 256  # videos per resumable unit of work
     tokenizer: str | None = None  # a local tokenizer folder: text lengths in tokens (else characters)
     backend: str = "auto"
     progress: bool = True
@@ -78,7 +80,7 @@ class PrepareError(PandaError):
 @dataclass
 class PartResult:
     part: int
-    kept: list[dict] = field(default_factory=list)  # [{"id", "length"}] in write order
+    kept: list[dict] = field(default_factory=list)  # per written entry: {"ids", "lengths"} of its records
     rejects: list[dict] = field(default_factory=list)
     source_bytes: int = 0
     backends: dict = field(default_factory=dict)
@@ -126,14 +128,15 @@ def inspect_video(path: str, opts: PrepareOptions) -> dict:
             "backend": decoded.backend}
 
 
-def make_sample(rec: VideoRecord, opts: PrepareOptions) -> tuple[dict, int]:
-    """(the shard sample, source bytes) for a record whose video validates."""
-    path = os.path.join(opts.video_root, rec.video)
+def make_sample(video: str, records: list[VideoRecord], opts: PrepareOptions) -> tuple[dict, int]:
+    """(the shard entry, source bytes) for a video that validates, with every record that uses it."""
+    path = os.path.join(opts.video_root, video)
     info = inspect_video(path, opts)
     with open(path, "rb") as f:
         data = f.read()
-    meta = {"id": rec.id, "video": rec.video, **info, "turns": [list(t) for t in rec.turns],
-            "text_length": text_length(rec.turns, opts.tokenizer), "extra": rec.meta}
+    recs = [{"id": r.id, "turns": [list(t) for t in r.turns], "text_length": text_length(r.turns, opts.tokenizer),
+             "extra": r.meta} for r in records]
+    meta = {"video": video, **info, "records": recs}
     return {"video": data, "meta": json.dumps(meta, ensure_ascii=False)}, len(data)
 
 
@@ -152,7 +155,7 @@ def _part_paths(output: str, part: int) -> tuple[str, str]:
     return os.path.join(output, PARTS_DIR, f"{part}.json"), os.path.join(output, PARTS_DIR, f"{part}.index.json")
 
 
-def prepare_part(part: int, records: list[VideoRecord], opts: PrepareOptions) -> PartResult:
+def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: PrepareOptions) -> PartResult:
     """Validate and write one part: chunks ``chunk-<part>-<i>.bin`` and ``.parts/<part>.json``."""
     from litdata.streaming.writer import BinaryWriter
 
@@ -165,19 +168,20 @@ def prepare_part(part: int, records: list[VideoRecord], opts: PrepareOptions) ->
     os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = str(part)
     writer = BinaryWriter(opts.output, chunk_bytes=opts.chunk_bytes)
     result = PartResult(part)
-    for rec in records:
-        path = os.path.join(opts.video_root, rec.video)
+    for video, records in videos:
+        path = os.path.join(opts.video_root, video)
         try:
-            sample, nbytes = make_sample(rec, opts)
+            sample, nbytes = make_sample(video, records, opts)
         except VideoDecodeError as exc:
-            result.rejects.append({"id": rec.id, "path": path, "code": exc.code, "reason": exc.reason})
+            result.rejects += [{"id": r.id, "path": path, "code": exc.code, "reason": exc.reason} for r in records]
         except Exception as exc:  # a bug or an exotic file: reject it, name it, keep going
-            result.rejects.append({"id": rec.id, "path": path, "code": "undecodable",
-                                   "reason": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
+            reason = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            result.rejects += [{"id": r.id, "path": path, "code": "undecodable", "reason": reason} for r in records]
         else:
             writer.add_item(len(result.kept), sample)
             meta = json.loads(sample["meta"])
-            result.kept.append({"id": rec.id, "length": meta["text_length"]})
+            result.kept.append({"ids": [r["id"] for r in meta["records"]],
+                                "lengths": [r["text_length"] for r in meta["records"]]})
             result.source_bytes += nbytes
             result.backends[meta["backend"]] = result.backends.get(meta["backend"], 0) + 1
         if _PROGRESS is not None:
@@ -264,7 +268,7 @@ def _run_parts(todo: list[tuple[int, list[VideoRecord]]], opts: PrepareOptions, 
 
 
 def _merge(opts: PrepareOptions, parts: list[PartResult]) -> tuple[int, int]:
-    """One litdata index over every part's chunks, in part order. Returns (samples, shard bytes)."""
+    """One litdata index over every part's chunks, in part order. Returns (entries, shard bytes)."""
     chunks, config = [], None
     for res in parts:
         if not res.kept:
@@ -292,8 +296,13 @@ def prepare(opts: PrepareOptions) -> dict:
         raise PrepareError("--part-size and --workers must be at least 1")
     _check_output(opts)
     records, record_rejects = read_all_records(opts)
-    log.info("%d records read (%d rejected as records) from %s", len(records), len(record_rejects), opts.records)
-    parts = [(p, records[i: i + opts.part_size]) for p, i in enumerate(range(0, len(records), opts.part_size))]
+    by_video: dict[str, list[VideoRecord]] = {}
+    for rec in records:  # each video is validated and stored once, with all its records
+        by_video.setdefault(rec.video, []).append(rec)
+    videos = list(by_video.items())
+    log.info("%d records on %d videos read (%d rejected as records) from %s", len(records), len(videos),
+             len(record_rejects), opts.records)
+    parts = [(p, videos[i: i + opts.part_size]) for p, i in enumerate(range(0, len(videos), opts.part_size))]
     finished: dict[int, PartResult] = {}
     if opts.resume:
         for part, _ in parts:
@@ -302,7 +311,7 @@ def prepare(opts: PrepareOptions) -> dict:
                 with open(done_path, encoding="utf-8") as f:
                     finished[part] = PartResult(**json.load(f))
     todo = [(p, recs) for p, recs in parts if p not in finished]
-    bar = _progress_bar(len(records), opts.progress)
+    bar = _progress_bar(len(videos), opts.progress)
     bar.update(sum(len(recs) for p, recs in parts if p in finished))
     if finished:
         log.info("--resume: %d of %d parts already written, %d to go", len(finished), len(parts), len(todo))
@@ -315,11 +324,15 @@ def prepare(opts: PrepareOptions) -> dict:
     with open(os.path.join(opts.output, "rejects.jsonl"), "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    num_samples, shard_bytes = _merge(opts, results)
-    lengths = [k["length"] for res in results for k in res.kept]
+    num_entries, shard_bytes = _merge(opts, results)
+    entries = [k for res in results for k in res.kept]
+    record_entries = [[e, k] for e, entry in enumerate(entries) for k in range(len(entry["ids"]))]
+    kept_ids = [rid for entry in entries for rid in entry["ids"]]
     _write_json(os.path.join(opts.output, INDEX_FILE), {
-        "format": FORMAT, "num_samples": num_samples, "length_unit": "tokens" if opts.tokenizer else "characters",
-        "lengths": lengths, "frames_validated": opts.frames, "sample_fps": opts.sample_fps})
+        "format": FORMAT, "num_entries": num_entries, "num_records": len(record_entries),
+        "records": record_entries, "lengths": [n for entry in entries for n in entry["lengths"]],
+        "length_unit": "tokens" if opts.tokenizer else "characters",
+        "frames_validated": opts.frames, "sample_fps": opts.sample_fps})
     by_code: dict[str, int] = {}
     for r in rejects:
         by_code[r["code"]] = by_code.get(r["code"], 0) + 1
@@ -330,17 +343,18 @@ def prepare(opts: PrepareOptions) -> dict:
     seconds = time.perf_counter() - start
     source_bytes = sum(res.source_bytes for res in results)
     stats = {
-        "records_seen": len(records) + len(record_rejects), "kept": num_samples, "rejected": len(rejects),
+        "records_seen": len(records) + len(record_rejects), "kept": len(kept_ids), "rejected": len(rejects),
+        "videos_seen": len(videos), "videos_kept": num_entries,
         "rejected_by_reason": dict(sorted(by_code.items())), "decoded_with": backends,
         "source_bytes": source_bytes, "shard_bytes": shard_bytes,
         "shard_to_source": round(shard_bytes / source_bytes, 4) if source_bytes else None,
         "parts": len(parts), "parts_reused": len(parts) - len(todo), "workers": opts.workers,
-        "seconds": round(seconds, 2), "videos_per_second": round(sum(len(r) for _, r in todo) / seconds, 2) if todo else None,
+        "seconds": round(seconds, 2), "videos_per_second": round(sum(len(v) for _, v in todo) / seconds, 2) if todo else None,
         "records": opts.records, "frames_validated": opts.frames,
-        "id_digest": hashlib.sha256("\n".join(k["id"] for res in results for k in res.kept).encode()).hexdigest()[:16],
+        "id_digest": hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()[:16],
     }
     _write_json(os.path.join(opts.output, "stats.json"), stats)
-    log.info("kept %d of %d records (%s); shards %.1f MB from %.1f MB of video", num_samples, stats["records_seen"],
+    log.info("kept %d of %d records (%s); shards %.1f MB from %.1f MB of video", len(kept_ids), stats["records_seen"],
              ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items()) or "no rejects",
              shard_bytes / 1e6, source_bytes / 1e6)
     return stats
@@ -359,7 +373,7 @@ def parse_args(argv=None) -> PrepareOptions:
     p.add_argument("--min-frames", type=int, default=None, help="reject videos with fewer frames (default --frames)")
     p.add_argument("--max-side", type=int, default=4096, help="reject frames with a longer side (pixels)")
     p.add_argument("--chunk-bytes", default="64MB", help="litdata chunk size")
-    p.add_argument("--part-size", type=int, default=256, help="records per resumable unit of work")
+    p.add_argument("--part-size", type=int, default=256, help="videos per resumable unit of work")
     p.add_argument("--tokenizer", default=None, help="local tokenizer folder: store text lengths in tokens")
     p.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav"])
     p.add_argument("--no-progress", action="store_true")

@@ -20,8 +20,11 @@ Epoch ``e`` is planned the same way on every rank, from the seed and ``e`` alone
    workers then take alternate batches of their rank's block, so across ranks × workers every
    batch — and every sample — is read once per epoch (the padding aside).
 
-``resume(epoch, batches_done)`` makes the next iteration continue that epoch after the batches
-already trained on, so a resumed run sees exactly the batches an uninterrupted run would have.
+Batches are lists of ``(index, epoch, position)``; :class:`Positioned` turns them back into
+samples tagged with their batch's position, which the training loop records, so a checkpoint
+knows exactly how far the epoch got. ``resume(epoch, batches_done)`` makes the next iteration
+continue that epoch after those batches: a resumed run sees exactly the batches an uninterrupted
+run would have.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from torch.utils.data import Sampler
 
 @dataclass
 class SourceSpec:
-    """One source of samples: ``size`` samples stored in chunks of ``chunk_sizes`` (in order)."""
+    """One source of ``size`` samples; ``chunks[i]`` is the storage chunk sample ``i`` is read from
+    (samples of a chunk are kept together; one chunk per sample = a full shuffle)."""
 
     name: str
     size: int
-    chunk_sizes: Sequence[int]
+    chunks: Sequence[int]
     lengths: Optional[Sequence[int]] = None  # text length per sample (tokens or characters)
     weight: Optional[float] = None
 
@@ -65,8 +69,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         if any(w is not None and w <= 0 for w in weights):
             raise ValueError(f"data source weights must be > 0, got {weights}")
         for s in sources:
-            if sum(s.chunk_sizes) != s.size:
-                raise ValueError(f"source {s.name}: chunk sizes add up to {sum(s.chunk_sizes)}, not {s.size}")
+            if len(s.chunks) != s.size:
+                raise ValueError(f"source {s.name}: {len(s.chunks)} chunk ids for {s.size} samples")
         self.sources, self.batch_size, self.seed = list(sources), batch_size, seed
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.shuffle_window, self.group_by_length, self.group_batches = max(1, shuffle_window), group_by_length, max(1, group_batches)
@@ -82,8 +86,11 @@ class EpochBatchSampler(Sampler[list[int]]):
                 raise ValueError(f"data source {s.name!r} has no samples")
         self.resume_from = resume_from  # asked at the first iteration (Lightning may build loaders before restoring)
         self.epoch = 0  # Lightning's epoch counter (set_epoch)
-        self.shift = 0  # data epoch = Lightning's epoch + shift (they part when a run stopped on max_steps)
+        self.data_epoch = 0  # the epoch of the latest iteration
+        self._asked = False
+        self._yielded = False
         self._resume: Optional[tuple[int, int]] = None
+        self._skip: Optional[tuple[int, int]] = None  # (data epoch, batches of it already trained)
 
     @staticmethod
     def _subset(j: int, s: SourceSpec, fraction: float, fraction_seed: int) -> np.ndarray:
@@ -92,16 +99,22 @@ class EpochBatchSampler(Sampler[list[int]]):
         keep = max(1, round(s.size * fraction))  # a seeded subset, the same every epoch (stage 1: half of Valley)
         return np.sort(_rng(fraction_seed, j).permutation(s.size)[:keep])
 
-    # --- Lightning's hooks and the resume position ---
-    def set_epoch(self, epoch: int) -> None:
+    # --- epochs and the resume position ---
+    # The data epoch is counted here, not taken from Lightning: Lightning may start iterating a
+    # resumed loader before it calls ``set_epoch``, and a multi-worker DataLoader iterates its
+    # batch sampler twice when it starts. Rule: an iteration that follows one which yielded
+    # batches draws the next epoch; every batch is tagged with (epoch, position) so the training
+    # loop can say exactly which batch it finished (prefetching workers run ahead of it).
+    def set_epoch(self, epoch: int) -> None:  # Lightning's counter: recorded, not used for the order
         self.epoch = epoch
 
     @property
-    def data_epoch(self) -> int:
-        return self.epoch + self.shift
+    def sampler(self) -> "EpochBatchSampler":
+        """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler``: that is this object."""
+        return self
 
     def resume(self, data_epoch: int, batches_done: int) -> None:
-        """The next epoch iterated continues ``data_epoch`` after ``batches_done`` of this rank's batches."""
+        """The next iteration continues ``data_epoch`` after ``batches_done`` of this rank's batches."""
         self._resume = (data_epoch, batches_done)
 
     def total_batches(self) -> int:
@@ -111,14 +124,25 @@ class EpochBatchSampler(Sampler[list[int]]):
         return math.ceil(self.total_batches() / self.world)
 
     def __iter__(self):
-        skip = 0
-        if self._resume is None and self.resume_from is not None:
+        if self._resume is None and self.resume_from is not None and not self._asked:
+            self._asked = True
             self._resume = self.resume_from(len(self))
         if self._resume is not None:
-            self.shift = self._resume[0] - self.epoch
-            skip = self._resume[1]
-            self._resume = None
-        return iter(self.rank_batches(self.data_epoch)[skip:])
+            self.data_epoch, skip = self._resume
+            self._skip = (self.data_epoch, skip)
+            self._resume, self._yielded = None, False
+        elif self._yielded:
+            self.data_epoch += 1
+            self._yielded = False
+        epoch = self.data_epoch
+        skip = self._skip[1] if self._skip is not None and self._skip[0] == epoch else 0
+        batches = self.rank_batches(epoch)
+        return self._tagged(batches, epoch, skip)
+
+    def _tagged(self, batches, epoch: int, start: int):
+        for pos in range(start, len(batches)):
+            self._yielded = True
+            yield [(i, epoch, pos) for i in batches[pos]]
 
     # --- the plan ---
     def rank_batches(self, data_epoch: int) -> list[list[int]]:
@@ -148,9 +172,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         if not self.shuffle:
             return members
         rng = _rng(self.seed, data_epoch, j, cycle)
-        bounds = np.cumsum(self.sources[j].chunk_sizes)
-        chunk_of = np.searchsorted(bounds, members, side="right")
-        chunk_rank = rng.permutation(len(bounds))[chunk_of]  # position of each member's chunk in the new order
+        chunk_of = np.asarray(self.sources[j].chunks)[members]
+        chunk_rank = rng.permutation(int(chunk_of.max()) + 1)[chunk_of]  # position of each member's chunk in the new order
         order = members[np.argsort(chunk_rank, kind="stable")]
         w = self.shuffle_window
         return np.concatenate([rng.permutation(order[i: i + w]) for i in range(0, len(order), w)]) if len(order) else order
@@ -178,3 +201,20 @@ class EpochBatchSampler(Sampler[list[int]]):
             batches += cut
         offset = self.offsets[j]
         return [(b + offset).tolist() for b in batches]
+
+
+class Positioned:
+    """A dataset read through :class:`EpochBatchSampler`: ``(index, epoch, position)`` in, the
+    sample (or its error) out with ``"position": (epoch, position)`` added."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch, position = key
+        sample = self.dataset[index]
+        sample["position"] = (epoch, position)
+        return sample

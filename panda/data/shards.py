@@ -62,14 +62,27 @@ def _read_json(path: str, name: str, cache_dir: str) -> dict:
 
 @dataclass
 class ShardSource:
+    """One prepared folder: ``num_entries`` stored videos in chunks; ``records[r] = (entry, k)``
+    is record ``r``'s video entry and its position among that entry's records."""
+
     name: str
     path: str  # local folder or object-store URL
     cache_dir: str  # where litdata keeps downloaded chunks of a remote source
-    num_samples: int
-    chunk_sizes: list[int]
-    lengths: list[int]
+    num_entries: int
+    chunk_sizes: list[int]  # entries per chunk, in order
+    records: list[list[int]]
+    lengths: list[int]  # text length per record
     length_unit: str
     weight: float | None = None
+
+    @property
+    def num_records(self) -> int:
+        return len(self.records)
+
+    def record_chunks(self) -> list[int]:
+        """The chunk holding each record's video (what the sampler keeps together)."""
+        chunk_of_entry = [c for c, n in enumerate(self.chunk_sizes) for _ in range(n)]
+        return [chunk_of_entry[e] for e, _ in self.records]
 
     @classmethod
     def open(cls, name: str, path: str, weight: float | None = None, cache_root: str | None = None) -> "ShardSource":
@@ -81,21 +94,22 @@ class ShardSource:
             raise ShardFormatError(f"{path}/{INDEX_FILE}: format {meta.get('format')!r}, expected {FORMAT!r} "
                                    "(prepare it again with this version of panda)")
         chunk_sizes = [int(c["chunk_size"]) for c in index["chunks"]]
-        if sum(chunk_sizes) != meta["num_samples"] or len(meta["lengths"]) != meta["num_samples"]:
-            raise ShardFormatError(f"{path}: index.json holds {sum(chunk_sizes)} samples, {INDEX_FILE} "
-                                   f"{meta['num_samples']} ({len(meta['lengths'])} lengths): the folder is inconsistent; prepare it again")
-        return cls(name, path, cache_dir, meta["num_samples"], chunk_sizes, meta["lengths"], meta["length_unit"], weight)
+        if sum(chunk_sizes) != meta["num_entries"] or len(meta["lengths"]) != len(meta["records"]):
+            raise ShardFormatError(f"{path}: index.json holds {sum(chunk_sizes)} entries, {INDEX_FILE} "
+                                   f"{meta['num_entries']}: the folder is inconsistent; prepare it again")
+        return cls(name, path, cache_dir, meta["num_entries"], chunk_sizes, meta["records"], meta["lengths"],
+                   meta["length_unit"], weight)
 
 
 class ShardDataset(Dataset):
-    """Training samples from one or more prepared sources, by global index (sources in order)."""
+    """Training samples (records) from one or more prepared sources, by global index (sources in order)."""
 
     def __init__(self, sources: list[ShardSource], tokenizer, template: ConversationTemplate, pipeline,
                  max_length: int, visual_tokens_per_frame: int):
         self.sources = sources
         self.starts = [0]
         for s in sources:
-            self.starts.append(self.starts[-1] + s.num_samples)
+            self.starts.append(self.starts[-1] + s.num_records)
         self.tokenizer, self.template, self.pipeline = tokenizer, template, pipeline
         self.max_length, self.visual_tokens_per_frame = max_length, visual_tokens_per_frame
         self._streams = None  # one litdata reader per source, opened in the process that reads
@@ -126,20 +140,22 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         j, local = self.locate(index)
-        entry = f"{self.sources[j].path}#{local}"
+        e, k = self.sources[j].records[local]
+        entry = f"{self.sources[j].path}#{e}"
         try:
-            raw = self._stream(j)[local]
+            raw = self._stream(j)[e]
             meta = json.loads(raw["meta"])
+            rec = meta["records"][k]
             data = bytes(raw["video"])
         except Exception as exc:  # a damaged chunk entry: litdata and json raise many types
-            return {"error": {"id": entry, "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
+            return {"error": {"id": f"{entry}/{k}", "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
         name = f"{entry} ({meta.get('video')})"
         try:
             tok = tokenize_conversation(
-                self.tokenizer, self.template, [tuple(t) for t in meta["turns"]], self.pipeline.frames,
-                self.max_length, self.visual_tokens_per_frame, meta["id"], name,
+                self.tokenizer, self.template, [tuple(t) for t in rec["turns"]], self.pipeline.frames,
+                self.max_length, self.visual_tokens_per_frame, rec["id"], name,
             )
             frames = self.pipeline(data, name=name, backend=meta.get("backend"))
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
-            return {"error": {"id": meta.get("id", entry), "path": name, "reason": exc.reason}}
-        return {"id": meta["id"], "input_ids": tok.input_ids, "labels": tok.labels, **frames}
+            return {"error": {"id": rec["id"], "path": name, "reason": exc.reason}}
+        return {"id": rec["id"], "input_ids": tok.input_ids, "labels": tok.labels, **frames}

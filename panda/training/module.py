@@ -67,6 +67,7 @@ class PandaModule(L.LightningModule):
         self.stage_cfg = cfg["stage"]
         self.trainable = apply_stage(model, self.stage_cfg)
         self.skipped_samples = 0
+        self.data_position: tuple[int, int] | None = None  # (data epoch, batch position) last trained
         self.padded_fractions: list[float] = []  # per batch: padding share of the text tokens (length grouping cuts it)
         self._batch_start = None
         self._last_batch_end = None
@@ -117,6 +118,8 @@ class PandaModule(L.LightningModule):
         self._batch_start = now
 
     def training_step(self, batch: dict, batch_idx: int):
+        if "position" in batch:  # the data module saves it: a resumed run continues after this batch
+            self.data_position = batch["position"]
         for miss in batch["skipped"]:
             self.skipped_samples += 1
             log.warning("skipped sample %s (%s): %s", miss["id"], miss["path"], miss["reason"])

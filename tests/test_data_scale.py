@@ -1,0 +1,244 @@
+"""Real data at scale: prepare (bad-video zoo, workers, resume), streaming shards (rank × worker
+split, mixtures, object-store path), corrupt entries at train time, mid-epoch resume."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import compose, tiny_overrides
+from panda.data.prepare import PrepareError, PrepareOptions, prepare
+from panda.errors import RecordError
+from video_zoo import build_zoo, write_records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_shards(path):
+    from litdata import StreamingDataset
+
+    ds = StreamingDataset(path)
+    return [(json.loads(ds[i]["meta"]), bytes(ds[i]["video"])) for i in range(len(ds))]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("zoo"))
+    records, expected = build_zoo(root, frames=4)
+    write_records(os.path.join(root, "records.json"), records)
+    return root, expected
+
+
+def zoo_options(root, out, **kw):
+    return PrepareOptions(records=[os.path.join(root, "records.json")], video_root=os.path.join(root, "videos"),
+                          output=out, frames=4, part_size=4, progress=False, **kw)
+
+
+def test_prepare_sorts_the_bad_video_zoo(zoo, tmp_path):
+    root, expected = zoo
+    out = str(tmp_path / "out")
+    stats = prepare(zoo_options(root, out, workers=2))
+    rejects = [json.loads(line) for line in open(os.path.join(out, "rejects.jsonl"))]
+    got = {}
+    for r in rejects:
+        got.setdefault(r["id"], []).append(r["code"])
+        assert r["reason"]
+    want = {rid: code.split("#")[0] for rid, code in expected.items() if code}
+    assert {rid: codes[0] for rid, codes in got.items()} == want  # each bad record, with its own reason
+    assert all(len(codes) == 1 for codes in got.values())
+    assert {r["path"] for r in rejects if r["code"] == "missing"} == {os.path.join(root, "videos", "not_there.mp4")}
+    assert all(r["source"].endswith(f"records.json#{i}") for i, r in
+               [(18, next(r for r in rejects if r["id"] == "badrec"))])  # record rejects name file and index
+
+    kept = read_shards(out)
+    kept_ids = [r["id"] for m, _ in kept for r in m["records"]]
+    # of the two records with id "dup" the first is kept
+    assert sorted(kept_ids) == sorted(rid for rid, code in expected.items() if code is None or code.endswith("#2"))
+    for meta, data in kept:  # the shard holds the source file's bytes, untouched, once per video
+        assert data == open(os.path.join(root, "videos", meta["video"]), "rb").read()
+        assert meta["num_frames"] >= 4 and meta["width"] > 0 and meta["fps"] > 0 and meta["records"][0]["turns"]
+    assert len({m["video"] for m, _ in kept}) == len(kept)
+    by_id = {r["id"]: m | r for m, _ in kept for r in m["records"]}
+    assert by_id["dup"]["video"] == "good.mp4" and len(by_id["good"]["records"]) == 2  # stored with "good"
+    assert by_id["av1"]["backend"] == "pyav" and by_id["av1"]["codec"] in ("libdav1d", "av1")  # decord cannot
+    assert by_id["hevc"]["codec"] == "hevc" and by_id["vp9"]["codec"] == "vp9" and by_id["gif"]["codec"] == "gif"
+    assert by_id["good"]["extra"] == {"source_site": "zoo"}  # unknown fields are kept as metadata
+    assert by_id["good2"]["text_length"] > by_id["good"]["text_length"]
+
+    assert stats["records_seen"] == len(expected) + 1 and stats["kept"] == len(kept_ids)  # + the second "dup"
+    assert stats["videos_kept"] == len(kept)
+    assert stats["rejected"] == len(rejects) == sum(stats["rejected_by_reason"].values())
+    assert stats["decoded_with"]["pyav"] >= 1 and stats["parts"] == 4 and stats["shard_bytes"] > stats["source_bytes"] * 0.99
+    index = json.load(open(os.path.join(out, "panda_index.json")))
+    assert index["num_entries"] == len(kept) and index["num_records"] == len(kept_ids) == len(index["lengths"])
+
+
+def test_prepare_resume_redoes_only_unfinished_parts(zoo, tmp_path):
+    root, _ = zoo
+    out = str(tmp_path / "out")
+    first = prepare(zoo_options(root, out))
+    before = read_shards(out)
+    # an interruption inside part 1: its marker not yet written, a chunk half written, no final index
+    os.remove(os.path.join(out, ".parts", "1.json"))
+    chunk = next(f for f in os.listdir(out) if f.startswith("chunk-1-"))
+    with open(os.path.join(out, chunk), "r+b") as f:
+        f.truncate(100)
+    for name in ("index.json", "stats.json", "panda_index.json"):
+        os.remove(os.path.join(out, name))
+
+    with pytest.raises(PrepareError, match="--resume"):
+        prepare(zoo_options(root, out))  # no silent overwrite
+    with pytest.raises(PrepareError, match="part_size"):
+        prepare(dataclasses.replace(zoo_options(root, out, resume=True), part_size=3))  # a different plan
+    again = prepare(zoo_options(root, out, resume=True))
+    assert again["parts_reused"] == first["parts"] - 1
+    assert again["id_digest"] == first["id_digest"] and again["kept"] == first["kept"]
+    assert read_shards(out) == before
+
+
+def test_malformed_json_names_the_file_and_record_index(tmp_path):
+    from panda.data.records import load_records
+
+    path = tmp_path / "valley_.json"
+    good = {"id": "a", "video": "a.mp4", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}]}
+    path.write_text(json.dumps([good, good | {"id": "b"}])[:-1].replace('"id": "b"', '"id": "b",,') + "]")
+    with pytest.raises(RecordError, match=r"valley_\.json, record 1: invalid JSON at line 1"):
+        load_records(path)
+    (tmp_path / "videos").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "panda.data.prepare", "--records", str(path), "--video-root",
+                           str(tmp_path / "videos"), "--output", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "valley_.json, record 1: invalid JSON" in proc.stderr
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic_shards(synthetic_root, tmp_path_factory):
+    """The session's synthetic training records, prepared into shards in several chunks."""
+    out = str(tmp_path_factory.mktemp("shards") / "synthetic")
+    prepare(PrepareOptions(records=[os.path.join(synthetic_root, "train", "train_json", "synthetic_train.json")],
+                           video_root=os.path.join(synthetic_root, "train"), output=out, frames=4,
+                           chunk_bytes="40kb", part_size=16, progress=False,
+                           tokenizer=os.path.join(synthetic_root, "tokenizer")))
+    return out
+
+
+def shard_dataset(paths, tokenizer):
+    from panda.data.conversation import get_template
+    from panda.data.datasets import FramePipeline
+    from panda.data.shards import ShardDataset, ShardSource
+
+    sources = [ShardSource.open(f"s{i}", p) for i, p in enumerate(paths)]
+    return ShardDataset(sources, tokenizer, get_template("vicuna_v1"), FramePipeline(4, 56, 14), 4096, 64)
+
+
+def test_shards_split_across_two_ranks_and_two_workers_read_every_sample_once(synthetic_shards, tokenizer):
+    from panda.data.datamodule import make_loader
+    from panda.data.sampling import EpochBatchSampler, Positioned, SourceSpec
+
+    for path in (synthetic_shards, f"local:{synthetic_shards}"):  # a local folder, and the object-store code path
+        ds = shard_dataset([path], tokenizer)
+        src = ds.sources[0]
+        assert len(src.chunk_sizes) > 3  # the order really is chunk-aware
+        n = src.num_records
+        assert n > src.num_entries  # several questions per video, each video stored once
+        batch = next(b for b in (4, 3, 2, 1) if n % (2 * b) == 0)  # no pad batch: each sample exactly once
+        seen = []
+        for rank in range(2):
+            sampler = EpochBatchSampler([SourceSpec("s", n, src.record_chunks(), src.lengths)], batch, seed=1,
+                                        rank=rank, world=2, shuffle_window=8)
+            loader = make_loader(Positioned(ds), batch, 2, tokenizer.pad_token_id, sampler)
+            for b in loader:
+                assert not b["skipped"] and b["pixels"].shape[1:] == (4, 3, 56, 56)
+                seen += b["ids"]
+        ids = [r["id"] for m, _ in read_shards(synthetic_shards) for r in m["records"]]
+        assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) == n
+
+
+def test_mixture_weights_are_respected(synthetic_shards, zoo, tmp_path, tokenizer):
+    from panda.data.sampling import EpochBatchSampler, SourceSpec
+    from panda.data.shards import ShardSource
+
+    root, _ = zoo
+    small = str(tmp_path / "zoo")
+    prepare(zoo_options(root, small))
+    a, b = ShardSource.open("a", synthetic_shards), ShardSource.open("b", small)
+    specs = [SourceSpec("a", a.num_records, a.record_chunks(), a.lengths, 0.75),
+             SourceSpec("b", b.num_records, b.record_chunks(), b.lengths, 0.25)]
+    na, nb = a.num_records, b.num_records
+    total = 4 * (na + nb)
+    sampler = EpochBatchSampler(specs, 4, seed=0, samples_per_epoch=total)
+    for epoch in range(2):
+        flat = [i for batch in sampler.epoch_batches(epoch) for i in batch]
+        from_b = [i for i in flat if i >= na]
+        assert abs(len(from_b) / len(flat) - 0.25) < 0.02
+        counts = torch.bincount(torch.tensor(from_b) - na, minlength=nb)
+        assert counts.max() - counts.min() <= 1  # the small source repeats evenly, in fresh orders
+        first = [j >= na for j in flat[: len(flat) // 2]]
+        assert 0.15 < sum(first) / len(first) < 0.35  # interleaved through the epoch, not appended
+    # every batch comes from one source
+    assert all(len({i >= na for i in batch}) == 1 for batch in sampler.epoch_batches(0))
+
+
+def shard_overrides(synthetic_root, shards, run_dir, *extra):
+    return compose(tiny_overrides(synthetic_root, str(run_dir)) + [
+        f"data.shards=[{{name: synthetic, path: '{shards}'}}]", "evaluate=false", *extra])
+
+
+def test_corrupt_shard_entry_is_skipped_counted_and_named_at_train_time(synthetic_shards, synthetic_root, tmp_path, caplog):
+    from panda.training.run import train
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(synthetic_shards, broken)
+    meta, data = read_shards(broken)[5]
+    chunk_files = sorted(f for f in os.listdir(broken) if f.startswith("chunk-"))
+    for name in chunk_files:  # find the entry's bytes and wreck the container structure in place
+        blob = bytearray(open(os.path.join(broken, name), "rb").read())
+        at = blob.find(data)
+        if at >= 0:
+            for tag in (b"ftyp", b"moov", b"mdat"):
+                pos = blob.find(tag, at, at + len(data))
+                if pos >= 0:
+                    blob[pos: pos + 4] = b"XXXX"
+            open(os.path.join(broken, name), "wb").write(bytes(blob))
+            break
+    else:
+        pytest.fail("entry bytes not found in any chunk")
+    caplog.set_level("WARNING")
+    summary = train(shard_overrides(synthetic_root, broken, tmp_path / "run", "trainer.max_epochs=2", "data.num_workers=2"))
+    users = [r["id"] for r in meta["records"]]  # the records asking about this video
+    assert summary["train/skipped_samples"] == 2 * len(users)  # each once per epoch, never replaced by another sample
+    named = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
+    assert len(named) == 2 * len(users) and all(f"{broken}#5 ({meta['video']})" in m for m in named)
+    assert sorted(m.split()[2] for m in named) == sorted(users * 2)
+    assert 0.0 <= summary["train/padded_fraction_mean"] < 0.5
+
+
+def test_mid_epoch_resume_on_shards_matches_an_uninterrupted_run(synthetic_shards, synthetic_root, tmp_path):
+    from panda.training.run import train
+
+    common = ["trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=1000", "stage.schedule=constant",
+              "stage.warmup_ratio=0", "data.num_workers=2", "data.shuffle_window=8"]
+    straight = train(shard_overrides(synthetic_root, synthetic_shards, tmp_path / "straight", "trainer.max_steps=9", *common))
+    train(shard_overrides(synthetic_root, synthetic_shards, tmp_path / "split", "trainer.max_steps=3", *common))
+    resumed = train(shard_overrides(synthetic_root, synthetic_shards, tmp_path / "split", "trainer.max_steps=9",
+                                    "ckpt_path=last", *common))
+    assert [s for s, _ in resumed["train/loss_by_step"]] == list(range(4, 10))
+    assert resumed["train/loss_by_step"] == straight["train/loss_by_step"][3:]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["epoch"] >= 1  # crossed an epoch boundary after the resume
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_a_folder_that_is_not_prepared_is_named_with_the_fix(tmp_path):
+    from panda.data.shards import ShardFormatError, ShardSource
+
+    with pytest.raises(ShardFormatError, match=r"panda\.data\.prepare .*--output"):
+        ShardSource.open("valley", str(tmp_path / "nothing_here"))
