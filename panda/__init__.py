@@ -9,3 +9,22 @@ Layout (data flows one way: file -> record -> sample -> batch -> model -> loss/m
 """
 
 __version__ = "0.1.0"
+
+
+def _check_torchvision() -> None:
+    """litdata pulls in torchvision, and pip may pick a CUDA-only build whose import fails and takes
+    ``import lightning`` and transformers down with it. panda never uses torchvision: say so."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # RuntimeError: operator torchvision::nms does not exist
+        raise ImportError(
+            f"torchvision is installed but does not import ({type(exc).__name__}: {exc}). panda does not use it "
+            "(it came with litdata, built for another torch/CUDA): run `pip uninstall -y torchvision`."
+        ) from exc
+
+
+_check_torchvision()

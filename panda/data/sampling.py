@@ -87,7 +87,6 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.resume_from = resume_from  # asked at the first iteration (Lightning may build loaders before restoring)
         self.epoch = 0  # Lightning's epoch counter (set_epoch)
         self.data_epoch = 0  # the epoch of the latest iteration
-        self._asked = False
         self._yielded = False
         self._resume: Optional[tuple[int, int]] = None
         self._skip: Optional[tuple[int, int]] = None  # (data epoch, batches of it already trained)
@@ -124,8 +123,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         return math.ceil(self.total_batches() / self.world)
 
     def __iter__(self):
-        if self._resume is None and self.resume_from is not None and not self._asked:
-            self._asked = True
+        # a generator: nothing here runs until the first batch is asked for (ModelParallelStrategy
+        # creates the loader's iterator before it restores a checkpoint's position)
+        if self._resume is None and self.resume_from is not None:  # hands out a restored position once
             self._resume = self.resume_from(len(self))
         if self._resume is not None:
             self.data_epoch, skip = self._resume
@@ -137,10 +137,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         epoch = self.data_epoch
         skip = self._skip[1] if self._skip is not None and self._skip[0] == epoch else 0
         batches = self.rank_batches(epoch)
-        return self._tagged(batches, epoch, skip)
-
-    def _tagged(self, batches, epoch: int, start: int):
-        for pos in range(start, len(batches)):
+        for pos in range(skip, len(batches)):
             self._yielded = True
             yield [(i, epoch, pos) for i in batches[pos]]
 

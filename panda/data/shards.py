@@ -16,6 +16,7 @@ import bisect
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
@@ -33,31 +34,49 @@ def is_remote(path: str) -> bool:
     return "://" in path or path.startswith("local:")
 
 
-def default_cache_dir(path: str, cache_root: str | None) -> str:
-    root = cache_root or os.path.join(os.path.expanduser("~"), ".cache", "panda", "shards")
-    return os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16])
+def _fetch(path: str, name: str, dest: str) -> str:
+    """Download ``path/name`` (an object-store folder) to ``dest``, fresh every time (index files are small)."""
+    from litdata.streaming.downloader import get_downloader
+
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.exists(dest):
+        os.remove(dest)
+    try:
+        get_downloader(path, os.path.dirname(dest), []).download_file(f"{path}/{name}", dest)
+    except Exception as exc:
+        raise ShardFormatError(f"cannot fetch {path}/{name}: {type(exc).__name__}: {exc} (is {path} a folder "
+                               "written by `python -m panda.data.prepare`, and are the storage credentials set?)") from exc
+    return dest
 
 
-def _read_json(path: str, name: str, cache_dir: str) -> dict:
-    if is_remote(path):
-        from litdata.streaming.downloader import get_downloader
-
-        local = os.path.join(cache_dir, name)
-        if not os.path.exists(local):
-            os.makedirs(cache_dir, exist_ok=True)
-            try:
-                get_downloader(path, cache_dir, []).download_file(f"{path.rstrip('/')}/{name}", local)
-            except Exception as exc:
-                raise ShardFormatError(f"cannot fetch {path}/{name}: {type(exc).__name__}: {exc}") from exc
-    else:
-        local = os.path.join(path, name)
-        if not os.path.exists(local):
-            hint = ("run `python -m panda.data.prepare --records ... --video-root ... --output "
-                    f"{path}` first" if not os.path.isdir(path) or not os.listdir(path) else
-                    "an interrupted prepare? rerun it with --resume")
-            raise ShardFormatError(f"{local} not found: {path} is not a prepared shard folder ({hint})")
+def _read_local(path: str, name: str) -> dict:
+    local = os.path.join(path, name)
+    if not os.path.exists(local):
+        hint = ("run `python -m panda.data.prepare --records ... --video-root ... --output "
+                f"{path}` first" if not os.path.isdir(path) or not os.listdir(path) else
+                "an interrupted prepare? rerun it with --resume")
+        raise ShardFormatError(f"{local} not found: {path} is not a prepared shard folder ({hint})")
     with open(local, encoding="utf-8") as f:
         return json.load(f)
+
+
+def open_indexes(path: str, cache_root: str | None) -> tuple[dict, dict, str | None]:
+    """(litdata index, panda index, cache dir). A remote source's chunks are cached in a folder
+    named after the URL *and* its current index, so a re-prepared dataset never meets stale chunks."""
+    if not is_remote(path):
+        return _read_local(path, "index.json"), _read_local(path, INDEX_FILE), None
+    root = cache_root or os.path.join(os.path.expanduser("~"), ".cache", "panda", "shards")
+    url_key = hashlib.sha1(path.encode()).hexdigest()[:16]
+    staging = os.path.join(root, "indexes", f"{url_key}.{os.getpid()}")
+    index_path = _fetch(path, "index.json", os.path.join(staging, "index.json"))
+    with open(index_path, "rb") as f:
+        raw = f.read()
+    cache_dir = os.path.join(root, f"{url_key}-{hashlib.sha1(raw).hexdigest()[:12]}")
+    meta_path = _fetch(path, INDEX_FILE, os.path.join(staging, INDEX_FILE))
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    shutil.rmtree(staging, ignore_errors=True)
+    return json.loads(raw), meta, cache_dir
 
 
 @dataclass
@@ -67,7 +86,7 @@ class ShardSource:
 
     name: str
     path: str  # local folder or object-store URL
-    cache_dir: str  # where litdata keeps downloaded chunks of a remote source
+    cache_dir: str | None  # where litdata keeps downloaded chunks of a remote source
     num_entries: int
     chunk_sizes: list[int]  # entries per chunk, in order
     records: list[list[int]]
@@ -87,9 +106,7 @@ class ShardSource:
     @classmethod
     def open(cls, name: str, path: str, weight: float | None = None, cache_root: str | None = None) -> "ShardSource":
         path = path.rstrip("/")
-        cache_dir = default_cache_dir(path, cache_root)
-        index = _read_json(path, "index.json", cache_dir)
-        meta = _read_json(path, INDEX_FILE, cache_dir)
+        index, meta, cache_dir = open_indexes(path, cache_root)
         if meta.get("format") != FORMAT:
             raise ShardFormatError(f"{path}/{INDEX_FILE}: format {meta.get('format')!r}, expected {FORMAT!r} "
                                    "(prepare it again with this version of panda)")
@@ -131,7 +148,7 @@ class ShardDataset(Dataset):
             from litdata import StreamingDataset
 
             s = self.sources[j]
-            self._streams[j] = StreamingDataset(s.path, cache_dir=s.cache_dir if is_remote(s.path) else None)
+            self._streams[j] = StreamingDataset(s.path, cache_dir=s.cache_dir)
         return self._streams[j]
 
     def locate(self, index: int) -> tuple[int, int]:
