@@ -185,6 +185,22 @@ def test_mixture_weights_are_respected(synthetic_shards, zoo, tmp_path, tokenize
     # every batch comes from one source
     assert all(len({i >= na for i in batch}) == 1 for batch in sampler.epoch_batches(0))
 
+    # the same through the config group and the DataModule: data=valley+videochatgpt under one root
+    from panda.data.datamodule import VideoDataModule
+
+    root = tmp_path / "mix"
+    root.mkdir()
+    os.symlink(synthetic_shards, root / "valley")
+    os.symlink(small, root / "videochatgpt")
+    cfg = compose(["data=valley+videochatgpt", f"data.root={root}", "data.shards.0.weight=0.75",
+                   "data.shards.1.weight=0.25", f"data.samples_per_epoch={total}", "data.num_workers=0",
+                   "data.batch_size=4", "stab.width=32"])
+    dm = VideoDataModule(cfg, tokenizer)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader().batch_sampler)
+    flat = [i for batch in batches for i, _, _ in batch]
+    assert len(flat) == total and abs(sum(i >= na for i in flat) / total - 0.25) < 0.02
+
 
 def shard_overrides(synthetic_root, shards, run_dir, *extra):
     return compose(tiny_overrides(synthetic_root, str(run_dir)) + [
