@@ -72,12 +72,18 @@ def preprocess_frames(
     mask = torch.zeros(num_frames, resolution, resolution)
     if k == 0:
         return pixels, mask
-    x = video[:k].permute(0, 3, 1, 2).float().div_(255.0)  # (k, H, W, 3) -> (k, 3, H, W)
-    x = F.interpolate(x, size=(geo.out_h, geo.out_w), mode="bicubic", antialias=True, align_corners=False)
-    x = x.clamp_(0.0, 1.0)
+    x = video[:k].permute(0, 3, 1, 2)  # (k, H, W, 3) -> (k, 3, H, W), a channels-last view
+    if x.dtype == torch.uint8:
+        # resize in uint8, as PIL does (within 1 level of PIL's bicubic), ~10x faster than in float
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(geo.out_h, geo.out_w),
+                          mode="bicubic", antialias=True, align_corners=False)
+        x = x.float().div_(255.0)
+    else:
+        x = F.interpolate(x.float().div(255.0), size=(geo.out_h, geo.out_w), mode="bicubic", antialias=True,
+                          align_corners=False).clamp_(0.0, 1.0)
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
-    x = (x - mean_t) / std_t
+    x = x.sub_(mean_t).div_(std_t)
     pixels[:k, :, geo.top : geo.top + geo.out_h, geo.left : geo.left + geo.out_w] = x
     mask[:k, geo.top : geo.top + geo.out_h, geo.left : geo.left + geo.out_w] = 1.0
     return pixels, mask
