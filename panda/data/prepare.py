@@ -34,6 +34,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,7 +167,8 @@ def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: P
             os.remove(stale)
     # litdata names chunks and the part index after the writer's rank: make it the part number
     os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = str(part)
-    writer = BinaryWriter(opts.output, chunk_bytes=opts.chunk_bytes)
+    # msg_queue: litdata's per-part "inferred data format" notes go nowhere instead of to stdout
+    writer = BinaryWriter(opts.output, chunk_bytes=opts.chunk_bytes, msg_queue=queue.SimpleQueue())
     result = PartResult(part)
     for video, records in videos:
         path = os.path.join(opts.video_root, video)

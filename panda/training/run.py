@@ -138,7 +138,7 @@ def run_dir_of(cfg) -> str:
         return os.path.abspath(cfg.get("run_dir") or "outputs/run")
 
 
-# Lightning cannot see that the data module restores the loader position itself (ResumableSampler
+# Lightning cannot see that the data module restores the loader position itself (EpochBatchSampler
 # + VideoDataModule.state_dict); its mid-epoch warning does not apply to panda runs
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
@@ -162,7 +162,7 @@ def build_trainer(cfg: dict, run_dir: str, logger, callbacks) -> L.Trainer:
         log_every_n_steps=t["log_every_n_steps"], fast_dev_run=t["fast_dev_run"], overfit_batches=t["overfit_batches"],
         deterministic=t["deterministic"], enable_progress_bar=t["enable_progress_bar"], default_root_dir=run_dir,
         logger=logger, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the data module's ResumableSampler splits ranks itself
+        use_distributed_sampler=False,  # the data module's EpochBatchSampler splits ranks itself
         **extra,
     )
 
