@@ -261,7 +261,9 @@ def train(cfg: DictConfig) -> dict:
     status = "failed"
     try:
         fit_start = time.time()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from or container["ckpt_path"])
+        fit_ckpt = resume_from or container["ckpt_path"]
+        datamodule.preload_position(os.path.join(ckpt_dir, "last.ckpt") if fit_ckpt == "last" else fit_ckpt)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=fit_ckpt)
         fit_time = time.time() - fit_start
         final_ckpt = os.path.join(ckpt_dir, "last.ckpt")
         if not container["trainer"]["fast_dev_run"]:
