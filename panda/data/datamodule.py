@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from panda.data.conversation import get_template
 from panda.data.datasets import Collator, ConversationDataset, FramePipeline, QADataset
-from panda.data.records import RecordReader, load_qa
+from panda.data.records import load_qa, load_records
 from panda.data.sampling import EpochBatchSampler, Positioned, SourceSpec
 from panda.data.shards import ShardDataset, ShardSource
 from panda.models.stab import STABConfig
@@ -103,24 +103,14 @@ class VideoDataModule(L.LightningDataModule):
 
     def _setup_records(self, common: dict) -> None:
         data = self.cfg.data
-        records = []
-        reader = RecordReader(on_error=data.on_bad_record)  # ids unique across all the files
-        for path in data.train_records:
-            path = resolve(data.root, path)
-            for index, rec, reject in reader.read(path):
-                if rec is not None:
-                    records.append(rec)
-                else:
-                    self.rejects.append(dict(reject, source=path))
+        records, self.rejects = load_records([resolve(data.root, p) for p in data.train_records], data.on_bad_record)
         if not records:
             raise ValueError(f"no usable training records in {list(data.train_records)} under {data.root}")
-        if self.rejects:
-            log.warning("%d malformed record(s) skipped; first: %s", len(self.rejects), self.rejects[0])
-            if self.rejects_path:
-                with open(self.rejects_path, "w") as f:
-                    for r in self.rejects:
-                        f.write(json.dumps(r) + "\n")
-                log.warning("malformed records listed in %s", self.rejects_path)
+        if self.rejects and self.rejects_path:  # load_records has logged the count and the first
+            with open(self.rejects_path, "w") as f:
+                for r in self.rejects:
+                    f.write(json.dumps(r) + "\n")
+            log.warning("malformed records listed in %s", self.rejects_path)
         lengths = [sum(len(q) + len(a) for q, a in rec.turns) for rec in records]  # characters
         # one sample per "chunk": local files are read at random, so the shuffle is a full one
         self.sources = [SourceSpec("records", len(records), list(range(len(records))), lengths)]

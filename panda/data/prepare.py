@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from panda.data.records import RecordReader, VideoRecord
+from panda.data.records import VideoRecord, load_records
 from panda.data.video import decode_video, probe_video
 from panda.errors import PandaError, VideoDecodeError
 
@@ -208,16 +208,9 @@ def _write_json(path: str, obj) -> None:
 
 def read_all_records(opts: PrepareOptions) -> tuple[list[VideoRecord], list[dict]]:
     """Every record of every ``--records`` file (ids unique across files), and the record rejects."""
-    reader = RecordReader(on_error="skip")
-    records, rejects = [], []
-    for path in opts.records:
-        for index, rec, reject in reader.read(path):
-            if rec is not None:
-                records.append(rec)
-            else:
-                rejects.append({"id": reject["id"], "path": None, "code": reject["code"],
-                                "reason": reject["reason"], "source": f"{path}#{index}"})
-    return records, rejects
+    records, rejects = load_records(opts.records, on_error="skip")
+    return records, [{"id": r["id"], "path": None, "code": r["code"], "reason": r["reason"],
+                      "source": f"{r['source']}#{r['index']}"} for r in rejects]
 
 
 def _check_output(opts: PrepareOptions) -> None:

@@ -170,22 +170,25 @@ class RecordReader:
                 yield index, None, {"index": index, "id": None if _lone_surrogate(rid) else rid, "code": exc.code, "reason": exc.reason}
 
 
-def load_records(path: str | os.PathLike, on_error: str = "skip") -> tuple[list[VideoRecord], list[dict]]:
-    """Read a JSON list of records. Returns (records, rejects).
+def load_records(paths: str | os.PathLike | list, on_error: str = "skip") -> tuple[list[VideoRecord], list[dict]]:
+    """Read one JSON list of records, or several (ids unique across them). Returns (records, rejects).
 
     ``on_error="raise"`` stops at the first malformed record; ``"skip"`` keeps going and returns
-    each reject as ``{"index", "id", "code", "reason"}`` (and logs how many). Invalid JSON always
-    raises, naming the file and the record index.
+    each reject as ``{"index", "id", "code", "reason", "source"}`` (and logs how many). Invalid
+    JSON always raises, naming the file and the record index.
     """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    reader = RecordReader(on_error)
     records, rejects = [], []
-    for _, rec, reject in RecordReader(on_error).read(path):
-        if rec is not None:
-            records.append(rec)
-        else:
-            rejects.append(reject)
+    for path in paths:
+        for _, rec, reject in reader.read(path):
+            if rec is not None:
+                records.append(rec)
+            else:
+                rejects.append(dict(reject, source=os.fspath(path)))
     if rejects:
-        log.warning("%s: skipped %d malformed record(s) of %d; first: %s", path, len(rejects),
-                    len(records) + len(rejects), rejects[0])
+        log.warning("%s: skipped %d malformed record(s) of %d; first: %s", ", ".join(map(os.fspath, paths)),
+                    len(rejects), len(records) + len(rejects), rejects[0])
     return records, rejects
 
 
