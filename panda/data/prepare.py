@@ -129,8 +129,8 @@ def inspect_video(path: str, opts: PrepareOptions) -> dict:
             "backend": decoded.backend}
 
 
-def make_sample(video: str, records: list[VideoRecord], opts: PrepareOptions) -> tuple[dict, int]:
-    """(the shard entry, source bytes) for a video that validates, with every record that uses it."""
+def make_sample(video: str, records: list[VideoRecord], opts: PrepareOptions) -> tuple[dict, dict, int]:
+    """(the shard entry, its metadata, source bytes) for a video that validates, with every record that uses it."""
     path = os.path.join(opts.video_root, video)
     info = inspect_video(path, opts)
     with open(path, "rb") as f:
@@ -138,12 +138,12 @@ def make_sample(video: str, records: list[VideoRecord], opts: PrepareOptions) ->
     recs = [{"id": r.id, "turns": [list(t) for t in r.turns], "text_length": text_length(r.turns, opts.tokenizer),
              "extra": r.meta} for r in records]
     meta = {"video": video, **info, "records": recs}
-    return {"video": data, "meta": json.dumps(meta, ensure_ascii=False)}, len(data)
+    return {"video": data, "meta": json.dumps(meta, ensure_ascii=False)}, meta, len(data)
 
 
 # --- one part -----------------------------------------------------------------------------------
 
-_PROGRESS = None  # a queue the workers tick per record
+_PROGRESS = None  # a queue the workers tick per video
 
 
 def _init_worker(progress) -> None:
@@ -173,7 +173,7 @@ def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: P
     for video, records in videos:
         path = os.path.join(opts.video_root, video)
         try:
-            sample, nbytes = make_sample(video, records, opts)
+            sample, meta, nbytes = make_sample(video, records, opts)
         except VideoDecodeError as exc:
             result.rejects += [{"id": r.id, "path": path, "code": exc.code, "reason": exc.reason} for r in records]
         except Exception as exc:  # a bug or an exotic file: reject it, name it, keep going
@@ -181,7 +181,6 @@ def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: P
             result.rejects += [{"id": r.id, "path": path, "code": "undecodable", "reason": reason} for r in records]
         else:
             writer.add_item(len(result.kept), sample)
-            meta = json.loads(sample["meta"])
             result.kept.append({"ids": [r["id"] for r in meta["records"]],
                                 "lengths": [r["text_length"] for r in meta["records"]]})
             result.source_bytes += nbytes
