@@ -75,6 +75,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.shuffle_window, self.group_by_length, self.group_batches = max(1, shuffle_window), group_by_length, max(1, group_batches)
         self.offsets = np.cumsum([0] + [s.size for s in sources])[:-1].tolist()
+        # arrays once: indexing a Python list of 800K lengths per window would cost ~45 s per epoch plan
+        self._chunks = [np.asarray(s.chunks) for s in sources]
+        self._lengths = [None if s.lengths is None else np.asarray(s.lengths) for s in sources]
         self.members = [self._subset(j, s, fraction, fraction_seed) for j, s in enumerate(sources)]
         total = samples_per_epoch or sum(len(m) for m in self.members)
         if weights[0] is None:
@@ -169,7 +172,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         if not self.shuffle:
             return members
         rng = _rng(self.seed, data_epoch, j, cycle)
-        chunk_of = np.asarray(self.sources[j].chunks)[members]
+        chunk_of = self._chunks[j][members]
         chunk_rank = rng.permutation(int(chunk_of.max()) + 1)[chunk_of]  # position of each member's chunk in the new order
         order = members[np.argsort(chunk_rank, kind="stable")]
         w = self.shuffle_window
@@ -184,14 +187,14 @@ class EpochBatchSampler(Sampler[list[int]]):
             have += len(order)
             cycle += 1
         order = np.concatenate(parts)[:quota] if parts else np.zeros(0, dtype=int)
-        lengths = self.sources[j].lengths
+        lengths = self._lengths[j]
         group = self.group_batches * self.batch_size
         rng = _rng(self.seed, data_epoch, j, 7919)
         batches = []
         for i in range(0, len(order), group):
             window = order[i: i + group]
             if self.group_by_length and lengths is not None:
-                window = window[np.argsort(-np.asarray(lengths)[window], kind="stable")]
+                window = window[np.argsort(-lengths[window], kind="stable")]
             cut = [window[k: k + self.batch_size] for k in range(0, len(window), self.batch_size)]
             if self.shuffle and self.group_by_length and lengths is not None:
                 cut = [cut[k] for k in rng.permutation(len(cut))]
