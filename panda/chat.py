@@ -19,7 +19,7 @@ import torch
 from panda.data.conversation import get_template, tokenize_prompt
 from panda.data.datasets import FramePipeline
 from panda.errors import PandaError
-from panda.evaluation.run import load_model
+from panda.loading import load_model
 from panda.models.checkpoints import CheckpointKeyError, NotACheckpointError
 
 
@@ -81,9 +81,9 @@ def main(argv=None) -> int:
         device = check_device(args.device, args.dtype, args.attn)
         if not os.path.exists(args.video):
             raise ChatError(f"video not found: {args.video}")
-        model, tokenizer, frames, template, _ = load_model(args.checkpoint, args.dtype, args.attn)
-        model.to(device)
-        text = answer(model, tokenizer, args.video, args.question, args.frames or frames, template,
+        loaded = load_model(args.checkpoint, args.dtype, args.attn)
+        model = loaded.model.to(device)
+        text = answer(model, loaded.tokenizer, args.video, args.question, args.frames or loaded.frames, loaded.eval_template,
                       args.max_new_tokens, device, args.sample_fps, stream=not args.no_stream, temperature=args.temperature)
     except (PandaError, NotACheckpointError, CheckpointKeyError) as exc:
         print(f"panda.chat: error: {exc}", file=sys.stderr)

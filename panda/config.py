@@ -1,24 +1,133 @@
-"""Structured (dataclass) schemas of every Hydra config group.
+"""Structured (dataclass) schemas of every Hydra config group, and the checks types cannot express.
 
 ``conf/train.yaml`` composes on top of :class:`TrainConfig` (registered as ``panda_train``), so a
-misspelt key or a wrong type fails at composition with Hydra's message naming the key. Semantic
-checks (divisibility, known names) live in :func:`validate`.
+misspelt key, a wrong type or an unknown choice (an :class:`enum.Enum` field) fails at composition
+with Hydra's message naming the key. :func:`to_train_config` turns the composed ``DictConfig``
+into these dataclasses (``OmegaConf.to_object``) and runs :func:`validate`, the semantic checks
+(divisibility, required paths). Code below the entry points receives the dataclass objects and
+never mutates them: values a run derives (gradient accumulation, the teacher's sizes, the LLM
+architecture read from a folder, the run's tokenizer copy) live in :class:`Derived`.
+
+Each default is defined once, here (or in the model-side dataclass a field points to); the YAML
+files in ``conf/`` set only what a choice changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from panda.evaluation.benchmarks import BenchmarkConfig
-from panda.evaluation.judge import JudgeConfig
-from panda.models.distill import DISTILL_LOSSES, DistillConfig
+from panda.data.synthetic import SyntheticConfig
+from panda.models.distill import DistillConfig
 from panda.models.stab import STABConfig
-from panda.models.teachers import TEACHER_KINDS, TeacherConfig
-from panda.training.fsdp import FSDPConfig
+from panda.models.teachers import TeacherConfig, check_teacher_config
+
+
+class Choice(str, Enum):
+    """A config choice: compares equal to its string value and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class LoggerKind(Choice):
+    csv = "csv"
+    wandb = "wandb"
+    none = "none"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    constant = "constant"
+
+
+# ``raise`` is a Python keyword, so this choice is built with the functional API
+OnBadRecord = Choice("OnBadRecord", {"skip": "skip", "raise": "raise"}, module=__name__, qualname="OnBadRecord")
+
+
+class VideoBackend(Choice):
+    auto = "auto"  # decord, then PyAV for what decord cannot decode (e.g. AV1)
+    decord = "decord"
+    pyav = "pyav"
+
+
+class Strategy(Choice):
+    auto = "auto"  # one process
+    ddp = "ddp"
+    fsdp = "fsdp"  # FSDP2 via ModelParallelStrategy (trainer.fsdp.*)
+
+
+class InitKind(Choice):
+    none = "none"
+    eve = "eve"
+    release = "release"
+    checkpoint = "checkpoint"
+
+
+class JudgeKind(Choice):
+    exact_match = "exact_match"  # offline
+    openai = "openai"  # any OpenAI-compatible chat API
+
+
+class BenchmarkKind(Choice):
+    qa = "qa"  # GPT_Zero_Shot_QA layout: test_q.json, test_a.json, videos/
+    vcgbench = "vcgbench"  # the Video-ChatGPT benchmark
+
+
+FOLDER_INITS = (InitKind.eve, InitKind.release)  # inits whose folder also holds the LLM (and its tokenizer)
+
+
+@dataclass
+class FSDPConfig:
+    """``trainer.fsdp``: how ``trainer=fsdp`` shards (panda/training/fsdp.py)."""
+
+    param_dtype: Optional[str] = "bfloat16"  # compute dtype of the unsharded parameters; None = as stored
+    reduce_dtype: Optional[str] = "float32"  # gradient reduce-scatter dtype
+    cpu_offload: bool = False
+    activation_checkpointing: bool = True  # non-reentrant, per decoder layer
+    hybrid_shard: bool = False  # shard inside a node, replicate across trainer.num_nodes
+    distributed_checkpoint: bool = True  # sharded checkpoints (no full gather on rank 0)
+
+
+@dataclass
+class JudgeConfig:
+    kind: JudgeKind = JudgeKind.exact_match
+    model: str = "gpt-3.5-turbo"  # the exact model id; recorded in the results
+    base_url: Optional[str] = None  # None = the OpenAI API; e.g. http://127.0.0.1:8000/v1 for a local server
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from config
+    temperature: float = 0.0
+    max_tokens: int = 64
+    timeout_s: float = 30.0
+    max_retries: int = 6
+    backoff_s: float = 1.0  # first retry waits up to this long; doubles each time (full jitter)
+    backoff_max_s: float = 30.0
+    concurrency: int = 8
+    cache: Optional[str] = "~/.cache/panda/judge_cache.sqlite"  # None: no cache
+    prompt_file: Optional[str] = None  # JSON {"version": ..., "prompts": {task: {system, user}}}
+    extra: dict = field(default_factory=dict)  # extra request fields (e.g. seed)
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "synthetic"
+    kind: BenchmarkKind = BenchmarkKind.qa
+    root: Optional[str] = None  # the evaluation DATA_ROOT; paths below are relative to it
+    from_checkpoint: bool = False  # qa: use the data root and held-out split stored in a train.py checkpoint
+    qa_dir: Optional[str] = None  # qa: folder with test_q.json, test_a.json, videos/
+    generic: Optional[str] = None  # vcgbench files
+    temporal: Optional[str] = None
+    consistency: Optional[str] = None
+    video_dir: Optional[str] = None  # vcgbench: the videos
+    judge: Optional[JudgeKind] = None  # None: the run's judge; exact_match forces the offline judge
+    limit: Optional[int] = None  # first N questions only
 
 
 @dataclass
@@ -31,7 +140,7 @@ class LLMConfig:
     layers: int = 2
     heads: int = 4
     kv_heads: Optional[int] = None
-    intermediate_size: int = 128
+    intermediate_size: int = 256
     initializer_range: float = 0.02  # std of the random init (built LLMs only)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU, needs the [gpu] extra)
     dtype: str = "float32"
@@ -47,19 +156,6 @@ class ModelConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    train_videos: int = 800
-    eval_videos: int = 120
-    num_frames: int = 16
-    fps: int = 8
-    seed: int = 0
-    vocab_size: int = 400
-    kinds: list[str] = field(default_factory=lambda: ["colour", "direction"])  # add "shape" for a harder task
-    multi_turn_fraction: float = 0.2
-    phrasings: int = 3
-
-
-@dataclass
 class ShardSourceConfig:
     """One prepared shard folder (``python -m panda.data.prepare --output``), local or an object-store URL."""
 
@@ -72,7 +168,7 @@ class ShardSourceConfig:
 class DataConfig:
     name: str = "synthetic"
     root: str = MISSING  # DATA_ROOT; other paths below are relative to it (each data config sets or requires it)
-    synthetic: Optional[SyntheticDataConfig] = None  # set: generate the demo dataset under ``root``
+    synthetic: Optional[SyntheticConfig] = None  # set: generate the demo dataset under ``root``
     train_records: list[str] = field(default_factory=lambda: ["train/train_json/synthetic_train.json"])
     video_root: str = "train"
     eval_qa: Optional[str] = "eval/Synthetic_Zero_Shot_QA"  # folder with test_q.json, test_a.json, videos/
@@ -81,8 +177,8 @@ class DataConfig:
     eval_batch_size: int = 64
     num_workers: int = 2
     sample_fps: float = 1.0
-    video_backend: str = "auto"  # auto (decord, then PyAV) | decord | pyav
-    on_bad_record: str = "skip"  # skip (count + list in rejects) | raise
+    video_backend: VideoBackend = VideoBackend.auto
+    on_bad_record: OnBadRecord = OnBadRecord.skip  # skip (count + list in rejects) | raise
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
     fraction_seed: int = 0
     # streaming: set -> train on prepared litdata shards instead of train_records + video_root
@@ -107,7 +203,7 @@ class StageConfig:
     weight_decay: float = 0.0  # never applied to norms, biases and embeddings-like 1-D parameters
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Schedule = Schedule.cosine
     min_lr_ratio: float = 0.0
 
 
@@ -116,7 +212,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2 via ModelParallelStrategy; settings in trainer.fsdp)
+    strategy: Strategy = Strategy.auto  # fsdp: FSDP2 via ModelParallelStrategy, settings in trainer.fsdp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     precision: str = "32-true"
     max_epochs: int = 1
@@ -137,14 +233,11 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = "csv"  # csv | wandb | none
+    kind: LoggerKind = LoggerKind.csv
     project: str = "panda"
     group: Optional[str] = None
     offline: Optional[bool] = None  # wandb: None = offline unless an API key is configured
     tags: list[str] = field(default_factory=list)
-
-
-INIT_KINDS = ("none", "eve", "release", "checkpoint")
 
 
 @dataclass
@@ -158,7 +251,7 @@ class InitConfig:
     With ``eve``/``release`` the LLM's architecture comes from the folder, not from ``llm.*`` sizes.
     """
 
-    kind: str = "none"  # none | eve | release | checkpoint
+    kind: InitKind = InitKind.none
     path: Optional[str] = None
 
 
@@ -183,6 +276,7 @@ class TrainConfig:
     resume: str = "none"  # auto: continue from the newest complete checkpoint of this run (same name)
     evaluate: bool = True  # held-out QA after training
     max_new_tokens: int = 16
+    run_dir: Optional[str] = None  # outside Hydra (called from Python): where the run writes; under Hydra, hydra.run.dir
 
 
 @dataclass
@@ -203,6 +297,29 @@ class EvaluateConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     samples: int = 16  # rows per benchmark in the wandb samples table
+    run_dir: Optional[str] = None  # outside Hydra: where results go; under Hydra, hydra.run.dir
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What a run derives from its config and the files it reads, kept apart from the user's config
+    (which is never written to). Stored beside the config in every checkpoint, so evaluation,
+    export and chat rebuild exactly the model that trained.
+
+    - ``accumulate_grad_batches``: from ``trainer.global_batch_size`` (or as configured);
+    - ``teacher_width`` / ``teacher_image_size`` / ``teacher_patch_size``: of the teacher actually
+      loaded (a folder's config.json wins over ``teacher.*`` sizes); None without distillation;
+    - ``llm_config``: the Hugging Face config of an LLM that came from a folder (``init``), to
+      rebuild the architecture without the folder;
+    - ``tokenizer``: the run's own copy of its tokenizer.
+    """
+
+    accumulate_grad_batches: int = 1
+    teacher_width: Optional[int] = None
+    teacher_image_size: Optional[int] = None
+    teacher_patch_size: Optional[int] = None
+    llm_config: Optional[dict] = None
+    tokenizer: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -211,38 +328,49 @@ def register_configs() -> None:
     cs.store(name="panda_evaluate", node=EvaluateConfig)
 
 
-def validate(cfg) -> None:
-    """Checks that need more than types; raise ``ValueError`` naming the key and the fix."""
-    stab = STABConfig(**cfg.stab) if not isinstance(cfg.stab, STABConfig) else cfg.stab
-    stab.validate()
+def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
+    """The typed, validated run config: a composed ``DictConfig``, a plain dict (a checkpoint's
+    copy) or a ``TrainConfig``."""
+    if not isinstance(cfg, TrainConfig):
+        if not OmegaConf.is_config(cfg):
+            cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        if OmegaConf.is_missing(cfg.data, "root"):
+            raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT (the folder that holds train/ and eval/)")
+        cfg = OmegaConf.to_object(cfg)
+    validate(cfg)
+    return cfg
+
+
+def to_evaluate_config(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
+    if isinstance(cfg, EvaluateConfig):
+        return cfg
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ValueError("evaluate.py needs checkpoint=PATH (a train.py .ckpt, a panda export folder or a release folder)")
+    return OmegaConf.to_object(cfg)
+
+
+def to_plain(cfg) -> dict:
+    """A dataclass config as plain Python (enums as strings): what checkpoints and loggers store."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def distill_active(cfg: TrainConfig) -> bool:
+    """Distillation runs when a teacher is configured and the loss is not ``off``."""
+    return cfg.teacher.kind != "none" and cfg.distill.loss != "off"
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need more than types (unknown choices already failed at composition); each
+    raises ``ValueError`` naming the key and the fix."""
+    cfg.stab.validate()
     if cfg.frames < 1:
         raise ValueError(f"frames={cfg.frames} must be >= 1")
-    if cfg.frames % stab.chunk_size:
+    if cfg.frames % cfg.stab.chunk_size:
         raise ValueError(
-            f"frames={cfg.frames} must be a multiple of stab.chunk_size={stab.chunk_size} "
+            f"frames={cfg.frames} must be a multiple of stab.chunk_size={cfg.stab.chunk_size} "
             f"(set stab.chunk_size to a divisor of frames, e.g. stab.chunk_size={cfg.frames})"
         )
-    if cfg.logger.kind not in ("csv", "wandb", "none"):
-        raise ValueError(f"logger.kind={cfg.logger.kind!r}: use csv, wandb or none")
-    if cfg.stage.schedule not in ("cosine", "constant"):
-        raise ValueError(f"stage.schedule={cfg.stage.schedule!r}: use cosine or constant")
-    if cfg.data.on_bad_record not in ("skip", "raise"):
-        raise ValueError(f"data.on_bad_record={cfg.data.on_bad_record!r}: use skip or raise")
-    if cfg.teacher.kind not in TEACHER_KINDS:
-        raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: use one of {TEACHER_KINDS} (or pick a file in conf/teacher)")
-    if OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg.data, "root"):
-        raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT (the folder that holds train/ and eval/)")
-    if cfg.teacher.kind == "languagebind_video" and not cfg.teacher.path and not cfg.teacher.random_init:
-        raise ValueError(
-            "teacher=languagebind_video needs teacher.path=/path/to/LanguageBind_Video_merge "
-            "(teacher.random_init=true builds an untrained toy teacher instead)"
-        )
-    if cfg.teacher.kind == "hf_vision" and not cfg.teacher.path:
-        raise ValueError("teacher=hf_vision needs teacher.path=/path/to/a/local/vision/model")
-    if cfg.distill.loss not in DISTILL_LOSSES:
-        raise ValueError(f"distill.loss={cfg.distill.loss!r}: use one of {DISTILL_LOSSES}")
-    if cfg.init.kind not in INIT_KINDS:
-        raise ValueError(f"init.kind={cfg.init.kind!r}: use one of {INIT_KINDS}")
+    check_teacher_config(cfg.teacher)
     if cfg.init.kind != "none" and not cfg.init.path:
         raise ValueError(f"init.kind={cfg.init.kind} needs init.path (a folder or .ckpt to start from)")
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.cpu_offload:

@@ -30,19 +30,19 @@ def main(argv=None) -> int:
         print(f"panda.export: error: {args.checkpoint} is not a .ckpt file or sharded .ckpt folder written by train.py",
               file=sys.stderr)
         return 2
-    from panda.evaluation.run import load_checkpoint, read_lightning_checkpoint
+    from panda.loading import load_checkpoint, read_lightning_checkpoint
 
     if args.single_file:
         import torch
 
         torch.save(read_lightning_checkpoint(args.checkpoint), args.single_file)
         print(args.single_file)
-    model, tokenizer, cfg = load_checkpoint(args.checkpoint)
-    meta = model_meta(model, frames=cfg["frames"], template=cfg["model"]["template"], eval_template=cfg["model"]["eval_template"])
+    loaded = load_checkpoint(args.checkpoint)
+    meta = model_meta(loaded.model, frames=loaded.frames, template=loaded.template, eval_template=loaded.eval_template)
     if args.trainable_only:
-        path = export_trainable(model, args.out, meta)
+        path = export_trainable(loaded.model, args.out, meta)
     else:
-        path = export_release(model, args.out, tokenizer, meta)
+        path = export_release(loaded.model, args.out, loaded.tokenizer, meta)
     print(path)
     return 0
 

@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 def synthetic_root(tmp_path_factory) -> str:
     """A small generated dataset in the real on-disk layout (24 train videos, 4 eval videos)."""
     root = str(tmp_path_factory.mktemp("data") / "synthetic")
-    return generate(SyntheticConfig(root=root, train_videos=24, eval_videos=4))
+    return generate(SyntheticConfig(train_videos=24, eval_videos=4), root)
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +54,9 @@ def compose(overrides=(), config_name="train"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
 
 
-def tiny_overrides(root: str, run_dir: str) -> list[str]:
-    """Overrides that point a run at the session's small dataset and keep it short."""
+def tiny_overrides(root: str, run_dir: str | None = None) -> list[str]:
+    """Overrides that point a run at the session's small dataset and keep it short. ``run_dir``:
+    where an in-process ``train()`` writes (a subprocess gets ``hydra.run.dir`` instead)."""
     return [
         f"data.root={root}",
         "data.synthetic=null",
@@ -68,8 +69,7 @@ def tiny_overrides(root: str, run_dir: str) -> list[str]:
         "stab.width=32",
         "trainer.enable_progress_bar=false",
         "logger.kind=none",
-        f"+run_dir={run_dir}",
-    ]
+    ] + ([f"run_dir={run_dir}"] if run_dir is not None else [])
 
 
 def tiny_video_lm(tokenizer, teacher_width=None, seed=0, layers=2, stab_width=32):

@@ -89,13 +89,13 @@ def test_languagebind_teacher_loads_release_key_names_and_skips_other_towers(tmp
     vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
               "image_size": 56, "patch_size": 14, "hidden_act": "gelu", "num_frames": 8}
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": vision}))
-    loaded = build_teacher({"kind": "languagebind_video", "path": str(tmp_path)}, chunk_size=4)
+    loaded = build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path)), chunk_size=4)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     del state["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"]
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match="temporal_attn"):
-        build_teacher({"kind": "languagebind_video", "path": str(tmp_path)}, chunk_size=4)
+        build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path)), chunk_size=4)
 
 
 def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
@@ -106,7 +106,7 @@ def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
                            image_size=56, patch_size=14)
     CLIPVisionModel(cfg).save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
-    teacher = build_teacher({"kind": "hf_vision", "path": str(tmp_path)}, chunk_size=4)
+    teacher = build_teacher(TeacherConfig(kind="hf_vision", path=str(tmp_path)), chunk_size=4)
     assert isinstance(teacher, HFVisionTeacher) and (teacher.width, teacher.image_size, teacher.patch_size) == (32, 56, 14)
     pixels = torch.randn(2, 2, 3, 56, 56)
     out = teacher(pixels, torch.ones(2, 2, 56, 56))
@@ -119,11 +119,11 @@ def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
 
 
 def test_teacher_none_and_missing_folder():
-    assert build_teacher({"kind": "none"}, 4) is None
+    assert build_teacher(TeacherConfig(kind="none"), 4) is None
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        build_teacher({"kind": "languagebind_video", "path": "/no/such/folder"}, 4)
+        build_teacher(TeacherConfig(kind="languagebind_video", path="/no/such/folder"), 4)
     with pytest.raises(ValueError, match="teacher.kind"):
-        build_teacher({"kind": "clip"}, 4)
+        build_teacher(TeacherConfig(kind="clip"), 4)
 
 
 def test_training_with_a_teacher_logs_both_losses_and_trains_the_head(synthetic_root, tmp_path):
@@ -176,7 +176,7 @@ def test_other_hf_vision_families_drop_their_prefix_tokens(tmp_path, family):
     else:  # CLS + 2 register tokens
         transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **sizes)).save_pretrained(tmp_path)
         prefix = 3
-    teacher = build_teacher({"kind": "hf_vision", "path": str(tmp_path)}, chunk_size=4)
+    teacher = build_teacher(TeacherConfig(kind="hf_vision", path=str(tmp_path)), chunk_size=4)
     pixels = torch.randn(1, 2, 3, 56, 56)
     out = teacher(pixels, torch.ones(1, 2, 56, 56))
     assert out.grid.shape == (2, 4, 4, 32)

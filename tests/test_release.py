@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_video_lm, write_release_folder
 
+from panda.data.tokenizer import load_tokenizer
+
 from panda.models.checkpoints import (
     CheckpointKeyError,
     NotACheckpointError,
@@ -57,7 +59,8 @@ def test_load_release_reads_sharded_folders_and_reproduces_the_model(source_mode
     meta = model_meta(source_model, frames=4)
     with open(os.path.join(folder, "panda.json"), "w") as f:  # the tiny STAB's sizes (a release folder implies stab.md's)
         json.dump(meta, f)
-    model, tok, report = load_release(folder)
+    model, report = load_release(folder)
+    tok = load_tokenizer(folder)
     assert tok is not None and len(tok) == len(tokenizer)
     assert not report.missing and not report.unexpected
     assert sorted(report.unused) == sorted(extra)
@@ -98,7 +101,7 @@ def test_export_round_trip_and_the_llm_loads_with_automodel(source_model, tokeni
     ids = torch.randint(3, 100, (1, 12))
     with torch.no_grad():
         assert torch.equal(llm(ids).logits, source_model.llm(ids).logits)
-    model, _, report = load_release(out)
+    model, report = load_release(out)
     assert not report.missing and not report.unexpected
     want_visual, want_logits = _outputs(source_model, tokenizer)
     got_visual, got_logits = _outputs(model, tokenizer)
@@ -199,7 +202,8 @@ def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, 
     chat = _run(["-m", "panda.chat", "--checkpoint", final, "--video", video, "--max-new-tokens", "4", "--no-stream",
                  "What colour is the shape?"])
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
-    model, tok, _ = load_release(final)
+    model, _ = load_release(final)
+    tok = load_tokenizer(final)
     from panda.chat import answer
 
     assert answer(model, tok, video, "What colour is the shape?", 4, "vicuna_v1_eval", 4, stream=False) == chat.stdout.strip()

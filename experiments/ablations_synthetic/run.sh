@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 # the dataset once, before the sweep (every run reads the same cached copy)
-$PY -c "from panda.data.synthetic import SyntheticConfig, generate; generate(SyntheticConfig(root='data_cache/synthetic_direction', kinds=['direction']))"
+$PY -c "from panda.data.synthetic import SyntheticConfig, generate; generate(SyntheticConfig(kinds=['direction']), 'data_cache/synthetic_direction')"
 $PY train.py --multirun hydra/launcher=joblib hydra.launcher.n_jobs=2 \
   'experiment=ablation/full,ablation/no_fsra,ablation/no_gstra,ablation/no_lste,ablation/no_temporal,ablation/no_row_tokens,ablation/lsd_avgpool,ablation/lsd_before_lste,frames/f1,frames/f2,frames/f8,frames/f16' \
   seed=0,1,2 \

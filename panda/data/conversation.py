@@ -11,11 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN  # noqa: F401 (re-exported)
 from panda.errors import SampleError
-
-IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"  # one placeholder per frame in the text
-IMAGE_PLACEHOLDER_ID = -200  # its id in ``input_ids``; the model splices frame tokens there
 
 
 @dataclass(frozen=True)

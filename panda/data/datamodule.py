@@ -11,35 +11,17 @@ import sys
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
-from panda.data.conversation import get_template
-from panda.data.datasets import Collator, ConversationDataset, FramePipeline, QADataset
-from panda.data.records import load_qa, load_records
+from panda.data.conversation import ConversationTemplate
+from panda.data.datasets import Collator, ConversationDataset, FramePipeline
+from panda.data.records import load_records
 from panda.data.sampling import EpochBatchSampler, Positioned, SourceSpec
 from panda.data.shards import ShardDataset, ShardSource
-from panda.models.stab import STABConfig
 
 log = logging.getLogger(__name__)
 
 
 def resolve(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
-
-
-def frame_pipeline(cfg, with_teacher: bool = False) -> FramePipeline:
-    """The one frame pipeline of a run: frames from ``cfg.frames``, geometry from ``cfg.stab``;
-    ``with_teacher`` adds the teacher's copy of the frames (``cfg.teacher`` image and patch size)."""
-    teacher = {}
-    if with_teacher:
-        teacher = {"teacher_resolution": cfg.teacher.image_size, "teacher_patch_size": cfg.teacher.patch_size}
-    return FramePipeline(
-        frames=cfg.frames,
-        resolution=cfg.stab.resolution,
-        patch_size=cfg.stab.patch_size,
-        ratio=cfg.stab.ratio,
-        sample_fps=cfg.data.sample_fps,
-        backend=cfg.data.video_backend,
-        **teacher,
-    )
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, batch_sampler: Sampler | None = None) -> DataLoader:
@@ -64,17 +46,28 @@ def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, b
 class VideoDataModule(L.LightningDataModule):
     """Training data from JSON records + a video folder (``data.train_records``, the synthetic
     default) or from prepared litdata shards (``data.shards``: one source or a weighted mixture),
-    batched by :class:`EpochBatchSampler` in both cases."""
+    batched by :class:`EpochBatchSampler` in both cases.
 
-    def __init__(self, cfg, tokenizer, rejects_path: str | None = None, with_teacher: bool = False):
+    ``data`` is the run's ``DataConfig``; ``pipeline`` decodes and preprocesses frames (with the
+    teacher's copy when distilling); ``visual_tokens_per_frame`` is STAB's largest token count per
+    frame (lengths for the ``max_length`` check). The position of the batch being trained is read
+    from the batch itself (``on_before_batch_transfer``) and saved in every checkpoint."""
+
+    def __init__(self, data, tokenizer, pipeline: FramePipeline, template: ConversationTemplate, max_length: int,
+                 visual_tokens_per_frame: int, seed: int, rejects_path: str | None = None):
         super().__init__()
-        self.with_teacher = with_teacher
-        self.cfg = cfg
+        self.data = data
         self.tokenizer = tokenizer
+        self.pipeline = pipeline
+        self.template = template
+        self.max_length = max_length
+        self.visual_tokens_per_frame = visual_tokens_per_frame
+        self.seed = seed
         self.rejects_path = rejects_path
         self.train_set: ConversationDataset | ShardDataset | None = None
         self.sources: list[SourceSpec] = []
         self.rejects: list[dict] = []
+        self.position: tuple[int, int] | None = None  # (data epoch, batch position) of the batch being trained
         self._resume: dict | None = None  # loader position restored from a checkpoint
         self._restored: dict | None = None
         self._sampler: EpochBatchSampler | None = None
@@ -82,17 +75,15 @@ class VideoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        stab = STABConfig(**self.cfg.stab)
-        common = dict(tokenizer=self.tokenizer, template=get_template(self.cfg.model.template),
-                      pipeline=frame_pipeline(self.cfg, self.with_teacher), max_length=self.cfg.model.max_length,
-                      visual_tokens_per_frame=stab.max_tokens_per_frame())
-        if self.cfg.data.shards:
+        common = dict(tokenizer=self.tokenizer, template=self.template, pipeline=self.pipeline,
+                      max_length=self.max_length, visual_tokens_per_frame=self.visual_tokens_per_frame)
+        if self.data.shards:
             self._setup_shards(common)
         else:
             self._setup_records(common)
 
     def _setup_shards(self, common: dict) -> None:
-        data = self.cfg.data
+        data = self.data
         sources = [ShardSource.open(s.name, s.path, s.weight, data.cache_dir) for s in data.shards]
         self.sources = [SourceSpec(s.name, s.num_records, s.record_chunks(), s.lengths, s.weight) for s in sources]
         self.train_set = ShardDataset(sources, **common)
@@ -102,7 +93,7 @@ class VideoDataModule(L.LightningDataModule):
                      f" (weight {s.weight})" if s.weight is not None else "")
 
     def _setup_records(self, common: dict) -> None:
-        data = self.cfg.data
+        data = self.data
         records, self.rejects = load_records([resolve(data.root, p) for p in data.train_records], data.on_bad_record)
         if not records:
             raise ValueError(f"no usable training records in {list(data.train_records)} under {data.root}")
@@ -120,9 +111,9 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        data = self.cfg.data
+        data = self.data
         sampler = EpochBatchSampler(
-            self.sources, data.batch_size, seed=self.cfg.seed, rank=rank, world=world,
+            self.sources, data.batch_size, seed=self.seed, rank=rank, world=world,
             samples_per_epoch=data.samples_per_epoch, shuffle_window=data.shuffle_window,
             group_by_length=data.group_by_length, group_batches=data.group_batches,
             fraction=data.fraction, fraction_seed=data.fraction_seed, resume_from=self._take_resume)
@@ -143,14 +134,18 @@ class VideoDataModule(L.LightningDataModule):
         log.info("resuming data epoch %d after %d batches per rank", epoch, skip)
         return epoch, skip
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning calls this with each batch just before it is trained on: remember its position."""
+        if isinstance(batch, dict) and "position" in batch:
+            self.position = batch["position"]
+        return batch
+
     # Lightning saves these in every checkpoint and restores them before the loaders are built
     def state_dict(self) -> dict:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        position = getattr(module, "data_position", None)  # (data epoch, position) of the last batch trained
-        if position is None:
+        if self.position is None:
             return {}
         # checkpoints are written at the end of a batch: that batch counts as done
-        return {"epoch": int(position[0]), "batches_done": int(position[1]) + 1}
+        return {"epoch": int(self.position[0]), "batches_done": int(self.position[1]) + 1}
 
     def load_state_dict(self, state: dict) -> None:
         if state and state != self._restored:  # Lightning restores it again after preload_position did
@@ -177,16 +172,3 @@ class VideoDataModule(L.LightningDataModule):
         state = meta.get(type(self).__qualname__)
         if state:
             self.load_state_dict(state)
-
-    def _loader(self, dataset, batch_size: int) -> DataLoader:
-        return make_loader(dataset, batch_size, self.cfg.data.num_workers, self.tokenizer.pad_token_id)
-
-    def qa_dataloader(self) -> DataLoader:
-        """Held-out open-ended QA (GPT_Zero_Shot_QA layout) for generation."""
-        data = self.cfg.data
-        qa_dir = resolve(data.root, data.eval_qa)
-        items = load_qa(os.path.join(qa_dir, "test_q.json"), os.path.join(qa_dir, "test_a.json"))
-        if data.eval_limit:
-            items = items[: data.eval_limit]
-        dataset = QADataset(items, os.path.join(qa_dir, "videos"), self.tokenizer, get_template(self.cfg.model.eval_template), frame_pipeline(self.cfg))
-        return self._loader(dataset, data.eval_batch_size)

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from panda.constants import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

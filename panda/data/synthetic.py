@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -56,14 +56,15 @@ QUESTION_TYPE = {"colour": "appearance", "shape": "appearance", "direction": "mo
 
 @dataclass
 class SyntheticConfig:
-    root: str = "data_cache/synthetic"
+    """What to generate (``data.synthetic`` in the config; ``data.root`` says where)."""
+
     train_videos: int = 800
     eval_videos: int = 120
     num_frames: int = 16  # frames written per video
     fps: int = 8
     seed: int = 0
     vocab_size: int = 400
-    kinds: tuple = ("colour", "direction")  # question kinds asked; add "shape" for a harder task
+    kinds: list[str] = field(default_factory=lambda: ["colour", "direction"])  # question kinds; add "shape" for a harder task
     multi_turn_fraction: float = 0.2  # videos whose questions form one multi-turn record
     phrasings: int = 3  # phrasings used per question kind (1..3)
 
@@ -159,10 +160,10 @@ def _is_done(root: str, stamp: dict) -> bool:
         return False
 
 
-def generate(cfg: SyntheticConfig) -> str:
-    """Generate the dataset under ``cfg.root`` unless it is already there. Returns the root."""
-    root = os.path.abspath(cfg.root)
-    stamp = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "root"}))  # tuples -> lists
+def generate(cfg: SyntheticConfig, root: str) -> str:
+    """Generate the dataset under ``root`` unless it is already there. Returns the absolute root."""
+    root = os.path.abspath(root)
+    stamp = json.loads(json.dumps(asdict(cfg)))
     if _is_done(root, stamp):
         return root
     if os.path.exists(root):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from panda.data.conversation import IMAGE_TOKEN
+from panda.constants import IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from panda.config import BenchmarkConfig
 from panda.data.records import QAItem, load_qa
 from panda.errors import RecordError
 from panda.evaluation.judge import JudgeTask
@@ -25,21 +26,6 @@ VCG_CRITERIA = ("correctness", "detail", "context", "temporal", "consistency")
 PUBLISHED_QA = {"msvd_qa": (64.7, 3.8), "msrvtt_qa": (54.8, 3.4), "tgif_qa": (42.9, 3.2), "activitynet_qa": (40.0, 3.3)}
 PUBLISHED_VCG = {"correctness": 2.74, "detail": 2.47, "context": 3.01, "temporal": 2.26, "consistency": 2.36, "average": 2.57}
 QA_TITLES = {"msvd_qa": "MSVD-QA", "msrvtt_qa": "MSRVTT-QA", "tgif_qa": "TGIF-QA", "activitynet_qa": "ActivityNet-QA"}
-
-
-@dataclass
-class BenchmarkConfig:
-    name: str = "synthetic"
-    kind: str = "qa"  # qa | vcgbench
-    root: Optional[str] = None  # the evaluation DATA_ROOT; paths below are relative to it
-    from_checkpoint: bool = False  # qa: use the data root and held-out split stored in a train.py checkpoint
-    qa_dir: Optional[str] = None  # qa: folder with test_q.json, test_a.json, videos/
-    generic: Optional[str] = None  # vcgbench files
-    temporal: Optional[str] = None
-    consistency: Optional[str] = None
-    video_dir: Optional[str] = None  # vcgbench: the videos
-    judge: Optional[str] = None  # None: the run's judge; "exact_match" forces the offline judge
-    limit: Optional[int] = None  # first N questions only
 
 
 @dataclass
@@ -98,8 +84,7 @@ def _read_list(path: str, keys: tuple[str, ...]) -> list[dict]:
     return data
 
 
-def load_benchmark(cfg: BenchmarkConfig | dict) -> Benchmark:
-    cfg = cfg if isinstance(cfg, BenchmarkConfig) else BenchmarkConfig(**cfg)
+def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
     if not cfg.root:
         raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.root=/path/to/eval/DATA_ROOT")
     root = os.path.abspath(cfg.root)

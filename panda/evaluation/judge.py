@@ -33,6 +33,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from panda.config import JudgeConfig
 from panda.evaluation.qa import exact_match
 
 log = logging.getLogger(__name__)
@@ -76,24 +77,6 @@ PROMPTS: dict[str, dict[str, str]] = {
     },
 }
 REPAIR = 'Your reply could not be read. Reply again with only the JSON object, for example {example}.'
-
-
-@dataclass
-class JudgeConfig:
-    kind: str = "exact_match"  # exact_match (offline) | openai (any OpenAI-compatible chat API)
-    model: str = "gpt-3.5-turbo"  # the exact model id; recorded in the results
-    base_url: Optional[str] = None  # None = the OpenAI API; e.g. http://127.0.0.1:8000/v1 for a local server
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from config
-    temperature: float = 0.0
-    max_tokens: int = 64
-    timeout_s: float = 30.0
-    max_retries: int = 6
-    backoff_s: float = 1.0  # first retry waits up to this long; doubles each time (full jitter)
-    backoff_max_s: float = 30.0
-    concurrency: int = 8
-    cache: Optional[str] = "~/.cache/panda/judge_cache.sqlite"  # None: no cache
-    prompt_file: Optional[str] = None  # JSON {"version": ..., "prompts": {task: {system, user}}}
-    extra: dict = field(default_factory=dict)  # extra request fields (e.g. seed)
 
 
 @dataclass
@@ -312,8 +295,7 @@ class OpenAIJudge:
         return verdicts
 
 
-def build_judge(cfg: JudgeConfig | dict):
-    cfg = cfg if isinstance(cfg, JudgeConfig) else JudgeConfig(**cfg)
+def build_judge(cfg: JudgeConfig):
     if cfg.kind == "exact_match":
         return ExactMatchJudge()
     if cfg.kind == "openai":

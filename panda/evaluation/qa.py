@@ -1,16 +1,10 @@
-"""Open-ended VideoQA by greedy generation, judged offline by normalised exact match.
-
-The LLM judge of the published protocol comes with the evaluation issue; this module produces the
-predictions (one JSON line per question) that any judge consumes.
-"""
+"""Greedy generation of answers, and the normalised exact match the offline judge grades with."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import string
-from collections import defaultdict
 
 import torch
 from tqdm import tqdm
@@ -59,30 +53,3 @@ def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=
             on_batch(new, batch["skipped"])
     model.train(was_training)
     return predictions, failures
-
-
-def score_exact_match(items, predictions: dict[str, str], failures: list[dict]) -> tuple[dict, list[dict]]:
-    """Accuracy overall and per question type. A question without a prediction counts as wrong
-    and is listed under ``eval/failures``."""
-    per_type = defaultdict(lambda: [0, 0])
-    rows = []
-    for item in items:
-        pred = predictions.get(item.question_id)
-        correct = pred is not None and exact_match(pred, item.answer)
-        for key in ("all", item.type or "untyped"):
-            per_type[key][0] += int(correct)
-            per_type[key][1] += 1
-        rows.append({"question_id": item.question_id, "video": item.video, "question": item.question, "answer": item.answer,
-                     "type": item.type, "prediction": pred, "correct": correct})
-    metrics = {"eval/accuracy": per_type["all"][0] / max(1, per_type["all"][1]), "eval/num_questions": per_type["all"][1],
-               "eval/failures": len(failures)}
-    for key, (hit, n) in per_type.items():
-        if key != "all":
-            metrics[f"eval/accuracy_{key}"] = hit / max(1, n)
-    return metrics, rows
-
-
-def write_predictions(path: str, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")

@@ -14,6 +14,7 @@ slice; rank 0 merges the slices and judges.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -22,80 +23,19 @@ import time
 from collections import defaultdict
 
 import torch
-from omegaconf import OmegaConf
 
+from panda.config import BenchmarkConfig, EvaluateConfig, JudgeConfig, JudgeKind, to_evaluate_config
 from panda.data.conversation import get_template
 from panda.data.datamodule import make_loader
-from panda.data.datasets import FramePipeline, QADataset
+from panda.data.datasets import FramePipeline, QADataset, find_video
 from panda.data.records import QAItem
-from panda.evaluation.benchmarks import (
-    PUBLISHED_QA,
-    PUBLISHED_VCG,
-    QA_TITLES,
-    VCG_CRITERIA,
-    Benchmark,
-    BenchmarkConfig,
-    load_benchmark,
-)
-from panda.evaluation.judge import JudgeConfig, build_judge
+from panda.evaluation.benchmarks import PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark, load_benchmark
+from panda.evaluation.judge import build_judge
 from panda.evaluation.qa import generate_answers
-from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
-from panda.training.build import build_model, build_tokenizer, load_weights_from_ckpt, wandb_offline
-from panda.training.run import git_commit, print_summary, run_dir_of
+from panda.loading import load_model
+from panda.runs import git_commit, print_summary, run_dir_of, wandb_offline
 
 log = logging.getLogger(__name__)
-
-RELEASE_FRAMES = 8
-RELEASE_EVAL_TEMPLATE = "vicuna_v1_eval"
-
-
-def read_lightning_checkpoint(path: str) -> dict:
-    """A ``train.py`` checkpoint as one dict: a single ``.ckpt`` file, or the folder of a sharded
-    (FSDP, distributed) checkpoint, consolidated in memory without a process group."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass checkpoint=.../checkpoints/last.ckpt)")
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, ".metadata")):
-            raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
-        from pathlib import Path
-
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        return _load_distributed_checkpoint(Path(path))
-    return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
-
-
-def load_checkpoint(path: str):
-    """(model, tokenizer, run config) from a Lightning checkpoint of :class:`PandaModule`."""
-    ckpt = read_lightning_checkpoint(path)
-    cfg = ckpt.get("hyper_parameters", {}).get("cfg")
-    if cfg is None:
-        raise ValueError(f"{path} has no panda config in hyper_parameters; was it written by train.py?")
-    tokenizer = build_tokenizer(cfg)
-    model = build_model(cfg, tokenizer, initialise=False)
-    load_weights_from_ckpt(model, path, ckpt)
-    model.eval()
-    return model, tokenizer, cfg
-
-
-def load_model(path: str, dtype: str = "float32", attn: str = "sdpa"):
-    """(model, tokenizer, frames, eval template, run config or None) from a release folder, a panda
-    export folder, or a ``train.py`` ``.ckpt``."""
-    if path.rstrip("/").endswith(".ckpt"):  # a train.py checkpoint (a file, or a sharded checkpoint's folder)
-        model, tokenizer, cfg = load_checkpoint(path)
-        return model.to(getattr(torch, dtype)), tokenizer, cfg["frames"], cfg["model"]["eval_template"], cfg
-    if not os.path.isdir(path):
-        raise NotACheckpointError(f"{path}: not a checkpoint folder or .ckpt file")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise NotACheckpointError(
-            f"{path} is not a checkpoint folder (no config.json); pass a Video-Panda release folder, "
-            "a panda export (run_dir/final) or a .ckpt"
-        )
-    model, tokenizer, _ = load_release(path, dtype=dtype, attn_implementation=attn)
-    if tokenizer is None:
-        raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
-    meta = read_meta(path)
-    return model, tokenizer, meta.get("frames") or RELEASE_FRAMES, meta.get("eval_template") or RELEASE_EVAL_TEMPLATE, None
 
 
 # ---------------------------------------------------------------------------- predictions
@@ -187,8 +127,8 @@ def aggregate(bench: Benchmark, rows: dict[str, dict], judged: list[tuple[str, s
         for group, _, v in ok:
             if types.get(group) is not None:
                 by_type[str(types[group])].append(v)
-        if by_type:
-            out["per_type"] = {t: summarise(vs) for t, vs in sorted(by_type.items())}
+        for t, vs in sorted(by_type.items()):  # accuracy_<type>, score_<type>, judged_<type>
+            out.update({f"{k}_{t}": v for k, v in summarise(vs).items()})
         return out
     scores = defaultdict(list)
     for _, crit, v in ok:
@@ -238,11 +178,7 @@ def log_to_wandb(cfg, results: dict, samples: list[dict], run_dir: str) -> None:
                                                                       "judge": results["judge"]["model"]})
     flat = {}
     for bench, res in results["benchmarks"].items():
-        for k, v in res.items():
-            if isinstance(v, (int, float)) and v is not None:
-                flat[f"{bench}/{k}"] = v
-            elif isinstance(v, dict) and "count" in v:
-                flat[f"{bench}/{k}"] = v["count"]
+        flat.update({k: v for k, v in scalar_metrics(res, f"{bench}/").items() if isinstance(v, (int, float))})
     run.log(flat)
     table = wandb.Table(columns=["benchmark", "id", "frames", "question", "reference", "prediction", "verdict", "score"])
     for s in samples:
@@ -270,7 +206,58 @@ def frame_strip(path: str, frames: int = 4, height: int = 64):
     return torch.cat(list(x), dim=2).permute(1, 2, 0).clamp(0, 255).byte().numpy()
 
 
+def scalar_metrics(res: dict, prefix: str = "") -> dict:
+    """The scalar metrics of one benchmark's results (a count for each failure list): the names
+    ``results.json``, wandb and a training run's ``summary.json`` (``eval/``) all use."""
+    flat = {}
+    for k, v in res.items():
+        if isinstance(v, dict) and "count" in v:
+            flat[prefix + k] = v["count"]
+        elif v is None or isinstance(v, (int, float, str)):
+            flat[prefix + k] = v
+    return flat
+
+
+def judge_benchmark(bench: Benchmark, folder: str, rows: dict[str, dict], judge) -> tuple[dict, list]:
+    """Judge the predictions in ``rows``, write ``judgements.jsonl``; (metrics, [(id, criterion, task, verdict)])."""
+    predictions = {uid: row["prediction"] for uid, row in rows.items() if "prediction" in row}
+    tasks = bench.judge_tasks(predictions)
+    verdicts = judge.judge_all([t for _, _, t in tasks], desc=f"judging {bench.cfg.name}")
+    judged = [(g, c, t, v) for (g, c, t), v in zip(tasks, verdicts)]
+    with open(os.path.join(folder, "judgements.jsonl"), "w", encoding="utf-8") as f:
+        for g, c, _, v in judged:
+            f.write(json.dumps({"id": g, "criterion": c, "ok": v.ok, "pred": v.pred, "score": v.score,
+                                "reason": v.reason, "cached": v.cached}) + "\n")
+    res = aggregate(bench, rows, [(g, c, v) for g, c, _, v in judged])
+    res["judge"] = judge.model
+    return res, judged
+
+
+def run_benchmark(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: str, judge,
+                  batch_size: int, max_new_tokens: int, num_workers: int) -> dict:
+    """Generate what is missing and judge, in one process: the held-out split of a training run
+    goes through here, the same path as ``evaluate.py``."""
+    generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, batch_size, max_new_tokens, num_workers)
+    res, _ = judge_benchmark(bench, folder, merge_predictions(bench, folder), judge)
+    res["generated_now"] = generated
+    return res
+
+
+def benchmark_config(name: str, bcfg: BenchmarkConfig, run_cfg, checkpoint: str) -> BenchmarkConfig:
+    """``bcfg`` named ``name``; a ``from_checkpoint`` benchmark without a root reads the held-out
+    split stored in the training run's config."""
+    bcfg = dataclasses.replace(bcfg, name=name)
+    if bcfg.from_checkpoint and not bcfg.root:
+        if run_cfg is None or not run_cfg.data.eval_qa:
+            raise ValueError(f"benchmark {name} reads the held-out split of a train.py checkpoint; "
+                             f"{checkpoint} has none: set benchmark.{name}.root and qa_dir")
+        bcfg = dataclasses.replace(bcfg, root=run_cfg.data.root, qa_dir=bcfg.qa_dir or run_cfg.data.eval_qa)
+    return bcfg
+
+
 def evaluate(cfg) -> dict:
+    """``evaluate.py``: every configured benchmark of one checkpoint -> ``results.json`` and ``results.md``."""
+    cfg: EvaluateConfig = to_evaluate_config(cfg)
     start = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -279,10 +266,12 @@ def evaluate(cfg) -> dict:
     device = cfg.device
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if not cfg.benchmark:
+        raise ValueError("no benchmark selected: add benchmark=[synthetic] (or msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa, vcgbench)")
 
-    model, tokenizer, frames, template, run_cfg = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
-    model.to(device).eval()
-    frames = cfg.frames or frames
+    loaded = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
+    model, tokenizer, template = loaded.model.to(device).eval(), loaded.tokenizer, loaded.eval_template
+    frames = cfg.frames or loaded.frames
     stab = model.stab_cfg
     pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps)
     run_dir = run_dir_of(cfg)
@@ -291,22 +280,13 @@ def evaluate(cfg) -> dict:
         torch.distributed.broadcast_object_list(shared, src=0)
         run_dir = shared[0]
     os.makedirs(run_dir, exist_ok=True)
-    judge_cfg = JudgeConfig(**OmegaConf.to_container(cfg.judge, resolve=True))
-    if not cfg.benchmark:
-        raise ValueError("no benchmark selected: add benchmark=[synthetic] (or msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa, vcgbench)")
 
     results = {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": frames,
                "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template},
                "git_commit": git_commit(), "benchmarks": {}}
     judges_used, samples = {}, []
-    for name, bcfg_raw in cfg.benchmark.items():
-        bcfg = BenchmarkConfig(**{**OmegaConf.to_container(bcfg_raw, resolve=True), "name": name})
-        if bcfg.from_checkpoint and not bcfg.root:  # the checkpoint's own held-out split
-            if run_cfg is None or not run_cfg["data"].get("eval_qa"):
-                raise ValueError(f"benchmark {name} reads the held-out split of a train.py checkpoint; "
-                                 f"{cfg.checkpoint} has none: set benchmark.{name}.root and qa_dir")
-            bcfg.root, bcfg.qa_dir = run_cfg["data"]["root"], bcfg.qa_dir or run_cfg["data"]["eval_qa"]
-        bench = load_benchmark(bcfg)
+    for name, bcfg in cfg.benchmark.items():
+        bench = load_benchmark(benchmark_config(name, bcfg, loaded.run_config, cfg.checkpoint))
         folder = os.path.join(run_dir, name)
         generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, cfg.batch_size,
                                          cfg.max_new_tokens, cfg.num_workers, rank, world)
@@ -314,24 +294,14 @@ def evaluate(cfg) -> dict:
             torch.distributed.barrier()
         if rank != 0:
             continue
-        rows = merge_predictions(bench, folder)
-        predictions = {uid: row["prediction"] for uid, row in rows.items() if "prediction" in row}
-        kind = bcfg.judge or judge_cfg.kind
+        kind = bcfg.judge or cfg.judge.kind
         if kind not in judges_used:
-            judges_used[kind] = build_judge(JudgeConfig(**{**judge_cfg.__dict__, "kind": kind}))
-        judge = judges_used[kind]
-        tasks = bench.judge_tasks(predictions)
-        verdicts = judge.judge_all([t for _, _, t in tasks], desc=f"judging {name}")
-        judged = [(g, c, v) for (g, c, _), v in zip(tasks, verdicts)]
-        with open(os.path.join(folder, "judgements.jsonl"), "w", encoding="utf-8") as f:
-            for (g, c, t), v in zip(tasks, verdicts):
-                f.write(json.dumps({"id": g, "criterion": c, "ok": v.ok, "pred": v.pred, "score": v.score,
-                                    "reason": v.reason, "cached": v.cached}) + "\n")
-        res = aggregate(bench, rows, judged)
-        res.update(judge=judge.model, generated_now=generated)
+            judges_used[kind] = build_judge(dataclasses.replace(cfg.judge, kind=JudgeKind(kind)))
+        res, judged = judge_benchmark(bench, folder, merge_predictions(bench, folder), judges_used[kind])
+        res["generated_now"] = generated
         results["benchmarks"][name] = res
-        log.info("%s: %s", name, {k: v for k, v in res.items() if not isinstance(v, dict)})
-        for (g, c, t), v in list(zip(tasks, verdicts))[: cfg.samples]:
+        log.info("%s: %s", name, scalar_metrics(res))
+        for g, _, t, v in judged[: cfg.samples]:
             item = next((it for it in bench.items if it.uid == g or it.uid.startswith(g + "/")), None)
             samples.append({"benchmark": name, "id": g, "question": t.question, "reference": t.reference,
                             "prediction": t.prediction, "verdict": v.pred if v.ok else f"failed: {v.reason}", "score": v.score,
@@ -341,9 +311,9 @@ def evaluate(cfg) -> dict:
         torch.distributed.destroy_process_group()
     if rank != 0:
         return {}
-    main_judge = judges_used.get(judge_cfg.kind) or next(iter(judges_used.values()))
+    main_judge = judges_used.get(cfg.judge.kind) or next(iter(judges_used.values()))
     results["judge"] = {
-        "kind": judge_cfg.kind, "model": main_judge.model, "base_url": judge_cfg.base_url,
+        "kind": str(cfg.judge.kind), "model": main_judge.model, "base_url": cfg.judge.base_url,
         "served_models": sorted(set().union(*(j.served_models for j in judges_used.values()))),
         "prompt_version": main_judge.prompt_version,
         "api_calls": sum(j.api_calls for j in judges_used.values()),
@@ -355,13 +325,11 @@ def evaluate(cfg) -> dict:
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write(markdown_table(results))
     if cfg.logger.kind == "wandb":
-        from panda.data.datasets import find_video
-
         for s in samples:
             path = find_video(s["video_dir"], s["video"]) if s["video"] else None
             s["strip"] = frame_strip(path) if path else None
         log_to_wandb(cfg, results, samples, run_dir)
-    print_summary({f"{b}/{k}": v for b, r in results["benchmarks"].items() for k, v in r.items()
-                   if isinstance(v, (int, float, str)) or v is None} | {"judge": results["judge"]["model"],
-                                                                         "judge/api_calls": results["judge"]["api_calls"]})
+    print_summary({k: v for b, r in results["benchmarks"].items() for k, v in scalar_metrics(r, f"{b}/").items()}
+                  | {"judge": results["judge"]["model"], "judge/api_calls": results["judge"]["api_calls"]},
+                  title="panda evaluation")
     return results

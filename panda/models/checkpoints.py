@@ -392,9 +392,9 @@ def export_trainable(model: nn.Module, path: str, meta: dict | None = None) -> s
     return path
 
 
-def load_release(path: str, stab_cfg=None, dtype: str | None = None, attn_implementation: str = "sdpa",
-                 with_tokenizer: bool = True):
-    """A release-style folder -> ``(VideoLanguageModel, tokenizer or None, LoadReport)``.
+def load_release(path: str, stab_cfg=None, dtype: str | None = None, attn_implementation: str = "sdpa"):
+    """A release-style folder -> ``(VideoLanguageModel, LoadReport)`` (the tokenizer beside it is
+    loaded by :func:`panda.loading.load_model`).
 
     The STAB config comes from ``stab_cfg``, else the folder's ``panda.json`` (panda exports),
     else the release values (stab.md) with the width read from the weights. The distillation head
@@ -429,12 +429,4 @@ def load_release(path: str, stab_cfg=None, dtype: str | None = None, attn_implem
     model.to(next(llm.parameters()).dtype)
     report = apply_release_state(model, state, llm_keys=set(llm.state_dict()), source=path)
     model.eval()
-    tokenizer = None
-    if with_tokenizer:
-        from panda.data.tokenizer import load_tokenizer
-
-        if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            tokenizer = load_tokenizer(path)
-        else:
-            log.warning("%s has no tokenizer files; pass one separately", path)
-    return model, tokenizer, report
+    return model, report

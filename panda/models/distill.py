@@ -18,19 +18,31 @@ teacher's patch grid differ, the finer one is average-pooled to the coarser.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DISTILL_LOSSES = ("cosine", "mse", "off")
+class DistillLoss(str, Enum):
+    """``distill.loss``: compares equal to (and prints as) its string value."""
+
+    cosine = "cosine"  # the release
+    mse = "mse"
+    off = "off"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DISTILL_LOSSES = tuple(m.value for m in DistillLoss)
 
 
 @dataclass
 class DistillConfig:
     """Distillation switches (stab.md §7, §8). ``loss=off`` or ``teacher=none`` turns it off."""
 
-    loss: str = "cosine"  # cosine (release) | mse | off
+    loss: DistillLoss = DistillLoss.cosine
     weight: float = 1.0  # added to the LM loss with this weight (1 in the release)
     layer_stride: int = 4  # picks LLM layers L, L-s, …, 0
     heads: int = 8  # heads of the layer-fusion attention (no projections)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from panda.data.frames import CLIP_MEAN, CLIP_STD
+from panda.constants import CLIP_MEAN, CLIP_STD
 from panda.models.distill import TeacherFeatures
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class TeacherConfig:
     """Which teacher distils STAB. Sizes are read from ``path``'s config when a folder is given."""
 
-    kind: str = "none"  # none | languagebind_video | hf_vision
+    kind: str = "none"  # none, or a registered teacher (TEACHERS): languagebind_video | hf_vision
     path: Optional[str] = None  # local folder with the teacher's weights
     random_init: bool = False  # languagebind_video without a folder: an untrained toy teacher (tests, demos)
     feature_layer: int = -2  # hidden-state index (0 = embeddings); -2 = second-to-last layer (release)
@@ -51,9 +51,6 @@ class TeacherConfig:
     hidden_act: str = "gelu"
     num_frames: int = 8  # temporal embeddings in the checkpoint (a chunk uses the first chunk_size)
     dtype: str = "float32"
-
-
-TEACHER_KINDS = ("none", "languagebind_video", "hf_vision")
 
 
 def _activation(name: str) -> nn.Module:
@@ -141,6 +138,16 @@ class FrozenTeacher(nn.Module):
     patch_size: int
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    kind: str = ""  # set by @register_teacher
+
+    @classmethod
+    def check_config(cls, cfg: "TeacherConfig") -> None:
+        """Raise ``ValueError`` naming the key and the fix if ``cfg`` cannot build this teacher."""
+
+    @classmethod
+    def from_config(cls, cfg: "TeacherConfig", chunk_size: int) -> "FrozenTeacher":
+        """Build (and load) the teacher ``cfg`` describes; ``chunk_size`` is STAB's."""
+        raise NotImplementedError
 
     def freeze(self) -> "FrozenTeacher":
         self.requires_grad_(False)
@@ -179,8 +186,63 @@ def _hidden_index(layer: int, layers: int) -> int:
     return index
 
 
+# ---------------------------------------------------------------------------- the registry
+# Adding a teacher = one FrozenTeacher subclass decorated with @register_teacher("kind") (its
+# check_config and from_config) + one yaml in conf/teacher/ setting ``kind``.
+TEACHERS: dict[str, type[FrozenTeacher]] = {}
+
+
+def register_teacher(kind: str):
+    def add(cls: type[FrozenTeacher]) -> type[FrozenTeacher]:
+        TEACHERS[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return add
+
+
+def teacher_kinds() -> tuple[str, ...]:
+    return ("none", *TEACHERS)
+
+
+def check_teacher_config(cfg: TeacherConfig) -> None:
+    """``ValueError`` naming the key and the fix when ``cfg`` cannot build its teacher."""
+    if cfg.kind == "none":
+        return
+    if cfg.kind not in TEACHERS:
+        raise ValueError(f"teacher.kind={cfg.kind!r}: use one of {teacher_kinds()} (or pick a file in conf/teacher)")
+    TEACHERS[cfg.kind].check_config(cfg)
+
+
+@register_teacher("languagebind_video")
 class LanguageBindVideoTeacher(FrozenTeacher):
     """LanguageBind-Video (ViT-L/14 with temporal attention), run on chunks of ``chunk_size`` frames."""
+
+    @classmethod
+    def check_config(cls, cfg: TeacherConfig) -> None:
+        if not cfg.path and not cfg.random_init:
+            raise ValueError(
+                "teacher=languagebind_video needs teacher.path=/path/to/LanguageBind_Video_merge "
+                "(teacher.random_init=true builds an untrained toy teacher instead)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, chunk_size: int) -> "LanguageBindVideoTeacher":
+        sized = _languagebind_sizes(cfg) if cfg.path else cfg
+        teacher = cls(sized, cfg.chunk_size or chunk_size)
+        if cfg.path:
+            from panda.models.checkpoints import read_weights
+
+            state = read_weights(cfg.path)
+            own = teacher.state_dict()
+            mine = {k: v for k, v in state.items() if k in own}
+            skipped = sorted({k.split(".")[0] for k in state if k not in own})
+            missing = [k for k in own if k not in mine]
+            if missing:
+                raise KeyError(f"{cfg.path}: LanguageBind weights lack {len(missing)} keys, e.g. {missing[:5]}")
+            teacher.load_state_dict(mine)
+            log.info("teacher: loaded %d tensors from %s (skipped towers: %s)", len(mine), cfg.path, skipped or "-")
+        return teacher
 
     def __init__(self, cfg: TeacherConfig, chunk_size: int):
         super().__init__()
@@ -209,8 +271,18 @@ class LanguageBindVideoTeacher(FrozenTeacher):
         return x[:, 1:].reshape(n, g, g, d)  # drop CLS
 
 
+@register_teacher("hf_vision")
 class HFVisionTeacher(FrozenTeacher):
     """A Hugging Face vision model (CLIP / SigLIP / DINOv2 …) from a local folder."""
+
+    @classmethod
+    def check_config(cls, cfg: TeacherConfig) -> None:
+        if not cfg.path:
+            raise ValueError("teacher=hf_vision needs teacher.path=/path/to/a/local/vision/model")
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, chunk_size: int) -> "HFVisionTeacher":
+        return cls(cfg.path, cfg.feature_layer, getattr(torch, cfg.dtype))
 
     def __init__(self, path: str, feature_layer: int = -2, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -255,34 +327,11 @@ def _languagebind_sizes(cfg: TeacherConfig) -> TeacherConfig:
     })
 
 
-def build_teacher(cfg: TeacherConfig | dict, chunk_size: int) -> FrozenTeacher | None:
-    """The frozen teacher ``cfg`` names, or ``None`` for ``kind=none``."""
-    cfg = cfg if isinstance(cfg, TeacherConfig) else TeacherConfig(**cfg)
-    if cfg.kind not in TEACHER_KINDS:
-        raise ValueError(f"teacher.kind={cfg.kind!r}: use one of {TEACHER_KINDS}")
+def build_teacher(cfg: TeacherConfig, chunk_size: int) -> FrozenTeacher | None:
+    """The frozen teacher ``cfg`` names (in ``cfg.dtype``), or ``None`` for ``kind=none``."""
+    check_teacher_config(cfg)
     if cfg.kind == "none":
         return None
-    dtype = getattr(torch, cfg.dtype)
     if cfg.path is not None and not os.path.isdir(cfg.path):
         raise FileNotFoundError(f"teacher.path={cfg.path} is not a folder")
-    if cfg.kind == "languagebind_video" and not cfg.path and not cfg.random_init:
-        raise ValueError("teacher=languagebind_video needs teacher.path (or teacher.random_init=true for a toy teacher)")
-    if cfg.kind == "hf_vision":
-        if cfg.path is None:
-            raise ValueError("teacher=hf_vision needs teacher.path=/path/to/a/local/vision/model")
-        return HFVisionTeacher(cfg.path, cfg.feature_layer, dtype).freeze()
-    sized = _languagebind_sizes(cfg) if cfg.path else cfg
-    teacher = LanguageBindVideoTeacher(sized, cfg.chunk_size or chunk_size)
-    if cfg.path:
-        from panda.models.checkpoints import read_weights
-
-        state = read_weights(cfg.path)
-        own = teacher.state_dict()
-        mine = {k: v for k, v in state.items() if k in own}
-        skipped = sorted({k.split(".")[0] for k in state if k not in own})
-        missing = [k for k in own if k not in mine]
-        if missing:
-            raise KeyError(f"{cfg.path}: LanguageBind weights lack {len(missing)} keys, e.g. {missing[:5]}")
-        teacher.load_state_dict(mine)
-        log.info("teacher: loaded %d tensors from %s (skipped towers: %s)", len(mine), cfg.path, skipped or "-")
-    return teacher.to(dtype).freeze()
+    return TEACHERS[cfg.kind].from_config(cfg, chunk_size).to(getattr(torch, cfg.dtype)).freeze()

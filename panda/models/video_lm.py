@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from panda.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from panda.models.distill import DistillationHead, DistillConfig, TeacherFeatures, distillation_loss
 from panda.models.stab import STAB, STABConfig, VisualTokens, build_projector, count_parameters
 

@@ -14,23 +14,15 @@ optimiser state in host memory; ``hybrid_shard`` shards within a node and replic
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from panda.build import enable_activation_checkpointing
+from panda.config import FSDPConfig
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FSDPConfig:
-    param_dtype: Optional[str] = "bfloat16"  # compute dtype of the unsharded parameters; None = as stored
-    reduce_dtype: Optional[str] = "float32"  # gradient reduce-scatter dtype
-    cpu_offload: bool = False
-    activation_checkpointing: bool = True  # non-reentrant, per decoder layer
-    hybrid_shard: bool = False  # shard inside a node, replicate across trainer.num_nodes
-    distributed_checkpoint: bool = True  # sharded checkpoints (no full gather on rank 0)
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
@@ -61,11 +53,7 @@ def shard_model(model: nn.Module, mesh, cfg: FSDPConfig) -> int:
         "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
     }
     if cfg.activation_checkpointing:
-        llm = model.llm
-        if hasattr(llm, "activation_checkpointing_enable"):
-            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.llm)
     units = 0
     for layer in decoder_layers(model.llm):
         fully_shard(layer, **kwargs)

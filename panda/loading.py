@@ -1,0 +1,122 @@
+"""Any checkpoint kind -> a ready model: a ``train.py`` ``.ckpt`` (one file, or the folder of a
+sharded FSDP checkpoint), a folder panda exported (``run_dir/final``), or a Video-Panda release
+folder. Evaluation, chat and export load through :func:`load_model`; training's
+``init.kind=checkpoint`` through :func:`load_weights_from_ckpt`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from panda.config import Derived, TrainConfig, to_train_config
+from panda.constants import RELEASE_EVAL_TEMPLATE, RELEASE_FRAMES
+from panda.data.tokenizer import load_tokenizer
+from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
+from panda.models.video_lm import VideoLanguageModel
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, and what a caller needs to prompt it like its training run."""
+
+    model: VideoLanguageModel
+    tokenizer: object
+    frames: int  # frames per video it was trained with (8 for the release)
+    template: str  # training conversation template
+    eval_template: str  # evaluation conversation template
+    run_config: TrainConfig | None = None  # the training run's config (``.ckpt`` only)
+    derived: Derived | None = None
+
+
+def read_lightning_checkpoint(path: str) -> dict:
+    """A ``train.py`` checkpoint as one dict: a single ``.ckpt`` file, or the folder of a sharded
+    (FSDP, distributed) checkpoint, consolidated in memory without a process group."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (pass checkpoint=.../checkpoints/last.ckpt)")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
+        from pathlib import Path
+
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(Path(path))
+    return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
+
+
+def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | None = None) -> None:
+    """Weights of a panda Lightning checkpoint into ``model`` (optimiser state is not restored)."""
+    if ckpt is None:
+        ckpt = read_lightning_checkpoint(path)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if model.distill_head is None and any(k.startswith("distill_head.") for k in state):
+        log.info("%s: skipping its distillation head (this run has no teacher)", path)
+        state = {k: v for k, v in state.items() if not k.startswith("distill_head.")}
+    head_fresh = model.distill_head is not None and not any(k.startswith("distill_head.") for k in state)
+    result = model.load_state_dict(state, strict=not head_fresh)
+    if head_fresh:
+        log.warning("%s has no distillation head; the head starts fresh", path)
+    bad = [k for k in result.missing_keys if not k.startswith("distill_head.")] + list(result.unexpected_keys)
+    if bad:
+        raise KeyError(f"{path} does not match the model: {bad[:20]}")
+
+
+# keys that checkpoints written before the Derived split kept inside the config
+_LEGACY_DERIVED = {("llm", "hf_config"): "llm_config"}
+
+
+def run_config_of(ckpt: dict, path: str) -> tuple[TrainConfig, Derived]:
+    """The typed run config and derived values stored in a ``train.py`` checkpoint."""
+    hparams = ckpt.get("hyper_parameters", {})
+    raw = hparams.get("cfg")
+    if raw is None:
+        raise ValueError(f"{path} has no panda config in hyper_parameters; was it written by train.py?")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    derived = dict(hparams.get("derived") or {})
+    for (group, key), name in _LEGACY_DERIVED.items():
+        if key in raw.get(group, {}):
+            derived.setdefault(name, raw[group].pop(key))
+    if "derived" not in hparams and raw.get("teacher", {}).get("kind", "none") != "none":
+        derived.setdefault("teacher_width", raw["teacher"].get("width"))
+    return to_train_config(raw), Derived(**derived)
+
+
+def load_checkpoint(path: str) -> LoadedModel:
+    """A ``train.py`` checkpoint (file or sharded folder) -> its model, tokenizer and run config."""
+    from panda.build import build_model, build_tokenizer
+
+    ckpt = read_lightning_checkpoint(path)
+    cfg, derived = run_config_of(ckpt, path)
+    tokenizer = build_tokenizer(cfg, derived)
+    model = build_model(cfg, tokenizer, derived, initialise=False)
+    load_weights_from_ckpt(model, path, ckpt)
+    model.eval()
+    return LoadedModel(model, tokenizer, cfg.frames, cfg.model.template, cfg.model.eval_template, cfg, derived)
+
+
+def load_model(path: str, dtype: str = "float32", attn: str = "sdpa") -> LoadedModel:
+    """A release folder, a panda export folder, or a ``train.py`` ``.ckpt`` -> :class:`LoadedModel`."""
+    if path.rstrip("/").endswith(".ckpt"):  # a train.py checkpoint (a file, or a sharded checkpoint's folder)
+        loaded = load_checkpoint(path)
+        loaded.model.to(getattr(torch, dtype))
+        return loaded
+    if not os.path.isdir(path):
+        raise NotACheckpointError(f"{path}: not a checkpoint folder or .ckpt file")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise NotACheckpointError(
+            f"{path} is not a checkpoint folder (no config.json); pass a Video-Panda release folder, "
+            "a panda export (run_dir/final) or a .ckpt"
+        )
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
+    model, _ = load_release(path, dtype=dtype, attn_implementation=attn)
+    meta = read_meta(path)
+    return LoadedModel(model, load_tokenizer(path), meta.get("frames") or RELEASE_FRAMES,
+                       meta.get("template") or "vicuna_v1", meta.get("eval_template") or RELEASE_EVAL_TEMPLATE)

@@ -1,0 +1,70 @@
+"""Run bookkeeping shared by training and evaluation: where a run writes, which commit made it,
+which experiment it composed, and a readable summary on the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str | None:
+    """The commit of the panda checkout this runs from (None outside a git checkout)."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def experiment_choice() -> str | None:
+    """The ``experiment=`` config this run composed (None outside Hydra or without one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("experiment")
+    except ValueError:
+        return None
+
+
+def run_dir_of(cfg, default: str = "outputs/run") -> str:
+    """The run directory: Hydra's output dir under Hydra, else ``cfg.run_dir`` (or ``default``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:  # not under Hydra (e.g. called from Python)
+        return os.path.abspath(getattr(cfg, "run_dir", None) or default)
+
+
+def wandb_offline(offline: bool | None, run_dir: str) -> bool:
+    """``logger.offline``, where None means offline unless an API key is configured."""
+    if offline is not None:
+        return offline
+    offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
+    if offline:
+        log.info("wandb: no API key configured; logging offline (upload later with `wandb sync %s/wandb`)", run_dir)
+    return offline
+
+
+def format_summary(summary: dict, title: str = "panda run summary") -> str:
+    """One line per scalar; a list or a dict is shown by its size (the full value stays in the JSON)."""
+    width = max((len(k) for k in summary), default=0)
+
+    def show(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, (list, tuple)):
+            return f"[{len(value)} entries]"
+        if isinstance(value, dict):
+            return f"{{{len(value)} keys}}"
+        return str(value)
+
+    return f"\n== {title} ==\n" + "\n".join(f"  {k:<{width}}  {show(v)}" for k, v in summary.items())
+
+
+def print_summary(summary: dict, title: str = "panda run summary") -> None:
+    print(format_summary(summary, title), flush=True)

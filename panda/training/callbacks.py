@@ -1,0 +1,180 @@
+"""Lightning callbacks of a training run: checkpoints marked complete, the loss history, throughput,
+learning rates, and under FSDP the batch-norm statistics sync and the sharding audit. The
+LightningModule keeps only the step, the losses and the optimiser."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+COMPLETE_MARKER = "complete.json"
+
+
+def mark_complete(trainer, path: str) -> None:
+    """Record ``path`` as the newest fully written checkpoint (after every rank finished writing)."""
+    trainer.strategy.barrier("checkpoint-written")
+    if trainer.is_global_zero:
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, COMPLETE_MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"path": os.path.abspath(path), "step": trainer.global_step, "time": time.time()}, f)
+        os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))  # atomic: a reader sees the old or the new marker
+
+
+class MarkedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that names each checkpoint complete only once it is fully on disk, so
+    ``resume=auto`` never picks a checkpoint a killed job left half-written."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        mark_complete(trainer, filepath)
+
+
+class LossTracker(Callback):
+    """The training loss of each optimiser step of this process: ``history`` holds (global step,
+    loss) once per step, where the loss is the mean of the step's micro-batch losses as the module
+    computed them (not Lightning's copy divided by ``accumulate_grad_batches``); ``final`` is the
+    mean of the last ``window`` steps."""
+
+    def __init__(self, window: int = 10):
+        self.window = collections.deque(maxlen=window)
+        self.history: list[tuple[int, float]] = []
+        self._micro: list[torch.Tensor] = []
+        self._step_seen = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._step_seen is None:
+            self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if isinstance(outputs, dict) and "loss_unscaled" in outputs:
+            self._micro.append(outputs["loss_unscaled"])
+        if trainer.global_step != self._step_seen:  # the optimiser stepped at the end of this batch
+            self._step_seen = trainer.global_step
+            if self._micro:
+                loss = float(torch.stack(self._micro).float().mean())
+                self.history.append((trainer.global_step, loss))
+                self.window.append(loss)
+            self._micro = []
+
+    @property
+    def first(self) -> float | None:
+        return self.history[0][1] if self.history else None
+
+    @property
+    def final(self) -> float | None:
+        return sum(self.window) / len(self.window) if self.window else None
+
+
+class ThroughputMonitor(Callback):
+    """``perf/data_time_s`` (waiting for the loader), ``perf/samples_per_s`` and
+    ``perf/text_tokens_per_s`` (one text token per frame placeholder) of every training batch."""
+
+    def __init__(self):
+        self._start = None
+        self._last_end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last_end is not None:
+            pl_module.log("perf/data_time_s", now - self._last_end, on_step=True, on_epoch=False)
+        self._start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._start is not None and "input_ids" in batch:
+            dt = max(now - self._start, 1e-9)
+            pl_module.log("perf/samples_per_s", batch["input_ids"].shape[0] / dt, on_step=True, on_epoch=False)
+            pl_module.log("perf/text_tokens_per_s", float(batch["attention_mask"].sum()) / dt, on_step=True, on_epoch=False)
+        self._last_end = now
+
+
+class LearningRateLogger(Callback):
+    """``lr/<group>`` of every optimiser parameter group (llm, vision, and their no-decay twins)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for i, group in enumerate(trainer.optimizers[0].param_groups):
+            pl_module.log(f"lr/{group.get('name', i)}", group["lr"], on_step=True, on_epoch=False)
+
+
+def _sharded(pl_module) -> bool:
+    return getattr(pl_module, "sharded", False)
+
+
+class NormStatisticsSync(Callback):
+    """FSDP does not synchronise buffers: average batch-norm running statistics over ranks after
+    each step, so every rank (and every checkpoint) holds the same ones."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not _sharded(pl_module) or trainer.world_size < 2:
+            return
+        import torch.distributed as dist
+
+        for module in pl_module.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                for buf in (module.running_mean, module.running_var):
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(trainer.world_size)
+
+
+class FSDPAudit(Callback):
+    """Under FSDP, write ``fsdp_rank<r>.json`` at the end of training: this rank's share of the
+    sharded parameters, weight checksums of each part before and after training, and whether any
+    frozen parameter holds a gradient or optimiser state."""
+
+    def __init__(self):
+        self.digests_before: dict[str, float] = {}
+
+    @staticmethod
+    def _parts(model) -> dict:
+        parts = {"stab": model.stab, "projector": model.projector, "llm": model.llm}
+        if model.distill_head is not None:
+            parts["distill_head"] = model.distill_head
+        return parts
+
+    def _digests(self, pl_module) -> dict[str, float]:
+        """A checksum of each part's weights from the local shards, summed over ranks (collective:
+        every rank calls it; no parameter is gathered)."""
+        import torch.distributed as dist
+
+        parts = self._parts(pl_module.model)
+        local = torch.zeros(len(parts), dtype=torch.float64, device=pl_module.device)
+        for i, module in enumerate(parts.values()):
+            for p in module.parameters():
+                shard = p.to_local() if hasattr(p, "to_local") else p
+                local[i] += shard.detach().double().abs().sum()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(local)
+        return dict(zip(parts, local.tolist()))
+
+    def on_fit_start(self, trainer, pl_module):
+        if _sharded(pl_module):
+            self.digests_before = self._digests(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if not _sharded(pl_module):
+            return
+        from panda.training.fsdp import unit_trainability
+
+        model = pl_module.model
+        params = list(model.parameters())
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        optimizer = trainer.optimizers[0]
+        optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        state_params = {id(p) for p in optimizer.state}
+        frozen = [p for p in params if not p.requires_grad]
+        report = {
+            "rank": trainer.global_rank, "world_size": trainer.world_size,
+            "local_numel": local, "global_numel": sum(p.numel() for p in params),
+            "digests_before": self.digests_before, "digests_after": self._digests(pl_module),
+            "frozen_with_grad": sum(p.grad is not None for p in frozen),
+            "units_mixing_frozen_and_trainable": [name for name, flags in unit_trainability(model) if len(flags) > 1],
+            "frozen_in_optimizer": sum(id(p) in optimizer_params or id(p) in state_params for p in frozen),
+        }
+        with open(os.path.join(trainer.default_root_dir, f"fsdp_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(report, f, indent=2)

@@ -1,0 +1,166 @@
+"""The Lightning pieces of a run built from its config: Trainer, logger, callbacks, resume discovery."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import warnings
+
+import lightning as L
+import torch
+
+from panda.config import Derived, TrainConfig, to_plain
+from panda.runs import wandb_offline
+from panda.training.callbacks import (
+    COMPLETE_MARKER,
+    FSDPAudit,
+    LearningRateLogger,
+    LossTracker,
+    MarkedCheckpoint,
+    NormStatisticsSync,
+    ThroughputMonitor,
+)
+
+log = logging.getLogger(__name__)
+
+# Lightning cannot see that the data module restores the loader position itself (EpochBatchSampler
+# + VideoDataModule.state_dict); its mid-epoch warning does not apply to panda runs
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+def count_devices(devices, accelerator: str) -> int:
+    """How many processes per node ``trainer.devices`` means."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        return max(1, torch.cuda.device_count()) if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else 1
+    return int(devices)
+
+
+def world_size(cfg: TrainConfig) -> int:
+    return count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * cfg.trainer.num_nodes
+
+
+def resolve_accumulation(cfg: TrainConfig) -> int:
+    """``trainer.accumulate_grad_batches``, derived from ``trainer.global_batch_size`` when that is set
+    (the recipe's one batch knob): global = data.batch_size × devices × num_nodes × accumulation."""
+    t = cfg.trainer
+    if t.global_batch_size is None:
+        return t.accumulate_grad_batches
+    world = world_size(cfg)
+    per_step = cfg.data.batch_size * world
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of data.batch_size × devices × num_nodes = "
+            f"{cfg.data.batch_size} × {world // t.num_nodes} × {t.num_nodes} = {per_step}; "
+            "change data.batch_size or trainer.global_batch_size"
+        )
+    accumulation = t.global_batch_size // per_step
+    if t.accumulate_grad_batches not in (1, accumulation):
+        raise ValueError("set either trainer.global_batch_size or trainer.accumulate_grad_batches, not both")
+    log.info("global batch %d = %d per device × %d processes × %d accumulation", t.global_batch_size,
+             cfg.data.batch_size, world, accumulation)
+    return accumulation
+
+
+def find_resume_checkpoint(runs_root: str, name: str, run_dir: str) -> str | None:
+    """The newest complete checkpoint of this run dir, else of any run dir of the same name."""
+    own = os.path.join(run_dir, "checkpoints", COMPLETE_MARKER)
+    candidates = [own] if os.path.exists(own) else glob.glob(os.path.join(runs_root, name, "*", "checkpoints", COMPLETE_MARKER))
+    best = None
+    for marker in candidates:
+        with open(marker) as f:
+            info = json.load(f)
+        if os.path.exists(info["path"]) and (best is None or info["time"] > best["time"]):
+            best = info
+    return best["path"] if best else None
+
+
+def check_multirun_launch(cfg: TrainConfig) -> None:
+    """``--multirun`` must not start DDP/FSDP processes inside the sweep's own process tree (each
+    rank would re-run the sweep); on SLURM every sweep point is its own job and that is fine."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        return
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    t = cfg.trainer
+    multi = t.strategy in ("ddp", "fsdp") and world_size(cfg) > 1
+    launcher = str(hc.launcher.get("_target_", ""))
+    if multi and "submitit" not in launcher and "SLURM_NTASKS" not in os.environ:
+        raise ValueError(
+            f"--multirun with trainer.strategy={t.strategy} on {t.devices} devices would start every sweep point's "
+            "processes inside the sweep (each rank re-runs the sweep): use hydra/launcher=slurm (one job per point) "
+            "or run the points one at a time"
+        )
+
+
+def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict):
+    """CSV (default), wandb (offline unless a key is configured; one wandb run per panda run, continued
+    on resume) or none."""
+    kind = cfg.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(run_dir, name="csv", version="")
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    offline = wandb_offline(cfg.logger.offline, run_dir)
+    id_file = os.path.join(run_dir, "wandb_run_id")
+    run_id = None
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    elif rank_zero_only.rank == 0:  # only rank 0 talks to wandb
+        import secrets
+
+        run_id = secrets.token_hex(6)  # wandb run ids: lower-case letters and digits
+        with open(id_file, "w") as f:
+            f.write(run_id)
+    return WandbLogger(id=run_id, resume="allow", project=cfg.logger.project, group=cfg.logger.group, name=cfg.name,
+                       tags=list(cfg.logger.tags), save_dir=run_dir, offline=offline, config=to_plain(cfg) | parameter_counts)
+
+
+def build_callbacks(cfg: TrainConfig, ckpt_dir: str) -> tuple[list, LossTracker]:
+    """Checkpointing, the loss history, throughput, learning rates and the FSDP helpers."""
+    tracker = LossTracker()
+    checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1)
+    callbacks = [checkpoint, tracker, ThroughputMonitor(), LearningRateLogger()]
+    if cfg.trainer.strategy == "fsdp":
+        callbacks += [NormStatisticsSync(), FSDPAudit()]
+    return callbacks, tracker
+
+
+def build_trainer(cfg: TrainConfig, derived: Derived, run_dir: str, logger, callbacks) -> L.Trainer:
+    t = cfg.trainer
+    extra = {}
+    if t.limit_train_batches is not None:
+        extra["limit_train_batches"] = t.limit_train_batches
+    strategy = str(t.strategy)
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world_size(cfg), tensor_parallel_size=1,
+                                         save_distributed_checkpoint=t.fsdp.distributed_checkpoint)
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=derived.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps, fast_dev_run=t.fast_dev_run, overfit_batches=t.overfit_batches,
+        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar, default_root_dir=run_dir,
+        logger=logger, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data module's EpochBatchSampler splits ranks itself
+        **extra,
+    )
