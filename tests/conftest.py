@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +72,35 @@ def tiny_overrides(root: str, run_dir: str | None = None) -> list[str]:
         "trainer.enable_progress_bar=false",
         "logger.kind=none",
     ] + ([f"run_dir={run_dir}"] if run_dir is not None else [])
+
+
+def train_tiny(root: str, run_dir, *extra: str) -> dict:
+    """An in-process ``train()`` of the tiny model on ``root``, writing to ``run_dir``: its summary."""
+    from panda.training.run import train
+
+    return train(compose(tiny_overrides(root, str(run_dir)) + list(extra)))
+
+
+# subprocess limits stay below pytest's per-test timeout (pyproject.toml), so a slow machine reports
+# the slow command with its output instead of the test being killed
+SUBPROCESS_TIMEOUT = 480
+
+
+def run_cli(args, timeout: int = SUBPROCESS_TIMEOUT, check: bool = True, env: dict | None = None):
+    """Run ``python ARGS...`` in the repository root (``train.py``, ``evaluate.py``, ``-m panda.chat``),
+    one thread per process; with ``check`` fail showing the end of its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_root, tmp_path_factory) -> str:
+    """One trained tiny checkpoint (2 steps) for the evaluation, export and chat tests."""
+    run_dir = tmp_path_factory.mktemp("ckpt_run")
+    return train_tiny(synthetic_root, run_dir, "trainer.max_steps=2", "evaluate=false")["checkpoint"]
 
 
 def tiny_video_lm(tokenizer, teacher_width=None, seed=0, layers=2, stab_width=32):

@@ -5,18 +5,14 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import compose, tiny_overrides
+from conftest import compose, run_cli, tiny_overrides
 from panda.data.prepare import PrepareError, PrepareOptions, prepare
 from panda.errors import RecordError
 from video_zoo import build_zoo, write_records
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_shards(path):
@@ -110,9 +106,8 @@ def test_malformed_json_names_the_file_and_record_index(tmp_path):
     with pytest.raises(RecordError, match=r"valley_\.json, record 1: invalid JSON at line 1"):
         load_records(path)
     (tmp_path / "videos").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "panda.data.prepare", "--records", str(path), "--video-root",
-                           str(tmp_path / "videos"), "--output", str(tmp_path / "out"), "--no-progress"],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = run_cli(["-m", "panda.data.prepare", "--records", str(path), "--video-root", str(tmp_path / "videos"),
+                    "--output", str(tmp_path / "out"), "--no-progress"], check=False)
     assert proc.returncode == 2 and "valley_.json, record 1: invalid JSON" in proc.stderr
 
 
@@ -186,7 +181,8 @@ def test_mixture_weights_are_respected(synthetic_shards, zoo, tmp_path, tokenize
     assert all(len({i >= na for i in batch}) == 1 for batch in sampler.epoch_batches(0))
 
     # the same through the config group and the DataModule: data=valley+videochatgpt under one root
-    from panda.data.datamodule import VideoDataModule
+    from panda.build import build_datamodule
+    from panda.config import to_train_config
 
     root = tmp_path / "mix"
     root.mkdir()
@@ -195,7 +191,7 @@ def test_mixture_weights_are_respected(synthetic_shards, zoo, tmp_path, tokenize
     cfg = compose(["data=valley+videochatgpt", f"data.root={root}", "data.shards.0.weight=0.75",
                    "data.shards.1.weight=0.25", f"data.samples_per_epoch={total}", "data.num_workers=0",
                    "data.batch_size=4", "stab.width=32"])
-    dm = VideoDataModule(cfg, tokenizer)
+    dm = build_datamodule(to_train_config(cfg), tokenizer)
     dm.setup("fit")
     batches = list(dm.train_dataloader().batch_sampler)
     flat = [i for batch in batches for i, _, _ in batch]

@@ -4,12 +4,10 @@ size, and ``python -m panda.chat``. Folders are written here in the release key 
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_video_lm, write_release_folder
+from conftest import compose, run_cli, tiny_video_lm, write_release_folder
 
 from panda.data.tokenizer import load_tokenizer
 
@@ -141,22 +139,18 @@ def test_eve_init_loads_the_shared_parts_and_leaves_the_rest_fresh(source_model,
 
 
 def test_global_batch_is_the_one_knob():
-    from panda.training.run import resolve_accumulation
+    from panda.config import to_train_config
+    from panda.training.trainer import resolve_accumulation
 
-    cfg = {"trainer": {"global_batch_size": 2048, "devices": 4, "num_nodes": 16, "accelerator": "gpu",
-                       "accumulate_grad_batches": 1}, "data": {"batch_size": 8}}
-    resolve_accumulation(cfg)
-    assert cfg["trainer"]["accumulate_grad_batches"] == 4  # 2048 = 8 × 4 × 16 × 4
-    cfg["trainer"].update(global_batch_size=1000, accumulate_grad_batches=1)
+    geometry = ["trainer=gpu", "trainer.devices=4", "trainer.num_nodes=16", "data.batch_size=8"]
+    cfg = to_train_config(compose([*geometry, "trainer.global_batch_size=2048"]))
+    assert resolve_accumulation(cfg) == 4  # 2048 = 8 × 4 × 16 × 4
+    assert cfg.trainer.accumulate_grad_batches == 1  # derived, never written back into the config
     with pytest.raises(ValueError, match="not a multiple of data.batch_size"):
-        resolve_accumulation(cfg)
+        resolve_accumulation(to_train_config(compose([*geometry, "trainer.global_batch_size=1000"])))
 
 
-def _run(args, cwd=REPO, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, tmp_path):
     """stage1 (from a fake EVE folder) -> stage2 -> stage3 through train.py, each starting from the
     previous stage's export by the config reference; then chat with the final model."""
@@ -169,8 +163,7 @@ def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, 
             "frames=4", "model.max_length=512", "distill.layer_stride=1", "distill.heads=4", f"runs_root={runs}",
             "logger=csv", "trainer.log_every_n_steps=1"]
     for stage, extra in [("stage1_prealign", [f"init.path={eve}"]), ("stage2_pretrain", []), ("stage3_finetune", [])]:
-        proc = _run(["train.py", f"experiment=videopanda_7b/{stage}", *tiny, *extra])
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        proc = run_cli(["train.py", f"experiment=videopanda_7b/{stage}", *tiny, *extra], env={"OMP_NUM_THREADS": "2"})
         summary = json.loads((runs / "videopanda_7b" / stage / "summary.json").read_text())
         assert summary["train/steps"] == 2
         assert "global batch 4 = 2 per device × 1 processes × 2 accumulation" in proc.stdout + proc.stderr
@@ -199,8 +192,8 @@ def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, 
     video = os.path.join(synthetic_root, "eval", "Synthetic_Zero_Shot_QA", "videos")
     video = os.path.join(video, sorted(os.listdir(video))[0])
     final = str(root / "stage3_finetune" / "final")
-    chat = _run(["-m", "panda.chat", "--checkpoint", final, "--video", video, "--max-new-tokens", "4", "--no-stream",
-                 "What colour is the shape?"])
+    chat = run_cli(["-m", "panda.chat", "--checkpoint", final, "--video", video, "--max-new-tokens", "4", "--no-stream",
+                 "What colour is the shape?"], env={"OMP_NUM_THREADS": "2"})
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
     model, _ = load_release(final)
     tok = load_tokenizer(final)
@@ -209,15 +202,16 @@ def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, 
     assert answer(model, tok, video, "What colour is the shape?", 4, "vicuna_v1_eval", 4, stream=False) == chat.stdout.strip()
 
 
+@pytest.mark.slow
 def test_chat_errors_name_the_problem(tmp_path, synthetic_root):
     bad_video = tmp_path / "broken.mp4"
     bad_video.write_bytes(b"\x00garbage" * 10)
     not_ckpt = tmp_path / "empty"
     not_ckpt.mkdir()
-    proc = _run(["-m", "panda.chat", "--checkpoint", str(not_ckpt), "--video", str(bad_video), "q"])
+    proc = run_cli(["-m", "panda.chat", "--checkpoint", str(not_ckpt), "--video", str(bad_video), "q"], check=False)
     assert proc.returncode == 2 and "is not a checkpoint folder" in proc.stderr
-    proc = _run(["-m", "panda.chat", "--checkpoint", str(not_ckpt), "--video", str(bad_video), "--dtype", "bfloat16",
-                 "--attn", "flash_attention_2", "--device", "cpu", "q"])
+    proc = run_cli(["-m", "panda.chat", "--checkpoint", str(not_ckpt), "--video", str(bad_video), "--dtype", "bfloat16",
+                    "--attn", "flash_attention_2", "--device", "cpu", "q"], check=False)
     assert proc.returncode == 2 and "flash_attention_2 needs a CUDA GPU" in proc.stderr
     from panda.chat import answer
     from panda.errors import VideoDecodeError

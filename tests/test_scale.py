@@ -10,20 +10,19 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, compose, run_cli, tiny_overrides
 
 from panda.models.checkpoints import read_weights
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _overrides(root):
-    return [o for o in tiny_overrides(root, "unused") if not o.startswith(("+run_dir", "logger.kind"))]
+    return [o for o in tiny_overrides(root) if not o.startswith("logger.kind")]
 
 
-def _train(args, timeout=600, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+def _train(args):
+    return run_cli(["train.py", *args])
 
 
 TWO_CPU = ["trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "evaluate=false"]
@@ -111,19 +110,16 @@ def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_complete_check
 
 
 def test_multirun_never_starts_ddp_inside_the_sweep(synthetic_root, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "train.py", "--multirun", "trainer=ddp", *TWO_CPU, "seed=1,2",
-                           f"hydra.sweep.dir={tmp_path}", *_overrides(synthetic_root)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli(["train.py", "--multirun", "trainer=ddp", *TWO_CPU, "seed=1,2", f"hydra.sweep.dir={tmp_path}",
+                    *_overrides(synthetic_root)], check=False)
     assert proc.returncode != 0
     assert "hydra/launcher=slurm" in proc.stderr + proc.stdout
     assert not list(tmp_path.glob("*/checkpoints"))  # nothing trained
 
 
 def test_slurm_launcher_places_one_job_per_point_with_the_trainer_geometry():
-    proc = subprocess.run([sys.executable, "train.py", "hydra/launcher=slurm", "trainer=fsdp", "trainer.devices=4",
-                           "trainer.num_nodes=2", "--cfg", "all", "--resolve"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli(["train.py", "hydra/launcher=slurm", "trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2",
+                    "--cfg", "all", "--resolve"])
     import yaml
 
     launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
@@ -133,10 +129,11 @@ def test_slurm_launcher_places_one_job_per_point_with_the_trainer_geometry():
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
-    from panda.training.build import build_logger
+    from panda.config import to_train_config
+    from panda.training.trainer import build_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = {"logger": {"kind": "wandb", "project": "p", "group": None, "offline": True, "tags": []}, "name": "n"}
+    cfg = to_train_config(compose(["logger=wandb", "logger.project=p", "logger.offline=true", "name=n"]))
     first = build_logger(cfg, str(tmp_path), {})
     again = build_logger(cfg, str(tmp_path), {})  # the same run dir, as resume=auto picks it
     assert first._id == again._id and (tmp_path / "wandb_run_id").read_text() == first._id

@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from conftest import compose, tiny_overrides
-from panda.training.run import train
-
-
-def run(root, run_dir, *extra):
-    cfg = compose(tiny_overrides(root, str(run_dir)) + list(extra))
-    return train(cfg)
+from conftest import train_tiny as run
 
 
 def test_tiny_run_learns_and_writes_summary(synthetic_root, tmp_path):
@@ -23,8 +18,8 @@ def test_tiny_run_learns_and_writes_summary(synthetic_root, tmp_path):
         assert key in written, key
     assert os.path.exists(written["checkpoint"])
     assert written["params/trainable"] == written["params/stab"] + written["params/projector"] + written["params/llm"]
-    predictions = (tmp_path / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == written["eval/num_questions"] == 6
+    predictions = (tmp_path / "heldout" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == written["eval/num_questions"] == written["eval/judged"] == 6
 
 
 def test_resume_restores_step_optimizer_and_schedule(synthetic_root, tmp_path):
@@ -61,18 +56,19 @@ def test_bad_videos_are_skipped_counted_and_named(synthetic_root, tmp_path, capl
 
 def test_stage_prealign_freezes_the_llm(synthetic_root, tmp_path):
     import lightning as L
-    from omegaconf import OmegaConf
 
-    from panda.training.build import build_model, build_tokenizer
+    from panda.build import build_model, build_tokenizer
+    from panda.config import to_train_config
+    from panda.training.run import train
 
-    cfg = compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["stage=prealign", "trainer.max_steps=3", "evaluate=false"])
+    cfg = to_train_config(compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["stage=prealign", "trainer.max_steps=3",
+                                                                                  "evaluate=false"]))
     summary = train(cfg)
     assert summary["trainable/llm"] == 0 and summary["trainable/stab"] == summary["params/stab"]
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     # train() seeds, then builds the model: the same seed rebuilds the weights it started from
-    container = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed)
-    start = {"model." + k: v for k, v in build_model(container, build_tokenizer(container)).state_dict().items()}
+    start = {"model." + k: v for k, v in build_model(cfg, build_tokenizer(cfg)).state_dict().items()}
     llm_keys = [k for k in saved if k.startswith("model.llm.")]
     stab_keys = [k for k in saved if k.startswith("model.stab.") and saved[k].is_floating_point()]
     assert llm_keys and all(torch.equal(saved[k], start[k]) for k in llm_keys)
@@ -83,21 +79,20 @@ def test_evaluate_py_reproduces_the_training_run_evaluation(synthetic_root, tmp_
     from panda.evaluation.run import evaluate
 
     summary = run(synthetic_root, tmp_path / "train", "trainer.max_steps=6", "trainer.max_epochs=3")
-    cfg = compose([f"checkpoint={summary['checkpoint']}", f"+run_dir={tmp_path / 'eval'}", "num_workers=0",
+    cfg = compose([f"checkpoint={summary['checkpoint']}", f"run_dir={tmp_path / 'eval'}", "num_workers=0",
                    "max_new_tokens=16", "benchmark.synthetic.limit=6"], config_name="evaluate")
     results = evaluate(cfg)["benchmarks"]["synthetic"]
     assert results["num_questions"] == summary["eval/num_questions"] == results["judged"]
     assert results["accuracy"] == summary["eval/accuracy"]
-    train_preds = [json.loads(line) for line in (tmp_path / "train" / "predictions.jsonl").read_text().splitlines()]
-    eval_preds = [json.loads(line) for line in (tmp_path / "eval" / "synthetic" / "predictions.jsonl").read_text().splitlines()]
-    assert [(p["question_id"], p["prediction"]) for p in train_preds] == [(p["uid"], p["prediction"]) for p in eval_preds]
+    train_preds = (tmp_path / "train" / "heldout" / "predictions.jsonl").read_text()
+    assert train_preds == (tmp_path / "eval" / "synthetic" / "predictions.jsonl").read_text()
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["checkpoint"] == summary["checkpoint"]
 
 
 def test_evaluate_names_a_missing_checkpoint(tmp_path):
     from panda.evaluation.run import evaluate
 
-    cfg = compose([f"checkpoint={tmp_path}/nope.ckpt", f"+run_dir={tmp_path}"], config_name="evaluate")
+    cfg = compose([f"checkpoint={tmp_path}/nope.ckpt", f"run_dir={tmp_path}"], config_name="evaluate")
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         evaluate(cfg)
 
