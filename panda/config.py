@@ -77,11 +77,6 @@ class JudgeKind(Choice):
     openai = "openai"  # any OpenAI-compatible chat API
 
 
-class BenchmarkKind(Choice):
-    qa = "qa"  # GPT_Zero_Shot_QA layout: test_q.json, test_a.json, videos/
-    vcgbench = "vcgbench"  # the Video-ChatGPT benchmark
-
-
 FOLDER_INITS = (InitKind.eve, InitKind.release)  # inits whose folder also holds the LLM (and its tokenizer)
 
 
@@ -118,7 +113,7 @@ class JudgeConfig:
 @dataclass
 class BenchmarkConfig:
     name: str = "synthetic"
-    kind: BenchmarkKind = BenchmarkKind.qa
+    kind: str = "qa"  # a registered benchmark kind (panda/evaluation/benchmarks.py): qa | vcgbench
     root: Optional[str] = None  # the evaluation DATA_ROOT; paths below are relative to it
     from_checkpoint: bool = False  # qa: use the data root and held-out split stored in a train.py checkpoint
     qa_dir: Optional[str] = None  # qa: folder with test_q.json, test_a.json, videos/

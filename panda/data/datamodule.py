@@ -108,15 +108,20 @@ class VideoDataModule(L.LightningDataModule):
         self.train_set = ConversationDataset(records, resolve(data.root, data.video_root), **common)
         log.info("training records: %d (rejected %d)", len(records), len(self.rejects))
 
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    def batch_sampler(self, rank: int = 0, world: int = 1) -> EpochBatchSampler:
+        """The epoch plan of one rank: seeded, chunk-aware, length-grouped, weighted, resumable."""
         data = self.data
-        sampler = EpochBatchSampler(
+        return EpochBatchSampler(
             self.sources, data.batch_size, seed=self.seed, rank=rank, world=world,
             samples_per_epoch=data.samples_per_epoch, shuffle_window=data.shuffle_window,
             group_by_length=data.group_by_length, group_batches=data.group_batches,
             fraction=data.fraction, fraction_seed=data.fraction_seed, resume_from=self._take_resume)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        data = self.data
+        sampler = self.batch_sampler(rank, world)
         if data.fraction < 1.0:
             log.info("data.fraction=%s: training on %d of %d samples", data.fraction,
                      sum(len(m) for m in sampler.members), sum(s.size for s in self.sources))

@@ -1,19 +1,25 @@
 """Evaluation benchmarks (training.md §4): what to generate and how to judge it.
 
+Each benchmark kind is one :class:`Benchmark` subclass registered under its ``kind`` name:
+
 - ``qa``: open-ended zero-shot VideoQA in the GPT_Zero_Shot_QA layout (``test_q.json``,
   ``test_a.json``, ``videos/``): MSVD-QA, MSRVTT-QA, TGIF-QA, ActivityNet-QA, and the synthetic
   held-out split. One generation and one judge request (yes/no + score) per question.
 - ``vcgbench``: the Video-ChatGPT benchmark: generic questions (judged for correctness, detail
   and context), temporal questions (temporal) and consistency pairs (two phrasings, both answered,
   judged together against the one reference).
+
+Adding a kind = one subclass decorated with ``@register_benchmark("kind")`` (``load``,
+``judge_tasks``, ``summarise``) + one yaml in ``conf/benchmark/`` setting ``kind``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Optional
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from panda.config import BenchmarkConfig
 from panda.data.records import QAItem, load_qa
@@ -37,36 +43,84 @@ class GenItem:
     question: str
 
 
+BENCHMARKS: dict[str, type["Benchmark"]] = {}
+
+
+def register_benchmark(kind: str):
+    def add(cls):
+        BENCHMARKS[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return add
+
+
 @dataclass
 class Benchmark:
+    """Generation items of one benchmark, and how their verdicts become metrics."""
+
     cfg: BenchmarkConfig
     items: list[GenItem]
     video_dir: str
-    qa: list[QAItem] | None = None  # qa kind: the references and types
-    vcg: dict | None = None  # vcgbench kind: {"generic": [...], "temporal": [...], "consistency": [...]}
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def load(cls, cfg: BenchmarkConfig, root: str) -> "Benchmark":
+        """Read and check the benchmark's files under ``root`` (errors name the file and the fix)."""
+        raise NotImplementedError
+
+    @property
+    def num_questions(self) -> int:
+        return len(self.items)
 
     def judge_tasks(self, predictions: dict[str, str]) -> list[tuple[str, str, JudgeTask]]:
         """(group, criterion, task) for every judgeable item; items without a prediction are skipped."""
-        out = []
-        if self.qa is not None:
-            for q in self.qa:
-                if q.question_id in predictions:
-                    out.append((q.question_id, "qa", JudgeTask("qa", q.question, q.answer, predictions[q.question_id])))
-            return out
-        for i, rec in enumerate(self.vcg["generic"]):
-            uid = f"generic/{i}"
-            if uid in predictions:
-                for crit in ("correctness", "detail", "context"):
-                    out.append((uid, crit, JudgeTask(crit, rec["Q"], rec["A"], predictions[uid])))
-        for i, rec in enumerate(self.vcg["temporal"]):
-            uid = f"temporal/{i}"
-            if uid in predictions:
-                out.append((uid, "temporal", JudgeTask("temporal", rec["Q"], rec["A"], predictions[uid])))
-        for i, rec in enumerate(self.vcg["consistency"]):
-            a, b = f"consistency/{i}/1", f"consistency/{i}/2"
-            if a in predictions and b in predictions:
-                out.append((f"consistency/{i}", "consistency",
-                            JudgeTask("consistency", rec["Q1"], rec["A"], predictions[a], rec["Q2"], predictions[b])))
+        raise NotImplementedError
+
+    def summarise(self, ok: list[tuple[str, str, object]]) -> dict:
+        """Metrics from the successful verdicts ``(group, criterion, verdict)``."""
+        raise NotImplementedError
+
+
+def _qa_summary(verdicts) -> dict:
+    yes = sum(v.pred == "yes" for v in verdicts)
+    return {"accuracy": yes / len(verdicts) if verdicts else None,
+            "score": sum(v.score for v in verdicts) / len(verdicts) if verdicts else None, "judged": len(verdicts)}
+
+
+@register_benchmark("qa")
+@dataclass
+class QABenchmark(Benchmark):
+    qa: list[QAItem] = field(default_factory=list)  # the references and question types
+
+    @classmethod
+    def load(cls, cfg: BenchmarkConfig, root: str) -> "QABenchmark":
+        qa_dir = os.path.join(root, cfg.qa_dir or "")
+        qa = load_qa(os.path.join(qa_dir, "test_q.json"), os.path.join(qa_dir, "test_a.json"))
+        if cfg.limit:
+            qa = qa[: cfg.limit]
+        items = [GenItem(q.question_id, q.video, q.question) for q in qa]
+        return cls(cfg, items, os.path.join(qa_dir, "videos"), qa=qa)
+
+    @property
+    def num_questions(self) -> int:
+        return len(self.qa)
+
+    def judge_tasks(self, predictions: dict[str, str]) -> list[tuple[str, str, JudgeTask]]:
+        return [(q.question_id, "qa", JudgeTask("qa", q.question, q.answer, predictions[q.question_id]))
+                for q in self.qa if q.question_id in predictions]
+
+    def summarise(self, ok: list[tuple[str, str, object]]) -> dict:
+        """accuracy = yes / judged, score = mean 0–5 score; and per question type
+        ``accuracy_<type>``, ``score_<type>``, ``judged_<type>``."""
+        out = _qa_summary([v for _, _, v in ok])
+        types = {q.question_id: q.type for q in self.qa}
+        by_type = defaultdict(list)
+        for group, _, v in ok:
+            if types.get(group) is not None:
+                by_type[str(types[group])].append(v)
+        for t, vs in sorted(by_type.items()):
+            out.update({f"{k}_{t}": v for k, v in _qa_summary(vs).items()})
         return out
 
 
@@ -84,18 +138,16 @@ def _read_list(path: str, keys: tuple[str, ...]) -> list[dict]:
     return data
 
 
-def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
-    if not cfg.root:
-        raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.root=/path/to/eval/DATA_ROOT")
-    root = os.path.abspath(cfg.root)
-    if cfg.kind == "qa":
-        qa_dir = os.path.join(root, cfg.qa_dir or "")
-        qa = load_qa(os.path.join(qa_dir, "test_q.json"), os.path.join(qa_dir, "test_a.json"))
-        if cfg.limit:
-            qa = qa[: cfg.limit]
-        items = [GenItem(q.question_id, q.video, q.question) for q in qa]
-        return Benchmark(cfg, items, os.path.join(qa_dir, "videos"), qa=qa)
-    if cfg.kind == "vcgbench":
+@register_benchmark("vcgbench")
+@dataclass
+class VCGBenchmark(Benchmark):
+    vcg: dict = field(default_factory=dict)  # {"generic": [...], "temporal": [...], "consistency": [...]}
+
+    @classmethod
+    def load(cls, cfg: BenchmarkConfig, root: str) -> "VCGBenchmark":
+        for key in ("generic", "temporal", "consistency"):
+            if not getattr(cfg, key):
+                raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.{key} (a JSON file under the root)")
         vcg = {
             "generic": _read_list(os.path.join(root, cfg.generic), ("video_name", "Q", "A")),
             "temporal": _read_list(os.path.join(root, cfg.temporal), ("video_name", "Q", "A")),
@@ -106,5 +158,41 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
         items = [GenItem(f"{part}/{i}", r["video_name"], r["Q"]) for part in ("generic", "temporal") for i, r in enumerate(vcg[part])]
         for i, r in enumerate(vcg["consistency"]):
             items += [GenItem(f"consistency/{i}/1", r["video_name"], r["Q1"]), GenItem(f"consistency/{i}/2", r["video_name"], r["Q2"])]
-        return Benchmark(cfg, items, os.path.join(root, cfg.video_dir or "videos"), vcg=vcg)
-    raise ValueError(f"benchmark {cfg.name}: kind={cfg.kind!r}; use qa or vcgbench")
+        return cls(cfg, items, os.path.join(root, cfg.video_dir or "videos"), vcg=vcg)
+
+    def judge_tasks(self, predictions: dict[str, str]) -> list[tuple[str, str, JudgeTask]]:
+        out = []
+        for i, rec in enumerate(self.vcg["generic"]):
+            uid = f"generic/{i}"
+            if uid in predictions:
+                for crit in ("correctness", "detail", "context"):
+                    out.append((uid, crit, JudgeTask(crit, rec["Q"], rec["A"], predictions[uid])))
+        for i, rec in enumerate(self.vcg["temporal"]):
+            uid = f"temporal/{i}"
+            if uid in predictions:
+                out.append((uid, "temporal", JudgeTask("temporal", rec["Q"], rec["A"], predictions[uid])))
+        for i, rec in enumerate(self.vcg["consistency"]):
+            a, b = f"consistency/{i}/1", f"consistency/{i}/2"
+            if a in predictions and b in predictions:
+                out.append((f"consistency/{i}", "consistency",
+                            JudgeTask("consistency", rec["Q1"], rec["A"], predictions[a], rec["Q2"], predictions[b])))
+        return out
+
+    def summarise(self, ok: list[tuple[str, str, object]]) -> dict:
+        """The five criteria's mean scores and their average (when all five have scores)."""
+        scores = defaultdict(list)
+        for _, crit, v in ok:
+            scores[crit].append(v.score)
+        out = {crit: sum(scores[crit]) / len(scores[crit]) if scores[crit] else None for crit in VCG_CRITERIA}
+        present = [out[c] for c in VCG_CRITERIA if out[c] is not None]
+        out["average"] = sum(present) / len(present) if len(present) == len(VCG_CRITERIA) else None
+        return out
+
+
+def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
+    """The benchmark ``cfg`` names, its files read and checked."""
+    if cfg.kind not in BENCHMARKS:
+        raise ValueError(f"benchmark {cfg.name}: kind={cfg.kind!r}; use one of {sorted(BENCHMARKS)}")
+    if not cfg.root:
+        raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.root=/path/to/eval/DATA_ROOT")
+    return BENCHMARKS[cfg.kind].load(cfg, os.path.abspath(cfg.root))

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
 
 import torch
 
@@ -102,41 +101,19 @@ def merge_predictions(bench: Benchmark, folder: str) -> dict[str, dict]:
 
 
 def aggregate(bench: Benchmark, rows: dict[str, dict], judged: list[tuple[str, str, object]]) -> dict:
-    """Metrics of one benchmark from its predictions and verdicts (training.md §4)."""
+    """Metrics of one benchmark from its predictions and verdicts (training.md §4): the counts every
+    benchmark reports, then the benchmark's own (``Benchmark.summarise``) from the verdicts that parsed."""
     missing = sorted(uid for uid, row in rows.items() if "prediction" not in row)
     never = [it.uid for it in bench.items if it.uid not in rows]
     failures = [(group, crit, v.reason) for group, crit, v in judged if not v.ok]
     out = {
-        "num_questions": len(bench.qa) if bench.qa is not None else len(bench.items),
+        "num_questions": bench.num_questions,
         "judged": sum(v.ok for _, _, v in judged),
         "judge_failures": {"count": len(failures), "items": [{"id": g, "criterion": c, "reason": r} for g, c, r in failures]},
         "missing_videos": {"count": len(missing), "ids": missing},
         "not_generated": {"count": len(never), "ids": never},
     }
-    ok = [(group, crit, v) for group, crit, v in judged if v.ok]
-    if bench.qa is not None:
-        types = {q.question_id: q.type for q in bench.qa}
-
-        def summarise(verdicts):
-            yes = sum(v.pred == "yes" for v in verdicts)
-            return {"accuracy": yes / len(verdicts) if verdicts else None,
-                    "score": sum(v.score for v in verdicts) / len(verdicts) if verdicts else None, "judged": len(verdicts)}
-
-        out.update(summarise([v for _, _, v in ok]))
-        by_type = defaultdict(list)
-        for group, _, v in ok:
-            if types.get(group) is not None:
-                by_type[str(types[group])].append(v)
-        for t, vs in sorted(by_type.items()):  # accuracy_<type>, score_<type>, judged_<type>
-            out.update({f"{k}_{t}": v for k, v in summarise(vs).items()})
-        return out
-    scores = defaultdict(list)
-    for _, crit, v in ok:
-        scores[crit].append(v.score)
-    for crit in VCG_CRITERIA:
-        out[crit] = sum(scores[crit]) / len(scores[crit]) if scores[crit] else None
-    present = [out[c] for c in VCG_CRITERIA if out[c] is not None]
-    out["average"] = sum(present) / len(present) if len(present) == len(VCG_CRITERIA) else None
+    out.update(bench.summarise([(group, crit, v) for group, crit, v in judged if v.ok]))
     return out
 
 
