@@ -1,11 +1,15 @@
 """panda: train, ablate and evaluate encoder-free video-language models of the Video-Panda kind.
 
-Layout (data flows one way: file -> record -> sample -> batch -> model -> loss/metrics):
+Layout (data flows one way: file -> record -> sample -> batch -> model -> loss/metrics; each layer
+imports only those before it, see tests/test_layers.py):
 
-- ``panda.models``     plain ``nn.Module``s: STAB, projector, the video-language model.
+- ``panda.constants``, ``panda.errors``  shared ids/statistics and error types; import nothing.
+- ``panda.models``     plain ``nn.Module``s: STAB, projector, the video-language model, teachers.
 - ``panda.data``       decode, sample, resize/pad/mask, conversations, datasets, the DataModule.
-- ``panda.training``   the LightningModule, stages, callbacks.
-- ``panda.evaluation`` generation on held-out questions and answer matching.
+- ``panda.config``     typed config schemas, validation, ``Derived``.
+- ``panda.build``, ``panda.loading``  config -> model/tokenizer/DataModule; any checkpoint -> model.
+- ``panda.evaluation`` generation, judging, benchmarks (``evaluate.py`` and a run's held-out split).
+- ``panda.training``   the LightningModule, callbacks, Trainer, ``train()``.
 """
 
 __version__ = "0.1.0"

@@ -14,7 +14,6 @@ files in ``conf/`` set only what a choice changes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Optional

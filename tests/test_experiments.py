@@ -3,7 +3,6 @@ every experiment config of the ablation study composes."""
 
 import csv
 import json
-import os
 
 import pytest
 import yaml

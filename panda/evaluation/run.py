@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from panda.config import BenchmarkConfig, EvaluateConfig, JudgeConfig, JudgeKind, to_evaluate_config
+from panda.config import BenchmarkConfig, EvaluateConfig, JudgeKind, to_evaluate_config
 from panda.data.conversation import get_template
 from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
