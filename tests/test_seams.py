@@ -48,9 +48,9 @@ def test_the_training_run_and_evaluate_py_score_the_held_out_split_the_same_way(
     assert results["missing_videos"]["count"] == summary["eval/missing_videos"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_rank_whose_batch_has_no_usable_sample_does_not_hang_the_others(synthetic_root, tmp_path, tokenizer, strategy):
+def _break_first_batch(synthetic_root, tmp_path, tokenizer, world: int):
+    """A copy of the dataset whose records in rank 0's first batch (of ``world`` ranks) all point at
+    missing videos; returns (data root, overrides, the broken record indices)."""
     from panda.build import build_datamodule
     from panda.config import to_train_config
 
@@ -59,21 +59,37 @@ def test_a_rank_whose_batch_has_no_usable_sample_does_not_hang_the_others(synthe
     overrides = [o for o in tiny_overrides(str(root)) if not o.startswith("data.batch_size")] + ["data.batch_size=2"]
     datamodule = build_datamodule(to_train_config(compose(overrides)), tokenizer)
     datamodule.setup("fit")
-    rank0, rank1 = (next(iter(datamodule.batch_sampler(rank=r, world=2))) for r in (0, 1))
-    broken = {i for i, *_ in rank0}
-    assert not broken & {i for i, *_ in rank1}
+    firsts = [{i for i, *_ in next(iter(datamodule.batch_sampler(rank=r, world=world)))} for r in range(world)]
+    broken = firsts[0]
+    assert all(not broken & other for other in firsts[1:])  # the other ranks' first batches are fine
     records_path = root / "train" / "train_json" / "synthetic_train.json"
     records = json.loads(records_path.read_text())
-    for i in broken:  # every sample of rank 0's first batch points at a missing video
+    for i in broken:
         records[i]["video"] = f"synthetic/missing_{i}.mp4"
     records_path.write_text(json.dumps(records))
+    return root, overrides, broken
+
+
+def test_a_batch_with_no_usable_sample_trains_nothing_and_is_counted(synthetic_root, tmp_path, tokenizer):
+    _, overrides, broken = _break_first_batch(synthetic_root, tmp_path, tokenizer, world=1)
+    from panda.training.run import train
+
+    summary = train(compose(overrides + [f"run_dir={tmp_path / 'run'}", "trainer.max_steps=3", "evaluate=false"]))
+    assert summary["train/steps"] == 3 and summary["train/skipped_samples"] == len(broken)
+    assert [s for s, _ in summary["train/loss_by_step"]] == [2, 3]  # step 1 had nothing to learn from: no loss entry
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_rank_whose_batch_has_no_usable_sample_does_not_hang_the_others(synthetic_root, tmp_path, tokenizer, strategy):
+    _, overrides, broken = _break_first_batch(synthetic_root, tmp_path, tokenizer, world=2)
     run_dir = tmp_path / "run"
     extra = ["trainer.fsdp.param_dtype=null"] if strategy == "fsdp" else []
     run_cli(["train.py", f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
              "evaluate=false", f"hydra.run.dir={run_dir}", *overrides, *extra], timeout=300)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train/steps"] == 3
-    assert summary["train/skipped_samples"] >= len(broken)  # rank 0 counted (and logged) its lost batch
+    assert summary["train/skipped_samples"] == len(broken)  # rank 0 counted (and logged) its lost batch
     assert [s for s, _ in summary["train/loss_by_step"]] == [2, 3]  # step 1 trained nothing on rank 0: no loss entry
 
 
