@@ -165,17 +165,13 @@ def training_results(s: Session) -> dict:
     }
 
 
-def _sharded(s: Session) -> bool:
-    return s.module.sharded
-
-
 def export_final(s: Session) -> dict:
     """With ``export_final``: ``run_dir/final``, a release-format folder the next stage starts from.
     Under FSDP every rank takes part in gathering the full weights; rank 0 writes them."""
     if not s.cfg.export_final:
         return {}
     model = s.module.model
-    if _sharded(s):
+    if s.module.sharded:
         from panda.training.fsdp import full_state_dict
 
         state = full_state_dict(model)
@@ -195,7 +191,7 @@ def evaluate_heldout(s: Session) -> dict:
     cfg = s.cfg
     if not (cfg.evaluate and cfg.data.eval_qa):
         return {}
-    if _sharded(s) and s.trainer.world_size > 1:
+    if s.module.sharded and s.trainer.world_size > 1:
         log.info("FSDP run: held-out evaluation skipped here; run evaluate.py on the checkpoint or the export")
         return {}
     if not s.trainer.is_global_zero:
