@@ -51,6 +51,19 @@ def read_lightning_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
 
 
+def read_checkpoint_meta(path: str) -> dict:
+    """Everything of a ``train.py`` checkpoint but the tensors' data: step, epoch, config, loop and
+    callback states (``meta.pt`` of a sharded checkpoint, or a single file memory-mapped)."""
+    if os.path.isdir(path):
+        meta_path = os.path.join(path, "meta.pt")
+        if not os.path.exists(meta_path):
+            raise NotACheckpointError(f"{path} is a folder but not a sharded train.py checkpoint (no meta.pt)")
+        return torch.load(meta_path, map_location="cpu", weights_only=False)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | None = None) -> None:
     """Weights of a panda Lightning checkpoint into ``model`` (optimiser state is not restored)."""
     if ckpt is None:

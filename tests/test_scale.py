@@ -67,16 +67,17 @@ def test_resume_in_a_new_process_group_continues_the_loss_trajectory(synthetic_r
     _train([*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'split'}", "ckpt_path=last"])
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())["train/loss_by_step"]
     resumed = json.loads((tmp_path / "split" / "summary.json").read_text())["train/loss_by_step"]
-    assert [s for s, _ in resumed] == [4, 5, 6]
-    assert resumed == straight[3:]
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]  # steps 1-3 from the checkpoint, 4-6 trained after the resume
+    assert resumed == straight
 
 
 def _marker(run_dirs):
+    from panda.training.callbacks import read_marker
+
     for d in run_dirs:
-        path = os.path.join(d, "checkpoints", "complete.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+        marker = read_marker(os.path.join(d, "checkpoints"))
+        if marker is not None:
+            return marker
     return None
 
 
@@ -103,10 +104,12 @@ def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_complete_check
     # a half-written, newer checkpoint left by the kill must never be picked
     (runs / "preempted" / os.path.basename(first_dir) / "checkpoints" / "step999999.ckpt").write_bytes(b"PK\x03\x04 truncated")
     time.sleep(1.1)  # the second run gets its own timestamped run dir
-    _train(args)  # the same command again: no paths given
+    proc = _train(args)  # the same command again: no paths given
     summary = json.loads((runs / "preempted" / os.path.basename(first_dir) / "summary.json").read_text())
     assert summary["run_dir"] == first_dir and summary["train/steps"] == 40
-    assert summary["train/loss_by_step"][0][0] == marker["step"] + 1
+    # the history up to the checkpoint came back with it; the steps after it were trained once more
+    assert [s for s, _ in summary["train/loss_by_step"]] == list(range(1, 41))
+    assert f"continuing {first_dir}" in proc.stdout + proc.stderr
 
 
 def test_multirun_never_starts_ddp_inside_the_sweep(synthetic_root, tmp_path):

@@ -156,24 +156,12 @@ class VideoDataModule(L.LightningDataModule):
         if state and state != self._restored:  # Lightning restores it again after preload_position did
             self._resume, self._restored = dict(state), dict(state)
 
-    def preload_position(self, ckpt_path: str | None) -> None:
-        """Read the loader position from ``ckpt_path`` before ``Trainer.fit`` starts.
+    def preload_position(self, checkpoint: dict) -> None:
+        """Take the loader position from a checkpoint's contents before ``Trainer.fit`` starts.
 
         ModelParallelStrategy (FSDP) starts the train loader's iterator before it restores the
         checkpoint, and a multi-worker loader prefetches from its sampler at once, so Lightning's
-        own restore would come too late. Reads ``meta.pt`` of a sharded checkpoint, or a single
-        file memory-mapped (no weights are loaded)."""
-        if not ckpt_path or not os.path.exists(ckpt_path):
-            return
-        import torch
-
-        if os.path.isdir(ckpt_path):
-            meta_path = os.path.join(ckpt_path, "meta.pt")
-            if not os.path.exists(meta_path):
-                return
-            meta = torch.load(meta_path, map_location="cpu", weights_only=False)
-        else:
-            meta = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-        state = meta.get(type(self).__qualname__)
+        own restore would come too late."""
+        state = checkpoint.get(type(self).__qualname__)
         if state:
             self.load_state_dict(state)

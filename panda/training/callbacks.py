@@ -15,15 +15,31 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 COMPLETE_MARKER = "complete.json"
 
 
-def mark_complete(trainer, path: str) -> None:
-    """Record ``path`` as the newest fully written checkpoint (after every rank finished writing)."""
+def mark_complete(trainer, path: str, finished: bool = False) -> None:
+    """Record ``path`` as the newest fully written checkpoint (after every rank finished writing).
+    The marker names the file relative to its own folder, so a copied or moved run folder stays
+    self-contained; ``finished``: the run reached its step or epoch limit."""
     trainer.strategy.barrier("checkpoint-written")
     if trainer.is_global_zero:
         folder = os.path.dirname(path)
         tmp = os.path.join(folder, COMPLETE_MARKER + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"path": os.path.abspath(path), "step": trainer.global_step, "time": time.time()}, f)
+            json.dump({"file": os.path.basename(path), "step": trainer.global_step, "epoch": trainer.current_epoch,
+                       "finished": finished, "time": time.time()}, f)
         os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))  # atomic: a reader sees the old or the new marker
+
+
+def read_marker(checkpoints_dir: str) -> dict | None:
+    """The completion marker of a checkpoints folder, with ``path`` resolved inside that folder
+    (None when there is none or its checkpoint is gone)."""
+    marker = os.path.join(checkpoints_dir, COMPLETE_MARKER)
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        info = json.load(f)
+    name = info.get("file") or os.path.basename(info["path"])  # markers written before relative names
+    info["path"] = os.path.join(os.path.abspath(checkpoints_dir), name)
+    return info if os.path.exists(info["path"]) else None
 
 
 class MarkedCheckpoint(ModelCheckpoint):
@@ -39,13 +55,22 @@ class LossTracker(Callback):
     """The training loss of each optimiser step of this process: ``history`` holds (global step,
     loss) once per step, where the loss is the mean of the step's micro-batch losses as the module
     computed them (not Lightning's copy divided by ``accumulate_grad_batches``); ``final`` is the
-    mean of the last ``window`` steps."""
+    mean of the last ``window`` steps. The history travels in every checkpoint, so a resumed run's
+    summary covers the whole run."""
 
     def __init__(self, window: int = 10):
         self.window = collections.deque(maxlen=window)
         self.history: list[tuple[int, float]] = []
         self._micro: list[torch.Tensor] = []
         self._step_seen = None
+
+    def state_dict(self) -> dict:
+        return {"history": [list(entry) for entry in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(int(step), float(loss)) for step, loss in state.get("history", [])]
+        self.window.clear()
+        self.window.extend(loss for _, loss in self.history[-self.window.maxlen:])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._step_seen is None:

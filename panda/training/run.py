@@ -14,11 +14,12 @@ import lightning as L
 import torch
 
 from panda.build import build_datamodule, build_model, build_tokenizer, frame_pipeline
-from panda.config import FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, distill_active, to_train_config
+from panda.config import FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, distill_active, to_plain, to_train_config
 from panda.data.synthetic import generate
 from panda.evaluation.benchmarks import load_benchmark
 from panda.evaluation.judge import build_judge
 from panda.evaluation.run import run_benchmark, scalar_metrics
+from panda.loading import read_checkpoint_meta
 from panda.models.checkpoints import export_release, model_meta
 from panda.models.teachers import build_teacher
 from panda.runs import experiment_choice, git_commit, print_summary, run_dir_of
@@ -29,7 +30,9 @@ from panda.training.trainer import (
     build_logger,
     build_trainer,
     check_multirun_launch,
+    config_differences,
     find_resume_checkpoint,
+    nothing_left,
     resolve_accumulation,
 )
 
@@ -64,7 +67,11 @@ def train(cfg) -> dict:
     start = time.time()
     cfg = to_train_config(cfg)
     check_multirun_launch(cfg)
-    session = setup(cfg, *locate_run(cfg))
+    run_dir, resume_from = locate_run(cfg)
+    checkpoint = read_checkpoint_meta(resume_from) if resume_from else None
+    if checkpoint is not None and nothing_left(cfg, checkpoint["global_step"], checkpoint["epoch"]):
+        return report_finished(cfg, run_dir, checkpoint)
+    session = setup(cfg, run_dir, resume_from, checkpoint)
     status, summary = "failed", {}
     try:
         fit_s = fit(session)
@@ -80,23 +87,46 @@ def train(cfg) -> dict:
 
 
 def locate_run(cfg: TrainConfig) -> tuple[str, str | None]:
-    """(run directory, checkpoint to resume from): ``resume=auto`` continues the newest complete
-    checkpoint of this run's name, in the run directory it belongs to."""
+    """(run directory, checkpoint to resume from): ``ckpt_path`` (``last``: this run dir's), or with
+    ``resume=auto`` the newest complete checkpoint of this run's name, in the run directory it
+    belongs to — refused when that run's config differs in more than its step limits."""
     run_dir = run_dir_of(cfg)
     if cfg.resume == "none":
-        return run_dir, None
+        if cfg.ckpt_path == "last":
+            return run_dir, os.path.join(run_dir, "checkpoints", "last.ckpt")
+        return run_dir, cfg.ckpt_path
     if cfg.resume != "auto":
         raise ValueError(f"resume={cfg.resume!r}: use none or auto (ckpt_path=PATH resumes from a given checkpoint)")
-    resume_from = find_resume_checkpoint(os.path.abspath(cfg.runs_root), cfg.name, run_dir)
-    if resume_from is None:
+    marker = find_resume_checkpoint(os.path.abspath(cfg.runs_root), cfg.name, run_dir)
+    if marker is None:
         log.info("resume=auto: no complete checkpoint of %r yet; starting fresh", cfg.name)
         return run_dir, None
+    resume_from = marker["path"]
     run_dir = os.path.dirname(os.path.dirname(resume_from))
+    saved = read_checkpoint_meta(resume_from).get("hyper_parameters", {}).get("cfg")
+    differences = config_differences(saved, to_plain(cfg)) if saved else []
+    if differences:
+        raise ValueError(f"resume=auto: the run in {run_dir} was trained with another config; it can only be continued "
+                         f"with a different step limit (trainer.max_steps / max_epochs). Differences:\n  "
+                         + "\n  ".join(differences) + "\nStart a new run instead (another name=, or resume=none).")
     log.info("resume=auto: continuing %s from %s", run_dir, resume_from)
     return run_dir, resume_from
 
 
-def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None) -> Session:
+def report_finished(cfg: TrainConfig, run_dir: str, checkpoint: dict) -> dict:
+    """A checkpoint that already reached this config's limits: say so, touch nothing, return its summary."""
+    step, epoch = checkpoint["global_step"], checkpoint["epoch"]
+    print(f"panda: the run in {run_dir} already reached step {step} (epoch {epoch}); with trainer.max_steps="
+          f"{cfg.trainer.max_steps} and trainer.max_epochs={cfg.trainer.max_epochs} there is nothing left to train, "
+          "so nothing was changed. Raise trainer.max_steps (or max_epochs) to continue it.", flush=True)
+    path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"run_dir": run_dir, "train/steps": step}
+
+
+def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkpoint: dict | None = None) -> Session:
     """Data (the synthetic default is generated once), teacher, tokenizer, model, loggers, Trainer."""
     os.makedirs(run_dir, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -121,23 +151,23 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None) -> Session:
     if cfg.init.kind in FOLDER_INITS:  # evaluation rebuilds this architecture without the folder
         derived = dataclasses.replace(derived, llm_config=model.llm.config.to_dict())
     module = PandaModule(model, cfg, derived, teacher=teacher)
-    logger = build_logger(cfg, run_dir, model.parameter_counts())
+    logger = build_logger(cfg, run_dir, model.parameter_counts(), resume_step=checkpoint["global_step"] if checkpoint else None)
     callbacks, tracker = build_callbacks(cfg, os.path.join(run_dir, "checkpoints"))
     trainer = build_trainer(cfg, derived, run_dir, logger, callbacks)
     datamodule = build_datamodule(cfg, tokenizer, derived, rejects_path=os.path.join(run_dir, "rejects.jsonl"))
+    if checkpoint is not None:  # before fit: FSDP starts (and workers prefetch from) the loader before it restores
+        datamodule.preload_position(checkpoint)
     return Session(cfg, derived, run_dir, resume_from, tokenizer, module, datamodule, trainer, tracker, logger, data_prep_s)
 
 
 def fit(s: Session) -> float:
     """``Trainer.fit`` (resuming where asked), then the final checkpoint marked complete; returns seconds."""
     start = time.time()
-    ckpt = s.resume_from or s.cfg.ckpt_path
-    s.datamodule.preload_position(os.path.join(s.ckpt_dir, "last.ckpt") if ckpt == "last" else ckpt)
-    s.trainer.fit(s.module, datamodule=s.datamodule, ckpt_path=ckpt)
+    s.trainer.fit(s.module, datamodule=s.datamodule, ckpt_path=s.resume_from)
     if not s.cfg.trainer.fast_dev_run:
         final = os.path.join(s.ckpt_dir, "last.ckpt")
         s.trainer.save_checkpoint(final)
-        mark_complete(s.trainer, final)
+        mark_complete(s.trainer, final, finished=not s.trainer.interrupted)
     return time.time() - start
 
 

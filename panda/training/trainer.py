@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import glob
-import json
 import logging
 import os
 import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from panda.config import Derived, TrainConfig, to_plain
 from panda.runs import wandb_offline
@@ -21,6 +24,7 @@ from panda.training.callbacks import (
     MarkedCheckpoint,
     NormStatisticsSync,
     ThroughputMonitor,
+    read_marker,
 )
 
 log = logging.getLogger(__name__)
@@ -67,17 +71,41 @@ def resolve_accumulation(cfg: TrainConfig) -> int:
     return accumulation
 
 
-def find_resume_checkpoint(runs_root: str, name: str, run_dir: str) -> str | None:
-    """The newest complete checkpoint of this run dir, else of any run dir of the same name."""
-    own = os.path.join(run_dir, "checkpoints", COMPLETE_MARKER)
-    candidates = [own] if os.path.exists(own) else glob.glob(os.path.join(runs_root, name, "*", "checkpoints", COMPLETE_MARKER))
-    best = None
-    for marker in candidates:
-        with open(marker) as f:
-            info = json.load(f)
-        if os.path.exists(info["path"]) and (best is None or info["time"] > best["time"]):
-            best = info
-    return best["path"] if best else None
+def find_resume_checkpoint(runs_root: str, name: str, run_dir: str) -> dict | None:
+    """The completion marker (``path``, ``step``, ``epoch``, ``finished``) of the newest complete
+    checkpoint of this run dir, else of any run dir of the same name under ``runs_root``."""
+    own = read_marker(os.path.join(run_dir, "checkpoints"))
+    if own is not None:
+        return own
+    markers = [read_marker(os.path.dirname(m)) for m in glob.glob(os.path.join(runs_root, name, "*", "checkpoints", COMPLETE_MARKER))]
+    return max((m for m in markers if m is not None), key=lambda m: m["time"], default=None)
+
+
+# what may change when a run is resumed: its limits and where things are
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "resume", "ckpt_path", "run_dir", "runs_root",
+                     "trainer.enable_progress_bar")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every setting that differs, except :data:`RESUMABLE_CHANGES`."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def nothing_left(cfg: TrainConfig, step: int, epoch: int) -> bool:
+    """A checkpoint at (``step``, ``epoch``) has already reached ``cfg``'s step or epoch limit."""
+    return (cfg.trainer.max_steps != -1 and step >= cfg.trainer.max_steps) or epoch >= cfg.trainer.max_epochs
 
 
 def check_multirun_launch(cfg: TrainConfig) -> None:
@@ -103,16 +131,52 @@ def check_multirun_launch(cfg: TrainConfig) -> None:
         )
 
 
-def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict):
-    """CSV (default), wandb (offline unless a key is configured; one wandb run per panda run, continued
-    on resume) or none."""
+class _ResumedCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run keeps the rows
+    logged before its checkpoint (``step`` < ``resume_step``) and appends after them."""
+
+    def __init__(self, log_dir: str, resume_step: int):
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.resume_step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as f:  # rows of steps the run will redo go
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(keys)
+
+
+class RunCSVLogger(CSVLogger):
+    """``run_dir/csv/metrics.csv``; with ``resume_step`` the earlier rows of a resumed run stay."""
+
+    def __init__(self, run_dir: str, resume_step: int | None = None):
+        super().__init__(run_dir, name="csv", version="")
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None and self.resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedCSVWriter(self.log_dir, self.resume_step)
+        return super().experiment
+
+
+def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_step: int | None = None):
+    """CSV (default; a resumed run appends), wandb (offline unless a key is configured; one wandb run
+    per panda run, continued on resume) or none."""
     kind = cfg.logger.kind
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(run_dir, name="csv", version="")
+        return RunCSVLogger(run_dir, resume_step)
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
