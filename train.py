@@ -8,6 +8,8 @@ Examples::
     python train.py hydra.run.dir=outputs/x ckpt_path=last   # resume the run in outputs/x
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,6 +22,8 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
+    if summary.get("status") == "interrupted":
+        sys.exit(130)  # stopped by Ctrl-C (the checkpoint is saved; the resume command was printed)
     return summary.get("eval/accuracy")
 
 

@@ -14,6 +14,8 @@ files in ``conf/`` set only what a choice changes.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Optional
@@ -328,6 +330,7 @@ def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         if not OmegaConf.is_config(cfg):
             cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        check_known_keys(cfg)
         if OmegaConf.is_missing(cfg.data, "root"):
             raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT (the folder that holds train/ and eval/)")
         cfg = OmegaConf.to_object(cfg)
@@ -335,9 +338,36 @@ def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
     return cfg
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that its dataclass schema lacks (Hydra lets ``+key=value`` add them), each
+    with the closest known key when there is one."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []  # a free-form dict (e.g. evaluate.py's benchmark map, judge.extra)
+    names = [f.name for f in dataclasses.fields(schema)]
+    found = []
+    for key in node.keys():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            found.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}. Every key must exist in the schema "
+                         "(panda/config.py); `+key=value` cannot add new ones.")
+
+
 def to_evaluate_config(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
     if isinstance(cfg, EvaluateConfig):
         return cfg
+    check_known_keys(cfg)
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("evaluate.py needs checkpoint=PATH (a train.py .ckpt, a panda export folder or a release folder)")
     return OmegaConf.to_object(cfg)

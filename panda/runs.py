@@ -40,6 +40,22 @@ def run_dir_of(cfg, default: str = "outputs/run") -> str:
         return os.path.abspath(getattr(cfg, "run_dir", None) or default)
 
 
+def resume_command(run_dir: str) -> str:
+    """The ``train.py`` command line that continues the run in ``run_dir`` from its last checkpoint:
+    this run's own overrides (under Hydra) with the run dir fixed and ``ckpt_path=last``."""
+    import shlex
+
+    overrides = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra
+        pass
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("ckpt_path=", "resume=", "hydra.run.dir=", "run_dir="))]
+    return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])
+
+
 def wandb_offline(offline: bool | None, run_dir: str) -> bool:
     """``logger.offline``, where None means offline unless an API key is configured."""
     if offline is not None:

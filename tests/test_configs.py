@@ -90,6 +90,8 @@ def test_invalid_overrides_fail_naming_the_key(override, message):
     ("stab.lsd=maxpool", "stab.lsd"),
     ("teacher=languagebind_video", "teacher.path"),
     ("teacher.kind=clip", "teacher.kind"),
+    ("+trainer.max_step=5", r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"),  # `+` cannot add a typo
+    ("+data.synthetic.kind=[colour]", "did you mean data.synthetic.kinds"),
     ("trainer=fsdp trainer.accelerator=cpu trainer.fsdp.cpu_offload=true", "cpu_offload"),
 ])
 def test_semantic_errors_name_the_key_and_fix(override, message):

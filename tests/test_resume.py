@@ -83,3 +83,40 @@ def test_resume_auto_continues_a_copied_run_in_the_copy_with_a_raised_step_limit
     assert [s for s, _ in summary["train/loss_by_step"]] == [1, 2, 3, 4, 5]
     assert _logged_steps(copy_root / "default" / "first") == list(range(5))
     assert _fingerprint(original) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_complete_checkpoint_and_prints_the_command_that_resumes(synthetic_root, tmp_path):
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_cli
+
+    from panda.training.callbacks import read_marker
+
+    run_dir = tmp_path / "run"
+    args = ["train.py", *tiny_overrides(synthetic_root), "evaluate=false", "trainer.max_steps=2000", "trainer.max_epochs=100",
+            "trainer.checkpoint_every_n_steps=3", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and read_marker(str(run_dir / "checkpoints")) is None:
+        time.sleep(0.2)
+    assert read_marker(str(run_dir / "checkpoints")) is not None, "no checkpoint was written"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    marker = read_marker(str(run_dir / "checkpoints"))
+    assert marker["file"] == "last.ckpt" and not marker["finished"] and marker["step"] >= 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["train/steps"] == marker["step"]
+    command = shlex.split(out.split("Resume with:\n", 1)[1].splitlines()[0])
+    assert command[:2] == ["python", "train.py"] and "ckpt_path=last" in command and f"hydra.run.dir={run_dir}" in command
+    # the printed command, with a step limit a few steps on, continues the same run
+    limit = marker["step"] + 3
+    run_cli(["train.py", *(f"trainer.max_steps={limit}" if a == "trainer.max_steps=2000" else a for a in command[2:])])
+    final = json.loads((run_dir / "summary.json").read_text())
+    assert [s for s, _ in final["train/loss_by_step"]] == list(range(1, limit + 1)) and "status" not in final

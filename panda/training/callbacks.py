@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -94,6 +96,41 @@ class LossTracker(Callback):
     @property
     def final(self) -> float | None:
         return sum(self.window) / len(self.window) if self.window else None
+
+
+class GracefulInterrupt(Callback):
+    """Ctrl-C in a one-process run: finish the current optimiser step, then stop; the run saves a
+    complete checkpoint and prints the command that resumes it. A second Ctrl-C aborts at once.
+    Multi-process runs keep Lightning's handling (every rank would have to agree on the step to
+    stop at); their newest periodic checkpoint is the one ``resume=auto`` takes."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped = False
+        self._previous = None
+        self._last_step = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        print("\npanda: Ctrl-C: stopping after this optimiser step and saving a checkpoint (Ctrl-C again aborts)",
+              flush=True)
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stepped = trainer.global_step != self._last_step  # a step boundary: no half-accumulated gradients are lost
+        self._last_step = trainer.global_step
+        if self.requested and stepped:
+            trainer.should_stop = True
+            self.stopped = True
+
+    def on_fit_end(self, trainer, pl_module):
+        if self._previous is not None and not self.requested:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class ThroughputMonitor(Callback):

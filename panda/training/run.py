@@ -22,8 +22,8 @@ from panda.evaluation.run import run_benchmark, scalar_metrics
 from panda.loading import read_checkpoint_meta
 from panda.models.checkpoints import export_release, model_meta
 from panda.models.teachers import build_teacher
-from panda.runs import experiment_choice, git_commit, print_summary, run_dir_of
-from panda.training.callbacks import LossTracker, mark_complete
+from panda.runs import experiment_choice, git_commit, print_summary, resume_command, run_dir_of
+from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_complete
 from panda.training.module import PandaModule
 from panda.training.trainer import (
     build_callbacks,
@@ -54,6 +54,7 @@ class Session:
     datamodule: object
     trainer: L.Trainer
     tracker: LossTracker
+    interrupt: GracefulInterrupt
     logger: object
     data_prep_s: float
 
@@ -76,10 +77,16 @@ def train(cfg) -> dict:
     try:
         fit_s = fit(session)
         summary = run_facts(session) | training_results(session) | {"time/fit_s": round(fit_s, 2)}
-        summary |= export_final(session)
-        summary |= evaluate_heldout(session)
+        if session.interrupt.stopped:  # Ctrl-C: the checkpoint is saved; no export, no evaluation
+            summary["status"] = "interrupted"
+        else:
+            summary |= export_final(session)
+            summary |= evaluate_heldout(session)
         summary["time/wall_s"] = round(time.time() - start, 2)
         write_summary(session, summary)
+        if session.interrupt.stopped:
+            print(f"panda: interrupted at step {summary['train/steps']}; checkpoint {summary['checkpoint']}\n"
+                  f"Resume with:\n  {resume_command(run_dir)}", flush=True)
         status = "success"
     finally:  # the logger is always closed, also when training crashed
         close_logger(session, status)
@@ -152,12 +159,13 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkp
         derived = dataclasses.replace(derived, llm_config=model.llm.config.to_dict())
     module = PandaModule(model, cfg, derived, teacher=teacher)
     logger = build_logger(cfg, run_dir, model.parameter_counts(), resume_step=checkpoint["global_step"] if checkpoint else None)
-    callbacks, tracker = build_callbacks(cfg, os.path.join(run_dir, "checkpoints"))
+    callbacks, tracker, interrupt = build_callbacks(cfg, os.path.join(run_dir, "checkpoints"))
     trainer = build_trainer(cfg, derived, run_dir, logger, callbacks)
     datamodule = build_datamodule(cfg, tokenizer, derived, rejects_path=os.path.join(run_dir, "rejects.jsonl"))
     if checkpoint is not None:  # before fit: FSDP starts (and workers prefetch from) the loader before it restores
         datamodule.preload_position(checkpoint)
-    return Session(cfg, derived, run_dir, resume_from, tokenizer, module, datamodule, trainer, tracker, logger, data_prep_s)
+    return Session(cfg, derived, run_dir, resume_from, tokenizer, module, datamodule, trainer, tracker, interrupt, logger,
+                   data_prep_s)
 
 
 def fit(s: Session) -> float:
@@ -167,7 +175,7 @@ def fit(s: Session) -> float:
     if not s.cfg.trainer.fast_dev_run:
         final = os.path.join(s.ckpt_dir, "last.ckpt")
         s.trainer.save_checkpoint(final)
-        mark_complete(s.trainer, final, finished=not s.trainer.interrupted)
+        mark_complete(s.trainer, final, finished=not s.interrupt.stopped)
     return time.time() - start
 
 

@@ -19,6 +19,7 @@ from panda.runs import wandb_offline
 from panda.training.callbacks import (
     COMPLETE_MARKER,
     FSDPAudit,
+    GracefulInterrupt,
     LearningRateLogger,
     LossTracker,
     MarkedCheckpoint,
@@ -196,15 +197,15 @@ def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_
                        tags=list(cfg.logger.tags), save_dir=run_dir, offline=offline, config=to_plain(cfg) | parameter_counts)
 
 
-def build_callbacks(cfg: TrainConfig, ckpt_dir: str) -> tuple[list, LossTracker]:
-    """Checkpointing, the loss history, throughput, learning rates and the FSDP helpers."""
-    tracker = LossTracker()
+def build_callbacks(cfg: TrainConfig, ckpt_dir: str) -> tuple[list, LossTracker, GracefulInterrupt]:
+    """Checkpointing, the loss history, Ctrl-C handling, throughput, learning rates and the FSDP helpers."""
+    tracker, interrupt = LossTracker(), GracefulInterrupt()
     checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1)
-    callbacks = [checkpoint, tracker, ThroughputMonitor(), LearningRateLogger()]
+    callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(), LearningRateLogger()]
     if cfg.trainer.strategy == "fsdp":
         callbacks += [NormStatisticsSync(), FSDPAudit()]
-    return callbacks, tracker
+    return callbacks, tracker, interrupt
 
 
 def build_trainer(cfg: TrainConfig, derived: Derived, run_dir: str, logger, callbacks) -> L.Trainer:
