@@ -68,8 +68,7 @@ def train(cfg) -> dict:
     start = time.time()
     cfg = to_train_config(cfg)
     check_multirun_launch(cfg)
-    run_dir, resume_from = locate_run(cfg)
-    checkpoint = read_checkpoint_meta(resume_from) if resume_from else None
+    run_dir, resume_from, checkpoint = locate_run(cfg)
     if checkpoint is not None and nothing_left(cfg, checkpoint["global_step"], checkpoint["epoch"]):
         return report_finished(cfg, run_dir, checkpoint)
     session = setup(cfg, run_dir, resume_from, checkpoint)
@@ -93,31 +92,32 @@ def train(cfg) -> dict:
     return summary
 
 
-def locate_run(cfg: TrainConfig) -> tuple[str, str | None]:
-    """(run directory, checkpoint to resume from): ``ckpt_path`` (``last``: this run dir's), or with
-    ``resume=auto`` the newest complete checkpoint of this run's name, in the run directory it
-    belongs to — refused when that run's config differs in more than its step limits."""
+def locate_run(cfg: TrainConfig) -> tuple[str, str | None, dict | None]:
+    """(run directory, checkpoint to resume from, its contents but the tensors): ``ckpt_path``
+    (``last``: this run dir's), or with ``resume=auto`` the newest complete checkpoint of this run's
+    name, in the run directory it belongs to — refused when that run's config differs in more than
+    its step limits."""
     run_dir = run_dir_of(cfg)
     if cfg.resume == "none":
-        if cfg.ckpt_path == "last":
-            return run_dir, os.path.join(run_dir, "checkpoints", "last.ckpt")
-        return run_dir, cfg.ckpt_path
+        path = os.path.join(run_dir, "checkpoints", "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
+        return run_dir, path, read_checkpoint_meta(path) if path else None
     if cfg.resume != "auto":
         raise ValueError(f"resume={cfg.resume!r}: use none or auto (ckpt_path=PATH resumes from a given checkpoint)")
     marker = find_resume_checkpoint(os.path.abspath(cfg.runs_root), cfg.name, run_dir)
     if marker is None:
         log.info("resume=auto: no complete checkpoint of %r yet; starting fresh", cfg.name)
-        return run_dir, None
+        return run_dir, None, None
     resume_from = marker["path"]
     run_dir = os.path.dirname(os.path.dirname(resume_from))
-    saved = read_checkpoint_meta(resume_from).get("hyper_parameters", {}).get("cfg")
+    checkpoint = read_checkpoint_meta(resume_from)
+    saved = checkpoint.get("hyper_parameters", {}).get("cfg")
     differences = config_differences(saved, to_plain(cfg)) if saved else []
     if differences:
         raise ValueError(f"resume=auto: the run in {run_dir} was trained with another config; it can only be continued "
                          f"with a different step limit (trainer.max_steps / max_epochs). Differences:\n  "
                          + "\n  ".join(differences) + "\nStart a new run instead (another name=, or resume=none).")
     log.info("resume=auto: continuing %s from %s", run_dir, resume_from)
-    return run_dir, resume_from
+    return run_dir, resume_from, checkpoint
 
 
 def report_finished(cfg: TrainConfig, run_dir: str, checkpoint: dict) -> dict:
