@@ -6,18 +6,25 @@
     torchrun --nproc_per_node=4 evaluate.py ...                                        # sharded generation
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from panda.config import register_configs
-from panda.evaluation.run import evaluate
+from panda.evaluation.run import evaluate, nothing_judged, shortfall
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    results = evaluate(cfg)
+    empty = nothing_judged(results)
+    if empty:  # a benchmark without one judged answer has no number: say why and fail
+        for name in empty:
+            print(f"evaluate.py: {shortfall(name, results['benchmarks'][name]) or f'`{name}`: nothing judged'}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

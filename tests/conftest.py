@@ -86,11 +86,11 @@ def train_tiny(root: str, run_dir, *extra: str) -> dict:
 SUBPROCESS_TIMEOUT = 480
 
 
-def run_cli(args, timeout: int = SUBPROCESS_TIMEOUT, check: bool = True, env: dict | None = None):
-    """Run ``python ARGS...`` in the repository root (``train.py``, ``evaluate.py``, ``-m panda.chat``),
-    one thread per process; with ``check`` fail showing the end of its output."""
+def run_cli(args, timeout: int = SUBPROCESS_TIMEOUT, check: bool = True, env: dict | None = None, cwd=REPO):
+    """Run ``python ARGS...`` (``train.py``, ``evaluate.py``, ``-m panda.chat``), in the repository root
+    unless ``cwd`` says otherwise, one thread per process; with ``check`` fail showing the end of its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc

@@ -233,3 +233,42 @@ def test_a_release_style_folder_evaluates_like_its_checkpoint(tiny_checkpoint, e
     assert from_folder["frames"] == from_ckpt["frames"] == 4
     a = (tmp_path / "a" / "msvd_qa" / "predictions.jsonl").read_text()
     assert a == (tmp_path / "b" / "msvd_qa" / "predictions.jsonl").read_text() and len(a.splitlines()) == 4
+
+
+def test_benchmark_videos_resolve_whatever_their_container(tmp_path, tokenizer):
+    """.mpg / .m4v / any container the decoders open, by stem or by explicit name, with or without the
+    ActivityNet v_ prefix; a stem with no file stays missing."""
+    from panda.data.conversation import get_template
+    from panda.data.datasets import FramePipeline, QADataset, find_video
+    from panda.data.records import QAItem
+
+    videos = tmp_path / "videos"
+    make_video_file(str(videos / "clipM.mpg"), codec="mpeg1video", fps=25, seed=1)
+    make_video_file(str(videos / "v_clipN.m4v"), seed=2)
+    make_video_file(str(videos / "clipO.mp4"), seed=3)
+    (videos / "clipO.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nsubtitle\n")
+    assert find_video(str(videos), "clipM") == str(videos / "clipM.mpg")
+    assert find_video(str(videos), "clipM.mpg") == str(videos / "clipM.mpg")
+    assert find_video(str(videos), "clipN") == find_video(str(videos), "clipN.m4v") == str(videos / "v_clipN.m4v")
+    assert find_video(str(videos), "clipO") == str(videos / "clipO.mp4")  # the video, not the subtitles beside it
+    assert find_video(str(videos), "gone") is None
+    items = [QAItem(f"q{i}", name, "what colour?", "red") for i, name in enumerate(["clipM", "clipN.m4v", "gone"])]
+    dataset = QADataset(items, str(videos), tokenizer, get_template("vicuna_v1_eval"), FramePipeline(4, 112, 14))
+    assert dataset[0]["pixels"].shape == dataset[1]["pixels"].shape == (4, 3, 112, 112)
+    assert dataset[2]["error"]["reason"] == "video file not found"
+
+
+@pytest.mark.slow
+def test_evaluate_py_fails_and_says_why_when_nothing_could_be_judged(tiny_checkpoint, tmp_path):
+    qa = tmp_path / "root" / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA"
+    (qa / "videos").mkdir(parents=True)
+    (qa / "test_q.json").write_text(json.dumps([{"video_name": f"gone{i}", "question": "q?", "question_id": f"m{i}"}
+                                                for i in range(3)]))
+    (qa / "test_a.json").write_text(json.dumps([{"answer": "red", "question_id": f"m{i}"} for i in range(3)]))
+    run_dir = tmp_path / "eval"
+    proc = run_cli(["evaluate.py", f"checkpoint={tiny_checkpoint}", "benchmark=[msvd_qa]",
+                    f"benchmark.msvd_qa.root={tmp_path / 'root'}", "num_workers=0", f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "`msvd_qa`: nothing judged of 3 questions; 3 missing or unreadable video(s) (m0, m1, m2)" in proc.stderr
+    table = (run_dir / "results.md").read_text()  # the results are still written, with the reason beside them
+    assert "Not in the numbers above:" in table and "3 missing or unreadable video(s)" in table

@@ -3,6 +3,7 @@ every experiment config of the ablation study composes."""
 
 import csv
 import json
+import os
 
 import pytest
 import yaml
@@ -83,3 +84,20 @@ def test_joblib_sweep_points_can_use_loader_workers(synthetic_root, tmp_path):
     run_cli(["train.py", "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", "debug=fast_dev_run",
              "data.num_workers=1", "evaluate=false", f"hydra.sweep.dir={tmp_path}", *overrides])
     assert sorted(p.parent.name for p in tmp_path.glob("*/summary.json")) == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_lands_in_one_folder_that_collect_reads(synthetic_root, tmp_path):
+    """``python train.py --multirun experiment=A,B`` as the README writes it (no sweep dir given):
+    one folder under multirun/ holds every point, and the collector tabulates it."""
+    from conftest import REPO, run_cli, tiny_overrides
+
+    run_cli([os.path.join(REPO, "train.py"), "--multirun", "experiment=ablation/no_fsra,ablation/no_gstra",
+             "debug=fast_dev_run", *tiny_overrides(synthetic_root)], cwd=tmp_path)
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["0", "1"]
+    out = tmp_path / "study"
+    proc = run_cli(["-m", "panda.experiments.collect", str(sweep), "--out", str(out)], cwd=tmp_path)
+    assert "2 runs (0 failed)" in proc.stdout
+    variants = {row["variant"] for row in csv.DictReader(open(out / "summary.csv"))}
+    assert len(variants) == 2

@@ -8,6 +8,7 @@ replaced by another sample.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,10 @@ from panda.data.records import QAItem, VideoRecord
 from panda.data.video import decode_video
 from panda.errors import SampleError, VideoDecodeError
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
+# preferred when a benchmark names a video without its extension and several files share the stem;
+# any other existing file is tried too (the decoders decide what they can open)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv", ".3gp",
+                    ".ts", ".ogv")
 
 
 @dataclass(frozen=True)
@@ -87,15 +91,33 @@ class ConversationDataset(Dataset):
         return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, **frames}
 
 
+@functools.lru_cache(maxsize=32)
+def _files_by_stem(video_dir: str, _mtime_ns: int) -> dict[str, str]:
+    """stem -> file name for every file of ``video_dir``, known video extensions first (one listing
+    per folder and modification time)."""
+    def rank(name: str) -> tuple:
+        ext = os.path.splitext(name)[1].lower()
+        return (VIDEO_EXTENSIONS.index(ext) if ext in VIDEO_EXTENSIONS else len(VIDEO_EXTENSIONS), name)
+
+    index: dict[str, str] = {}
+    for name in sorted(os.listdir(video_dir), key=rank):
+        index.setdefault(os.path.splitext(name)[0], name)
+    return index
+
+
 def find_video(video_dir: str, name: str) -> str | None:
-    """Resolve a QA ``video_name`` to a file: exact name, then each known extension, then ``v_`` prefix."""
-    for stem in (name, f"v_{name}"):
-        candidate = os.path.join(video_dir, stem)
-        if os.path.splitext(stem)[1].lower() in VIDEO_EXTENSIONS and os.path.exists(candidate):
-            return candidate
-        for ext in VIDEO_EXTENSIONS:
-            if os.path.exists(candidate + ext):
-                return candidate + ext
+    """Resolve a QA ``video_name`` to a file: the exact name (any extension), else a file with that
+    stem (known video extensions preferred), each also with the ActivityNet ``v_`` prefix."""
+    stems = (name, f"v_{name}")
+    for stem in stems:
+        if os.path.isfile(os.path.join(video_dir, stem)):
+            return os.path.join(video_dir, stem)
+    if not os.path.isdir(video_dir):
+        return None
+    index = _files_by_stem(video_dir, os.stat(video_dir).st_mtime_ns)
+    for stem in stems:
+        if stem in index:
+            return os.path.join(video_dir, index[stem])
     return None
 
 

@@ -117,6 +117,29 @@ def aggregate(bench: Benchmark, rows: dict[str, dict], judged: list[tuple[str, s
     return out
 
 
+def shortfall(name: str, res: dict) -> str | None:
+    """One line saying what a benchmark's numbers leave out (missing videos, judge failures,
+    questions never generated), or None when every question was judged."""
+    parts = []
+    for key, what in (("missing_videos", "missing or unreadable video(s)"), ("judge_failures", "judge failure(s)"),
+                      ("not_generated", "question(s) not generated")):
+        entry = res.get(key) or {}
+        if entry.get("count"):
+            ids = entry.get("ids") or [item["id"] for item in entry.get("items", [])]
+            shown = ", ".join(map(str, ids[:5])) + (", …" if len(ids) > 5 else "")
+            parts.append(f"{entry['count']} {what} ({shown})")
+    if not parts:
+        return None
+    judged = f"nothing judged of {res['num_questions']} questions" if not res.get("judged") else \
+        f"{res['judged']} of {res['num_questions']} judged"
+    return f"`{name}`: {judged}; " + "; ".join(parts)
+
+
+def nothing_judged(results: dict) -> list[str]:
+    """The benchmarks of a results dict without a single judged answer (``evaluate.py`` exits 1)."""
+    return [name for name, res in results.get("benchmarks", {}).items() if not res.get("judged")]
+
+
 def markdown_table(results: dict) -> str:
     def fmt(x, digits):
         return "–" if x is None else f"{x:.{digits}f}"
@@ -140,6 +163,9 @@ def markdown_table(results: dict) -> str:
                       "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
                       "| this run | " + " | ".join(fmt(res[c], 2) for c in cols) + " |",
                       "| Video-Panda (published) | " + " | ".join(f"{PUBLISHED_VCG[c]:.2f}" for c in cols) + " |", ""]
+    problems = [line for name, res in results["benchmarks"].items() if (line := shortfall(name, res))]
+    if problems:
+        lines += ["Not in the numbers above:", ""] + [f"- {p}" for p in problems] + [""]
     judge = results["judge"]
     lines.append(f"Judge: `{judge['model']}` (served: {', '.join(judge['served_models']) or '–'}), prompts `{judge['prompt_version']}`; "
                  f"checkpoint `{results['checkpoint']}`, {results['frames']} frames, greedy, max {results['decoding']['max_new_tokens']} new tokens.")
