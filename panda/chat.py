@@ -83,9 +83,14 @@ def main(argv=None) -> int:
             raise ChatError(f"video not found: {args.video}")
         loaded = load_model(args.checkpoint, args.dtype, args.attn)
         model = loaded.model.to(device)
-        text = answer(model, loaded.tokenizer, args.video, args.question, args.frames or loaded.frames, loaded.eval_template,
+        frames = args.frames or loaded.frames
+        chunk = model.stab_cfg.chunk_size
+        if frames < 1 or frames % chunk:
+            raise ChatError(f"--frames {frames}: STAB of this checkpoint groups frames in chunks of {chunk}; "
+                            f"use a multiple of {chunk} (it was trained with {loaded.frames})")
+        text = answer(model, loaded.tokenizer, args.video, args.question, frames, loaded.eval_template,
                       args.max_new_tokens, device, args.sample_fps, stream=not args.no_stream, temperature=args.temperature)
-    except (PandaError, NotACheckpointError, CheckpointKeyError) as exc:
+    except (PandaError, NotACheckpointError, CheckpointKeyError, FileNotFoundError) as exc:
         print(f"panda.chat: error: {exc}", file=sys.stderr)
         return 2
     if args.no_stream:

@@ -39,7 +39,7 @@ def read_lightning_checkpoint(path: str) -> dict:
     """A ``train.py`` checkpoint as one dict: a single ``.ckpt`` file, or the folder of a sharded
     (FSDP, distributed) checkpoint, consolidated in memory without a process group."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass checkpoint=.../checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"checkpoint not found: {path} (a train.py run keeps it at RUN_DIR/checkpoints/last.ckpt)")
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
@@ -122,6 +122,9 @@ def load_model(path: str, dtype: str = "float32", attn: str = "sdpa") -> LoadedM
         return loaded
     if not os.path.isdir(path):
         raise NotACheckpointError(f"{path}: not a checkpoint folder or .ckpt file")
+    if os.path.exists(os.path.join(path, "checkpoints", "last.ckpt")):
+        raise NotACheckpointError(f"{path} is a train.py run folder; pass its checkpoint, "
+                                  f"{os.path.join(path, 'checkpoints', 'last.ckpt')}, or its export {os.path.join(path, 'final')}")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise NotACheckpointError(
             f"{path} is not a checkpoint folder (no config.json); pass a Video-Panda release folder, "
