@@ -332,7 +332,11 @@ def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
             cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         check_known_keys(cfg)
         if OmegaConf.is_missing(cfg.data, "root"):
-            raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT (the folder that holds train/ and eval/)")
+            if len(cfg.data.shards):
+                raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/prepared/shards: the --output folder of "
+                                 "`python -m panda.data.prepare` (or an object-store URL such as s3://bucket/shards)")
+            raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT: the folder the record files "
+                             "(data.train_records) and videos (data.video_root) are relative to")
         cfg = OmegaConf.to_object(cfg)
     validate(cfg)
     return cfg

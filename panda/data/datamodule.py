@@ -24,7 +24,8 @@ def resolve(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, batch_sampler: Sampler | None = None) -> DataLoader:
+def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, batch_sampler: Sampler | None = None,
+                unk_token_id: int | None = None) -> DataLoader:
     """The DataLoader of every panda dataset (training, held-out QA, evaluate.py): padding collator,
     failed samples reported by the collator, workers that also start inside sweep workers.
     With a ``batch_sampler`` (training) the batches are its; otherwise ``batch_size`` in order."""
@@ -38,7 +39,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, b
         **sizing,
         multiprocessing_context=context,
         num_workers=num_workers,
-        collate_fn=Collator(pad_token_id),
+        collate_fn=Collator(pad_token_id, unk_token_id),
         persistent_workers=num_workers > 0,
     )
 
@@ -126,7 +127,8 @@ class VideoDataModule(L.LightningDataModule):
             log.info("data.fraction=%s: training on %d of %d samples", data.fraction,
                      sum(len(m) for m in sampler.members), sum(s.size for s in self.sources))
         self._sampler = sampler
-        return make_loader(Positioned(self.train_set), data.batch_size, data.num_workers, self.tokenizer.pad_token_id, sampler)
+        return make_loader(Positioned(self.train_set), data.batch_size, data.num_workers, self.tokenizer.pad_token_id, sampler,
+                           unk_token_id=self.tokenizer.unk_token_id)
 
     def _take_resume(self, batches_per_epoch: int) -> tuple[int, int] | None:
         """(data epoch, batches of this rank to skip) restored from a checkpoint, handed out once."""

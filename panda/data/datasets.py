@@ -149,9 +149,12 @@ class QADataset(Dataset):
 
 @dataclass
 class Collator:
-    """Right-pads token sequences, stacks frames, and moves failed samples to ``skipped``."""
+    """Right-pads token sequences, stacks frames, and moves failed samples to ``skipped``. With
+    ``unk_token_id`` it also reports ``unk_fraction``: the share of the text tokens (frame
+    placeholders and padding excluded) the tokenizer could only map to its unknown token."""
 
     pad_token_id: int = 0
+    unk_token_id: int | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped = [s["error"] for s in samples if "error" in s]
@@ -175,6 +178,9 @@ class Collator:
                 labels[i, :k] = s["labels"]
         batch.update(input_ids=input_ids, attention_mask=attention_mask)
         batch["padded_fraction"] = 1.0 - float(attention_mask.sum()) / attention_mask.numel()  # text tokens only
+        if self.unk_token_id is not None:
+            text = attention_mask.bool() & (input_ids >= 0)
+            batch["unk_fraction"] = float(((input_ids == self.unk_token_id) & text).sum()) / max(1, int(text.sum()))
         for key in ("pixels", "frame_mask", "teacher_pixels", "teacher_mask"):
             if key in good[0]:
                 batch[key] = torch.stack([s[key] for s in good])

@@ -17,6 +17,9 @@ from panda.models.video_lm import VideoLanguageModel
 log = logging.getLogger(__name__)
 
 
+UNKNOWN_TOKENS_WARNING = 0.05  # share of <unk> text tokens in a batch above which the run warns (once)
+
+
 def apply_stage(model: VideoLanguageModel, stage: StageConfig) -> dict[str, int]:
     """Freeze/unfreeze STAB, projector and LLM for ``stage``; returns trainable parameters per module.
     The distillation head trains with STAB (it exists only to shape STAB's tokens)."""
@@ -70,6 +73,7 @@ class PandaModule(L.LightningModule):
         self.trainable = apply_stage(model, cfg.stage)
         self.skipped_samples = 0
         self.padded_fractions: list[float] = []  # per batch: padding share of the text tokens (length grouping cuts it)
+        self.warned_unknown_tokens = False
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict):
@@ -123,6 +127,15 @@ class PandaModule(L.LightningModule):
         n = batch["input_ids"].shape[0]
         self.padded_fractions.append(batch["padded_fraction"])
         self.log("data/padded_fraction", batch["padded_fraction"], on_step=True, on_epoch=False, batch_size=1)
+        if "unk_fraction" in batch:
+            self.log("data/unk_fraction", batch["unk_fraction"], on_step=True, on_epoch=False, batch_size=1)
+            if batch["unk_fraction"] > UNKNOWN_TOKENS_WARNING and not self.warned_unknown_tokens:
+                self.warned_unknown_tokens = True
+                log.warning(
+                    "%.0f%% of this batch's text tokens are the tokenizer's unknown token (%s): it does not cover this "
+                    "text. With real data train with the LLM's own tokenizer (llm=local llm.pretrained=PATH, or "
+                    "llm.tokenizer=PATH); the synthetic default's tokenizer knows only the synthetic vocabulary.",
+                    100 * batch["unk_fraction"], self.derived.tokenizer or "the run's tokenizer")
         self.log("train/lm_loss", out.lm_loss, on_step=True, on_epoch=False, batch_size=n)
         if out.distill_loss is not None:
             self.log("train/distill_loss", out.distill_loss, on_step=True, on_epoch=False, batch_size=n)

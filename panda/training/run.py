@@ -228,7 +228,10 @@ def evaluate_heldout(s: Session) -> dict:
     counted apart) and the same files under ``run_dir/heldout/``."""
     cfg = s.cfg
     if not (cfg.evaluate and cfg.data.eval_qa):
-        return {}
+        reason = "evaluate=false" if not cfg.evaluate else \
+            "no held-out split: set data.eval_qa=FOLDER (test_q.json, test_a.json, videos/; relative to data.root)"
+        log.info("held-out evaluation skipped: %s", reason)
+        return {"eval/skipped": reason}
     if s.module.sharded and s.trainer.world_size > 1:
         log.info("FSDP run: held-out evaluation skipped here; run evaluate.py on the checkpoint or the export")
         return {}

@@ -1,0 +1,64 @@
+"""The README's "Train on your own videos" steps at tiny size: records -> prepare -> train on the
+shards with a held-out split -> evaluate.py; and what a run says when the data does not fit."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import compose, run_cli, tiny_overrides, train_tiny
+
+
+@pytest.mark.slow
+def test_own_videos_from_records_to_a_scored_held_out_split(synthetic_root, tmp_path):
+    records = os.path.join(synthetic_root, "train", "train_json", "synthetic_train.json")
+    tokenizer = os.path.join(synthetic_root, "tokenizer")
+    shards = tmp_path / "shards" / "mine"
+    qa = os.path.join(synthetic_root, "eval", "Synthetic_Zero_Shot_QA")
+    run_cli(["-m", "panda.data.prepare", "--records", records, "--video-root", os.path.join(synthetic_root, "train"),
+             "--output", str(shards), "--tokenizer", tokenizer, "--frames", "4", "--no-progress"])
+    assert (shards / "rejects.jsonl").exists() and json.loads((shards / "stats.json").read_text())
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(synthetic_root) if not o.startswith(("data.root", "data.synthetic"))]
+    run_cli(["train.py", "data=valley", f"data.root={shards}", f"data.eval_qa={qa}", f"llm.tokenizer={tokenizer}",
+             "trainer.max_steps=3", f"hydra.run.dir={run_dir}", *overrides])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train/steps"] == 3 and summary["eval/num_questions"] == 6 and summary["eval/judged"] == 6
+    assert len((run_dir / "heldout" / "predictions.jsonl").read_text().splitlines()) == 6
+    eval_dir = tmp_path / "eval"
+    run_cli(["evaluate.py", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", "num_workers=0", "max_new_tokens=16",
+             "benchmark.synthetic.limit=6", f"hydra.run.dir={eval_dir}"])
+    results = json.loads((eval_dir / "results.json").read_text())["benchmarks"]["synthetic"]
+    assert results["accuracy"] == summary["eval/accuracy"] and results["judged"] == 6
+
+
+def test_a_run_without_a_held_out_split_says_so(synthetic_root, tmp_path):
+    summary = train_tiny(synthetic_root, tmp_path, "trainer.max_steps=1", "data.eval_qa=null")
+    assert "data.eval_qa" in summary["eval/skipped"] and "eval/accuracy" not in summary
+    assert "data.eval_qa" in json.loads((tmp_path / "summary.json").read_text())["eval/skipped"]
+
+
+def test_text_the_tokenizer_cannot_read_is_warned_about_once(synthetic_root, tmp_path, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    path = root / "train" / "train_json" / "synthetic_train.json"
+    records = json.loads(path.read_text())
+    for record in records:  # answers in a script the synthetic tokenizer never saw
+        for turn in record["conversations"]:
+            if turn["from"] == "gpt":
+                turn["value"] = "東京タワーは赤い"
+    path.write_text(json.dumps(records))
+    caplog.set_level("WARNING")
+    train_tiny(str(root), tmp_path / "run", "trainer.max_steps=3", "evaluate=false")
+    warnings = [r.getMessage() for r in caplog.records if "unknown token" in r.getMessage()]
+    assert len(warnings) == 1 and "llm.pretrained" in warnings[0]
+
+
+def test_real_data_without_a_root_names_the_folder_it_needs():
+    from panda.config import to_train_config
+
+    with pytest.raises(ValueError, match=r"data\.root=/path/to/prepared/shards: the --output folder of `python -m panda\.data\.prepare`"):
+        to_train_config(compose(["data=valley"]))
+    with pytest.raises(ValueError, match=r"data\.root=/path/to/DATA_ROOT: the folder the record files"):
+        to_train_config(compose(["data=json"]))
