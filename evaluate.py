@@ -11,7 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from panda.config import register_configs
+from panda.config import register_configs, to_evaluate_config
+from panda.runs import exit_on_config_error
 from panda.evaluation.run import evaluate, nothing_judged, shortfall
 
 register_configs()
@@ -19,7 +20,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    results = evaluate(cfg)
+    try:
+        eval_cfg = to_evaluate_config(cfg)
+    except ValueError as exc:
+        exit_on_config_error("evaluate.py", exc)
+    results = evaluate(eval_cfg)
     empty = nothing_judged(results)
     if empty:  # a benchmark without one judged answer has no number: say why and fail
         for name in empty:

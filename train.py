@@ -13,7 +13,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from panda.config import register_configs
+from panda.config import register_configs, to_train_config
+from panda.runs import exit_on_config_error
 from panda.training.run import train
 
 register_configs()
@@ -21,7 +22,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
+    try:
+        run_cfg = to_train_config(cfg)
+    except ValueError as exc:  # names the key and the fix; no traceback, no empty run folder
+        exit_on_config_error("train.py", exc)
+    summary = train(run_cfg)
     if summary.get("status") == "interrupted":
         sys.exit(130)  # stopped by Ctrl-C (the checkpoint is saved; the resume command was printed)
     return summary.get("eval/accuracy")

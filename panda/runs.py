@@ -56,6 +56,30 @@ def resume_command(run_dir: str) -> str:
     return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])
 
 
+def exit_on_config_error(entry: str, exc: Exception) -> None:
+    """A config that cannot run: one line on stderr, exit code 2, and no run folder left behind
+    (Hydra makes it before the job starts; it is removed when it holds only Hydra's own files)."""
+    import shutil
+    import sys
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    except ValueError:
+        run_dir = None
+    if run_dir and os.path.isdir(run_dir):
+        own = [os.path.join(base, f) for base, _, files in os.walk(run_dir) for f in files]
+        if all("/.hydra/" in p or (p.endswith(".log") and os.path.getsize(p) == 0) for p in own):
+            shutil.rmtree(run_dir)
+            parent, stop = os.path.dirname(run_dir), os.path.abspath(os.getcwd())
+            while parent.startswith(stop + os.sep) and not os.listdir(parent):  # empty outputs/<name>/ too
+                os.rmdir(parent)
+                parent = os.path.dirname(parent)
+    print(f"{entry}: config error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def wandb_offline(offline: bool | None, run_dir: str) -> bool:
     """``logger.offline``, where None means offline unless an API key is configured."""
     if offline is not None:

@@ -133,3 +133,24 @@ def test_ddp_trains_with_two_cpu_processes(synthetic_root, tmp_path):
     assert summary["train/steps"] == 3 and summary["eval/num_questions"] == 6
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_a_config_error_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path):
+    import os
+
+    from conftest import REPO
+
+    proc = run_cli([os.path.join(REPO, "train.py"), "+trainer.max_step=5"], check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("train.py: config error: unknown config key(s): trainer.max_step (did you mean "
+                                   "trainer.max_steps?). Every key must exist in the schema (panda/config.py); "
+                                   "`+key=value` cannot add new ones.")
+    assert list(tmp_path.iterdir()) == []  # Hydra's outputs/default/<time>/ is gone again
+
+
+def test_evaluate_without_a_checkpoint_names_the_key():
+    from panda.config import to_evaluate_config
+
+    with pytest.raises(ValueError, match=r"evaluate\.py needs checkpoint=PATH"):
+        to_evaluate_config(compose([], config_name="evaluate"))
