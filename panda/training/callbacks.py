@@ -128,9 +128,10 @@ class GracefulInterrupt(Callback):
             trainer.should_stop = True
             self.stopped = True
 
-    def on_fit_end(self, trainer, pl_module):
+    def teardown(self, trainer, pl_module, stage):  # also after a crash: the caller gets its own handler back
         if self._previous is not None and not self.requested:
             signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
 
 
 class ThroughputMonitor(Callback):
