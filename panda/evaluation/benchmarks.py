@@ -19,7 +19,6 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from panda.config import BenchmarkConfig
 from panda.data.records import QAItem, load_qa
@@ -49,7 +48,6 @@ BENCHMARKS: dict[str, type["Benchmark"]] = {}
 def register_benchmark(kind: str):
     def add(cls):
         BENCHMARKS[kind] = cls
-        cls.kind = kind
         return cls
 
     return add
@@ -62,7 +60,6 @@ class Benchmark:
     cfg: BenchmarkConfig
     items: list[GenItem]
     video_dir: str
-    kind: ClassVar[str] = ""
 
     @classmethod
     def load(cls, cfg: BenchmarkConfig, root: str) -> "Benchmark":

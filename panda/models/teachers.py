@@ -138,7 +138,6 @@ class FrozenTeacher(nn.Module):
     patch_size: int
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
-    kind: str = ""  # set by @register_teacher
 
     @classmethod
     def check_config(cls, cfg: "TeacherConfig") -> None:
@@ -195,7 +194,6 @@ TEACHERS: dict[str, type[FrozenTeacher]] = {}
 def register_teacher(kind: str):
     def add(cls: type[FrozenTeacher]) -> type[FrozenTeacher]:
         TEACHERS[kind] = cls
-        cls.kind = kind
         return cls
 
     return add
