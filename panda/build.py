@@ -37,6 +37,14 @@ def text_vocab(tokenizer) -> int:
     return max(i for t, i in tokenizer.get_vocab().items() if t != IMAGE_TOKEN) + 1
 
 
+def max_sequence_length(cfg: TrainConfig) -> int:
+    """The longest sequence the LLM sees: ``release`` cuts the text at ``model.max_length`` counting
+    each frame as one position, so the visual tokens come on top; ``spans`` counts them within."""
+    if str(cfg.model.tokenization) == "release":
+        return cfg.model.max_length + cfg.frames * (cfg.stab.max_tokens_per_frame() - 1)
+    return cfg.model.max_length
+
+
 def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initialise: bool = True) -> VideoLanguageModel:
     """The model ``cfg`` describes (with ``derived``'s teacher width and folder LLM architecture).
     With ``initialise`` its weights start where ``init`` says; without (a checkpoint's weights are
@@ -63,7 +71,7 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
             heads=llm_cfg.heads,
             kv_heads=llm_cfg.kv_heads,
             intermediate_size=llm_cfg.intermediate_size,
-            max_position_embeddings=max(cfg.model.max_length, 256),
+            max_position_embeddings=max(max_sequence_length(cfg), 256),
             attn_implementation=llm_cfg.attn_implementation,
             dtype=llm_cfg.dtype,
             initializer_range=llm_cfg.initializer_range,
@@ -105,5 +113,5 @@ def frame_pipeline(cfg: TrainConfig, derived: Derived | None = None, with_teache
 def build_datamodule(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), rejects_path: str | None = None) -> VideoDataModule:
     """The training DataModule of ``cfg`` (the teacher's frames too when distillation is on)."""
     return VideoDataModule(cfg.data, tokenizer, frame_pipeline(cfg, derived, with_teacher=distill_active(cfg)),
-                           get_template(cfg.model.template), cfg.model.max_length,
+                           get_template(cfg.model.template, str(cfg.model.tokenization)), cfg.model.max_length,
                            cfg.stab.max_tokens_per_frame(), cfg.seed, rejects_path)

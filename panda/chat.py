@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from panda.data.conversation import get_template, tokenize_prompt
+from panda.data.conversation import ConversationTemplate, get_template, tokenize_prompt
 from panda.data.datasets import FramePipeline
 from panda.errors import PandaError
 from panda.loading import load_model
@@ -42,12 +42,14 @@ def check_device(device: str, dtype: str, attn: str) -> str:
     return device
 
 
-def answer(model, tokenizer, video: str, question: str, frames: int, template: str, max_new_tokens: int = 256,
+def answer(model, tokenizer, video: str, question: str, frames: int, template: ConversationTemplate | str,
+           max_new_tokens: int = 256,
            device: str = "cpu", sample_fps: float = 1.0, stream: bool = True, temperature: float = 0.0) -> str:
     stab = model.stab_cfg
     pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, sample_fps)
     sample = pipeline(video)  # raises VideoDecodeError naming the file
-    ids = tokenize_prompt(tokenizer, get_template(template), question, frames)[None].to(device)
+    template = get_template(template) if isinstance(template, str) else template
+    ids = tokenize_prompt(tokenizer, template, question, frames)[None].to(device)
     dtype = next(model.parameters()).dtype
     kwargs = {}
     if stream:
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         if frames < 1 or frames % chunk:
             raise ChatError(f"--frames {frames}: STAB of this checkpoint groups frames in chunks of {chunk}; "
                             f"use a multiple of {chunk} (it was trained with {loaded.frames})")
-        text = answer(model, loaded.tokenizer, args.video, args.question, frames, loaded.eval_template,
+        text = answer(model, loaded.tokenizer, args.video, args.question, frames, loaded.prompt_template,
                       args.max_new_tokens, device, args.sample_fps, stream=not args.no_stream, temperature=args.temperature)
     except (PandaError, NotACheckpointError, CheckpointKeyError, FileNotFoundError) as exc:
         print(f"panda.chat: error: {exc}", file=sys.stderr)

@@ -39,6 +39,13 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
+class Tokenization(Choice):
+    """How a conversation becomes ids and labels (panda/data/conversation.py)."""
+
+    release = "release"  # the released weights' ids, round-arithmetic labels, cut at max_length
+    spans = "spans"  # panda's offsets-based labels; over-long conversations drop trailing turns
+
+
 class LoggerKind(Choice):
     csv = "csv"
     wandb = "wandb"
@@ -147,7 +154,10 @@ class ModelConfig:
     projector: str = "mlp2x_gelu"
     template: str = "vicuna_v1"  # conversation template for training
     eval_template: str = "vicuna_v1_eval"  # the release evaluated with the "curious human" variant
-    max_length: int = 4096  # tokens after visual expansion
+    tokenization: Tokenization = Tokenization.release  # release: exactly the released model's ids and labels
+    # release: text positions, each frame counting as one (the release's cut); the LLM then sees up to
+    # max_length + frames x (visual tokens per frame - 1). spans: positions after visual expansion.
+    max_length: int = 4096
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the LLM's decoder layers
 
 

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from panda.data.tokenizer import save_tokenizer
 from panda.models.checkpoints import export_release, export_trainable, model_meta
 
 
@@ -38,14 +39,14 @@ def main(argv=None) -> int:
         torch.save(read_lightning_checkpoint(args.checkpoint), args.single_file)
         print(args.single_file)
     loaded = load_checkpoint(args.checkpoint)
-    meta = model_meta(loaded.model, frames=loaded.frames, template=loaded.template, eval_template=loaded.eval_template)
+    meta = model_meta(loaded.model, frames=loaded.frames, template=loaded.template, eval_template=loaded.eval_template,
+                      tokenization=loaded.tokenization)
     if args.trainable_only:
         path = export_trainable(loaded.model, args.out, meta)
     else:
-        path = export_release(loaded.model, args.out, loaded.tokenizer, meta)
+        path = save_tokenizer(loaded.tokenizer, export_release(loaded.model, args.out, meta))
     print(path)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ import torch
 
 from panda.config import Derived, TrainConfig, to_train_config
 from panda.constants import RELEASE_EVAL_TEMPLATE, RELEASE_FRAMES
+from panda.data.conversation import ConversationTemplate, get_template
 from panda.data.tokenizer import load_tokenizer
 from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
 from panda.models.video_lm import VideoLanguageModel
@@ -33,6 +34,12 @@ class LoadedModel:
     eval_template: str  # evaluation conversation template
     run_config: TrainConfig | None = None  # the training run's config (``.ckpt`` only)
     derived: Derived | None = None
+    tokenization: str = "release"  # how prompts become ids (model.tokenization)
+
+    @property
+    def prompt_template(self) -> ConversationTemplate:
+        """The evaluation template with the run's tokenization: how to prompt this model."""
+        return get_template(self.eval_template, self.tokenization)
 
 
 def read_lightning_checkpoint(path: str) -> dict:
@@ -111,7 +118,8 @@ def load_checkpoint(path: str) -> LoadedModel:
     model = build_model(cfg, tokenizer, derived, initialise=False)
     load_weights_from_ckpt(model, path, ckpt)
     model.eval()
-    return LoadedModel(model, tokenizer, cfg.frames, cfg.model.template, cfg.model.eval_template, cfg, derived)
+    return LoadedModel(model, tokenizer, cfg.frames, cfg.model.template, cfg.model.eval_template, cfg, derived,
+                       str(cfg.model.tokenization))
 
 
 def load_model(path: str, dtype: str = "float32", attn: str = "sdpa") -> LoadedModel:
@@ -135,4 +143,5 @@ def load_model(path: str, dtype: str = "float32", attn: str = "sdpa") -> LoadedM
     model, _ = load_release(path, dtype=dtype, attn_implementation=attn)
     meta = read_meta(path)
     return LoadedModel(model, load_tokenizer(path), meta.get("frames") or RELEASE_FRAMES,
-                       meta.get("template") or "vicuna_v1", meta.get("eval_template") or RELEASE_EVAL_TEMPLATE)
+                       meta.get("template") or "vicuna_v1", meta.get("eval_template") or RELEASE_EVAL_TEMPLATE,
+                       tokenization=meta.get("tokenization") or "release")

@@ -67,8 +67,9 @@ def test_malformed_conversations_name_the_problem(conv, reason):
 
 
 def test_over_long_conversation_drops_trailing_turns_then_fails(tokenizer):
+    """model.tokenization=spans: whole trailing turns go, visual tokens count."""
     turns = [("<video>\nWhat colour is the moving object?", "red")] + [("Which way does the object go?", "left")] * 5
-    tpl = get_template("vicuna_v1")
+    tpl = get_template("vicuna_v1", "spans")
     full = tokenize_conversation(tokenizer, tpl, turns, 4, 4096)
     one = tokenize_conversation(tokenizer, tpl, turns[:1], 4, 4096)
     cut = tokenize_conversation(tokenizer, tpl, turns, 4, len(one.input_ids) + 1)
@@ -76,6 +77,25 @@ def test_over_long_conversation_drops_trailing_turns_then_fails(tokenizer):
     assert cut.input_ids.tolist() == one.input_ids.tolist()
     with pytest.raises(SampleError, match="too long"):
         tokenize_conversation(tokenizer, tpl, turns, 4, 4096, visual_tokens_per_frame=2000, record_id="r1")
+
+
+def test_release_rule_cuts_at_max_length_counting_each_frame_once(tokenizer):
+    turns = [("<video>\nWhat colour is the moving object?", "red")] + [("Which way does the object go?", "left")] * 5
+    tpl = get_template("vicuna_v1")
+    full = tokenize_conversation(tokenizer, tpl, turns, 4, 4096, visual_tokens_per_frame=2000)
+    cut = tokenize_conversation(tokenizer, tpl, turns, 4, len(full.input_ids) - 3, visual_tokens_per_frame=2000)
+    assert full.cut_tokens == 0 and cut.cut_tokens == 3 and cut.dropped_turns == 0
+    assert cut.input_ids.tolist() == full.input_ids.tolist()[:-3] and cut.labels.tolist() == full.labels.tolist()[:-3]
+
+
+def test_video_token_stays_where_it_is_unless_it_ends_the_message():
+    def first(value):
+        return normalize_conversation([{"from": "human", "value": value}, {"from": "gpt", "value": "a"}])[0][0]
+
+    assert first("Watch <video> and say what happens.") == "Watch <video> and say what happens."
+    assert first("<video>\nDescribe.") == "<video>\nDescribe."
+    assert first("Describe.\n<video>") == "<video>\nDescribe."
+    assert first("  Describe.  ") == "<video>\nDescribe."  # no <video>: panda puts it in front
 
 
 def test_load_records_skips_and_reports_malformed(tmp_path):

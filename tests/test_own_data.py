@@ -50,9 +50,15 @@ def test_text_the_tokenizer_cannot_read_is_warned_about_once(synthetic_root, tmp
                 turn["value"] = "東京タワーは赤い"
     path.write_text(json.dumps(records))
     caplog.set_level("WARNING")
-    train_tiny(str(root), tmp_path / "run", "trainer.max_steps=3", "evaluate=false")
+    # spans: the samples train, and the unknown-token share is warned about once
+    train_tiny(str(root), tmp_path / "run", "trainer.max_steps=3", "evaluate=false", "model.tokenization=spans")
     warnings = [r.getMessage() for r in caplog.records if "unknown token" in r.getMessage()]
     assert len(warnings) == 1 and "llm.pretrained" in warnings[0]
+    # release: <unk> is the pad id, so the release's label arithmetic rejects each sample, saying why
+    caplog.clear()
+    train_tiny(str(root), tmp_path / "run2", "trainer.max_steps=3", "evaluate=false")
+    skipped = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
+    assert skipped and all("the tokenizer cannot read part of this text" in m for m in skipped)
 
 
 def test_real_data_without_a_root_names_the_folder_it_needs():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose, run_cli, tiny_video_lm, write_release_folder
 
-from panda.data.tokenizer import load_tokenizer
+from panda.data.tokenizer import load_tokenizer, save_tokenizer
 
 from panda.models.checkpoints import (
     CheckpointKeyError,
@@ -94,7 +94,7 @@ def test_missing_or_unexpected_release_keys_are_errors_naming_them(source_model,
 def test_export_round_trip_and_the_llm_loads_with_automodel(source_model, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = export_release(source_model, str(tmp_path / "export"), tokenizer, model_meta(source_model, frames=4))
+    out = save_tokenizer(tokenizer, export_release(source_model, str(tmp_path / "export"), model_meta(source_model, frames=4)))
     llm = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(3, 100, (1, 12))
     with torch.no_grad():

@@ -1,18 +1,39 @@
-"""Conversation templates, placeholder expansion, tokenisation and label masks (training.md §2).
+"""Conversation templates, frame placeholders, tokenisation and label masks (training.md §2).
 
-The text is rendered once; the tokenizer's character offsets decide which tokens are supervised
-(the assistant answers and their ``</s>``). This works the same for any fast tokenizer, instead of
-re-tokenising pieces and patching lengths.
+Two ways to turn a conversation into ids and labels, named by ``model.tokenization``:
+
+``release`` (the default of the ``vicuna_v1`` templates)
+    Exactly what the released Video-Panda weights were trained and evaluated on. The rendered
+    prompt is split at each ``<image>``; each text chunk is tokenised on its own (the first with
+    its BOS, later ones without), with the placeholder id between chunks. "Tokenised" means what
+    transformers 4.31's slow ``LlamaTokenizer`` returned: :class:`ReleaseTextEncoder` reproduces it
+    from the folder's ``tokenizer.model`` (its special-token split, its ``legacy`` handling of
+    the text after ``</s>``). Labels come from the release's round arithmetic, not from character
+    spans, and a sequence is cut at ``max_length`` counting each frame as one position.
+
+``spans``
+    panda's own rule for other chat formats: the text's character offsets decide which tokens are
+    supervised (the answers and their end-of-turn text), an over-long conversation drops whole
+    trailing turns, and ``max_length`` counts every visual token.
+
+Either way the placeholder is never a vocabulary entry: it is spliced in as
+``IMAGE_PLACEHOLDER_ID`` and replaced by the frame's visual tokens inside the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import re
+import weakref
+from dataclasses import dataclass, replace
 
 import torch
 
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN  # noqa: F401 (re-exported)
 from panda.errors import SampleError
+
+TOKENIZATIONS = ("release", "spans")
 
 
 @dataclass(frozen=True)
@@ -22,6 +43,7 @@ class ConversationTemplate:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "  # after the system text and after a user message
     sep2: str = "</s>"  # after an assistant answer
+    tokenization: str = "release"  # see the module docstring
 
     def render(self, turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
         """Text of the conversation and the character spans to supervise (answers + ``sep2``).
@@ -54,10 +76,15 @@ TEMPLATES = {
 }
 
 
-def get_template(name: str) -> ConversationTemplate:
+def get_template(name: str, tokenization: str | None = None) -> ConversationTemplate:
+    """The named template; ``tokenization`` (``release``/``spans``) overrides its default rule."""
     if name not in TEMPLATES:
         raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+    if tokenization is None:
+        return TEMPLATES[name]
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"unknown tokenization {tokenization!r}; choose one of {list(TOKENIZATIONS)}")
+    return replace(TEMPLATES[name], tokenization=tokenization)
 
 
 def expand_video_token(text: str, frames: int) -> str:
@@ -65,27 +92,207 @@ def expand_video_token(text: str, frames: int) -> str:
     return text.replace("<video>", IMAGE_TOKEN * frames)
 
 
-def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = [tokenizer.bos_token_id] + list(enc["input_ids"])
-    offsets = [(0, 0)] + [tuple(o) for o in enc["offset_mapping"]]
+# --------------------------------------------------------------------------- release tokenisation
+
+SPIECE_UNDERLINE = "\u2581"
+
+
+class ReleaseTextEncoder:
+    """``tokenizer(text).input_ids`` as the release computed it (BOS first).
+
+    With a SentencePiece ``tokenizer.model`` beside the tokenizer (Vicuna, LLaMA, EVE), this
+    follows transformers 4.31's slow ``LlamaTokenizer``: the text is split at the special tokens
+    (``<s>``, ``</s>``, ``<unk>``); with ``legacy: false`` (Vicuna v1.5's tokenizer_config) a
+    ``▁`` is put in front of the whole text, the first piece keeps SentencePiece's dummy prefix and
+    every later piece (the text right after a ``</s>``) loses it — a first token whose unprefixed
+    form is not in the vocabulary becomes ``<unk>``; with ``legacy: true`` (4.31's default when the
+    key is absent) every piece is encoded on its own with its dummy prefix. Pieces the model does
+    not know map to ``<unk>``.
+
+    Without a ``tokenizer.model`` (panda's synthetic BPE, other fast tokenizers) the text is split
+    at the special tokens the same way and each piece is encoded on its own by the fast tokenizer
+    (like 4.31's ``legacy: true``), so a round tokenised alone counts what it counts in the prompt.
+    """
+
+    def __init__(self, tokenizer):
+        if tokenizer.bos_token_id is None:
+            raise ValueError(
+                f"model.tokenization=release needs a tokenizer with a BOS token (the release's label arithmetic "
+                f"counts it); {getattr(tokenizer, 'name_or_path', '?')} has none: set model.tokenization=spans")
+        self.bos_id = tokenizer.bos_token_id
+        self.sp_path = sentencepiece_file(tokenizer)
+        self._tokenizer = None if self.sp_path else tokenizer
+        self._sp = None
+        self.legacy = True
+        if self.sp_path:
+            self.legacy = bool(read_tokenizer_config(os.path.dirname(self.sp_path)).get("legacy", True))
+        specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) if t]
+        specials += [t for t in getattr(tokenizer, "additional_special_tokens", []) or [] if t != IMAGE_TOKEN]
+        self.special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special_ids, key=len, reverse=True)) + ")")
+
+    @property
+    def sp(self):
+        if self._sp is None:
+            import sentencepiece
+
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.sp_path)
+        return self._sp
+
+    def __getstate__(self):  # picklable for DataLoader workers that spawn
+        state = dict(self.__dict__)
+        state["_sp"] = None
+        return state
+
+    def __call__(self, text: str) -> list[int]:
+        if self._tokenizer is not None:
+            ids = [self.bos_id]
+            for segment in self._split.split(text):
+                if segment in self.special_ids:
+                    ids.append(self.special_ids[segment])
+                elif segment:
+                    ids += self._tokenizer(segment, add_special_tokens=False)["input_ids"]
+            return ids
+        return [self.bos_id] + [self.special_ids.get(p, None) if p in self.special_ids else self.sp.piece_to_id(p)
+                                for p in self.pieces(text)]
+
+    def pieces(self, text: str) -> list[str]:
+        """SentencePiece pieces (special tokens as themselves), as 4.31's ``tokenize`` gives them."""
+        if not self.legacy:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        out: list[str] = []
+        for segment in self._split.split(text):
+            if not segment:
+                continue
+            if segment in self.special_ids:
+                out.append(segment)
+                continue
+            if self.legacy:
+                out += self.sp.encode(segment, out_type=str)
+                continue
+            first = segment.startswith(SPIECE_UNDERLINE)
+            if first:
+                segment = segment[1:]
+            pieces = self.sp.encode(segment, out_type=str)
+            if not first and not segment.startswith(" ") and pieces and pieces[0].startswith(SPIECE_UNDERLINE):
+                pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+            out += pieces
+        return out
+
+
+def sentencepiece_file(tokenizer) -> str | None:
+    """The tokenizer's SentencePiece model file, if it has one."""
+    candidates = [getattr(tokenizer, "vocab_file", None)]
+    folder = getattr(tokenizer, "name_or_path", None)
+    if folder and os.path.isdir(folder):
+        candidates.append(os.path.join(folder, "tokenizer.model"))
+    for path in candidates:
+        if isinstance(path, str) and path.endswith(".model") and os.path.isfile(path):
+            return os.path.abspath(path)
+    return None
+
+
+def read_tokenizer_config(folder: str) -> dict:
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def release_encoder(tokenizer) -> ReleaseTextEncoder:
+    """One :class:`ReleaseTextEncoder` per tokenizer object (built on first use)."""
+    try:
+        return _ENCODERS[tokenizer]
+    except KeyError:
+        encoder = _ENCODERS[tokenizer] = ReleaseTextEncoder(tokenizer)
+        return encoder
+
+
+def encode_with_placeholders(encode, text: str) -> list[int]:
+    """The release's prompt tokenisation: split at ``<image>``, encode each chunk (BOS kept on the
+    first, dropped on the others) and put ``IMAGE_PLACEHOLDER_ID`` between the chunks."""
+    chunks = text.split(IMAGE_TOKEN)
+    ids = encode(chunks[0])
+    for chunk in chunks[1:]:
+        ids += [IMAGE_PLACEHOLDER_ID] + encode(chunk)[1:]
+    return ids
+
+
+def release_labels(encode, template: ConversationTemplate, text: str, ids: list[int]) -> tuple[list[int], int]:
+    """Labels by the release's round arithmetic; returns ``(labels, cur_len)``.
+
+    The prompt is split into rounds at ``sep2``; each round supervises its tokens after
+    ``instruction_len`` = tokens of the round through ``"ASSISTANT: "`` (with BOS) minus 2, and
+    ``cur_len`` advances by the round's own token count (with BOS, which stands in for the
+    ``</s>`` the split removed). Everything after the last round is masked.
+    """
+    labels = list(ids)
+    cur_len = 1
+    labels[:cur_len] = [IGNORE_INDEX] * cur_len
+    sep = template.sep + template.roles[1] + ": "
+    for rnd in text.split(template.sep2):
+        if rnd == "":
+            break
+        parts = rnd.split(sep)
+        if len(parts) != 2:
+            break
+        round_len = len(encode_with_placeholders(encode, rnd))
+        instruction_len = len(encode_with_placeholders(encode, parts[0] + sep)) - 2
+        end = min(cur_len + instruction_len, len(labels))
+        labels[cur_len:end] = [IGNORE_INDEX] * max(0, end - cur_len)
+        cur_len += round_len
+    labels[cur_len:] = [IGNORE_INDEX] * max(0, len(labels) - cur_len)
+    return labels, cur_len
+
+
+# --------------------------------------------------------------------------- spans tokenisation
+
+def encode_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text``: BOS, then each ``<image>``-separated chunk encoded
+    on its own with ``IMAGE_PLACEHOLDER_ID`` between chunks (placeholders and BOS get empty offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("model.tokenization=spans needs a fast tokenizer (its offsets decide the label mask)")
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    offsets = [(0, 0)] * len(ids)
+    start = 0
+    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(IMAGE_PLACEHOLDER_ID)
+            offsets.append((start, start))
+            start += len(IMAGE_TOKEN)
+        if chunk:
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            ids += list(enc["input_ids"])
+            offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
+        start += len(chunk)
     return ids, offsets
 
 
-def image_token_id(tokenizer) -> int:
-    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if tid is None or tid == tokenizer.unk_token_id:
-        raise ValueError(
-            f"the tokenizer has no {IMAGE_TOKEN!r} token; load it with panda.data.tokenizer.load_tokenizer"
-        )
-    return tid
+def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    span_idx = 0
+    for i, (start, end) in enumerate(offsets):
+        if end <= start:
+            continue
+        while span_idx < len(spans) and spans[span_idx][1] <= start:
+            span_idx += 1
+        if span_idx < len(spans) and start < spans[span_idx][1] and end > spans[span_idx][0]:
+            labels[i] = ids[i]
+    return labels
 
+
+# --------------------------------------------------------------------------- conversations and prompts
 
 @dataclass
 class TokenizedConversation:
     input_ids: torch.Tensor  # (N,) with IMAGE_PLACEHOLDER_ID at frame positions
     labels: torch.Tensor  # (N,) IGNORE_INDEX except answer tokens
-    dropped_turns: int = 0
+    dropped_turns: int = 0  # spans: trailing turns dropped to fit max_length
+    cut_tokens: int = 0  # release: positions cut at max_length
 
 
 def tokenize_conversation(
@@ -98,44 +305,75 @@ def tokenize_conversation(
     record_id: str = "?",
     video: str = "?",
 ) -> TokenizedConversation:
-    """Tokens and labels of a conversation whose first question holds ``<video>``.
+    """Tokens and labels of a conversation whose first question holds ``<video>``, by the
+    template's ``tokenization`` rule (module docstring).
 
-    ``max_length`` bounds the sequence *after* each placeholder becomes
-    ``visual_tokens_per_frame`` tokens. An over-long conversation loses trailing turns until it
-    fits; if even the first turn does not fit, or nothing is left to supervise, a
-    :class:`SampleError` says so.
+    ``release``: ``max_length`` bounds the text positions, each frame counting as one (the
+    release's collator cut); the tail past it is cut, a partly cut answer stays supervised.
+    ``spans``: ``max_length`` bounds the sequence *after* each placeholder becomes
+    ``visual_tokens_per_frame`` tokens; trailing turns are dropped until it fits.
+
+    A conversation that cannot be trained on (tokenisation mismatch, too long, nothing left to
+    supervise, placeholders cut) raises :class:`SampleError` naming the record and video.
     """
-    img_id = image_token_id(tokenizer)
+    if template.tokenization == "release":
+        return _tokenize_release(tokenizer, template, turns, frames, max_length, record_id, video)
+    return _tokenize_spans(tokenizer, template, turns, frames, max_length, visual_tokens_per_frame, record_id, video)
+
+
+def _tokenize_release(tokenizer, template, turns, frames, max_length, record_id, video) -> TokenizedConversation:
+    encode = release_encoder(tokenizer)
+    text, _ = template.render([(expand_video_token(q, frames), a) for q, a in turns])
+    ids = encode_with_placeholders(encode, text)
+    labels, cur_len = release_labels(encode, template, text, ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    total_len = sum(1 for t in ids if t != pad)
+    if cur_len < max_length and cur_len != total_len:
+        # the release trains such a sample with every label masked; panda counts and skips it
+        unknown = sum(1 for t in ids if t == pad)
+        why = (f"{unknown} token(s) of the text are {tokenizer.convert_ids_to_tokens(pad)}, which the release counts as "
+               f"padding: the tokenizer cannot read part of this text (check llm.tokenizer / llm.pretrained)"
+               if unknown else f"an answer holds '{template.sep2}' or '{template.sep}{template.roles[1]}: '")
+        raise SampleError(record_id, video, f"tokenization mismatch: the rounds count {cur_len} tokens, the prompt has "
+                          f"{total_len} non-pad tokens; {why}")
+    cut = max(0, len(ids) - max_length)
+    ids, labels = ids[:max_length], labels[:max_length]
+    n_img = ids.count(IMAGE_PLACEHOLDER_ID)
+    if n_img != frames:
+        why = f"cut at max_length={max_length}" if cut and n_img < frames else "in the conversation"
+        raise SampleError(record_id, video, f"expected {frames} frame placeholders, found {n_img} ({why})")
+    if all(label == IGNORE_INDEX for label in labels):
+        why = f" (cut at max_length={max_length})" if cut else ""
+        raise SampleError(record_id, video, f"no supervised token after tokenisation{why}")
+    return TokenizedConversation(torch.tensor(ids), torch.tensor(labels), 0, cut)
+
+
+def _tokenize_spans(tokenizer, template, turns, frames, max_length, visual_tokens_per_frame, record_id,
+                    video) -> TokenizedConversation:
     for keep in range(len(turns), 0, -1):
         text, spans = template.render([(expand_video_token(q, frames), a) for q, a in turns[:keep]])
-        ids, offsets = _encode(tokenizer, text)
-        length = len(ids) + sum(1 for t in ids if t == img_id) * (visual_tokens_per_frame - 1)
+        ids, offsets = encode_spans(tokenizer, text)
+        n_img = ids.count(IMAGE_PLACEHOLDER_ID)
+        length = len(ids) + n_img * (visual_tokens_per_frame - 1)
         if length <= max_length:
             break
     else:
         raise SampleError(record_id, video, f"too long: first turn needs {length} tokens > max_length={max_length}")
-    labels = [IGNORE_INDEX] * len(ids)
-    span_idx = 0
-    for i, (start, end) in enumerate(offsets):
-        if end <= start:
-            continue
-        while span_idx < len(spans) and spans[span_idx][1] <= start:
-            span_idx += 1
-        if span_idx < len(spans) and start < spans[span_idx][1] and end > spans[span_idx][0]:
-            labels[i] = ids[i]
+    labels = span_labels(ids, offsets, spans)
     if all(label == IGNORE_INDEX for label in labels):
         raise SampleError(record_id, video, "no supervised token after tokenisation")
-    n_img = sum(1 for t in ids if t == img_id)
     if n_img != frames:
         raise SampleError(record_id, video, f"expected {frames} frame placeholders, found {n_img}")
-    input_ids = torch.tensor([IMAGE_PLACEHOLDER_ID if t == img_id else t for t in ids])
-    return TokenizedConversation(input_ids, torch.tensor(labels), len(turns) - keep)
+    return TokenizedConversation(torch.tensor(ids), torch.tensor(labels), len(turns) - keep)
 
 
 def tokenize_prompt(tokenizer, template: ConversationTemplate, question: str, frames: int) -> torch.Tensor:
-    """Generation prompt for one question about a video: ends with ``ASSISTANT:``."""
-    img_id = image_token_id(tokenizer)
+    """Generation prompt for one question about a video (the release's evaluation prompt:
+    ``<image>`` × frames, a newline, the question), ending with ``ASSISTANT:``."""
     q = question if "<video>" in question else f"<video>\n{question}"
     text, _ = template.render([(expand_video_token(q, frames), None)])
-    ids, _ = _encode(tokenizer, text)
-    return torch.tensor([IMAGE_PLACEHOLDER_ID if t == img_id else t for t in ids])
+    if template.tokenization == "release":
+        ids = encode_with_placeholders(release_encoder(tokenizer), text)
+    else:
+        ids, _ = encode_spans(tokenizer, text)
+    return torch.tensor(ids)

@@ -1,8 +1,8 @@
 """Annotation records in the Valley / Video-ChatGPT format (training.md §1) and QA test files.
 
 A record is ``{"id", "video", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
-:func:`normalize_conversation` applies the release's rules: ``<video>`` moves to the front of the
-first human message, a leading assistant turn is dropped, roles must alternate, and a trailing
+:func:`normalize_conversation` applies the release's rules: a ``<video>`` that ends the first human
+message moves to its front (:func:`place_video_token`), a leading assistant turn is dropped, roles must alternate, and a trailing
 human turn without an answer is dropped.
 """
 
@@ -27,7 +27,7 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 class VideoRecord:
     id: str
     video: str  # path relative to the video root
-    turns: list[tuple[str, str]]  # [(question, answer), ...]; question 0 starts with "<video>\n"
+    turns: list[tuple[str, str]]  # [(question, answer), ...]; question 0 holds "<video>" once
     meta: dict = field(default_factory=dict)  # unknown extra fields, kept
 
 
@@ -61,11 +61,26 @@ def normalize_conversation(conversations, source="<records>", index=0) -> list[t
     count = sum(q.count(VIDEO_TOKEN) + a.count(VIDEO_TOKEN) for q, a in turns)
     if count > 1 or any(VIDEO_TOKEN in a for _, a in turns) or any(VIDEO_TOKEN in q for q, _ in turns[1:]):
         raise RecordError(source, index, f"'{VIDEO_TOKEN}' must appear once, in the first human turn")
+    turns[0] = (place_video_token(turns[0][0]), turns[0][1])
     first = turns[0][0].replace(VIDEO_TOKEN, "").strip()
-    turns[0] = (f"{VIDEO_TOKEN}\n{first}", turns[0][1])
     if any(not q.strip() or not a.strip() for q, a in turns[1:]) or not first or not turns[0][1].strip():
         raise RecordError(source, index, "empty question or answer text", code="empty_conversation")
     return turns
+
+
+def place_video_token(message: str) -> str:
+    """Where ``<video>`` stands in the first human message, by the release's rule: a message that
+    *ends* with it has it moved to the front (``<video>\\n`` + the rest, stripped); anywhere else it
+    stays where the annotator put it. A message without it gets it in front (the release would
+    train such a record without its video). A trailing ``<video>`` not preceded by a newline is
+    moved too (the release would keep it and add a second one: twice the frames' placeholders)."""
+    if VIDEO_TOKEN not in message:
+        return f"{VIDEO_TOKEN}\n{message.strip()}"
+    if not message.endswith(VIDEO_TOKEN):
+        return message
+    rest = message.replace("\n" + VIDEO_TOKEN, "").strip()
+    rest = rest.replace(VIDEO_TOKEN, "").strip()
+    return f"{VIDEO_TOKEN}\n{rest}".strip()
 
 
 def parse_record(raw, source="<records>", index=0) -> VideoRecord:

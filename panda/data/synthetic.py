@@ -152,6 +152,9 @@ def _question(kind: str, rng, phrasings: int = 3) -> str:
     return str(rng.choice(QUESTIONS[kind][:phrasings]))
 
 
+GENERATOR_VERSION = 2
+
+
 def _is_done(root: str, stamp: dict) -> bool:
     try:
         with open(os.path.join(root, "DONE")) as f:
@@ -163,7 +166,9 @@ def _is_done(root: str, stamp: dict) -> bool:
 def generate(cfg: SyntheticConfig, root: str) -> str:
     """Generate the dataset under ``root`` unless it is already there. Returns the absolute root."""
     root = os.path.abspath(root)
-    stamp = json.loads(json.dumps(asdict(cfg)))
+    # the generator's version: a data root made by an older generator (a tokenizer with an <image>
+    # entry and no newline) is made again
+    stamp = {**json.loads(json.dumps(asdict(cfg))), "generator": GENERATOR_VERSION}
     if _is_done(root, stamp):
         return root
     if os.path.exists(root):

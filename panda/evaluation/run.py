@@ -24,7 +24,7 @@ import time
 import torch
 
 from panda.config import BenchmarkConfig, EvaluateConfig, JudgeKind, to_evaluate_config
-from panda.data.conversation import get_template
+from panda.data.conversation import ConversationTemplate
 from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
 from panda.data.records import QAItem
@@ -57,7 +57,8 @@ def read_predictions(folder: str) -> dict[str, dict]:
     return rows
 
 
-def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: str,
+def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline,
+                         template: ConversationTemplate,
                          batch_size: int, max_new_tokens: int, num_workers: int, rank: int = 0, world: int = 1) -> int:
     """Generate what is missing from this rank's slice; returns how many generations ran."""
     os.makedirs(folder, exist_ok=True)
@@ -67,7 +68,7 @@ def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeli
         return 0
     log.info("%s: %d to generate on rank %d (%d already done)", bench.cfg.name, len(todo), rank, len(done))
     dataset = QADataset([QAItem(it.uid, it.video, it.question, "") for it in todo], bench.video_dir, tokenizer,
-                        get_template(template), pipeline)
+                        template, pipeline)
     loader = make_loader(dataset, batch_size, num_workers, tokenizer.pad_token_id)
     path = os.path.join(folder, f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
     with open(path, "a", encoding="utf-8") as f:
@@ -236,8 +237,8 @@ def judge_benchmark(bench: Benchmark, folder: str, rows: dict[str, dict], judge)
     return res, judged
 
 
-def run_benchmark(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: str, judge,
-                  batch_size: int, max_new_tokens: int, num_workers: int) -> dict:
+def run_benchmark(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: ConversationTemplate,
+                  judge, batch_size: int, max_new_tokens: int, num_workers: int) -> dict:
     """Generate what is missing and judge, in one process: the held-out split of a training run
     goes through here, the same path as ``evaluate.py``."""
     generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, batch_size, max_new_tokens, num_workers)
@@ -273,7 +274,7 @@ def evaluate(cfg) -> dict:
         raise ValueError("no benchmark selected: add benchmark=[synthetic] (or msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa, vcgbench)")
 
     loaded = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
-    model, tokenizer, template = loaded.model.to(device).eval(), loaded.tokenizer, loaded.eval_template
+    model, tokenizer, template = loaded.model.to(device).eval(), loaded.tokenizer, loaded.prompt_template
     frames = cfg.frames or loaded.frames
     stab = model.stab_cfg
     pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps)
@@ -285,7 +286,8 @@ def evaluate(cfg) -> dict:
     os.makedirs(run_dir, exist_ok=True)
 
     results = {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": frames,
-               "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template},
+               "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template.name,
+                            "tokenization": template.tokenization},
                "git_commit": git_commit(), "benchmarks": {}}
     judges_used, samples = {}, []
     for name, bcfg in cfg.benchmark.items():

@@ -368,9 +368,10 @@ def vision_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def export_release(model: nn.Module, out_dir: str, tokenizer=None, meta: dict | None = None) -> str:
+def export_release(model: nn.Module, out_dir: str, meta: dict | None = None) -> str:
     """A Hugging Face folder: the LLM (``AutoModelForCausalLM.from_pretrained(out_dir)`` works), the
-    panda parts beside it in release names, ``panda.json`` and the tokenizer."""
+    panda parts beside it in release names and ``panda.json``; the caller adds the tokenizer
+    (:func:`panda.data.tokenizer.save_tokenizer`)."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -378,8 +379,6 @@ def export_release(model: nn.Module, out_dir: str, tokenizer=None, meta: dict | 
     save_file(vision_state(model), os.path.join(out_dir, PANDA_VISION_FILE), metadata={"format": "pt"})
     with open(os.path.join(out_dir, PANDA_META_FILE), "w") as f:
         json.dump(meta or model_meta(model), f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

@@ -15,7 +15,9 @@ import torch
 
 from panda.build import build_datamodule, build_model, build_tokenizer, frame_pipeline
 from panda.config import FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, distill_active, to_plain, to_train_config
+from panda.data.conversation import get_template
 from panda.data.synthetic import generate
+from panda.data.tokenizer import save_tokenizer
 from panda.evaluation.benchmarks import load_benchmark
 from panda.evaluation.judge import build_judge
 from panda.evaluation.run import run_benchmark, scalar_metrics
@@ -149,7 +151,7 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkp
         log.info("distill.loss=off: the teacher is not loaded")
     tokenizer = build_tokenizer(cfg)
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    tokenizer.save_pretrained(tokenizer_dir)  # checkpoints point at the run's own copy
+    save_tokenizer(tokenizer, tokenizer_dir)  # checkpoints point at the run's own copy
     derived = Derived(  # the head's width and the teacher's copy of the frames follow the teacher actually loaded
         accumulate_grad_batches=resolve_accumulation(cfg), tokenizer=tokenizer_dir,
         **({"teacher_width": teacher.width, "teacher_image_size": teacher.image_size,
@@ -218,8 +220,10 @@ def export_final(s: Session) -> dict:
             model.load_state_dict(state)
     if not s.trainer.is_global_zero:
         return {}
-    meta = model_meta(model, frames=s.cfg.frames, template=s.cfg.model.template, eval_template=s.cfg.model.eval_template)
-    return {"export": export_release(model, os.path.join(s.run_dir, "final"), s.tokenizer, meta)}
+    meta = model_meta(model, frames=s.cfg.frames, template=s.cfg.model.template, eval_template=s.cfg.model.eval_template,
+                      tokenization=str(s.cfg.model.tokenization))
+    final = export_release(model, os.path.join(s.run_dir, "final"), meta)
+    return {"export": save_tokenizer(s.tokenizer, final)}
 
 
 def evaluate_heldout(s: Session) -> dict:
@@ -241,7 +245,8 @@ def evaluate_heldout(s: Session) -> dict:
     folder = os.path.join(s.run_dir, HELDOUT_DIR)
     shutil.rmtree(folder, ignore_errors=True)  # answers of an earlier checkpoint of this run dir are stale
     bench = load_benchmark(BenchmarkConfig(name=HELDOUT_DIR, root=cfg.data.root, qa_dir=cfg.data.eval_qa, limit=cfg.data.eval_limit))
-    res = run_benchmark(s.module.model, s.tokenizer, bench, folder, frame_pipeline(cfg), cfg.model.eval_template,
+    res = run_benchmark(s.module.model, s.tokenizer, bench, folder, frame_pipeline(cfg),
+                        get_template(cfg.model.eval_template, str(cfg.model.tokenization)),
                         build_judge(JudgeConfig()), cfg.data.eval_batch_size, cfg.max_new_tokens, cfg.data.num_workers)
     metrics = scalar_metrics(res, "eval/")
     if s.logger:
