@@ -1,5 +1,6 @@
 """Distillation head (stab.md §7), teachers, and distillation inside a training step."""
 
+import dataclasses
 import json
 import math
 import os
@@ -62,7 +63,7 @@ def test_loss_pools_the_finer_grid_and_skips_frames_without_content():
 
 def test_languagebind_teacher_is_frozen_and_mixes_frames_within_a_chunk_only():
     torch.manual_seed(0)
-    teacher = LanguageBindVideoTeacher(TINY_TEACHER, chunk_size=2).freeze()
+    teacher = LanguageBindVideoTeacher(TINY_TEACHER, group=2).freeze()
     for p in teacher.vision_model.encoder.layers[0].temporal_embedding, teacher.vision_model.embeddings.class_embedding:
         p.data.normal_()  # the temporal embedding starts at zero; make the temporal step visible
     teacher.train()
@@ -79,9 +80,47 @@ def test_languagebind_teacher_is_frozen_and_mixes_frames_within_a_chunk_only():
     assert torch.allclose(again[2:], out.grid[2:])  # but not into the next chunk
 
 
+def _teacher_folder(folder, num_frames: int) -> str:
+    """A LanguageBind-format folder whose config.json says ``num_frames``."""
+    torch.manual_seed(2)
+    source = LanguageBindVideoTeacher(dataclasses.replace(TINY_TEACHER, num_frames=num_frames))
+    for layer in source.vision_model.encoder.layers:
+        layer.temporal_embedding.data.normal_()
+    os.makedirs(folder, exist_ok=True)
+    torch.save(source.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": 56, "patch_size": 14, "hidden_act": "gelu", "num_frames": num_frames}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"vision_config": vision}, f)
+    return folder
+
+
+@pytest.mark.parametrize("num_frames", [8, 4])
+def test_languagebind_teacher_groups_frames_by_its_checkpoints_num_frames(tmp_path, num_frames):
+    """stab.md §7: the release's teacher attends over the checkpoint's num_frames consecutive
+    frames of one video (all 8 of an 8-frame video), not over STAB's 4-frame chunks."""
+    teacher = build_teacher(TeacherConfig(kind="languagebind_video", path=_teacher_folder(tmp_path / "lb", num_frames)))
+    assert teacher.group == num_frames
+    pixels, mask = torch.randn(1, 8, 3, 56, 56), torch.ones(1, 8, 56, 56)
+    base = teacher(pixels, mask).grid
+    changed = pixels.clone()
+    changed[0, 6] += 1.0
+    moved = teacher(changed, mask).grid
+    assert not torch.allclose(moved[4:6], base[4:6])  # frame 6 reaches frames 4, 5 either way
+    if num_frames == 8:
+        assert not torch.allclose(moved[1], base[1])  # ... and frame 1: one group of 8
+    else:
+        assert torch.allclose(moved[:4], base[:4])  # ... but never crosses frame 3/4: groups of 4
+    # a 4-frame video is one group; the explicit override splits it
+    short = build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path / "lb"), chunk_size=2))
+    assert short.group == 2
+    with pytest.raises(ValueError, match="teacher.chunk_size"):
+        short(torch.randn(1, 3, 3, 56, 56), torch.ones(1, 3, 56, 56))
+
+
 def test_languagebind_teacher_loads_release_key_names_and_skips_other_towers(tmp_path):
     torch.manual_seed(1)
-    source = LanguageBindVideoTeacher(TINY_TEACHER, chunk_size=4)
+    source = LanguageBindVideoTeacher(TINY_TEACHER)
     state = dict(source.state_dict())
     state["text_model.embeddings.token_embedding.weight"] = torch.randn(10, 32)
     state["logit_scale"] = torch.tensor(1.0)
@@ -89,13 +128,13 @@ def test_languagebind_teacher_loads_release_key_names_and_skips_other_towers(tmp
     vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
               "image_size": 56, "patch_size": 14, "hidden_act": "gelu", "num_frames": 8}
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": vision}))
-    loaded = build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path)), chunk_size=4)
+    loaded = build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path)))
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     del state["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"]
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match="temporal_attn"):
-        build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path)), chunk_size=4)
+        build_teacher(TeacherConfig(kind="languagebind_video", path=str(tmp_path)))
 
 
 def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
@@ -106,7 +145,7 @@ def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
                            image_size=56, patch_size=14)
     CLIPVisionModel(cfg).save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
-    teacher = build_teacher(TeacherConfig(kind="hf_vision", path=str(tmp_path)), chunk_size=4)
+    teacher = build_teacher(TeacherConfig(kind="hf_vision", path=str(tmp_path)))
     assert isinstance(teacher, HFVisionTeacher) and (teacher.width, teacher.image_size, teacher.patch_size) == (32, 56, 14)
     pixels = torch.randn(2, 2, 3, 56, 56)
     out = teacher(pixels, torch.ones(2, 2, 56, 56))
@@ -119,11 +158,11 @@ def test_hf_clip_vision_model_from_a_local_folder_is_a_teacher(tmp_path):
 
 
 def test_teacher_none_and_missing_folder():
-    assert build_teacher(TeacherConfig(kind="none"), 4) is None
+    assert build_teacher(TeacherConfig(kind="none")) is None
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        build_teacher(TeacherConfig(kind="languagebind_video", path="/no/such/folder"), 4)
+        build_teacher(TeacherConfig(kind="languagebind_video", path="/no/such/folder"))
     with pytest.raises(ValueError, match="teacher.kind"):
-        build_teacher(TeacherConfig(kind="clip"), 4)
+        build_teacher(TeacherConfig(kind="clip"))
 
 
 def test_training_with_a_teacher_logs_both_losses_and_trains_the_head(synthetic_root, tmp_path):
@@ -176,7 +215,7 @@ def test_other_hf_vision_families_drop_their_prefix_tokens(tmp_path, family):
     else:  # CLS + 2 register tokens
         transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **sizes)).save_pretrained(tmp_path)
         prefix = 3
-    teacher = build_teacher(TeacherConfig(kind="hf_vision", path=str(tmp_path)), chunk_size=4)
+    teacher = build_teacher(TeacherConfig(kind="hf_vision", path=str(tmp_path)))
     pixels = torch.randn(1, 2, 3, 56, 56)
     out = teacher(pixels, torch.ones(1, 2, 56, 56))
     assert out.grid.shape == (2, 4, 4, 32)

@@ -10,7 +10,6 @@ import torch
 from conftest import compose, run_cli, tiny_video_lm, write_release_folder
 
 from panda.data.tokenizer import load_tokenizer, save_tokenizer
-
 from panda.models.checkpoints import (
     CheckpointKeyError,
     NotACheckpointError,
@@ -22,6 +21,7 @@ from panda.models.checkpoints import (
     read_file_weights,
     read_weights,
 )
+from panda.models.stab import STABConfig
 
 
 def _inputs(tokenizer, frames=4, seed=0):
@@ -236,3 +236,92 @@ def test_chat_mistakes_get_one_line_errors_not_tracebacks(tiny_checkpoint, synth
         assert chat_main(["--checkpoint", *extra, "--video", video, "--max-new-tokens", "2", "q"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("panda.chat: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _stab_only_meta(folder, model):
+    """panda.json with the tiny STAB's sizes but no head settings: the head's layers must come
+    from the release's rule, as for a real release folder."""
+    with open(os.path.join(folder, "panda.json"), "w") as f:
+        json.dump({k: v for k, v in model_meta(model, frames=4).items() if k != "distill"}, f)
+
+
+@pytest.mark.parametrize("layers, picked", [(4, [4, 0]), (8, [8, 4, 0])])
+def test_the_release_head_reads_every_fourth_layer_whatever_the_depth(tokenizer, tmp_path, layers, picked):
+    """stab.md §7: layers L, L-4, ..., 0. Inferring the smallest stride that fits the head's size
+    would read [4, 1] and [8, 5, 2] here."""
+    from panda.models.distill import DistillConfig
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+
+    torch.manual_seed(4)
+    llm = build_llm(len(tokenizer), hidden_size=32, layers=layers, heads=4, intermediate_size=64)
+    source = VideoLanguageModel(STABConfig(width=32, heads=4, resolution=112, dropout=0.0), llm,
+                                distill=DistillConfig(layer_stride=4, heads=4), teacher_width=16).eval()
+    folder = write_release_folder(source, str(tmp_path / "release"), tokenizer)
+    _stab_only_meta(folder, source)
+    model, report = load_release(folder)
+    assert model.distill_head.layers == picked and not report.missing and not report.unexpected
+    for a, b in zip(model.distill_head.state_dict().values(), source.distill_head.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_head_that_stride_four_cannot_explain_is_an_error_naming_both_numbers(tokenizer, tmp_path):
+    from panda.models.distill import DistillConfig
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+
+    llm = build_llm(len(tokenizer), hidden_size=32, layers=4, heads=4, intermediate_size=64)
+    source = VideoLanguageModel(STABConfig(width=32, heads=4, resolution=112, dropout=0.0), llm,
+                                distill=DistillConfig(layer_stride=2, heads=4), teacher_width=16)  # 3 layers: 4, 2, 0
+    folder = write_release_folder(source, str(tmp_path / "release"), tokenizer)
+    _stab_only_meta(folder, source)
+    with pytest.raises(CheckpointKeyError, match=r"3 layer norms .* stride 4 on this 4-layer LLM picks 2 layers \[4, 0\]"):
+        load_release(folder)
+
+
+@pytest.mark.parametrize("teacher_key", ["model.video_teacher.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                         "model.video_tower_compressor.teacher_layer.vision_model.encoder.layers.0.mlp.fc1.weight"])
+def test_the_teacher_under_either_of_its_release_names_is_skipped_and_reported(source_model, tokenizer, tmp_path,
+                                                                                 teacher_key):
+    folder = write_release_folder(source_model, str(tmp_path / "release"), tokenizer, extra={teacher_key: torch.randn(8, 8)})
+    with open(os.path.join(folder, "panda.json"), "w") as f:
+        json.dump(model_meta(source_model, frames=4), f)
+    model, report = load_release(folder)
+    assert report.unused == [teacher_key] and not report.unexpected and not report.missing
+    for a, b in zip(model.distill_head.state_dict().values(), source_model.distill_head.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_eve_init_skips_the_teacher_inside_its_head(source_model, tokenizer, tmp_path):
+    folder = write_release_folder(source_model, str(tmp_path / "eve"), tokenizer, flavour="eve", model_type="eve",
+                                  extra={"model.vision_tower_compressor.teacher_layer.vision_model.post_layernorm.weight":
+                                         torch.ones(8)})
+    report = apply_eve_state(tiny_video_lm(tokenizer, teacher_width=16, seed=11), read_weights(folder))
+    assert report.unused == ["model.video_tower_compressor.teacher_layer.vision_model.post_layernorm.weight"]
+
+
+def test_release_llm_is_plain_llama_even_when_the_official_wrapper_is_registered(source_model, tokenizer, tmp_path):
+    """With the official package imported beside panda, ``videopanda_llama`` resolves to its wrapper;
+    panda must still build the plain LLaMA inside the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    class OfficialConfig(LlamaConfig):
+        model_type = "videopanda_llama"
+
+    class OfficialWrapper(LlamaForCausalLM):
+        config_class = OfficialConfig
+
+    folder = write_release_folder(source_model, str(tmp_path / "release"), tokenizer)
+    with open(os.path.join(folder, "panda.json"), "w") as f:
+        json.dump(model_meta(source_model, frames=4), f)
+    AutoConfig.register("videopanda_llama", OfficialConfig)
+    AutoModelForCausalLM.register(OfficialConfig, OfficialWrapper)
+    try:
+        assert type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))) is OfficialWrapper
+        model, report = load_release(folder)
+    finally:
+        CONFIG_MAPPING._extra_content.pop("videopanda_llama", None)
+        MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.pop(OfficialConfig, None)
+    assert type(model.llm) is LlamaForCausalLM and not report.missing
+    want_visual, want_logits = _outputs(source_model, tokenizer)
+    assert torch.equal(_outputs(model, tokenizer)[1], want_logits)

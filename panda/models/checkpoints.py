@@ -38,8 +38,12 @@ RELEASE_HEAD_PREFIX = "model.video_tower_compressor."
 EVE_STAB_PREFIX = "model.vision_tower."
 EVE_PROJECTOR_PREFIX = "model.mm_projector."
 EVE_HEAD_PREFIX = "model.vision_tower_compressor."
-# Frozen teachers stored inside release checkpoints: never part of the student.
-TEACHER_PREFIXES = ("model.video_teacher.", "model.image_teacher.")
+# Frozen teachers stored inside release checkpoints: never part of the student. The release registers
+# the teacher twice, the second time inside the head (EVE: inside vision_tower_compressor), and a saved
+# folder may carry it under either name (stab.md §9).
+TEACHER_PREFIXES = ("model.video_teacher.", "model.image_teacher.", RELEASE_HEAD_PREFIX + "teacher_layer.",
+                    EVE_HEAD_PREFIX + "teacher_layer.")
+RELEASE_HEAD_LAYER_STRIDE = 4  # the release's head reads layers L, L-4, ..., whatever L is (stab.md §7)
 # The release's image path shares STAB and projector with the video path (same tensors twice).
 IMAGE_ALIAS_PREFIXES = (EVE_STAB_PREFIX, EVE_PROJECTOR_PREFIX, EVE_HEAD_PREFIX)
 # STAB parts EVE has (patch, frame-query and row embeddings, LSD, FSRA), in panda names
@@ -181,9 +185,10 @@ def read_meta(folder: str) -> dict:
         return json.load(f)
 
 
-def empty_llm_from_config(config, dtype: torch.dtype) -> nn.Module:
-    """A causal LM of ``config`` whose weights are allocated but not randomly initialised (they are
-    loaded next; initialising 7B parameters first would take minutes)."""
+def empty_llm_from_config(config, dtype: torch.dtype, model_class=None) -> nn.Module:
+    """A causal LM of ``config`` (of ``model_class`` when given, else the class transformers maps
+    the config to) whose weights are allocated but not randomly initialised (they are loaded next;
+    initialising 7B parameters first would take minutes)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -191,6 +196,8 @@ def empty_llm_from_config(config, dtype: torch.dtype) -> nn.Module:
     except ImportError:  # pragma: no cover - transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
+        if model_class is not None:
+            return model_class._from_config(config, dtype=dtype)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -199,25 +206,31 @@ def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str
     """The causal LM of a release/EVE/exported folder, built from its ``config.json`` and filled
     from ``state`` (keys ``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``).
 
-    A ``model_type`` transformers does not know (the release's own) is read as a LLaMA config.
+    A ``model_type`` that is not one of transformers' own causal LMs (the release's
+    ``videopanda_llama``, EVE's) is read as a LLaMA config and built as ``LlamaForCausalLM``
+    explicitly: even when the official package, imported in the same process, has registered its
+    own wrapper under that type, the LLM is the plain LLaMA inside it.
     """
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise NotACheckpointError(f"{folder} has no config.json; is it a Hugging Face / Video-Panda checkpoint folder?")
-    try:
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    model_class = None
+    if raw.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config = AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError):
-        with open(cfg_path) as f:
-            raw = json.load(f)
+    else:
         config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")})
-        log.info("%s: model_type %r is not a transformers model; reading it as LLaMA", folder, raw.get("model_type"))
+        model_class = LlamaForCausalLM
+        log.info("%s: model_type %r is not a transformers causal LM; reading it as LLaMA", folder, raw.get("model_type"))
     torch_dtype = getattr(torch, dtype) if dtype else getattr(config, "dtype", None) or torch.float32
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     config._attn_implementation = attn_implementation
-    llm = empty_llm_from_config(config, torch_dtype)  # every tensor is overwritten below
+    llm = empty_llm_from_config(config, torch_dtype, model_class)  # every tensor is overwritten below
     own = llm.state_dict()
     tied = set(getattr(llm, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
     mine = {k: v for k, v in state.items() if k in own}
@@ -258,10 +271,10 @@ def split_state(state: dict[str, torch.Tensor], llm_keys: set[str] | None) -> tu
             (parts["stab"].__setitem__(new, value) if new is not None else report.unexpected.append(key))
         elif key.startswith(RELEASE_PROJECTOR_PREFIX):
             parts["projector"][key[len(RELEASE_PROJECTOR_PREFIX) :]] = value
-        elif key.startswith(RELEASE_HEAD_PREFIX):
-            parts["distill_head"][key[len(RELEASE_HEAD_PREFIX) :]] = value
         elif key.startswith(TEACHER_PREFIXES) or (has_video and key.startswith(IMAGE_ALIAS_PREFIXES)):
             report.unused.append(key)
+        elif key.startswith(RELEASE_HEAD_PREFIX):
+            parts["distill_head"][key[len(RELEASE_HEAD_PREFIX) :]] = value
         else:
             report.unexpected.append(key)
     return parts, report
@@ -420,8 +433,14 @@ def load_release(path: str, stab_cfg=None, dtype: str | None = None, attn_implem
     if head_keys:
         layers = llm.config.num_hidden_layers
         teacher_width = state[RELEASE_HEAD_PREFIX + "input_layer.weight"].shape[0]
-        stride = head_meta.get("layer_stride") or next(
-            (s for s in range(1, layers + 1) if len(range(layers, -1, -s)) == len(head_keys)), 4)
+        stride = head_meta.get("layer_stride") or RELEASE_HEAD_LAYER_STRIDE  # panda exports say theirs
+        picked = list(range(layers, -1, -stride))
+        if len(picked) != len(head_keys):
+            raise CheckpointKeyError(
+                f"{path}: the distillation head has {len(head_keys)} layer norms (norm_layer.*), but layer stride "
+                f"{stride} on this {layers}-layer LLM picks {len(picked)} layers {picked}; the release's head always "
+                f"reads every 4th layer (L, L-4, ..., 0). Is config.json's num_hidden_layers the LLM the head was "
+                f"trained with?")
         distill = DistillConfig(layer_stride=stride, heads=head_meta.get("heads", 8))
     model = VideoLanguageModel(stab_cfg, llm, projector=meta.get("projector", "mlp2x_gelu"), distill=distill,
                                teacher_width=teacher_width)

@@ -41,7 +41,10 @@ class TeacherConfig:
     path: Optional[str] = None  # local folder with the teacher's weights
     random_init: bool = False  # languagebind_video without a folder: an untrained toy teacher (tests, demos)
     feature_layer: int = -2  # hidden-state index (0 = embeddings); -2 = second-to-last layer (release)
-    chunk_size: Optional[int] = None  # frames per temporal chunk (LanguageBind); None = stab.chunk_size
+    # LanguageBind: consecutive frames of one video its temporal attention spans; None = num_frames (the
+    # checkpoint's own grouping, 8 for LanguageBind_Video_merge, as in the release). A video with fewer
+    # frames is one group.
+    chunk_size: Optional[int] = None
     width: int = 1024
     layers: int = 24
     heads: int = 16
@@ -49,7 +52,7 @@ class TeacherConfig:
     image_size: int = 224
     patch_size: int = 14
     hidden_act: str = "gelu"
-    num_frames: int = 8  # temporal embeddings in the checkpoint (a chunk uses the first chunk_size)
+    num_frames: int = 8  # temporal embeddings in the checkpoint (config.num_frames); a group uses the first T
     dtype: str = "float32"
 
 
@@ -144,8 +147,8 @@ class FrozenTeacher(nn.Module):
         """Raise ``ValueError`` naming the key and the fix if ``cfg`` cannot build this teacher."""
 
     @classmethod
-    def from_config(cls, cfg: "TeacherConfig", chunk_size: int) -> "FrozenTeacher":
-        """Build (and load) the teacher ``cfg`` describes; ``chunk_size`` is STAB's."""
+    def from_config(cls, cfg: "TeacherConfig") -> "FrozenTeacher":
+        """Build (and load) the teacher ``cfg`` describes."""
         raise NotImplementedError
 
     def freeze(self) -> "FrozenTeacher":
@@ -214,7 +217,12 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
 
 @register_teacher("languagebind_video")
 class LanguageBindVideoTeacher(FrozenTeacher):
-    """LanguageBind-Video (ViT-L/14 with temporal attention), run on chunks of ``chunk_size`` frames."""
+    """LanguageBind-Video (ViT-L/14 with temporal attention).
+
+    As in the release (stab.md §7), the temporal attention of every layer runs over groups of the
+    checkpoint's ``num_frames`` consecutive frames of one video (all 8 frames of an 8-frame video,
+    temporal embeddings 0-7), not over STAB's chunks; ``teacher.chunk_size`` overrides the group.
+    """
 
     @classmethod
     def check_config(cls, cfg: TeacherConfig) -> None:
@@ -225,9 +233,9 @@ class LanguageBindVideoTeacher(FrozenTeacher):
             )
 
     @classmethod
-    def from_config(cls, cfg: TeacherConfig, chunk_size: int) -> "LanguageBindVideoTeacher":
+    def from_config(cls, cfg: TeacherConfig) -> "LanguageBindVideoTeacher":
         sized = _languagebind_sizes(cfg) if cfg.path else cfg
-        teacher = cls(sized, cfg.chunk_size or chunk_size)
+        teacher = cls(sized)
         if cfg.path:
             from panda.models.checkpoints import read_weights
 
@@ -242,21 +250,23 @@ class LanguageBindVideoTeacher(FrozenTeacher):
             log.info("teacher: loaded %d tensors from %s (skipped towers: %s)", len(mine), cfg.path, skipped or "-")
         return teacher
 
-    def __init__(self, cfg: TeacherConfig, chunk_size: int):
+    def __init__(self, cfg: TeacherConfig, group: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.chunk_size = chunk_size
+        group = self.group = group or cfg.chunk_size or cfg.num_frames  # frames per temporal-attention group
         self.width, self.image_size, self.patch_size = cfg.width, cfg.image_size, cfg.patch_size
         self.depth = _hidden_index(cfg.feature_layer, cfg.layers)  # layers to run
-        if chunk_size > cfg.num_frames:
-            raise ValueError(f"teacher chunk of {chunk_size} frames > its {cfg.num_frames} temporal embeddings")
+        if group > cfg.num_frames:
+            raise ValueError(f"teacher.chunk_size={group} frames > the teacher's {cfg.num_frames} temporal embeddings "
+                             f"(its num_frames)")
         self.vision_model = _VisionModel(cfg)
 
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         B, Fr = pixels.shape[:2]
-        T = self.chunk_size
+        T = min(self.group, Fr)  # a video shorter than the group is one group
         if Fr % T:
-            raise ValueError(f"{Fr} frames do not split into teacher chunks of {T} (teacher.chunk_size)")
+            raise ValueError(f"{Fr} frames per video do not split into the teacher's groups of {T} frames "
+                             f"(its num_frames={self.cfg.num_frames}); set teacher.chunk_size to a divisor of {Fr}")
         vm = self.vision_model
         x = vm.embeddings.patch_embedding(pixels.flatten(0, 1))  # (B*F, 3, r, r) -> (B*F, t, g, g)
         n, d, g, _ = x.shape
@@ -265,7 +275,7 @@ class LanguageBindVideoTeacher(FrozenTeacher):
         x = torch.cat([cls, x], 1) + vm.embeddings.position_embedding.weight[None]
         x = vm.pre_layrnorm(x)
         for layer in vm.encoder.layers[: self.depth]:
-            x = layer(x, T)  # frames (b, f) in order, so each run of T rows is one chunk
+            x = layer(x, T)  # rows are frames (b, f) in order: each run of T rows is one group of one video
         return x[:, 1:].reshape(n, g, g, d)  # drop CLS
 
 
@@ -279,7 +289,7 @@ class HFVisionTeacher(FrozenTeacher):
             raise ValueError("teacher=hf_vision needs teacher.path=/path/to/a/local/vision/model")
 
     @classmethod
-    def from_config(cls, cfg: TeacherConfig, chunk_size: int) -> "HFVisionTeacher":
+    def from_config(cls, cfg: TeacherConfig) -> "HFVisionTeacher":
         return cls(cfg.path, cfg.feature_layer, getattr(torch, cfg.dtype))
 
     def __init__(self, path: str, feature_layer: int = -2, dtype: torch.dtype = torch.float32):
@@ -325,11 +335,11 @@ def _languagebind_sizes(cfg: TeacherConfig) -> TeacherConfig:
     })
 
 
-def build_teacher(cfg: TeacherConfig, chunk_size: int) -> FrozenTeacher | None:
+def build_teacher(cfg: TeacherConfig) -> FrozenTeacher | None:
     """The frozen teacher ``cfg`` names (in ``cfg.dtype``), or ``None`` for ``kind=none``."""
     check_teacher_config(cfg)
     if cfg.kind == "none":
         return None
     if cfg.path is not None and not os.path.isdir(cfg.path):
         raise FileNotFoundError(f"teacher.path={cfg.path} is not a folder")
-    return TEACHERS[cfg.kind].from_config(cfg, chunk_size).to(getattr(torch, cfg.dtype)).freeze()
+    return TEACHERS[cfg.kind].from_config(cfg).to(getattr(torch, cfg.dtype)).freeze()

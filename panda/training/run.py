@@ -146,7 +146,7 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkp
         generate(cfg.data.synthetic, cfg.data.root)
     data_prep_s = time.time() - prep_start
 
-    teacher = build_teacher(cfg.teacher, cfg.stab.chunk_size) if distill_active(cfg) else None
+    teacher = build_teacher(cfg.teacher) if distill_active(cfg) else None
     if teacher is None and cfg.teacher.kind != "none":
         log.info("distill.loss=off: the teacher is not loaded")
     tokenizer = build_tokenizer(cfg)
