@@ -181,7 +181,7 @@ class DataConfig:
     eval_limit: Optional[int] = None  # evaluate on the first N questions only
     batch_size: int = 16
     eval_batch_size: int = 64
-    num_workers: int = 2
+    num_workers: Optional[int] = None  # loader workers per process; None: cores per process - 1 (at most 8)
     sample_fps: float = 1.0
     video_backend: VideoBackend = VideoBackend.auto
     on_bad_record: OnBadRecord = OnBadRecord.skip  # skip (count + list in rejects) | raise
@@ -297,7 +297,7 @@ class EvaluateConfig:
     frames: Optional[int] = None  # None: the checkpoint's (8 for the release)
     batch_size: int = 8
     max_new_tokens: int = 1024  # the release's limit; generation stops at </s>
-    num_workers: int = 2
+    num_workers: Optional[int] = None  # None: cores per process - 1 (at most 8)
     sample_fps: float = 1.0
     device: str = "auto"  # auto: cuda:LOCAL_RANK when there is a GPU, else cpu
     dtype: str = "float32"

@@ -21,8 +21,12 @@ def test_own_videos_from_records_to_a_scored_held_out_split(synthetic_root, tmp_
     assert (shards / "rejects.jsonl").exists() and json.loads((shards / "stats.json").read_text())
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny_overrides(synthetic_root) if not o.startswith(("data.root", "data.synthetic"))]
-    run_cli(["train.py", "data=valley", f"data.root={shards}", f"data.eval_qa={qa}", f"llm.tokenizer={tokenizer}",
-             "trainer.max_steps=3", f"hydra.run.dir={run_dir}", *overrides])
+    proc = run_cli(["train.py", "data=valley", f"data.root={shards}", f"data.eval_qa={qa}", f"llm.tokenizer={tokenizer}",
+                    "trainer.max_steps=3", f"hydra.run.dir={run_dir}", *overrides])
+    console = proc.stdout + proc.stderr  # quiet: no library tips, no Lightning deprecation, one parameter table
+    for noise in ("Tip:", "LeafSpec", "estimate number of stepping batches", "Total estimated model params size"):
+        assert noise not in console, noise
+    assert "trainable" in console
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train/steps"] == 3 and summary["eval/num_questions"] == 6 and summary["eval/judged"] == 6
     assert len((run_dir / "heldout" / "predictions.jsonl").read_text().splitlines()) == 6

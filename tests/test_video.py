@@ -88,3 +88,15 @@ def test_canvas_is_normalised_mean_and_mask_marks_the_frame():
     assert mask[0, 84:336].min() == 1 and mask[0, :84].max() == 0 and mask[0, 336:].max() == 0
     assert pixels[0, :, :84].abs().max() == 0  # canvas = mean -> 0 after normalising
     assert pixels[0, :, 84:336].min() > 1.0  # white, normalised
+
+
+def test_decord_native_messages_stay_off_the_terminal_and_end_up_in_the_error(tmp_path, make_video, capfd):
+    """decord's C++ logger and FFmpeg write straight to file descriptor 2; a corrupt file must give
+    one clear error and no native lines on the console."""
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes(open(make_video(frames=16), "rb").read()[-900:])  # no header: the moov atom is gone
+    with pytest.raises(VideoDecodeError, match=r"cut\.mp4.*decord: RuntimeError: ERROR opening") as err:
+        decode_video(truncated, 4, backend="decord")
+    assert "video_reader.cc" not in err.value.reason
+    console = capfd.readouterr()
+    assert "ERROR opening" not in console.err and "moov atom" not in console.err and console.err == ""

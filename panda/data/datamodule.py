@@ -24,11 +24,21 @@ def resolve(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, pad_token_id: int, batch_sampler: Sampler | None = None,
+def auto_workers() -> int:
+    """Loader workers per process from the machine: the cores this process gets (cores / processes
+    on the node) minus one for the training loop, at most 8 (decoding scales no further)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, processes) - 1))
+
+
+def make_loader(dataset, batch_size: int, num_workers: int | None, pad_token_id: int, batch_sampler: Sampler | None = None,
                 unk_token_id: int | None = None) -> DataLoader:
     """The DataLoader of every panda dataset (training, held-out QA, evaluate.py): padding collator,
     failed samples reported by the collator, workers that also start inside sweep workers.
-    With a ``batch_sampler`` (training) the batches are its; otherwise ``batch_size`` in order."""
+    With a ``batch_sampler`` (training) the batches are its; otherwise ``batch_size`` in order.
+    ``num_workers=None`` picks :func:`auto_workers`."""
+    num_workers = auto_workers() if num_workers is None else num_workers
     context = None
     if num_workers > 0 and sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
         # inside joblib/loky sweep workers the default start method cannot start loader workers; fork can

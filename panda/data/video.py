@@ -7,9 +7,11 @@ the file, so callers catch one type.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Union
 
@@ -65,10 +67,41 @@ def _open(source):
     return io.BytesIO(source) if isinstance(source, (bytes, memoryview)) else source
 
 
+_DECORD_QUIET = False
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Sends what native code writes to file descriptor 2 (decord's C++ ``ERROR opening ...`` lines)
+    into a buffer instead of the terminal; yields a function that returns what was written. The
+    failure itself still raises, and the caller puts the reason in its error message."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr descriptor: nothing to keep quiet
+        yield lambda: ""
+        return
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield lambda: (buffer.seek(0), buffer.read().decode("utf-8", "replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _decode_decord(source, frames: int, sample_fps: float) -> DecodedVideo:
     import decord
 
-    reader = decord.VideoReader(_open(source), num_threads=1)
+    global _DECORD_QUIET
+    if not _DECORD_QUIET:  # FFmpeg's own messages ("[h264 @ 0x...] ...") stay off the terminal; errors raise
+        decord.logging.set_level(decord.logging.QUIET)
+        _DECORD_QUIET = True
+    with _native_stderr_captured() as native:
+        try:
+            reader = decord.VideoReader(_open(source), num_threads=1)
+        except Exception as exc:
+            said = [line.split(": ", 1)[-1] for line in native().strip().splitlines() if line.strip()]
+            raise RuntimeError(said[-1] if said else str(exc)) from exc
     n = len(reader)
     fps = float(reader.get_avg_fps())
     idx = sample_frame_indices(n, fps, frames, sample_fps)

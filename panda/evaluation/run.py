@@ -59,7 +59,8 @@ def read_predictions(folder: str) -> dict[str, dict]:
 
 def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline,
                          template: ConversationTemplate,
-                         batch_size: int, max_new_tokens: int, num_workers: int, rank: int = 0, world: int = 1) -> int:
+                         batch_size: int, max_new_tokens: int, num_workers: int | None, rank: int = 0,
+                         world: int = 1) -> int:
     """Generate what is missing from this rank's slice; returns how many generations ran."""
     os.makedirs(folder, exist_ok=True)
     done = {uid for uid, row in read_predictions(folder).items() if "prediction" in row}
@@ -238,7 +239,7 @@ def judge_benchmark(bench: Benchmark, folder: str, rows: dict[str, dict], judge)
 
 
 def run_benchmark(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: ConversationTemplate,
-                  judge, batch_size: int, max_new_tokens: int, num_workers: int) -> dict:
+                  judge, batch_size: int, max_new_tokens: int, num_workers: int | None) -> dict:
     """Generate what is missing and judge, in one process: the held-out split of a training run
     goes through here, the same path as ``evaluate.py``."""
     generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, batch_size, max_new_tokens, num_workers)

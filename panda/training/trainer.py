@@ -33,6 +33,22 @@ log = logging.getLogger(__name__)
 # Lightning cannot see that the data module restores the loader position itself (EpochBatchSampler
 # + VideoDataModule.state_dict); its mid-epoch warning does not apply to panda runs
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+# a Lightning-internal deprecation (its own pytree helper), repeated on every run: nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's advertising tips and the dataloader-length notice from the console."""
+
+    NOISE = ("\U0001f4a1 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.NOISE)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_QuietLightning())
 
 
 def count_devices(devices, accelerator: str) -> int:
@@ -225,6 +241,7 @@ def build_trainer(cfg: TrainConfig, derived: Derived, run_dir: str, logger, call
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=derived.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps, fast_dev_run=t.fast_dev_run, overfit_batches=t.overfit_batches,
         deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar, default_root_dir=run_dir,
+        enable_model_summary=False,  # panda prints its own per-part parameter table (PandaModule.on_fit_start)
         logger=logger, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the data module's EpochBatchSampler splits ranks itself
         **extra,
