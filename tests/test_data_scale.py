@@ -48,6 +48,9 @@ def test_prepare_sorts_the_bad_video_zoo(zoo, tmp_path):
     assert {rid: codes[0] for rid, codes in got.items()} == want  # each bad record, with its own reason
     assert all(len(codes) == 1 for codes in got.values())
     assert {r["path"] for r in rejects if r["code"] == "missing"} == {os.path.join(root, "videos", "not_there.mp4")}
+    missing = next(r for r in rejects if r["code"] == "missing")
+    assert "--video-root" in missing["reason"] and "data.video_root" not in missing["reason"]
+    assert all(r["source"] and "records.json#" in r["source"] for r in rejects)  # video rejects too: file#index
     assert all(r["source"].endswith(f"records.json#{i}") for i, r in
                [(18, next(r for r in rejects if r["id"] == "badrec"))])  # record rejects name file and index
 

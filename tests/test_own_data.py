@@ -72,3 +72,12 @@ def test_real_data_without_a_root_names_the_folder_it_needs():
         to_train_config(compose(["data=valley"]))
     with pytest.raises(ValueError, match=r"data\.root=/path/to/DATA_ROOT: the folder the record files"):
         to_train_config(compose(["data=json"]))
+
+
+def test_raw_records_given_as_shards_are_recognised(synthetic_root):
+    from panda.data.shards import ShardFormatError, ShardSource
+
+    records = os.path.join(synthetic_root, "train", "train_json", "synthetic_train.json")
+    for wrong in (records, os.path.join(synthetic_root, "train")):
+        with pytest.raises(ShardFormatError, match=r"holds raw data .*synthetic_train\.json.*panda\.data\.prepare.*data=json"):
+            ShardSource.open("mine", wrong)

@@ -175,10 +175,16 @@ def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: P
         try:
             sample, meta, nbytes = make_sample(video, records, opts)
         except VideoDecodeError as exc:
-            result.rejects += [{"id": r.id, "path": path, "code": exc.code, "reason": exc.reason} for r in records]
+            reason = exc.reason
+            if exc.code == "missing":  # prepare's own flag, not training's data.video_root
+                reason = (f"file not found: --video-root {opts.video_root} + the record's 'video' {video!r}; "
+                          "check --video-root")
+            result.rejects += [{"id": r.id, "path": path, "code": exc.code, "reason": reason, "source": r.source}
+                               for r in records]
         except Exception as exc:  # a bug or an exotic file: reject it, name it, keep going
             reason = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-            result.rejects += [{"id": r.id, "path": path, "code": "undecodable", "reason": reason} for r in records]
+            result.rejects += [{"id": r.id, "path": path, "code": "undecodable", "reason": reason, "source": r.source}
+                               for r in records]
         else:
             writer.add_item(len(result.kept), sample)
             result.kept.append({"ids": [r["id"] for r in meta["records"]],
@@ -313,7 +319,7 @@ def prepare(opts: PrepareOptions) -> dict:
         finished[res.part] = res
     bar.close()
     results = [finished[p] for p, _ in parts]
-    video_rejects = [dict(r, source=None) for res in results for r in res.rejects]
+    video_rejects = [r for res in results for r in res.rejects]
     rejects = record_rejects + video_rejects
     with open(os.path.join(opts.output, "rejects.jsonl"), "w", encoding="utf-8") as f:
         for r in rejects:

@@ -29,6 +29,7 @@ class VideoRecord:
     video: str  # path relative to the video root
     turns: list[tuple[str, str]]  # [(question, answer), ...]; question 0 holds "<video>" once
     meta: dict = field(default_factory=dict)  # unknown extra fields, kept
+    source: str = ""  # "annotation file#record index": where the record came from
 
 
 def normalize_conversation(conversations, source="<records>", index=0) -> list[tuple[str, str]]:
@@ -167,6 +168,7 @@ class RecordReader:
         if isinstance(raw, dict) and isinstance(raw.get("video"), str) and raw.get("conversations") in ([], None, ""):
             raise RecordError(path, index, "'conversations' is empty", code="empty_conversation")
         rec = parse_record(raw, path, index)
+        rec.source = f"{path}#{index}"
         if rec.id in self.seen:
             raise RecordError(path, index, f"duplicate id {rec.id!r} (its first record is kept)", code="duplicate_id")
         self.seen.add(rec.id)

@@ -49,9 +49,35 @@ def _fetch(path: str, name: str, dest: str) -> str:
     return dest
 
 
+def _raw_data_in(path: str) -> tuple[list[str], int]:
+    """(annotation .json files, video files) that ``path`` is or directly holds: raw data, not shards."""
+    from panda.data.datasets import VIDEO_EXTENSIONS
+
+    if os.path.isfile(path):
+        return ([path] if path.endswith(".json") else []), int(path.lower().endswith(VIDEO_EXTENSIONS))
+    if not os.path.isdir(path):
+        return [], 0
+    names, videos = [], 0
+    for dirpath, _, files in os.walk(path):
+        if dirpath.count(os.sep) - path.count(os.sep) > 2:  # records/videos sit near the top; no full walk
+            continue
+        names += [os.path.join(dirpath, f) for f in files if f.endswith(".json") and f != INDEX_FILE]
+        videos += sum(1 for f in files if f.lower().endswith(VIDEO_EXTENSIONS))
+    return sorted(names), videos
+
+
 def _read_local(path: str, name: str) -> dict:
     local = os.path.join(path, name)
     if not os.path.exists(local):
+        records, videos = _raw_data_in(path)
+        if records or videos:
+            found = ", ".join(filter(None, [f"annotation file(s) {records[:3]}" if records else "",
+                                            f"{videos} video file(s)" if videos else ""]))
+            raise ShardFormatError(
+                f"{path} holds raw data ({found}), not prepared shards: run `python -m panda.data.prepare "
+                f"--records {records[0] if records else 'RECORDS.json'} --video-root VIDEO_FOLDER --output SHARDS` and "
+                f"set data.root=SHARDS, or train on the raw files with data=json data.root=FOLDER "
+                f"data.train_records=[RECORDS.json] data.video_root=VIDEOS (see the README: Train on your own videos)")
         hint = ("run `python -m panda.data.prepare --records ... --video-root ... --output "
                 f"{path}` first" if not os.path.isdir(path) or not os.listdir(path) else
                 "an interrupted prepare? rerun it with --resume")
