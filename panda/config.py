@@ -244,6 +244,11 @@ class LoggerConfig:
     group: Optional[str] = None
     offline: Optional[bool] = None  # wandb: None = offline unless an API key is configured
     tags: list[str] = field(default_factory=list)
+    # every N optimiser steps, with a held-out split (data.eval_qa): val/loss on its first val_loss_items
+    # questions, and greedy answers to the first table_items in samples/ (and a wandb table); 0: off
+    val_every_n_steps: int = 200
+    val_loss_items: int = 16
+    table_items: int = 4
 
 
 @dataclass

@@ -30,6 +30,30 @@ def experiment_choice() -> str | None:
         return None
 
 
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+# overrides that say where a run lives or how it logs, not what it trains: left out of its name
+_NOT_IN_NAME = ("hydra.", "run_dir=", "runs_root=", "data.root=", "logger", "ckpt_path=", "resume=", "experiment=",
+                "trainer.enable_progress_bar=",
+                "data.num_workers=", "data.eval_", "data.synthetic=")
+
+
+def run_name(name: str) -> str:
+    """A dashboard name that says what the run is: the experiment (or ``name`` when it is not the
+    default) and the overrides that change what it trains, e.g. ``ablation/no_fsra frames=8 seed=2``."""
+    base = experiment_choice() if name == "default" and experiment_choice() else name
+    extra = [o for o in hydra_overrides() if not o.lstrip("+~").startswith(_NOT_IN_NAME)]
+    return " ".join([base, *extra])[:128]
+
+
 def run_dir_of(cfg, default: str = "outputs/run") -> str:
     """The run directory: Hydra's output dir under Hydra, else ``cfg.run_dir`` (or ``default``)."""
     try:
@@ -45,14 +69,7 @@ def resume_command(run_dir: str) -> str:
     this run's own overrides (under Hydra) with the run dir fixed and ``ckpt_path=last``."""
     import shlex
 
-    overrides = []
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not under Hydra
-        pass
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("ckpt_path=", "resume=", "hydra.run.dir=", "run_dir="))]
+    keep = [o for o in hydra_overrides() if not o.lstrip("+~").startswith(("ckpt_path=", "resume=", "hydra.run.dir=", "run_dir="))]
     return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])
 
 

@@ -109,19 +109,30 @@ def test_multirun_sweeps_ablations_and_frames_from_the_cli(synthetic_root, tmp_p
         ("ablation_no_fsra", 4), ("ablation_no_fsra", 8), ("ablation_no_gstra", 4), ("ablation_no_gstra", 8)]
 
 
-def test_wandb_logger_runs_offline_with_config_and_parameter_counts(synthetic_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["logger=wandb", "logger.kind=wandb", "trainer.max_steps=3", "trainer.log_every_n_steps=1"])
-    summary = train(cfg)
-    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+def test_wandb_run_a_lab_would_use(synthetic_root, tmp_path):
+    """Offline wandb: config with command line, overrides and commit; a name from the experiment and
+    overrides; grad norm and learning rate per step; val/loss and a samples table with frames during
+    training, whose images also land in the run folder."""
+    run_dir = tmp_path / "run"
+    run_cli(["train.py", "experiment=ablation/no_fsra", "seed=3", *tiny_overrides(synthetic_root), "logger=wandb",
+             "logger.kind=wandb", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "logger.val_every_n_steps=2",
+             "logger.val_loss_items=4", "logger.table_items=2", f"hydra.run.dir={run_dir}"],
+            env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""})
+    summary = json.loads((run_dir / "summary.json").read_text())
+    runs = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     # an offline run keeps config and history in its .wandb record file (what `wandb sync` uploads)
     (record,) = glob.glob(os.path.join(runs[0], "*.wandb"))
     data = open(record, "rb").read()
-    for needle in (b"params/stab", str(summary["params/stab"]).encode(), b"train/loss", b"eval/accuracy", b"use_fsra"):
+    for needle in (b"params/stab", str(summary["params/stab"]).encode(), b"train/loss", b"eval/accuracy", b"use_fsra",
+                   b"optim/grad_norm", b"lr/vision", b"val/loss", b"samples", b"git_commit", b"train.py",
+                   b"ablation/no_fsra seed=3"):
         assert needle in data, needle
+    samples = sorted((run_dir / "samples").glob("*.jsonl"))
+    assert [p.name for p in samples] == ["step000002.jsonl", "step000004.jsonl"]
+    rows = [json.loads(line) for line in samples[-1].read_text().splitlines()]
+    assert len(rows) == 2 and all((run_dir / "samples" / r["frames"]).is_file() for r in rows)
+    assert {"question", "answer", "prediction"} <= set(rows[0])
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from panda.models.teachers import build_teacher
 from panda.runs import experiment_choice, git_commit, print_summary, resume_command, run_dir_of
 from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_complete
 from panda.training.module import PandaModule
+from panda.training.monitor import HeldOutMonitor
 from panda.training.trainer import (
     build_callbacks,
     build_logger,
@@ -162,12 +163,31 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkp
     module = PandaModule(model, cfg, derived, teacher=teacher)
     logger = build_logger(cfg, run_dir, model.parameter_counts(), resume_step=checkpoint["global_step"] if checkpoint else None)
     callbacks, tracker, interrupt = build_callbacks(cfg, os.path.join(run_dir, "checkpoints"))
+    callbacks += heldout_monitor(cfg, tokenizer, derived, run_dir)
     trainer = build_trainer(cfg, derived, run_dir, logger, callbacks)
     datamodule = build_datamodule(cfg, tokenizer, derived, rejects_path=os.path.join(run_dir, "rejects.jsonl"))
     if checkpoint is not None:  # before fit: FSDP starts (and workers prefetch from) the loader before it restores
         datamodule.preload_position(checkpoint)
     return Session(cfg, derived, run_dir, resume_from, tokenizer, module, datamodule, trainer, tracker, interrupt, logger,
                    data_prep_s)
+
+
+def heldout_monitor(cfg: TrainConfig, tokenizer, derived: Derived, run_dir: str) -> list:
+    """The validation-loss and samples-table callback, when the run has a held-out split."""
+    if cfg.logger.val_every_n_steps <= 0 or not cfg.data.eval_qa:
+        return []
+    try:
+        bench = load_benchmark(BenchmarkConfig(name=HELDOUT_DIR, root=cfg.data.root, qa_dir=cfg.data.eval_qa,
+                                               limit=max(cfg.logger.val_loss_items, cfg.logger.table_items)))
+    except (OSError, ValueError) as exc:  # the end-of-run evaluation reports a missing split in full
+        log.warning("no held-out validation during training: %s", exc)
+        return []
+    return [HeldOutMonitor(bench.qa, bench.video_dir, tokenizer,
+                           get_template(cfg.model.template, str(cfg.model.tokenization)),
+                           get_template(cfg.model.eval_template, str(cfg.model.tokenization)),
+                           frame_pipeline(cfg, derived, with_teacher=distill_active(cfg)), cfg.model.max_length,
+                           cfg.stab.max_tokens_per_frame(), cfg.logger.val_every_n_steps, cfg.logger.val_loss_items,
+                           cfg.logger.table_items, os.path.join(run_dir, "samples"))]
 
 
 def fit(s: Session) -> float:

@@ -6,6 +6,8 @@ import csv
 import glob
 import logging
 import os
+import shlex
+import sys
 import warnings
 
 import lightning as L
@@ -15,7 +17,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from panda.config import Derived, TrainConfig, to_plain
-from panda.runs import wandb_offline
+from panda.runs import git_commit, hydra_overrides, run_name, wandb_offline
 from panda.training.callbacks import (
     COMPLETE_MARKER,
     FSDPAudit,
@@ -27,6 +29,7 @@ from panda.training.callbacks import (
     ThroughputMonitor,
     read_marker,
 )
+from panda.training.monitor import GradNormLogger
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +212,11 @@ def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_
         run_id = secrets.token_hex(6)  # wandb run ids: lower-case letters and digits
         with open(id_file, "w") as f:
             f.write(run_id)
-    return WandbLogger(id=run_id, resume="allow", project=cfg.logger.project, group=cfg.logger.group, name=cfg.name,
-                       tags=list(cfg.logger.tags), save_dir=run_dir, offline=offline, config=to_plain(cfg) | parameter_counts)
+    # logged once, with what made the run: the command line, its overrides and the commit
+    provenance = {"command": " ".join(map(shlex.quote, sys.argv)), "overrides": hydra_overrides(), "git_commit": git_commit()}
+    return WandbLogger(id=run_id, resume="allow", project=cfg.logger.project, group=cfg.logger.group,
+                       name=run_name(cfg.name), tags=list(cfg.logger.tags), save_dir=run_dir, offline=offline,
+                       config=to_plain(cfg) | parameter_counts | provenance)
 
 
 def build_callbacks(cfg: TrainConfig, ckpt_dir: str) -> tuple[list, LossTracker, GracefulInterrupt]:
@@ -218,7 +224,7 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: str) -> tuple[list, LossTracker,
     tracker, interrupt = LossTracker(), GracefulInterrupt()
     checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1)
-    callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(), LearningRateLogger()]
+    callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(), LearningRateLogger(), GradNormLogger()]
     if cfg.trainer.strategy == "fsdp":
         callbacks += [NormStatisticsSync(), FSDPAudit()]
     return callbacks, tracker, interrupt
