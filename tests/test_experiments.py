@@ -44,11 +44,16 @@ def test_collector_tables_plots_and_keeps_failed_runs(tmp_path):
     summary = {(s["variant"], s["frames"]): s for s in summarise(rows)}
     full = summary[("full", 4)]
     assert full["runs_ok"] == 2 and full["accuracy_mean"] == pytest.approx(0.70) and full["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
-    assert summary[("no_temporal", 4)]["runs_failed"] == 1 and summary[("no_temporal", 4)]["accuracy_std"] == 0.0
+    assert summary[("no_temporal", 4)]["runs_failed"] == 1 and summary[("no_temporal", 4)]["accuracy_std"] is None
     assert summary[("full", 8)]["accuracy_mean"] == pytest.approx(0.80)
-    from panda.experiments.collect import ablation_frames
+    from panda.experiments.collect import bar_groups, frame_lines
 
-    assert ablation_frames(summarise(rows)) == 4  # the variant plot compares variants at their shared frame count
+    # every frame count is a group of the variant plot, with the full model's mean as its baseline
+    groups = bar_groups(summarise(rows))
+    assert [(f, [v for v, _, _ in bars], base) for f, bars, base in groups] == [
+        (4, ["full", "no_temporal"], pytest.approx(0.70)), (8, ["full"], pytest.approx(0.80))]
+    assert groups[0][1][1][2] is None  # one run of no_temporal: no error bar
+    assert list(frame_lines(summarise(rows))) == ["full"]  # the only variant with several frame counts
 
     out = tmp_path / "out"
     assert main([str(multirun), "--out", str(out), "--chance", "0.25"]) == 0
@@ -57,10 +62,43 @@ def test_collector_tables_plots_and_keeps_failed_runs(tmp_path):
     assert len(table) == 6 and [r["status"] for r in table].count("failed") == 1
     assert table[0]["git_commit"] == "abc123" and table[0]["frames"] == "4" and table[0]["train_wall_s"] == "60.0"
     table_md = (out / "summary.md").read_text()
-    assert "| full | 4 | 2 / 0 | 0.700 ± 0.141 |" in table_md and "| no_temporal | 4 | 1 / 1 | 0.250 ± 0.000 |" in table_md
+    assert "| full | 4 | 2 / 0 | 0.700 ± 0.141 |" in table_md and "| no_temporal | 4 | 1 / 1 | 0.250 (1 run) |" in table_md
+    assert "± 0.000" not in table_md
     for png in ("accuracy_by_variant.png", "accuracy_by_frames.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_variant_plot_without_the_baseline_says_so_and_frames_plot_covers_every_variant(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from panda.experiments import collect
+
+    multirun = tmp_path / "multirun"
+    for num, (experiment, frames) in enumerate([("ablation/no_fsra", 4), ("ablation/no_fsra", 8),
+                                                ("ablation/no_gstra", 4), ("ablation/no_gstra", 8)]):
+        _job(multirun, num, experiment, 0, frames, 0.5 + 0.05 * num)
+    summary = collect.summarise(collect.collect_runs(str(multirun)))
+    titles, legends = [], []
+    savefig = plt.Figure.savefig
+
+    def record(fig, *args, **kwargs):  # what each saved figure says, from the real figure
+        ax = fig.axes[0]
+        titles.append(ax.get_title())
+        legends.append([t.get_text() for t in ax.get_legend().get_texts()])
+        return savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = record
+    try:
+        written = collect.plot(summary, str(tmp_path))
+    finally:
+        plt.Figure.savefig = savefig
+    assert [os.path.basename(p) for p in written] == ["accuracy_by_variant.png", "accuracy_by_frames.png"]
+    assert "no baseline: experiment=ablation/full is not in this sweep" in titles[0]
+    assert legends[1] == ["no_fsra", "no_gstra"]  # one line per variant that ran at several frame counts
 
 
 @pytest.mark.parametrize("experiment", STUDY)

@@ -10,7 +10,9 @@ Reads only local files (``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``sum
   counts, git commit;
 - ``summary.csv`` and ``summary.md`` — per variant: runs ok / failed, mean ± sample std of each
   accuracy, mean wall time per run;
-- ``accuracy_by_variant.png`` and ``accuracy_by_frames.png`` — means with ±1 std error bars.
+- ``accuracy_by_variant.png`` (one group of bars per frame count, the ``full`` baseline dashed, or a
+  note that the sweep lacks it) and ``accuracy_by_frames.png`` (one line per variant run at several
+  frame counts) — means, with ±1 std error bars only where there are several seeds.
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ def collect_runs(multirun_dir: str) -> list[dict]:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std; the std is None for a single run (one run has no spread to show)."""
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -118,7 +121,9 @@ def markdown(summary: list[dict], rows: list[dict]) -> str:
 
     def cell(s, m):
         mean, std = s[f"{m}_mean"], s[f"{m}_std"]
-        return "–" if mean is None else f"{mean:.3f} ± {std:.3f}"
+        if mean is None:
+            return "–"
+        return f"{mean:.3f} (1 run)" if std is None else f"{mean:.3f} ± {std:.3f}"
 
     lines = ["| variant | frames | runs ok / failed | accuracy | motion | appearance | wall s / run |", "|---|---|---|---|---|---|---|"]
     for s in summary:
@@ -137,15 +142,35 @@ def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
-def ablation_frames(summary: list[dict]):
-    """The frame count the ablation variants ran at: the one shared by the most variants."""
-    counts: dict = {}
-    for s in summary:
-        counts[s["frames"]] = counts.get(s["frames"], 0) + 1
-    return max(counts, key=lambda f: (counts[f], f == 4)) if counts else None
+BASELINE = "full"  # the variant the ablations are compared with (experiment=ablation/full)
+
+
+def bar_groups(summary: list[dict], metric: str = "accuracy") -> list[tuple]:
+    """What ``accuracy_by_variant.png`` draws: ``[(frames, [(variant, mean, std or None), ...],
+    baseline mean or None), ...]``, one group per frame count, the baseline variant first."""
+    done = [s for s in summary if s[f"{metric}_mean"] is not None]
+    variants = sorted({s["variant"] for s in done}, key=lambda v: (v != BASELINE, v))
+    frame_counts = sorted({s["frames"] for s in done}, key=lambda f: (f is None, f or 0))
+    by_key = {(s["variant"], s["frames"]): s for s in done}
+    return [(f, [(v, by_key[(v, f)][f"{metric}_mean"], by_key[(v, f)][f"{metric}_std"]) for v in variants if (v, f) in by_key],
+             by_key[(BASELINE, f)][f"{metric}_mean"] if (BASELINE, f) in by_key else None) for f in frame_counts]
+
+
+def frame_lines(summary: list[dict], metric: str = "accuracy") -> dict[str, list[tuple]]:
+    """What ``accuracy_by_frames.png`` draws: ``{variant: [(frames, mean, std or None), ...]}`` for
+    every variant that ran at several frame counts."""
+    lines: dict[str, list[tuple]] = {}
+    for s in sorted(summary, key=lambda s: s["frames"] or 0):
+        if s[f"{metric}_mean"] is not None and s["frames"] is not None:
+            lines.setdefault(s["variant"], []).append((s["frames"], s[f"{metric}_mean"], s[f"{metric}_std"]))
+    return {v: pts for v, pts in sorted(lines.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])) if len(pts) > 1}
 
 
 def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: float | None = None) -> list[str]:
+    """``accuracy_by_variant.png``: one group of bars per frame count, one bar per variant (error
+    bars only where there are several runs), the baseline variant's mean as a dashed line in each
+    group (or a note when the sweep has none); ``accuracy_by_frames.png``: one line per variant
+    that ran at several frame counts. Legends sit outside the axes."""
     try:
         import matplotlib
 
@@ -154,41 +179,62 @@ def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: fl
     except ImportError as exc:  # pragma: no cover
         raise SystemExit("plots need matplotlib: pip install -e '.[dev]'") from exc
     written = []
-    default_frames = ablation_frames(summary)
-    variants = [s for s in summary if s["frames"] == default_frames and s[f"{metric}_mean"] is not None]
-    if variants:
-        fig, ax = plt.subplots(figsize=(1.1 * len(variants) + 2, 3.6))
-        ax.bar([s["variant"] for s in variants], [s[f"{metric}_mean"] for s in variants],
-               yerr=[s[f"{metric}_std"] for s in variants], capsize=4, color="#4c72b0")
+    groups, lines = bar_groups(summary, metric), frame_lines(summary, metric)
+    variants = list(dict.fromkeys(v for _, bars, _ in groups for v, _, _ in bars))
+    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    labelled: set[str] = set()
+
+    def label(name: str) -> str | None:  # each legend entry once
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
+    if groups:
+        width = 0.8 / max(1, max(len(bars) for _, bars, _ in groups))
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * sum(len(b) for _, b, _ in groups) + 3), 3.8))
+        for g, (frames, bars, baseline) in enumerate(groups):
+            for k, (v, mean, std) in enumerate(bars):
+                x = g - 0.4 + width * (k + 0.5)
+                ax.bar(x, mean, width * 0.9, color=colours[v], label=label(v))
+                if std is not None:
+                    ax.errorbar(x, mean, yerr=std, color="black", capsize=3, lw=1)
+            if baseline is not None:
+                ax.hlines(baseline, g - 0.45, g + 0.45, colors="black", linestyles="--", lw=1,
+                          label=label(f"baseline ({BASELINE})"))
         if chance is not None:
-            ax.axhline(chance, ls="--", c="grey", lw=1, label=f"chance {chance:.2f}")
-            ax.legend(loc="lower right")
-        ax.set_ylabel(f"held-out {metric} (mean ± std over seeds)")
+            ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
+        ax.set_xticks(range(len(groups)), [f"{f} frames" for f, _, _ in groups])
+        ax.set_ylabel(f"held-out {metric}\n(mean; ± std where several seeds)")
         ax.set_ylim(0, 1)
-        ax.set_title(f"ablations at {default_frames} frames")
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        title = "ablations by frame count"
+        if all(baseline is None for _, _, baseline in groups):
+            title += f"\n(no baseline: experiment=ablation/{BASELINE} is not in this sweep)"
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # outside: covers no bar
         fig.tight_layout()
         path = os.path.join(out_dir, "accuracy_by_variant.png")
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
-    frames = sorted((s for s in summary if s["variant"] == "full" and s[f"{metric}_mean"] is not None), key=lambda s: s["frames"])
-    if len(frames) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        ax.errorbar([s["frames"] for s in frames], [s[f"{metric}_mean"] for s in frames],
-                    yerr=[s[f"{metric}_std"] for s in frames], marker="o", capsize=4)
+    if lines:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for v, pts in lines.items():
+            ax.errorbar([f for f, _, _ in pts], [m for _, m, _ in pts], yerr=[sd or 0.0 for _, _, sd in pts],
+                        marker="o", capsize=4, color=colours.get(v), label=v)
         if chance is not None:
-            ax.axhline(chance, ls="--", c="grey", lw=1, label=f"chance {chance:.2f}")
-            ax.legend(loc="lower right")
+            ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
+        ticks = sorted({f for pts in lines.values() for f, _, _ in pts})
         ax.set_xscale("log", base=2)
-        ax.set_xticks([s["frames"] for s in frames], [str(s["frames"]) for s in frames])
+        ax.set_xticks(ticks, [str(f) for f in ticks])
         ax.set_xlabel("frames per video")
         ax.set_ylabel(f"held-out {metric}")
         ax.set_ylim(0, 1)
-        ax.set_title("full model by frame count")
+        ax.set_title("by frame count (variants run at several)", fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         path = os.path.join(out_dir, "accuracy_by_frames.png")
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
@@ -218,7 +264,7 @@ def main(argv=None) -> int:
     print(f"{len(rows)} runs ({len(failed)} failed) -> {args.out}/results.csv, summary.csv, {', '.join(os.path.basename(p) for p in plots)}")
     for s in summary:
         mean, std = s[f"{args.metric}_mean"], s[f"{args.metric}_std"]
-        shown = "–" if mean is None else f"{mean:.3f} ± {std:.3f}"
+        shown = "–" if mean is None else (f"{mean:.3f} (1 run)" if std is None else f"{mean:.3f} ± {std:.3f}")
         print(f"  {s['variant']:<16} {s['frames']!s:>3} frames  {args.metric} {shown}  (ok {s['runs_ok']}, failed {s['runs_failed']})")
     for r in failed:
         print(f"  FAILED job {r['job']} ({r['experiment']}, seed {r['seed']}): {r['error']}")
