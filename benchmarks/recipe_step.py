@@ -32,7 +32,7 @@ def release_counts() -> dict[str, int]:
                                            intermediate_size=11008, tie_word_embeddings=False))
         from panda.models.teachers import LanguageBindVideoTeacher, TeacherConfig
 
-        teacher = LanguageBindVideoTeacher(TeacherConfig(kind="languagebind_video", random_init=True), chunk_size=4)
+        teacher = LanguageBindVideoTeacher(TeacherConfig(kind="languagebind_video", random_init=True))
     counts = {"stab": count_parameters(stab), "projector": count_parameters(projector),
               "distill_head": count_parameters(head), "llm_7b": count_parameters(llm),
               "teacher (frozen)": count_parameters(teacher)}
@@ -57,7 +57,7 @@ def tiny_step_times(steps: int, threads: int) -> dict[str, float]:
     labels[:, : 1 + Fr] = -100
     attn = torch.ones_like(ids)
     teacher = LanguageBindVideoTeacher(TeacherConfig(kind="languagebind_video", random_init=True, width=32, layers=2, heads=4,
-                                                     intermediate_size=64, image_size=56, patch_size=14), chunk_size=4).freeze()
+                                                     intermediate_size=64, image_size=56, patch_size=14), group=4).freeze()
 
     def build(distil: bool, checkpointing: bool):
         torch.manual_seed(0)

@@ -1,0 +1,155 @@
+"""The planner (``python -m panda.plan``) against measurements on this CPU.
+
+    python benchmarks/plan_vs_measured.py
+
+For models of increasing size (LLaMA 128 -> 1024 wide, 4 -> 12 layers; a tiny and a wider STAB;
+with and without activation checkpointing; LLM trained or frozen), one process runs real training
+steps (forward, backward, AdamW) on fixed-length batches — every sample ``text`` positions with
+``frames`` square frames at full resolution, the planner's worst case — and measures the peak of
+live tensor memory during the second step.
+
+How it is measured, and why that is fair: the PyTorch profiler's memory events record every
+allocation and free of the CPU allocator (the bytes each tensor takes, as ``torch.cuda``'s
+``max_memory_allocated`` counts them on a GPU); the peak of their running sum during the step,
+plus what is alive when the step starts (parameters and AdamW's moments, gradients set to None),
+is the step's peak. RSS would add the allocator's caching and fragmentation, which a GPU's
+allocator has too but differently; the planner predicts tensor bytes, so tensor bytes are measured.
+
+The same process prints the planner's prediction for each point and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from panda.constants import IMAGE_PLACEHOLDER_ID  # noqa: E402
+
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+VOCAB = 8192
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from panda.config import register_configs, to_train_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
+        return to_train_config(hydra_compose(config_name="train", overrides=list(overrides)))
+
+
+def build(cfg):
+    from panda.build import enable_activation_checkpointing
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+    from panda.training.module import apply_stage
+
+    torch.manual_seed(0)
+    llm = build_llm(VOCAB, hidden_size=cfg.llm.hidden_size, layers=cfg.llm.layers, heads=cfg.llm.heads,
+                    intermediate_size=cfg.llm.intermediate_size, max_position_embeddings=8192)
+    model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector)
+    apply_stage(model, cfg.stage)
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(model.llm)
+    return model.train()
+
+
+def batch(cfg, text: int) -> dict:
+    B, F, r = cfg.data.batch_size, cfg.frames, cfg.stab.resolution
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (B, text), generator=g)
+    ids[:, 1:1 + F] = IMAGE_PLACEHOLDER_ID
+    labels = ids.clone()
+    labels[:, :1 + F] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixels": torch.randn(B, F, 3, r, r, generator=g), "frame_mask": torch.ones(B, F, r, r)}
+
+
+def live_bytes(model, opt) -> int:
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def measure(cfg, text: int) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build(cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = batch(cfg, text)
+
+    def step():
+        out = model(data["input_ids"], data["attention_mask"], data["pixels"], data["frame_mask"], data["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW's moments exist from here on
+    start = live_bytes(model, opt)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return (start + peak) / 2**20
+
+
+POINTS = [  # (label, overrides, text positions)
+    ("D128 L4", ["llm.hidden_size=128", "llm.layers=4", "llm.heads=4", "llm.intermediate_size=344"], 256),
+    ("D256 L4", ["llm.hidden_size=256", "llm.layers=4", "llm.heads=4", "llm.intermediate_size=688"], 256),
+    ("D512 L8", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376"], 256),
+    ("D512 L8 ckpt", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376",
+                      "model.gradient_checkpointing=true"], 256),
+    ("D512 L8 frozen LLM", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376",
+                            "stage=prealign"], 256),
+    ("D1024 L12", ["llm.hidden_size=1024", "llm.layers=12", "llm.heads=16", "llm.intermediate_size=2752"], 384),
+    ("D1024 L12 ckpt", ["llm.hidden_size=1024", "llm.layers=12", "llm.heads=16", "llm.intermediate_size=2752",
+                        "model.gradient_checkpointing=true"], 384),
+    ("D512 L8 STAB w128 224px", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376",
+                                 "stab.width=128", "stab.heads=4", "stab.resolution=224"], 512),
+]
+COMMON = ["data.root=/nonexistent", "data.synthetic=null", "data.batch_size=2", "frames=4", "trainer=cpu",
+          "stab=tiny", "stab.width=64", "stab.heads=4", "stab.resolution=112"]
+
+
+def main(argv=None) -> int:
+    from panda.plan import plan
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run the points whose label contains this")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{'point':<26} {'params M':>9} {'measured MiB':>13} {'planned MiB':>12} {'planned/measured':>17}")
+    worst = 0.0
+    for label, overrides, text in POINTS:
+        if args.only and args.only not in label:
+            continue
+        cfg = compose(COMMON + overrides)
+        planned = plan(cfg, gpu="cpu", text_tokens=text, vocab=VOCAB).peak_gib * 1024
+        measured = measure(cfg, text)
+        params = sum(p.numel() for p in build(cfg).parameters()) / 1e6
+        ratio = planned / measured
+        worst = max(worst, abs(ratio - 1))
+        print(f"{label:<26} {params:9.1f} {measured:13.1f} {planned:12.1f} {ratio:17.3f}", flush=True)
+    print(f"largest deviation: {worst:.1%} (goal: within 15%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""Memory, FLOPs and time of a training run, before it runs.
+
+    python -m panda.plan experiment=videopanda_7b/stage2_pretrain trainer.devices=4 trainer.num_nodes=16 gpu=h100_80g
+
+Takes the overrides ``train.py`` takes, plus ``gpu=`` (a100_80g | h100_80g | h200 | cpu), ``mfu=``
+(assumed model-FLOPs utilisation, default 0.4), ``llm_preset=vicuna-7b`` (the LLM's shape when
+``init.path`` is not on this machine), ``samples=`` (training samples; default from the data) and
+``--json``. The model is built on the meta device (no weights, no memory), so a 7B plans in
+seconds; the STAB's activations are measured by running STAB once on one synthetic video of the
+configured frames and resolution (its saved-for-backward tensors), the LLM's come from the
+formula below. What it counts, per rank:
+
+- **static**: parameters, gradients and AdamW's two moments, as the strategy holds them — DDP
+  replicates (and keeps gradient buckets beside the gradients), FSDP2 shards every unit
+  ``panda/training/fsdp.py`` builds over the data-parallel ranks (fp32 master weights; frozen
+  parts have no gradient or state) and adds the largest unsharded unit twice (the one computing
+  and the one prefetched) in the compute dtype, and its gradient in the reduce dtype; with
+  ``bf16-mixed`` outside FSDP, autocast's bf16 copy of every weight; the frozen teacher.
+- **activations** of one micro-batch (``data.batch_size`` videos, ``frames``, the longest
+  sequence: ``model.max_length`` text positions plus the visual tokens): per LLM layer and token
+  ``(8 + 2c)·D + c·(3D + 2·Dkv) + 4c·I`` bytes (two RMSNorms, q/k/v, attention output and its copy,
+  the gated MLP; ``c`` the compute dtype's bytes), or with activation checkpointing ``c·D`` per
+  layer plus one layer recomputed; logits ``(c + 8)·V`` per token (the LM head's output, its
+  fp32 copy and log-softmax); the hidden states the distillation head reads; STAB (measured);
+  plus one layer's gradient buffers during backward.
+
+FLOPs are model FLOPs (matmuls, convolutions and attention as ``torch.utils.flop_counter`` counts
+them; activation recomputation excluded, as MFU is defined): forward ``2·T·N_linear + 4·L·S²·D``
+per sample for the LLM, backward twice that for trained weights and once for the input gradients
+a frozen LLM passes to STAB; STAB and the teacher from ``FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float  # what torch reports as total on the device
+    bf16_tflops: float  # dense peak
+
+
+GPUS = {
+    "a100_80g": GPU("A100-SXM4-80GB", 79.2, 312.0),
+    "h100_80g": GPU("H100-SXM5-80GB", 79.1, 989.0),
+    "h200": GPU("H200-SXM-141GB", 139.8, 989.0),
+    "cpu": GPU("CPU (this machine)", 0.0, 0.0),
+}
+
+# LLM shapes for planning when the folder is not on this machine (config.json values)
+LLM_PRESETS = {
+    "vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+# training samples of the data configs (training.md §1, §3), before data.fraction
+DATA_SAMPLES = {"valley": 702_000, "videochatgpt": 100_000, "valley+videochatgpt": 802_000}
+
+
+@dataclass
+class Unit:
+    """One FSDP2 unit (or, under DDP, one group of parameters)."""
+
+    name: str
+    params: int
+    trainable: bool
+    dtype_bytes: int  # as stored (master weights)
+
+
+@dataclass
+class Plan:
+    gpu: str
+    strategy: str
+    world: int
+    shard: int  # ranks a unit is sharded over (1 = replicated)
+    micro_batch: int
+    sequence: int  # LLM positions of the longest sample: text + visual tokens
+    visual_tokens: int  # per sample
+    memory_gib: dict = field(default_factory=dict)  # component -> GiB per rank
+    peak_gib: float = 0.0  # persistent + max(activations, gradients)
+    usable_gib: float = 0.0
+    margin_gib: float | None = None
+    fits: bool | None = None
+    fix: str | None = None
+    params: dict = field(default_factory=dict)
+    flops_per_sample: dict = field(default_factory=dict)
+    global_batch: int = 0
+    step_s: float | None = None
+    samples: int | None = None
+    stage_h: float | None = None
+    mfu: float = 0.4
+    phases: dict = field(default_factory=dict)  # persistent / activations / gradients, GiB
+    notes: list = field(default_factory=list)
+
+
+GRADIENT_TERMS = ("gradients", "gradients (sharded)")
+ACTIVATION_TERMS = ("LLM activations", "logits + loss", "backward buffers (one layer)", "embeddings + splice",
+                    "distillation head inputs", "STAB + projector activations", "unsharded gradient of a unit",
+                    "autocast bf16 weight copies")
+
+
+def phase_of(term: str) -> str:
+    """When a memory term is alive: all step long (``persistent``), from the forward until backward
+    frees it (``activations``), or from backward until the optimiser step (``gradients``)."""
+    if term in GRADIENT_TERMS:
+        return "gradients"
+    return "activations" if term in ACTIVATION_TERMS else "persistent"
+
+
+def llm_config(cfg, llm_preset: str | None):
+    """The LLM's transformers config: from its folder (``init.path`` / ``llm.pretrained``), a preset,
+    or the ``llm.*`` sizes of a built LLM."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from panda.config import FOLDER_INITS
+
+    folder = cfg.init.path if cfg.init.kind in FOLDER_INITS else cfg.llm.pretrained
+    if llm_preset:
+        if llm_preset not in LLM_PRESETS:
+            raise ValueError(f"llm_preset={llm_preset}: use one of {sorted(LLM_PRESETS)}")
+        return LlamaConfig(**LLM_PRESETS[llm_preset])
+    if folder:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"the LLM's folder {folder} is not on this machine: add llm_preset=vicuna-7b to plan the "
+                             f"release's LLM, or point {'init.path' if cfg.init.kind in FOLDER_INITS else 'llm.pretrained'} "
+                             "at a folder with its config.json")
+        with open(os.path.join(folder, "config.json")) as f:
+            raw = json.load(f)
+        try:
+            return AutoConfig.for_model(**raw)
+        except (ValueError, KeyError):
+            return LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")})
+    return LlamaConfig(hidden_size=cfg.llm.hidden_size, intermediate_size=cfg.llm.intermediate_size,
+                       num_hidden_layers=cfg.llm.layers, num_attention_heads=cfg.llm.heads,
+                       num_key_value_heads=cfg.llm.kv_heads or cfg.llm.heads, vocab_size=vocab_of(cfg),
+                       max_position_embeddings=max(cfg.model.max_length, 256))
+
+
+def vocab_of(cfg) -> int:
+    """The vocabulary of a built LLM: its tokenizer's size when the folder is here, else 32,000."""
+    from panda.build import tokenizer_path
+
+    path = tokenizer_path(cfg)
+    if os.path.isdir(path):
+        from panda.data.tokenizer import load_tokenizer
+
+        return len(load_tokenizer(path))
+    return 32000
+
+
+def meta_model(cfg, config):
+    """The VideoLanguageModel of ``cfg`` on the meta device, with the stage's trainable flags."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from panda.config import distill_active
+    from panda.models.video_lm import VideoLanguageModel
+    from panda.training.module import apply_stage
+
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(config) if type(config) is LlamaConfig else AutoModelForCausalLM.from_config(config)
+        teacher_width = cfg.teacher.width if distill_active(cfg) else None
+        model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector,
+                                   distill=cfg.distill if teacher_width else None, teacher_width=teacher_width)
+    apply_stage(model, cfg.stage)
+    return model
+
+
+def units_of(model, llm_bytes: int) -> list[Unit]:
+    """The FSDP2 units of ``panda/training/fsdp.py``: each decoder layer, the input embedding, the
+    rest of the LLM, and the vision side split by trainable / frozen."""
+    from panda.training.fsdp import decoder_layers
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def trains(module):
+        return any(p.requires_grad for p in module.parameters())
+
+    layers = decoder_layers(model.llm)
+    units = [Unit(f"llm.layer{i}", count(layer), trains(layer), llm_bytes) for i, layer in enumerate(layers)]
+    embed = model.llm.get_input_embeddings()
+    units.append(Unit("llm.embed", count(embed), trains(embed), llm_bytes))
+    rest = count(model.llm) - sum(u.params for u in units)
+    units.append(Unit("llm.rest", rest, trains(model.llm.lm_head) if hasattr(model.llm, "lm_head") else False, llm_bytes))
+    vision = [m for m in (model.stab, model.projector, model.distill_head) if m is not None]
+    for flag in (True, False):
+        n = sum(count(m) for m in vision if trains(m) == flag)
+        if n:
+            units.append(Unit(f"vision.{'trainable' if flag else 'frozen'}", n, flag, 4))
+    return units
+
+
+def stab_measure(cfg, micro_batch: int) -> tuple[int, float, int]:
+    """(activation bytes saved for backward, forward FLOPs, visual tokens) of STAB + projector for
+    one video of the configured frames and resolution (square: the most tokens), run once on CPU
+    and scaled to the micro-batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from panda.models.stab import STAB
+
+    torch.manual_seed(0)
+    stab = STAB(cfg.stab).train()
+    weights = {p.untyped_storage().data_ptr() for p in stab.parameters()} | {
+        b.untyped_storage().data_ptr() for b in stab.buffers()}
+    r = cfg.stab.resolution
+    pixels = torch.randn(1, cfg.frames, 3, r, r)
+    mask = torch.ones(1, cfg.frames, r, r)
+    saved: dict[int, int] = {}
+
+    def pack(t):  # every distinct storage autograd keeps for backward, weights aside (counted as static)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as counter:
+        out = stab(pixels, mask)
+    tokens = int(out.lengths.sum())
+    return sum(saved.values()) * micro_batch, counter.get_total_flops() * micro_batch, tokens
+
+
+def llm_layer_bytes_per_token(config, c: int, trains: bool = True) -> int:
+    """Bytes one decoder layer saves for backward per token (LLaMA-style: RMSNorm, attention, gated MLP).
+
+    Trained weights: each RMSNorm keeps its fp32 input, its normalised output and (for the next
+    linears) the scaled output; attention keeps q, k, v, its output and that output's contiguous
+    copy (the o_proj input); the MLP keeps gate, silu(gate), up and their product:
+    ``(8 + 7c)·D + 2c·Dkv + 4c·I``. Frozen weights (gradients only flow through, to STAB): no
+    linear keeps its input: ``(8 + 2c)·D + 2c·Dkv + 3c·I``.
+    """
+    d, i = config.hidden_size, config.intermediate_size
+    kv = d * (config.num_key_value_heads or config.num_attention_heads) // config.num_attention_heads
+    if trains:
+        return (8 + 7 * c) * d + 2 * c * kv + 4 * c * i
+    return (8 + 2 * c) * d + 2 * c * kv + 3 * c * i
+
+
+def llm_linear_params(config) -> int:
+    """Parameters of the LLM's matmuls per token: every decoder linear and the LM head."""
+    d, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = d * (config.num_key_value_heads or config.num_attention_heads) // config.num_attention_heads
+    return L * (2 * d * d + 2 * d * kv + 3 * d * i) + d * config.vocab_size
+
+
+def llm_forward_flops(config, tokens: int, sequence: int, samples: int) -> float:
+    """Forward FLOPs of the LLM for ``samples`` sequences of ``sequence`` positions (``tokens`` in
+    total): 2 per multiply-add of every linear, and attention's two S×S products as
+    ``FlopCounterMode`` counts them (no causal halving)."""
+    attention = 4 * config.num_hidden_layers * sequence * sequence * config.hidden_size * samples
+    return 2.0 * tokens * llm_linear_params(config) + attention
+
+
+def teacher_forward_flops(cfg, videos: int) -> float:
+    """The frozen LanguageBind / ViT teacher on every frame (its own resolution): its linears and attention."""
+    t = cfg.teacher
+    tokens = (t.image_size // t.patch_size) ** 2 + 1
+    per_layer = 2 * tokens * (4 * t.width * t.width + 2 * t.width * t.intermediate_size) + 4 * tokens * tokens * t.width
+    temporal = 2 * tokens * 4 * t.width * t.width  # LanguageBind's temporal attention projections
+    return videos * cfg.frames * t.layers * (per_layer + temporal)
+
+
+def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = None, samples: int | None = None,
+         text_tokens: int | None = None, vocab: int | None = None) -> Plan:
+    """The plan of ``cfg`` (a TrainConfig). ``text_tokens``: text positions per sample (default the
+    longest, ``model.max_length``); ``vocab``: the vocabulary of a built LLM (default its tokenizer's)."""
+    from panda.config import distill_active
+    from panda.training.trainer import count_devices, resolve_accumulation
+
+    if gpu not in GPUS:
+        raise ValueError(f"gpu={gpu}: use one of {sorted(GPUS)}")
+    device = GPUS[gpu]
+    config = llm_config(cfg, llm_preset)
+    if vocab is not None:
+        config.vocab_size = vocab
+    model = meta_model(cfg, config)
+    t = cfg.trainer
+    per_node = count_devices(t.devices, t.accelerator) if gpu == "cpu" or t.accelerator == "cpu" else (
+        t.devices if isinstance(t.devices, int) and t.devices > 0 else 8)
+    world = per_node * t.num_nodes
+    fsdp = str(t.strategy) == "fsdp"
+    shard = (per_node if t.fsdp.hybrid_shard else world) if fsdp else 1
+    mixed = str(t.precision).startswith(("bf16", "16"))
+    c = 2 if mixed else 4
+    llm_bytes = 2 if str(cfg.llm.dtype) in ("bfloat16", "float16") else 4
+    units = units_of(model, llm_bytes)
+    mem: dict[str, float] = {}
+
+    trainable = [u for u in units if u.trainable]
+    param_bytes = sum(u.params * u.dtype_bytes for u in units)
+    grad_bytes = sum(u.params * u.dtype_bytes for u in trainable)
+    adam_bytes = sum(2 * u.params * u.dtype_bytes for u in trainable)
+    offload = fsdp and t.fsdp.cpu_offload
+    if fsdp:
+        mem["parameters (sharded)"] = 0 if offload else param_bytes / shard
+        mem["gradients (sharded)"] = 0 if offload else grad_bytes / shard
+        mem["AdamW states (sharded)"] = 0 if offload else adam_bytes / shard
+        compute = 2 if t.fsdp.param_dtype in ("bfloat16", "float16") else 4
+        reduce = 2 if t.fsdp.reduce_dtype in ("bfloat16", "float16") else 4
+        largest = max(units, key=lambda u: u.params)
+        largest_trained = max((u.params for u in trainable), default=0)
+        if shard > 1:
+            mem["all-gathered units (2 x largest)"] = 2 * largest.params * compute
+            mem["unsharded gradient of a unit"] = largest_trained * reduce
+        c = compute if compute < 4 else c
+    else:
+        mem["parameters"] = param_bytes
+        mem["gradients"] = grad_bytes
+        mem["AdamW states"] = adam_bytes
+        if world > 1:
+            mem["DDP gradient buckets"] = grad_bytes
+        if mixed:
+            mem["autocast bf16 weight copies"] = sum(u.params for u in units if u.name != "llm.embed") * 2
+    teacher_params = 0
+    if distill_active(cfg):
+        from panda.models.teachers import _hidden_index
+
+        tc = cfg.teacher
+        depth = _hidden_index(tc.feature_layer, tc.layers)
+        teacher_params = depth * (4 * tc.width * tc.width + 2 * tc.width * tc.intermediate_size + tc.num_frames * tc.width
+                                  + 4 * tc.width * tc.width) + tc.width * 3 * tc.patch_size ** 2
+        mem["frozen teacher"] = teacher_params * (2 if tc.dtype in ("bfloat16", "float16") else 4)
+
+    # activations of one micro-batch
+    B = cfg.data.batch_size
+    stab_bytes, stab_flops_batch, visual = stab_measure(cfg, B)
+    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    text = text_tokens if text_tokens is not None else cfg.model.max_length
+    if str(cfg.model.tokenization) == "release":
+        S = text - cfg.frames + visual  # each frame's placeholder position becomes its visual tokens
+    else:
+        S = text
+    T = B * S
+    layer = llm_layer_bytes_per_token(config, c, trains=any(u.trainable for u in units if u.name.startswith("llm.layer")))
+    ckpt = cfg.model.gradient_checkpointing or (fsdp and t.fsdp.activation_checkpointing)
+    llm_trains = any(u.trainable for u in units if u.name.startswith("llm."))
+    stab_trains = any(u.trainable for u in units if u.name == "vision.trainable")
+    needs_llm_grads = llm_trains or stab_trains
+    if needs_llm_grads:
+        mem["LLM activations"] = (L * c * D + layer) * T if ckpt else L * layer * T
+        mem["logits + loss"] = (c + 8) * V * T
+        mem["backward buffers (one layer)"] = 2 * c * (D + config.intermediate_size) * T
+    else:
+        mem["LLM activations"] = 0
+    mem["embeddings + splice"] = 2 * c * D * T
+    if model.distill_head is not None and distill_active(cfg):
+        picked = len(model.distill_head.layers)
+        vis_tokens = B * visual
+        mem["distillation head inputs"] = picked * vis_tokens * (c * D * 2 + c * cfg.teacher.width * 2) + (
+            0 if ckpt else 0)
+    proj_hidden = D
+    mem["STAB + projector activations"] = stab_bytes * (c / 4) + B * visual * c * (cfg.stab.width + 2 * proj_hidden)
+    # backward frees the activations layer by layer as it fills the gradients: the two never peak together
+    phases = {k: phase_of(k) for k in mem}
+    persistent = sum(v for k, v in mem.items() if phases[k] == "persistent")
+    activations = sum(v for k, v in mem.items() if phases[k] == "activations")
+    gradients = sum(v for k, v in mem.items() if phases[k] == "gradients")
+    peak = persistent + max(activations, gradients)
+
+    # FLOPs per sample
+    llm_fwd = llm_forward_flops(config, S, S, 1)
+    stab_fwd = stab_flops_batch / B + 2 * visual * (cfg.stab.width * D + D * D)  # + the projector's two linears
+    flops = {"LLM forward": llm_fwd, "STAB + projector forward": stab_fwd}
+    if llm_trains:
+        flops["LLM backward"] = 2 * llm_fwd
+    elif stab_trains:
+        flops["LLM backward (input gradients only)"] = llm_fwd
+    if stab_trains:
+        flops["STAB + projector backward"] = 2 * stab_fwd
+    if distill_active(cfg):
+        flops["teacher forward"] = teacher_forward_flops(cfg, 1)
+    per_sample = sum(flops.values())
+    try:
+        global_batch = B * world * resolve_accumulation(cfg)
+    except ValueError:
+        global_batch = t.global_batch_size or B * world
+    n_samples = samples
+    if n_samples is None and cfg.data.name in DATA_SAMPLES:
+        n_samples = int(DATA_SAMPLES[cfg.data.name] * cfg.data.fraction)
+    result = Plan(gpu, "fsdp" if fsdp else ("ddp" if world > 1 else "single"), world, shard, B, S, visual,
+                  {k: v / GIB for k, v in mem.items()}, peak / GIB, device.memory_gib, mfu=mfu,
+                  phases={"persistent": persistent / GIB, "activations": activations / GIB, "gradients": gradients / GIB},
+                  params={u.name: u.params for u in units} | {"teacher": teacher_params},
+                  flops_per_sample=flops, global_batch=global_batch, samples=n_samples)
+    if device.memory_gib:
+        result.margin_gib = device.memory_gib - result.peak_gib
+        result.fits = result.margin_gib > 0
+        if not result.fits:
+            result.fix = cheapest_fix(cfg, fsdp, ckpt, llm_trains, mem)
+    if device.bf16_tflops:
+        result.step_s = per_sample * global_batch / (world * device.bf16_tflops * 1e12 * mfu)
+        if n_samples:
+            result.stage_h = math.ceil(n_samples / global_batch) * result.step_s / 3600
+    if text_tokens is None:
+        result.notes.append(f"sequence = the longest sample: model.max_length={cfg.model.max_length} text positions "
+                            f"+ {cfg.frames} frames x {visual // cfg.frames} visual tokens")
+    return result
+
+
+def cheapest_fix(cfg, fsdp: bool, ckpt: bool, llm_trains: bool, mem: dict) -> str:
+    static = sum(v for k, v in mem.items() if k.startswith(("param", "grad", "Adam", "DDP", "autocast")))
+    activations = sum(mem.values()) - static
+    if not fsdp and static > activations:
+        return "trainer=fsdp (shard parameters, gradients and optimiser states over the ranks)"
+    if not ckpt:
+        return "model.gradient_checkpointing=true (keep one hidden state per layer, recompute the rest)"
+    if cfg.data.batch_size > 1:
+        return (f"data.batch_size={cfg.data.batch_size // 2} (trainer.global_batch_size stays; accumulation doubles)")
+    return "trainer.fsdp.cpu_offload=true (parameters, gradients and optimiser states in host memory)"
+
+
+def render(p: Plan) -> str:
+    lines = [f"plan: {p.strategy} on {p.world} x {GPUS[p.gpu].name}" + (f", units sharded over {p.shard} ranks" if p.shard > 1 else ""),
+             f"micro-batch {p.micro_batch} x {p.sequence} LLM positions ({p.visual_tokens} visual tokens per sample)",
+             "", "memory per rank                         GiB"]
+    for k, v in p.memory_gib.items():
+        lines.append(f"  {k:<36} {v:8.2f}")
+    ph = p.phases
+    lines.append(f"  {'peak':<36} {p.peak_gib:8.2f}   = persistent {ph['persistent']:.2f} + max(activations "
+                 f"{ph['activations']:.2f}, gradients {ph['gradients']:.2f})")
+    if p.fits is not None:
+        verdict = (f"fits with {p.margin_gib:.1f} GiB margin of {p.usable_gib:.1f}" if p.fits
+                   else f"DOES NOT FIT: {-p.margin_gib:.1f} GiB over {p.usable_gib:.1f}; cheapest fix: {p.fix}")
+        lines.append(f"  verdict: {verdict}")
+    lines += ["", "FLOPs per sample (model FLOPs)          TFLOP"]
+    for k, v in p.flops_per_sample.items():
+        lines.append(f"  {k:<36} {v / 1e12:10.3f}")
+    if p.step_s is not None:
+        lines += ["", f"global batch {p.global_batch}: {p.step_s:.2f} s per optimiser step at {p.mfu:.0%} MFU"
+                  + (f"; {p.samples:,d} samples -> {p.stage_h:.1f} h" if p.stage_h is not None else "")]
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+PLAN_KEYS = ("gpu", "mfu", "llm_preset", "samples", "text_tokens")
+
+
+def main(argv=None) -> int:
+    from panda.config import register_configs, to_train_config
+    from panda.runs import exit_on_config_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    opts = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in argv if k.split("=", 1)[0] in PLAN_KEYS}
+    overrides = [a for a in argv if a.split("=", 1)[0] not in PLAN_KEYS]
+    try:
+        from hydra import compose, initialize_config_dir
+
+        register_configs()
+        conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = to_train_config(compose(config_name="train", overrides=overrides))
+        result = plan(cfg, opts.get("gpu", "h100_80g"), float(opts.get("mfu", 0.4)), opts.get("llm_preset"),
+                      int(opts["samples"]) if "samples" in opts else None,
+                      int(opts["text_tokens"]) if "text_tokens" in opts else None)
+    except Exception as exc:  # a config that cannot be planned: one line, exit 2
+        exit_on_config_error("panda.plan", exc)
+    print(json.dumps(dataclasses.asdict(result), indent=2) if as_json else render(result))
+    return 0 if result.fits in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
