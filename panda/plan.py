@@ -201,10 +201,21 @@ def units_of(model, llm_bytes: int) -> list[Unit]:
     return units
 
 
+_STAB_MEASURED: dict[str, tuple[int, float, int]] = {}
+
+
 def stab_measure(cfg, micro_batch: int) -> tuple[int, float, int]:
-    """(activation bytes saved for backward, forward FLOPs, visual tokens) of STAB + projector for
-    one video of the configured frames and resolution (square: the most tokens), run once on CPU
-    and scaled to the micro-batch."""
+    """(activation bytes saved for backward, forward FLOPs, visual tokens) of STAB for ``micro_batch``
+    videos of the configured frames and resolution (square: the most tokens): one video run once on
+    CPU (remembered per STAB config and frame count), scaled to the micro-batch."""
+    key = repr((dataclasses.asdict(cfg.stab), cfg.frames))
+    if key not in _STAB_MEASURED:
+        _STAB_MEASURED[key] = _stab_measure_one(cfg)
+    saved, flops, tokens = _STAB_MEASURED[key]
+    return saved * micro_batch, flops * micro_batch, tokens
+
+
+def _stab_measure_one(cfg) -> tuple[int, float, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from panda.models.stab import STAB
@@ -227,7 +238,7 @@ def stab_measure(cfg, micro_batch: int) -> tuple[int, float, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as counter:
         out = stab(pixels, mask)
     tokens = int(out.lengths.sum())
-    return sum(saved.values()) * micro_batch, counter.get_total_flops() * micro_batch, tokens
+    return sum(saved.values()), float(counter.get_total_flops()), tokens
 
 
 def llm_layer_bytes_per_token(config, c: int, trains: bool = True) -> int:
@@ -319,8 +330,8 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
         mem["AdamW states"] = adam_bytes
         if world > 1:
             mem["DDP gradient buckets"] = grad_bytes
-        if mixed:
-            mem["autocast bf16 weight copies"] = sum(u.params for u in units if u.name != "llm.embed") * 2
+        if mixed:  # autocast keeps a bf16 copy of every fp32-stored weight it casts (the embedding is not cast)
+            mem["autocast bf16 weight copies"] = sum(u.params for u in units if u.name != "llm.embed" and u.dtype_bytes == 4) * 2
     teacher_params = 0
     if distill_active(cfg):
         from panda.models.teachers import _hidden_index

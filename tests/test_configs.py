@@ -57,7 +57,12 @@ def test_recipe_configs_hold_the_papers_values():
         assert (cfg.stage.warmup_ratio, cfg.trainer.global_batch_size, cfg.init.kind, cfg.init.path) == (warmup, batch, init, start)
         assert cfg.stage.schedule == "cosine" and cfg.stage.weight_decay == 0.0 and cfg.trainer.max_epochs == 1
         assert cfg.frames == 8 and cfg.model.max_length == 4096 and cfg.model.gradient_checkpointing
-        assert cfg.trainer.precision == "bf16-mixed" and cfg.seed == 42 and cfg.stab.width == 1024
+        assert cfg.seed == 42 and cfg.stab.width == 1024
+        if train_llm:  # the whole LLM trains: FSDP2 in bf16 with fp32 master weights (python -m panda.plan)
+            assert cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.param_dtype == "bfloat16"
+            assert cfg.trainer.fsdp.reduce_dtype == "float32" and cfg.trainer.fsdp.activation_checkpointing
+        else:  # frozen LLM: DDP with the LLM stored in bf16
+            assert cfg.trainer.precision == "bf16-mixed" and cfg.llm.dtype == "bfloat16"
         assert cfg.teacher.kind == "languagebind_video" and cfg.distill.loss == "cosine" and cfg.distill.weight == 1.0
         assert cfg.data.fraction == (0.5 if stage == "stage1_prealign" else 1.0)
     with pytest.raises(ValueError, match="init.path"):  # the EVE folder is required

@@ -1,0 +1,74 @@
+"""python -m panda.plan: the recipe fits the paper's hardware, its FLOPs match the FLOP counter,
+and its memory prediction matches a measured CPU training step."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import REPO, compose
+
+from panda.config import to_train_config
+from panda.plan import llm_forward_flops, main, plan
+
+GEOMETRY = ["trainer.devices=4", "trainer.num_nodes=16", "teacher.path=/m/LanguageBind_Video_merge", "data.root=/data",
+            "runs_root=/runs", "init.path=/m/EVE-7B-Pretrain-v1.0"]
+
+
+def recipe(stage, *extra):
+    return to_train_config(compose([f"experiment=videopanda_7b/{stage}", *GEOMETRY, *extra]))
+
+
+@pytest.mark.parametrize("stage", ["stage1_prealign", "stage2_pretrain", "stage3_finetune"])
+def test_every_recipe_stage_fits_an_80_gb_gpu_at_its_documented_geometry(stage):
+    p = plan(recipe(stage), gpu="h100_80g", llm_preset="vicuna-7b")
+    assert p.world == 64 and p.fits and p.margin_gib > 8, (p.peak_gib, p.memory_gib)
+    assert p.sequence == 4096 - 8 + 8 * 273  # the longest sample: every text position and all visual tokens
+    assert p.step_s > 0 and p.stage_h > 0
+
+
+def test_stage2_with_plain_ddp_does_not_fit_and_the_fix_is_fsdp():
+    p = plan(recipe("stage2_pretrain", "trainer=gpu", "trainer.devices=4"), gpu="h100_80g", llm_preset="vicuna-7b")
+    assert p.strategy == "ddp" and not p.fits and p.peak_gib > 100
+    assert p.fix.startswith("trainer=fsdp")
+    # 7B x (4 B weights + 4 B gradients + 8 B AdamW) ~ 16 bytes per parameter, replicated
+    assert 100 < p.memory_gib["parameters"] + p.memory_gib["gradients"] + p.memory_gib["AdamW states"] < 110
+
+
+def test_the_cli_prints_a_verdict_and_json_and_fails_when_it_does_not_fit(capsys):
+    args = ["experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, "llm_preset=vicuna-7b", "gpu=h100_80g"]
+    assert main(args) == 0
+    assert "fits with" in capsys.readouterr().out
+    assert main(args + ["trainer=gpu", "trainer.devices=4", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["fix"].startswith("trainer=fsdp") and out["strategy"] == "ddp"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llm_flop_formula_matches_the_flop_counter(kv_heads):
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, max_position_embeddings=512)
+    config._attn_implementation = "eager"  # attention as matmuls the counter sees (CPU sdpa kernels it does not count)
+    llm = LlamaForCausalLM(config)
+    B, S = 2, 96
+    ids = torch.randint(0, 512, (B, S))
+    with FlopCounterMode(display=False) as counter:
+        llm(input_ids=ids, labels=ids).loss.backward()
+    formula = 3 * llm_forward_flops(config, B * S, S, B)  # forward + backward of trained weights
+    assert abs(formula / counter.get_total_flops() - 1) < 0.05
+
+
+def test_planned_peak_matches_a_measured_cpu_training_step():
+    """One point of benchmarks/plan_vs_measured.py (the full table is in its output)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import plan_vs_measured as bench
+
+    label, overrides, text = next(p for p in bench.POINTS if p[0] == "D256 L4")
+    cfg = bench.compose(bench.COMMON + overrides)
+    planned = plan(cfg, gpu="cpu", text_tokens=text, vocab=bench.VOCAB).peak_gib * 1024
+    measured = bench.measure(cfg, text)
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
