@@ -45,13 +45,13 @@ def compose(overrides):
         return to_train_config(hydra_compose(config_name="train", overrides=list(overrides)))
 
 
-def build(cfg):
+def build(cfg, vocab: int = VOCAB):
     from panda.build import enable_activation_checkpointing
     from panda.models.video_lm import VideoLanguageModel, build_llm
     from panda.training.module import apply_stage
 
     torch.manual_seed(0)
-    llm = build_llm(VOCAB, hidden_size=cfg.llm.hidden_size, layers=cfg.llm.layers, heads=cfg.llm.heads,
+    llm = build_llm(vocab, hidden_size=cfg.llm.hidden_size, layers=cfg.llm.layers, heads=cfg.llm.heads,
                     intermediate_size=cfg.llm.intermediate_size, max_position_embeddings=8192)
     model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector)
     apply_stage(model, cfg.stage)
@@ -60,13 +60,15 @@ def build(cfg):
     return model.train()
 
 
-def batch(cfg, text: int) -> dict:
+def batch(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None) -> dict:
+    """``text`` positions per sample (BOS, the frames' placeholders, then text); the last
+    ``supervised`` positions carry labels (default every text position after the frames)."""
     B, F, r = cfg.data.batch_size, cfg.frames, cfg.stab.resolution
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (B, text), generator=g)
+    ids = torch.randint(3, vocab, (B, text), generator=g)
     ids[:, 1:1 + F] = IMAGE_PLACEHOLDER_ID
     labels = ids.clone()
-    labels[:, :1 + F] = -100
+    labels[:, :text - supervised if supervised is not None else 1 + F] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "pixels": torch.randn(B, F, 3, r, r, generator=g), "frame_mask": torch.ones(B, F, r, r)}
 
@@ -84,12 +86,12 @@ def live_bytes(model, opt) -> int:
     return total
 
 
-def measure(cfg, text: int) -> float:
+def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None) -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    model = build(cfg)
+    model = build(cfg, vocab)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    data = batch(cfg, text)
+    data = batch(cfg, text, vocab, supervised)
 
     def step():
         out = model(data["input_ids"], data["attention_mask"], data["pixels"], data["frame_mask"], data["labels"])
@@ -148,7 +150,29 @@ def main(argv=None) -> int:
         worst = max(worst, abs(ratio - 1))
         print(f"{label:<26} {params:9.1f} {measured:13.1f} {planned:12.1f} {ratio:17.3f}", flush=True)
     print(f"largest deviation: {worst:.1%} (goal: within 15%)")
+    logits_saving(args.only)
     return 0
+
+
+def logits_saving(only: str | None) -> None:
+    """The LM head at supervised positions only vs at every position (the LLM's own loss), measured
+    at a mid size with a LLaMA-sized vocabulary and answers of 32 tokens per sample."""
+    if only and only not in "logits":
+        return
+    import panda.models.video_lm as video_lm
+
+    cfg = compose(COMMON + ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376"])
+    text, vocab, answer = 512, 32000, 32
+    supervised = measure(cfg, text, vocab, answer)
+    original = video_lm.supervised_head_supported
+    video_lm.supervised_head_supported = lambda llm: False  # the baseline: logits of every position
+    try:
+        everywhere = measure(cfg, text, vocab, answer)
+    finally:
+        video_lm.supervised_head_supported = original
+    print(f"\nLM head at supervised positions (D512 L8, vocab 32000, 2 x {text} positions, {answer} answer tokens each):")
+    print(f"  every position {everywhere:.1f} MiB, supervised only {supervised:.1f} MiB: "
+          f"{everywhere - supervised:.1f} MiB saved ({supervised / everywhere:.3f} x)")
 
 
 if __name__ == "__main__":

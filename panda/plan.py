@@ -20,8 +20,8 @@ formula below. What it counts, per rank:
   sequence: ``model.max_length`` text positions plus the visual tokens): per LLM layer and token
   ``(8 + 2c)·D + c·(3D + 2·Dkv) + 4c·I`` bytes (two RMSNorms, q/k/v, attention output and its copy,
   the gated MLP; ``c`` the compute dtype's bytes), or with activation checkpointing ``c·D`` per
-  layer plus one layer recomputed; logits ``(c + 8)·V`` per token (the LM head's output, its
-  fp32 copy and log-softmax); the hidden states the distillation head reads; STAB (measured);
+  layer plus one layer recomputed; logits ``(c + 8)·V`` per *supervised* token (the LM head runs
+  only where a label is: its output, the fp32 copy and log-softmax); the hidden states the distillation head reads; STAB (measured);
   plus one layer's gradient buffers during backward.
 
 FLOPs are model FLOPs (matmuls, convolutions and attention as ``torch.utils.flop_counter`` counts
@@ -105,7 +105,7 @@ class Plan:
 
 
 GRADIENT_TERMS = ("gradients", "gradients (sharded)")
-ACTIVATION_TERMS = ("LLM activations", "logits + loss", "backward buffers (one layer)", "embeddings + splice",
+ACTIVATION_TERMS = ("LLM activations", "logits + loss (supervised positions)", "backward buffers (one layer)", "embeddings + splice",
                     "distillation head inputs", "STAB + projector activations", "unsharded gradient of a unit",
                     "autocast bf16 weight copies")
 
@@ -282,9 +282,11 @@ def teacher_forward_flops(cfg, videos: int) -> float:
 
 
 def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = None, samples: int | None = None,
-         text_tokens: int | None = None, vocab: int | None = None) -> Plan:
+         text_tokens: int | None = None, vocab: int | None = None, supervised_tokens: int | None = None) -> Plan:
     """The plan of ``cfg`` (a TrainConfig). ``text_tokens``: text positions per sample (default the
-    longest, ``model.max_length``); ``vocab``: the vocabulary of a built LLM (default its tokenizer's)."""
+    longest, ``model.max_length``); ``vocab``: the vocabulary of a built LLM (default its tokenizer's);
+    ``supervised_tokens``: answer tokens per sample, where the LM head runs (default every text
+    position after the frames: an upper bound)."""
     from panda.config import distill_active
     from panda.training.trainer import count_devices, resolve_accumulation
 
@@ -359,7 +361,8 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     needs_llm_grads = llm_trains or stab_trains
     if needs_llm_grads:
         mem["LLM activations"] = (L * c * D + layer) * T if ckpt else L * layer * T
-        mem["logits + loss"] = (c + 8) * V * T
+        supervised = supervised_tokens if supervised_tokens is not None else text - cfg.frames
+        mem["logits + loss (supervised positions)"] = (c + 8) * V * B * supervised
         mem["backward buffers (one layer)"] = 2 * c * (D + config.intermediate_size) * T
     else:
         mem["LLM activations"] = 0
@@ -453,7 +456,7 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-PLAN_KEYS = ("gpu", "mfu", "llm_preset", "samples", "text_tokens")
+PLAN_KEYS = ("gpu", "mfu", "llm_preset", "samples", "text_tokens", "supervised_tokens")
 
 
 def main(argv=None) -> int:
@@ -474,7 +477,8 @@ def main(argv=None) -> int:
             cfg = to_train_config(compose(config_name="train", overrides=overrides))
         result = plan(cfg, opts.get("gpu", "h100_80g"), float(opts.get("mfu", 0.4)), opts.get("llm_preset"),
                       int(opts["samples"]) if "samples" in opts else None,
-                      int(opts["text_tokens"]) if "text_tokens" in opts else None)
+                      int(opts["text_tokens"]) if "text_tokens" in opts else None,
+                      supervised_tokens=int(opts["supervised_tokens"]) if "supervised_tokens" in opts else None)
     except Exception as exc:  # a config that cannot be planned: one line, exit 2
         exit_on_config_error("panda.plan", exc)
     print(json.dumps(dataclasses.asdict(result), indent=2) if as_json else render(result))

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from panda.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, get_template, tokenize_prompt
@@ -69,10 +70,44 @@ def test_loss_ignores_visual_and_prompt_positions(tokenizer):
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch["labels"])
     spliced = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch["labels"])
     assert (spliced.labels != IGNORE_INDEX).sum() == 2
-    logits = out.logits[0, :-1]
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"]).logits[0, :-1]
     target = spliced.labels[0, 1:]
     expected = torch.nn.functional.cross_entropy(logits[target != IGNORE_INDEX], target[target != IGNORE_INDEX])
     assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert out.logits.shape == (2, len(tokenizer))  # with labels, logits of the supervised positions only
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_supervised_only_logits_give_the_llms_own_loss_and_gradients(tokenizer, family):
+    """The LM head runs at supervised positions only (issue 13): the loss and every gradient equal
+    the LLM's own full-logits loss to 1e-6 in fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from panda.models.video_lm import supervised_head_supported
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        llm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512))
+    else:
+        llm = _tiny_model(len(tokenizer)).llm
+    model = VideoLanguageModel(STABConfig(width=32, patch_size=7, heads=4, chunk_size=2, resolution=56, dropout=0.0), llm).eval()
+    assert supervised_head_supported(model.llm)
+    samples = [_sample(tokenizer, q, 64, 64 + 16 * k, k) for k, q in enumerate(["What colour?", "Which way does it go?"])]
+    for s in samples:
+        s["labels"] = s["input_ids"].clone()
+        s["labels"][: len(s["labels"]) // 2] = IGNORE_INDEX
+        s["labels"][s["labels"] < 0] = IGNORE_INDEX
+    batch = Collator(0)(samples)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"], batch["labels"])
+    ours = model(*args)
+    grads = torch.autograd.grad(ours.loss, list(model.parameters()), allow_unused=True)
+    spliced = model.prepare_inputs(*args)
+    full = model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                     position_ids=spliced.position_ids, labels=spliced.labels, use_cache=False)
+    want = torch.autograd.grad(full.loss, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(ours.loss, full.loss, atol=1e-6, rtol=0)
+    for g, w in zip(grads, want):
+        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, atol=1e-6, rtol=1e-5))
 
 
 def test_any_local_hugging_face_causal_lm_folder_loads(tmp_path, tokenizer):
