@@ -215,6 +215,9 @@ class StageConfig:
 
 @dataclass
 class TrainerConfig:
+    # perf/mfu's denominator, dense TFLOP/s per device; None: from the GPU's name (A100, H100, H200, ...),
+    # on CPU this machine's measured fp32 matmul rate
+    peak_tflops: Optional[float] = None
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from panda.models.flops import llm_forward_flops, teacher_forward_flops  # noqa: F401 (re-exported)
+
 GIB = 1024**3
 
 
@@ -257,30 +259,6 @@ def llm_layer_bytes_per_token(config, c: int, trains: bool = True) -> int:
     return (8 + 2 * c) * d + 2 * c * kv + 3 * c * i
 
 
-def llm_linear_params(config) -> int:
-    """Parameters of the LLM's matmuls per token: every decoder linear and the LM head."""
-    d, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = d * (config.num_key_value_heads or config.num_attention_heads) // config.num_attention_heads
-    return L * (2 * d * d + 2 * d * kv + 3 * d * i) + d * config.vocab_size
-
-
-def llm_forward_flops(config, tokens: int, sequence: int, samples: int) -> float:
-    """Forward FLOPs of the LLM for ``samples`` sequences of ``sequence`` positions (``tokens`` in
-    total): 2 per multiply-add of every linear, and attention's two S×S products as
-    ``FlopCounterMode`` counts them (no causal halving)."""
-    attention = 4 * config.num_hidden_layers * sequence * sequence * config.hidden_size * samples
-    return 2.0 * tokens * llm_linear_params(config) + attention
-
-
-def teacher_forward_flops(cfg, videos: int) -> float:
-    """The frozen LanguageBind / ViT teacher on every frame (its own resolution): its linears and attention."""
-    t = cfg.teacher
-    tokens = (t.image_size // t.patch_size) ** 2 + 1
-    per_layer = 2 * tokens * (4 * t.width * t.width + 2 * t.width * t.intermediate_size) + 4 * tokens * tokens * t.width
-    temporal = 2 * tokens * 4 * t.width * t.width  # LanguageBind's temporal attention projections
-    return videos * cfg.frames * t.layers * (per_layer + temporal)
-
-
 def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = None, samples: int | None = None,
          text_tokens: int | None = None, vocab: int | None = None, supervised_tokens: int | None = None) -> Plan:
     """The plan of ``cfg`` (a TrainConfig). ``text_tokens``: text positions per sample (default the
@@ -359,9 +337,9 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     llm_trains = any(u.trainable for u in units if u.name.startswith("llm."))
     stab_trains = any(u.trainable for u in units if u.name == "vision.trainable")
     needs_llm_grads = llm_trains or stab_trains
+    supervised = supervised_tokens if supervised_tokens is not None else text - cfg.frames
     if needs_llm_grads:
         mem["LLM activations"] = (L * c * D + layer) * T if ckpt else L * layer * T
-        supervised = supervised_tokens if supervised_tokens is not None else text - cfg.frames
         mem["logits + loss (supervised positions)"] = (c + 8) * V * B * supervised
         mem["backward buffers (one layer)"] = 2 * c * (D + config.intermediate_size) * T
     else:
@@ -382,7 +360,7 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     peak = persistent + max(activations, gradients)
 
     # FLOPs per sample
-    llm_fwd = llm_forward_flops(config, S, S, 1)
+    llm_fwd = llm_forward_flops(config, S, S, 1, head_tokens=supervised)  # the LM head runs where labels are
     stab_fwd = stab_flops_batch / B + 2 * visual * (cfg.stab.width * D + D * D)  # + the projector's two linears
     flops = {"LLM forward": llm_fwd, "STAB + projector forward": stab_fwd}
     if llm_trains:
@@ -392,7 +370,7 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     if stab_trains:
         flops["STAB + projector backward"] = 2 * stab_fwd
     if distill_active(cfg):
-        flops["teacher forward"] = teacher_forward_flops(cfg, 1)
+        flops["teacher forward"] = teacher_forward_flops(cfg.teacher, cfg.frames)
     per_sample = sum(flops.values())
     try:
         global_batch = B * world * resolve_accumulation(cfg)

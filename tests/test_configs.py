@@ -131,7 +131,7 @@ def test_wandb_run_a_lab_would_use(synthetic_root, tmp_path):
     data = open(record, "rb").read()
     for needle in (b"params/stab", str(summary["params/stab"]).encode(), b"train/loss", b"eval/accuracy", b"use_fsra",
                    b"optim/grad_norm", b"lr/vision", b"val/loss", b"samples", b"git_commit", b"train.py",
-                   b"ablation/no_fsra seed=3"):
+                   b"ablation/no_fsra seed=3", b"perf/tflops_per_device", b"perf/mfu"):
         assert needle in data, needle
     samples = sorted((run_dir / "samples").glob("*.jsonl"))
     assert [p.name for p in samples] == ["step000002.jsonl", "step000004.jsonl"]

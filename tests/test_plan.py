@@ -72,3 +72,33 @@ def test_planned_peak_matches_a_measured_cpu_training_step():
     planned = plan(cfg, gpu="cpu", text_tokens=text, vocab=bench.VOCAB).peak_gib * 1024
     measured = bench.measure(cfg, text)
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+def test_the_mfu_numerator_matches_the_flop_counter_on_a_real_training_step():
+    """perf/tflops_per_device counts a micro-batch's model FLOPs from its token counts
+    (panda.models.flops.BatchFlops); here against FlopCounterMode over forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from panda.config import StageConfig
+    from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+    from panda.models.flops import BatchFlops, stab_forward_flops
+    from panda.models.stab import STABConfig
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+
+    torch.manual_seed(0)
+    stab_cfg = STABConfig(width=32, heads=4, resolution=112, dropout=0.0)
+    llm = build_llm(1000, hidden_size=64, layers=2, heads=4, intermediate_size=172, attn_implementation="eager")
+    model = VideoLanguageModel(stab_cfg, llm).train()
+    B, F, text = 2, 4, 40
+    ids = torch.randint(3, 1000, (B, text))
+    ids[:, 1:1 + F] = IMAGE_PLACEHOLDER_ID
+    labels = ids.clone()
+    labels[:, : text - 8] = IGNORE_INDEX
+    labels[1, : text - 3] = IGNORE_INDEX
+    args = (ids, torch.ones_like(ids), torch.randn(B, F, 3, 112, 112), torch.ones(B, F, 112, 112), labels)
+    with FlopCounterMode(display=False) as counter:
+        out = model(*args)
+        out.loss.backward()
+    flops = BatchFlops(model, StageConfig(), stab_forward_flops(stab_cfg, F) / F)
+    counted = flops(torch.full((B,), text), out.visual_tokens, (labels[:, 1:] != IGNORE_INDEX).sum(1), F)
+    assert abs(counted / counter.get_total_flops() - 1) < 0.05, (counted, counter.get_total_flops())

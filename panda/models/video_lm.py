@@ -95,6 +95,7 @@ class VideoLMOutput:
     lm_loss: torch.Tensor | None
     distill_loss: torch.Tensor | None
     logits: torch.Tensor | None  # (B, M, V) without labels; with labels only the supervised positions' (N, V)
+    visual_tokens: torch.Tensor | None = None  # (B,) visual tokens per sample (what the LLM saw)
 
 
 def supervised_head_supported(llm: nn.Module) -> bool:
@@ -165,7 +166,7 @@ class VideoLanguageModel(nn.Module):
             picked = torch.stack([hidden[j].flatten(0, 1)[spatial] for j in self.distill_head.layers], dim=1)  # (N, J, D)
             distill_loss = distillation_loss(self.distill_head, picked, visual.grids, visual.content, teacher, self.distill_cfg.loss)
             loss = distill_loss * self.distill_cfg.weight if lm_loss is None else lm_loss + self.distill_cfg.weight * distill_loss
-        return VideoLMOutput(loss, lm_loss, distill_loss, logits)
+        return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1))
 
     def supervised_lm_loss(self, spliced: SplicedInputs, output_hidden_states: bool):
         """The LM loss with the LM head applied at the supervised positions only: the same mean

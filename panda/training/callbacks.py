@@ -136,11 +136,14 @@ class GracefulInterrupt(Callback):
 
 class ThroughputMonitor(Callback):
     """``perf/data_time_s`` (waiting for the loader), ``perf/samples_per_s`` and
-    ``perf/text_tokens_per_s`` (one text token per frame placeholder) of every training batch."""
+    ``perf/text_tokens_per_s`` (one text token per frame placeholder) of every training batch; with
+    ``flops`` (a :class:`panda.models.flops.BatchFlops`) also ``perf/tflops_per_device`` from the
+    batch's real token counts, and ``perf/mfu`` against ``peak_tflops``."""
 
-    def __init__(self):
+    def __init__(self, flops=None, peak_tflops: float | None = None):
         self._start = None
         self._last_end = None
+        self.flops, self.peak_tflops = flops, peak_tflops
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         now = time.perf_counter()
@@ -154,6 +157,12 @@ class ThroughputMonitor(Callback):
             dt = max(now - self._start, 1e-9)
             pl_module.log("perf/samples_per_s", batch["input_ids"].shape[0] / dt, on_step=True, on_epoch=False)
             pl_module.log("perf/text_tokens_per_s", float(batch["attention_mask"].sum()) / dt, on_step=True, on_epoch=False)
+            counts = getattr(pl_module, "last_token_counts", None)
+            if self.flops is not None and counts is not None and counts[1] is not None:
+                tflops = self.flops(*counts) / dt / 1e12
+                pl_module.log("perf/tflops_per_device", tflops, on_step=True, on_epoch=False)
+                if self.peak_tflops:
+                    pl_module.log("perf/mfu", tflops / self.peak_tflops, on_step=True, on_epoch=False)
         self._last_end = now
 
 

@@ -115,6 +115,7 @@ class PandaModule(L.LightningModule):
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int):
+        self.last_token_counts = None
         for miss in batch["skipped"]:
             self.skipped_samples += 1
             log.warning("skipped sample %s (%s): %s", miss["id"], miss["path"], miss["reason"])
@@ -140,6 +141,9 @@ class PandaModule(L.LightningModule):
         if out.distill_loss is not None:
             self.log("train/distill_loss", out.distill_loss, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/loss", out.loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        # what this micro-batch computed, for perf/tflops_per_device and perf/mfu (ThroughputMonitor)
+        self.last_token_counts = (batch["attention_mask"].sum(1), out.visual_tokens,
+                                  (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1), batch["pixels"].shape[1])
         # Lightning divides "loss" by the accumulation; the loss history (LossTracker) keeps this one
         return {"loss": out.loss, "loss_unscaled": out.loss.detach()}
 

@@ -23,6 +23,7 @@ from panda.evaluation.judge import build_judge
 from panda.evaluation.run import run_benchmark, scalar_metrics
 from panda.loading import read_checkpoint_meta
 from panda.models.checkpoints import export_release, model_meta
+from panda.models.flops import BatchFlops, stab_forward_flops, teacher_forward_flops
 from panda.models.teachers import build_teacher
 from panda.runs import experiment_choice, git_commit, print_summary, resume_command, run_dir_of
 from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_complete
@@ -162,7 +163,10 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkp
         derived = dataclasses.replace(derived, llm_config=model.llm.config.to_dict())
     module = PandaModule(model, cfg, derived, teacher=teacher)
     logger = build_logger(cfg, run_dir, model.parameter_counts(), resume_step=checkpoint["global_step"] if checkpoint else None)
-    callbacks, tracker, interrupt = build_callbacks(cfg, os.path.join(run_dir, "checkpoints"))
+    teacher_cfg = getattr(teacher, "cfg", None)
+    flops = BatchFlops(model, cfg.stage, stab_forward_flops(cfg.stab, cfg.stab.chunk_size) / cfg.stab.chunk_size,
+                       teacher_forward_flops(teacher_cfg, 1) if teacher_cfg is not None else 0.0)
+    callbacks, tracker, interrupt = build_callbacks(cfg, os.path.join(run_dir, "checkpoints"), flops)
     callbacks += heldout_monitor(cfg, tokenizer, derived, run_dir)
     trainer = build_trainer(cfg, derived, run_dir, logger, callbacks)
     datamodule = build_datamodule(cfg, tokenizer, derived, rejects_path=os.path.join(run_dir, "rejects.jsonl"))

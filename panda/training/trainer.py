@@ -219,15 +219,31 @@ def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_
                        config=to_plain(cfg) | parameter_counts | provenance)
 
 
-def build_callbacks(cfg: TrainConfig, ckpt_dir: str) -> tuple[list, LossTracker, GracefulInterrupt]:
-    """Checkpointing, the loss history, Ctrl-C handling, throughput, learning rates and the FSDP helpers."""
+def build_callbacks(cfg: TrainConfig, ckpt_dir: str, flops=None) -> tuple[list, LossTracker, GracefulInterrupt]:
+    """Checkpointing, the loss history, Ctrl-C handling, throughput (and MFU, given the model's
+    ``flops``), learning rates and the FSDP helpers."""
     tracker, interrupt = LossTracker(), GracefulInterrupt()
     checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1)
-    callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(), LearningRateLogger(), GradNormLogger()]
+    callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(flops, peak_tflops(cfg) if flops else None),
+                 LearningRateLogger(), GradNormLogger()]
     if cfg.trainer.strategy == "fsdp":
         callbacks += [NormStatisticsSync(), FSDPAudit()]
     return callbacks, tracker, interrupt
+
+
+def peak_tflops(cfg: TrainConfig) -> float | None:
+    """``trainer.peak_tflops``, else the GPU's dense bf16 peak by name, else (CPU) the measured matmul rate."""
+    from panda.models.flops import device_peak_tflops, measured_matmul_tflops
+
+    if cfg.trainer.peak_tflops:
+        return cfg.trainer.peak_tflops
+    if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+        return measured_matmul_tflops()
+    peak = device_peak_tflops()
+    if peak is None:
+        log.info("perf/mfu: unknown GPU %s; set trainer.peak_tflops to log MFU", torch.cuda.get_device_name(0))
+    return peak
 
 
 def build_trainer(cfg: TrainConfig, derived: Derived, run_dir: str, logger, callbacks) -> L.Trainer:
