@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from panda.config import register_configs, to_train_config
+from panda.plan import check_gpu_plan
 from panda.runs import exit_on_config_error
 from panda.training.run import train
 
@@ -26,6 +27,9 @@ def main(cfg: DictConfig) -> float | None:
         run_cfg = to_train_config(cfg)
     except ValueError as exc:  # names the key and the fix; no traceback, no empty run folder
         exit_on_config_error("train.py", exc)
+    problem = check_gpu_plan(run_cfg)
+    if problem:  # before any weight is read: the planner says this run cannot fit this GPU
+        exit_on_config_error("train.py", ValueError(problem))
     summary = train(run_cfg)
     if summary.get("status") == "interrupted":
         sys.exit(130)  # stopped by Ctrl-C (the checkpoint is saved; the resume command was printed)

@@ -218,6 +218,9 @@ class TrainerConfig:
     # perf/mfu's denominator, dense TFLOP/s per device; None: from the GPU's name (A100, H100, H200, ...),
     # on CPU this machine's measured fp32 matmul rate
     peak_tflops: Optional[float] = None
+    # on a CUDA machine, plan the run (python -m panda.plan) against the GPU's free memory before building
+    # the model, and stop with the planner's fix when it cannot fit; false skips the check
+    plan_check: bool = True
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1

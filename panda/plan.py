@@ -399,6 +399,30 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     return result
 
 
+def check_gpu_plan(cfg) -> str | None:
+    """On a CUDA machine (``trainer.accelerator`` gpu/cuda/auto, ``trainer.plan_check``): the
+    planner's peak per rank against the first GPU's free memory. Returns the reason it cannot fit
+    (with the planner's fix), or None — also when there is no GPU or the plan cannot be made."""
+    if not cfg.trainer.plan_check or cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+        return None
+    try:
+        p = plan(cfg, gpu="cpu")
+    except Exception as exc:  # the plan needs what a run has anyway; when it cannot be made, train and see
+        print(f"panda.plan: no memory check ({exc})", file=sys.stderr)
+        return None
+    free, total = torch.cuda.mem_get_info(0)
+    need = p.peak_gib * GIB
+    if need <= free:
+        print(f"panda.plan: {p.peak_gib:.1f} GiB per rank planned, {free / GIB:.1f} GiB free on {torch.cuda.get_device_name(0)}",
+              file=sys.stderr)
+        return None
+    fix = cheapest_fix(cfg, str(cfg.trainer.strategy) == "fsdp", cfg.model.gradient_checkpointing,
+                       cfg.stage.train_llm, {k: v * GIB for k, v in p.memory_gib.items()})
+    return (f"the plan needs {p.peak_gib:.1f} GiB per rank, {torch.cuda.get_device_name(0)} has {free / GIB:.1f} GiB free "
+            f"of {total / GIB:.1f}; cheapest fix: {fix} (python -m panda.plan with the same overrides shows the table; "
+            f"trainer.plan_check=false skips this check)")
+
+
 def cheapest_fix(cfg, fsdp: bool, ckpt: bool, llm_trains: bool, mem: dict) -> str:
     static = sum(v for k, v in mem.items() if k.startswith(("param", "grad", "Adam", "DDP", "autocast")))
     activations = sum(mem.values()) - static

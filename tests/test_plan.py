@@ -102,3 +102,28 @@ def test_the_mfu_numerator_matches_the_flop_counter_on_a_real_training_step():
     flops = BatchFlops(model, StageConfig(), stab_forward_flops(stab_cfg, F) / F)
     counted = flops(torch.full((B,), text), out.visual_tokens, (labels[:, 1:] != IGNORE_INDEX).sum(1), F)
     assert abs(counted / counter.get_total_flops() - 1) < 0.05, (counted, counter.get_total_flops())
+
+
+def test_train_py_on_a_gpu_too_small_stops_before_building_with_the_fix(monkeypatch):
+    """No GPU here: torch.cuda's three queries answer as a 24 GiB card would (the only stand-in in
+    this file); the check itself, the plan and the message are real."""
+    from panda.plan import check_gpu_plan
+
+    cfg = recipe("stage2_pretrain", "trainer=gpu", "trainer.devices=1", "trainer.num_nodes=1")
+    assert check_gpu_plan(cfg) is None  # no CUDA: nothing to check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=0: (22 * 2**30, 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: "Small GPU 24GB")
+    cfg = recipe("stage2_pretrain", "trainer=gpu", "trainer.devices=1", "trainer.num_nodes=1", "llm.pretrained=null",
+                 "init.kind=none", "init.path=null", "llm=tiny_llama", "llm.hidden_size=2048", "llm.layers=16",
+                 "llm.heads=16", "llm.intermediate_size=5504")  # ~0.9B parameters
+    problem = check_gpu_plan(cfg)
+    assert problem and "Small GPU 24GB has 22.0 GiB free" in problem and "cheapest fix: " in problem
+    assert "trainer.plan_check=false" in problem
+    assert check_gpu_plan(dataclasses_replace_trainer(cfg, plan_check=False)) is None
+
+
+def dataclasses_replace_trainer(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **changes))
