@@ -64,6 +64,7 @@ def test_recipe_configs_hold_the_papers_values():
         else:  # frozen LLM: DDP with the LLM stored in bf16
             assert cfg.trainer.precision == "bf16-mixed" and cfg.llm.dtype == "bfloat16"
         assert cfg.teacher.kind == "languagebind_video" and cfg.distill.loss == "cosine" and cfg.distill.weight == 1.0
+        assert cfg.teacher.dtype == "bfloat16"  # frozen: the compute dtype
         assert cfg.data.fraction == (0.5 if stage == "stage1_prealign" else 1.0)
     with pytest.raises(ValueError, match="init.path"):  # the EVE folder is required
         validate(compose(["experiment=videopanda_7b/stage1_prealign"] + paths))

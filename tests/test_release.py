@@ -159,7 +159,7 @@ def test_recipe_stages_chain_end_to_end_at_tiny_size(synthetic_root, tokenizer, 
     runs = tmp_path / "runs"
     tiny = ["stab=tiny", "stab.width=32", "teacher=tiny_languagebind", "data=synthetic", f"data.root={synthetic_root}",
             "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer=cpu", "trainer.max_steps=2",
-            "trainer.global_batch_size=4", "trainer.precision=32-true", "trainer.enable_progress_bar=false", "llm.dtype=float32",
+            "trainer.global_batch_size=4", "trainer.precision=32-true", "trainer.enable_progress_bar=false", "llm.dtype=float32", "teacher.dtype=float32",
             "frames=4", "model.max_length=512", "distill.layer_stride=1", "distill.heads=4", f"runs_root={runs}",
             "logger=csv", "trainer.log_every_n_steps=1"]
     for stage, extra in [("stage1_prealign", [f"init.path={eve}"]), ("stage2_pretrain", []), ("stage3_finetune", [])]:
