@@ -78,6 +78,7 @@ def live_bytes(model, opt) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2: this rank's shard
     for t in tensors:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
@@ -86,10 +87,12 @@ def live_bytes(model, opt) -> int:
     return total
 
 
-def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None) -> float:
+def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None, shard=None) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     model = build(cfg, vocab)
+    if shard is not None:
+        shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     data = batch(cfg, text, vocab, supervised)
 
@@ -111,6 +114,44 @@ def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None) -
     return (start + peak) / 2**20
 
 
+def _fsdp_rank(rank: int, world: int, port: int, overrides: list, text: int, out) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from panda.training.fsdp import shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = compose(overrides)
+    mesh = init_device_mesh("cpu", (world,))
+    out.put((rank, measure(cfg, text, shard=lambda model: shard_model(model, mesh, cfg.trainer.fsdp))))
+    dist.destroy_process_group()
+
+
+def measure_fsdp(overrides: list, text: int, world: int = 2) -> float:
+    """Peak per rank (the larger of the ranks) of the same step under FSDP2 over ``world`` gloo processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_fsdp_rank, args=(r, world, port, overrides, text, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    peaks = dict(out.get(timeout=900) for _ in procs)
+    for p in procs:
+        p.join()
+    return max(peaks.values())
+
+
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.fsdp.param_dtype=null",
+        "trainer.fsdp.activation_checkpointing=false"]
+
 POINTS = [  # (label, overrides, text positions)
     ("D128 L4", ["llm.hidden_size=128", "llm.layers=4", "llm.heads=4", "llm.intermediate_size=344"], 256),
     ("D256 L4", ["llm.hidden_size=256", "llm.layers=4", "llm.heads=4", "llm.intermediate_size=688"], 256),
@@ -124,6 +165,11 @@ POINTS = [  # (label, overrides, text positions)
                         "model.gradient_checkpointing=true"], 384),
     ("D512 L8 STAB w128 224px", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376",
                                  "stab.width=128", "stab.heads=4", "stab.resolution=224"], 512),
+]
+FSDP_POINTS = [
+    ("FSDP2 x2 D512 L8", FSDP + ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376"], 256),
+    ("FSDP2 x2 D1024 L12", FSDP + ["llm.hidden_size=1024", "llm.layers=12", "llm.heads=16",
+                                   "llm.intermediate_size=2752"], 384),
 ]
 COMMON = ["data.root=/nonexistent", "data.synthetic=null", "data.batch_size=2", "frames=4", "trainer=cpu",
           "stab=tiny", "stab.width=64", "stab.heads=4", "stab.resolution=112"]
@@ -145,6 +191,16 @@ def main(argv=None) -> int:
         cfg = compose(COMMON + overrides)
         planned = plan(cfg, gpu="cpu", text_tokens=text, vocab=VOCAB).peak_gib * 1024
         measured = measure(cfg, text)
+        params = sum(p.numel() for p in build(cfg).parameters()) / 1e6
+        ratio = planned / measured
+        worst = max(worst, abs(ratio - 1))
+        print(f"{label:<26} {params:9.1f} {measured:13.1f} {planned:12.1f} {ratio:17.3f}", flush=True)
+    for label, overrides, text in FSDP_POINTS:
+        if args.only and args.only not in label:
+            continue
+        cfg = compose(COMMON + overrides)
+        planned = plan(cfg, gpu="cpu", text_tokens=text, vocab=VOCAB).peak_gib * 1024
+        measured = measure_fsdp(COMMON + overrides, text)
         params = sum(p.numel() for p in build(cfg).parameters()) / 1e6
         ratio = planned / measured
         worst = max(worst, abs(ratio - 1))

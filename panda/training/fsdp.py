@@ -39,6 +39,20 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(llm).__name__} to shard; add its path to decoder_layers()")
 
 
+def llm_tail(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's modules after the decoder layers that hold parameters: the decoder's own children
+    besides its layers and input embedding (the final norm), and an untied LM head."""
+    layers, embed = decoder_layers(llm), llm.get_input_embeddings()
+    decoder = getattr(llm, getattr(llm, "base_model_prefix", ""), None)
+    tail = []
+    if decoder is not None:
+        tail = [m for m in decoder.children() if m is not layers and m is not embed and any(True for _ in m.parameters())]
+    head = llm.get_output_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        tail.append(head)
+    return tail
+
+
 def _dtype(name: Optional[str]):
     return getattr(torch, name) if name else None
 
@@ -82,7 +96,13 @@ def shard_model(model: nn.Module, mesh, cfg: FSDPConfig) -> int:
     for modules in groups.values():
         fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
         units += 1
-    fully_shard(model.llm, **kwargs)  # final norm + LM head (+ anything else the LLM owns)
+    # the final norm and the LM head as one unit with hooks of their own: the LM head runs at the
+    # supervised positions only, called on the decoder's output, outside the LLM's own forward
+    tail = llm_tail(model.llm)
+    if tail:
+        fully_shard(tail if len(tail) > 1 else tail[0], **kwargs)
+        units += 1
+    fully_shard(model.llm, **kwargs)  # anything else the LLM owns
     fully_shard(model, **kwargs)  # the root: owns nothing left, drives the lazy init
     return units + 2
 
