@@ -2,8 +2,8 @@
 
 A record is ``{"id", "video", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
 :func:`normalize_conversation` applies the release's rules: a ``<video>`` that ends the first human
-message moves to its front (:func:`place_video_token`), a leading assistant turn is dropped, roles must alternate, and a trailing
-human turn without an answer is dropped.
+message moves to its front (:func:`place_video_token`), a leading assistant turn is dropped, roles
+must alternate, and a trailing human turn without an answer is dropped.
 """
 
 from __future__ import annotations
