@@ -222,12 +222,13 @@ def _stab_measure_one(cfg) -> tuple[int, float, int]:
 
     from panda.models.stab import STAB
 
-    torch.manual_seed(0)
-    stab = STAB(cfg.stab).train()
+    with torch.random.fork_rng():  # a throwaway STAB: the caller's random stream stays as it was
+        torch.manual_seed(0)
+        stab = STAB(cfg.stab).train()
+        pixels = torch.randn(1, cfg.frames, 3, cfg.stab.resolution, cfg.stab.resolution)
     weights = {p.untyped_storage().data_ptr() for p in stab.parameters()} | {
         b.untyped_storage().data_ptr() for b in stab.buffers()}
     r = cfg.stab.resolution
-    pixels = torch.randn(1, cfg.frames, 3, r, r)
     mask = torch.ones(1, cfg.frames, r, r)
     saved: dict[int, int] = {}
 

@@ -171,3 +171,20 @@ def test_evaluate_without_a_checkpoint_names_the_key():
 
     with pytest.raises(ValueError, match=r"evaluate\.py needs checkpoint=PATH"):
         to_evaluate_config(compose([], config_name="evaluate"))
+
+
+def test_validation_loss_and_samples_are_logged_once_per_interval(synthetic_root, tmp_path):
+    import csv
+
+    from conftest import train_tiny
+
+    train_tiny(synthetic_root, tmp_path, "logger.kind=csv", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+               "logger.val_every_n_steps=2", "logger.val_loss_items=4", "logger.table_items=1", "evaluate=false")
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    assert [s for s, _ in val] == [2, 4, 6] and len({v for _, v in val}) == 3  # once each, never repeated
+    grad = [r for r in rows if r.get("optim/grad_norm")]
+    assert len(grad) == 6 and all(float(r["optim/grad_norm"]) > 0 for r in grad)
+    assert all(float(r["perf/tflops_per_device"]) > 0 and 0 < float(r["perf/mfu"]) < 1 for r in rows if r.get("perf/mfu"))
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.jsonl")) == [
+        "step000002.jsonl", "step000004.jsonl", "step000006.jsonl"]

@@ -60,7 +60,7 @@ def test_prepare_sorts_the_bad_video_zoo(zoo, tmp_path):
     assert sorted(kept_ids) == sorted(rid for rid, code in expected.items() if code is None or code.endswith("#2"))
     for meta, data in kept:  # the shard holds the source file's bytes, untouched, once per video
         assert data == open(os.path.join(root, "videos", meta["video"]), "rb").read()
-        assert meta["num_frames"] >= 4 and meta["width"] > 0 and meta["fps"] > 0 and meta["records"][0]["turns"]
+        assert meta["num_frames"] >= (2 if meta["video"] == "short.mp4" else 4) and meta["width"] > 0 and meta["fps"] > 0 and meta["records"][0]["turns"]
     assert len({m["video"] for m, _ in kept}) == len(kept)
     by_id = {r["id"]: m | r for m, _ in kept for r in m["records"]}
     assert by_id["dup"]["video"] == "good.mp4" and len(by_id["good"]["records"]) == 2  # stored with "good"
@@ -257,3 +257,24 @@ def test_a_folder_that_is_not_prepared_is_named_with_the_fix(tmp_path):
 
     with pytest.raises(ShardFormatError, match=r"panda\.data\.prepare .*--output"):
         ShardSource.open("valley", str(tmp_path / "nothing_here"))
+
+
+def test_a_short_clip_is_kept_and_padded_as_the_release_pads(zoo, tmp_path):
+    """A clip with fewer frames than --frames: kept by default and padded at training time with
+    all-zero frames whose mask is zero (stab.md §0.1); --min-frames still filters when asked."""
+    from panda.data.datasets import FramePipeline
+    from panda.data.frames import preprocess_frames
+    from panda.data.video import decode_video
+
+    root, _ = zoo
+    short = os.path.join(root, "videos", "short.mp4")
+    decoded = decode_video(short, 4)
+    assert decoded.num_frames == 2 and len(decoded.frames) == 2
+    sample = FramePipeline(4, 56, 7)(short)
+    pixels, mask = preprocess_frames(decoded.frames, 4, 56, 7)
+    assert torch.equal(sample["pixels"], pixels) and torch.equal(sample["frame_mask"], mask)
+    assert torch.count_nonzero(sample["pixels"][2:]) == 0 and mask[2:].sum() == 0 and mask[:2].sum() > 0
+    stats = prepare(zoo_options(root, str(tmp_path / "strict"), min_frames=4))
+    rejects = [json.loads(line) for line in open(tmp_path / "strict" / "rejects.jsonl")]
+    assert any(r["id"] == "short" and r["code"] == "too_few_frames" and "--min-frames" in r["reason"] for r in rejects)
+    assert stats["rejected_by_reason"]["too_few_frames"] == 1

@@ -127,3 +127,17 @@ def dataclasses_replace_trainer(cfg, **changes):
     import dataclasses
 
     return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **changes))
+
+
+def test_measuring_flops_leaves_the_random_stream_alone():
+    """Building the MFU counter (a throwaway STAB, a matmul rate) before training must not shift
+    the run's random numbers (it did: a default run's result changed with it)."""
+    from panda.models.flops import measured_matmul_tflops, stab_forward_flops
+    from panda.models.stab import STABConfig
+
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    stab_forward_flops(STABConfig(width=32, heads=4, resolution=56, patch_size=7, chunk_size=2), 2)
+    measured_matmul_tflops(64, 1)
+    assert torch.equal(torch.rand(3), want)

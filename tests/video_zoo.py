@@ -108,7 +108,7 @@ def build_zoo(root: str, frames: int = 4) -> tuple[list[dict], dict[str, str | N
     _audio_only(f"{vids}/audio.m4a")
     rec("audio", "audio.m4a", "no_video_stream")
     write_video(f"{vids}/short.mp4", _frames(max(1, frames - 2), seed=9), fps=8)
-    rec("short", "short.mp4", "too_few_frames")
+    rec("short", "short.mp4", None)  # kept: padded at training time, as the release pads
     write_video(f"{vids}/wide.mp4", _frames(2 * frames, width=4352, height=32, seed=10), fps=8)
     rec("huge", "wide.mp4", "frame_too_large")
 

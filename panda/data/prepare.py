@@ -59,7 +59,9 @@ class PrepareOptions:
     resume: bool = False
     frames: int = 8  # the frames training samples (8 in the release); these are test-decoded
     sample_fps: float = 1.0
-    min_frames: int | None = None  # fewer frames in the file than this: reject (None = ``frames``)
+    # fewer frames in the file than this: reject. Default 1: like the release, a clip shorter than
+    # ``frames`` is kept and padded at training time (all-zero frames, all-zero mask; stab.md §0.1)
+    min_frames: int = 1
     max_side: int = 4096  # a longer frame side is rejected (decoding it would stall a loader worker)
     chunk_bytes: str = "64MB"
     part_size: int = 256  # videos per resumable unit of work
@@ -118,7 +120,7 @@ def inspect_video(path: str, opts: PrepareOptions) -> dict:
         # decord counts the frames present; a header promising many more means the file was cut short
         raise VideoDecodeError(path, f"{decoded.num_frames} frames present, the header gives {probe.num_frames} "
                                "(file cut short?)", code="truncated")
-    min_frames = opts.min_frames or opts.frames
+    min_frames = opts.min_frames
     if decoded.num_frames < min_frames:
         raise VideoDecodeError(path, f"{decoded.num_frames} frame(s), fewer than {min_frames} (--min-frames)",
                                code="too_few_frames")
@@ -370,7 +372,8 @@ def parse_args(argv=None) -> PrepareOptions:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     p.add_argument("--frames", type=int, default=8, help="frames training samples per video (test-decoded)")
     p.add_argument("--sample-fps", type=float, default=1.0)
-    p.add_argument("--min-frames", type=int, default=None, help="reject videos with fewer frames (default --frames)")
+    p.add_argument("--min-frames", type=int, default=1,
+                   help="reject videos with fewer frames (default 1: shorter clips are kept and padded, as the release does)")
     p.add_argument("--max-side", type=int, default=4096, help="reject frames with a longer side (pixels)")
     p.add_argument("--chunk-bytes", default="64MB", help="litdata chunk size")
     p.add_argument("--part-size", type=int, default=256, help="videos per resumable unit of work")

@@ -45,16 +45,18 @@ def stab_forward_flops(stab_cfg, frames: int) -> float:
 
     from panda.models.stab import STAB
 
-    stab = STAB(stab_cfg).eval()
     r = stab_cfg.resolution
-    with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker fails on STAB)
-        stab(torch.zeros(1, frames, 3, r, r), torch.ones(1, frames, r, r))
+    with torch.random.fork_rng():  # a throwaway STAB: the run's random stream stays as it was
+        stab = STAB(stab_cfg).eval()
+        with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker fails on STAB)
+            stab(torch.zeros(1, frames, 3, r, r), torch.ones(1, frames, r, r))
     return float(counter.get_total_flops())
 
 
 def measured_matmul_tflops(size: int = 1024, repeats: int = 8) -> float:
     """This machine's fp32 matmul rate (TFLOP/s): the peak an MFU on CPU is measured against."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    with torch.random.fork_rng():  # the run's random stream stays as it was
+        a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):

@@ -79,13 +79,13 @@ class HeldOutMonitor(Callback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                self.log_loss(pl_module)
+                self.log_loss(trainer, pl_module, step)
                 if trainer.is_global_zero and not getattr(pl_module, "sharded", False):
                     self.write_samples(trainer, pl_module, step)
         finally:
             pl_module.train(was_training)
 
-    def log_loss(self, pl_module) -> None:
+    def log_loss(self, trainer, pl_module, step: int) -> None:
         total = lm_total = count = 0.0
         samples = [self.loss_set[i] for i in range(len(self.loss_set))]
         for start in range(0, len(samples), self.batch_size):
@@ -96,9 +96,11 @@ class HeldOutMonitor(Callback):
             out = pl_module(batch)
             n = batch["input_ids"].shape[0]
             total, lm_total, count = total + float(out.loss) * n, lm_total + float(out.lm_loss) * n, count + n
-        if count:
-            pl_module.log("val/loss", total / count, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
-            pl_module.log("val/lm_loss", lm_total / count, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        if count and trainer.is_global_zero:
+            # straight to the loggers, once: a value logged through the module from a callback hook is
+            # repeated at every later logging step until the epoch ends
+            for lg in trainer.loggers:
+                lg.log_metrics({"val/loss": total / count, "val/lm_loss": lm_total / count}, step=step)
 
     def write_samples(self, trainer, pl_module, step: int) -> None:
         from PIL import Image
