@@ -185,13 +185,20 @@ class ShardDataset(Dataset):
         j, local = self.locate(index)
         e, k = self.sources[j].records[local]
         entry = f"{self.sources[j].path}#{e}"
-        try:
-            raw = self._stream(j)[e]
-            meta = json.loads(raw["meta"])
-            rec = meta["records"][k]
-            data = bytes(raw["video"])
-        except Exception as exc:  # a damaged chunk entry: litdata and json raise many types
-            return {"error": {"id": f"{entry}/{k}", "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
+        for attempt in range(2):
+            try:
+                raw = self._stream(j)[e]
+                meta = json.loads(raw["meta"])
+                rec = meta["records"][k]
+                data = bytes(raw["video"])
+                break
+            except Exception as exc:  # a damaged chunk entry: litdata and json raise many types
+                if isinstance(exc, OSError) and not attempt and is_remote(self.sources[j].path):
+                    # a remote source's cached chunk can vanish under a reader (another loader worker
+                    # sharing the cache evicts or re-downloads it): reopen the reader and read again, once
+                    self._streams[j] = None
+                    continue
+                return {"error": {"id": f"{entry}/{k}", "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
         name = f"{entry} ({meta.get('video')})"
         try:
             tok = tokenize_conversation(
