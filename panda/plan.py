@@ -27,7 +27,7 @@ formula below. What it counts, per rank:
 FLOPs are model FLOPs (matmuls, convolutions and attention as ``torch.utils.flop_counter`` counts
 them; activation recomputation excluded, as MFU is defined): forward ``2·T·N_linear + 4·L·S²·D``
 per sample for the LLM, backward twice that for trained weights and once for the input gradients
-a frozen LLM passes to STAB; STAB and the teacher from ``FlopCounterMode``.
+a frozen LLM passes to STAB; STAB from ``FlopCounterMode`` on one video, the teacher from its sizes.
 """
 
 from __future__ import annotations
@@ -210,38 +210,19 @@ def stab_measure(cfg, micro_batch: int) -> tuple[int, float, int]:
     """(activation bytes saved for backward, forward FLOPs, visual tokens) of STAB for ``micro_batch``
     videos of the configured frames and resolution (square: the most tokens): one video run once on
     CPU (remembered per STAB config and frame count), scaled to the micro-batch."""
+    from panda.models.flops import stab_cost
+
     key = repr((dataclasses.asdict(cfg.stab), cfg.frames))
     if key not in _STAB_MEASURED:
-        _STAB_MEASURED[key] = _stab_measure_one(cfg)
+        flops, saved, tokens = stab_cost(cfg.stab, cfg.frames)
+        _STAB_MEASURED[key] = (saved, flops, tokens)
     saved, flops, tokens = _STAB_MEASURED[key]
     return saved * micro_batch, flops * micro_batch, tokens
 
 
-def _stab_measure_one(cfg) -> tuple[int, float, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from panda.models.stab import STAB
-
-    with torch.random.fork_rng():  # a throwaway STAB: the caller's random stream stays as it was
-        torch.manual_seed(0)
-        stab = STAB(cfg.stab).train()
-        pixels = torch.randn(1, cfg.frames, 3, cfg.stab.resolution, cfg.stab.resolution)
-    weights = {p.untyped_storage().data_ptr() for p in stab.parameters()} | {
-        b.untyped_storage().data_ptr() for b in stab.buffers()}
-    r = cfg.stab.resolution
-    mask = torch.ones(1, cfg.frames, r, r)
-    saved: dict[int, int] = {}
-
-    def pack(t):  # every distinct storage autograd keeps for backward, weights aside (counted as static)
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as counter:
-        out = stab(pixels, mask)
-    tokens = int(out.lengths.sum())
-    return sum(saved.values()), float(counter.get_total_flops()), tokens
+def dtype_bytes(name) -> int:
+    """Bytes per element of a config's dtype name (None: as stored, fp32)."""
+    return 2 if str(name) in ("bfloat16", "float16") else 4
 
 
 def llm_layer_bytes_per_token(config, c: int, trains: bool = True) -> int:
@@ -261,11 +242,13 @@ def llm_layer_bytes_per_token(config, c: int, trains: bool = True) -> int:
 
 
 def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = None, samples: int | None = None,
-         text_tokens: int | None = None, vocab: int | None = None, supervised_tokens: int | None = None) -> Plan:
+         text_tokens: int | None = None, vocab: int | None = None, supervised_tokens: int | None = None,
+         usable_gib: float | None = None) -> Plan:
     """The plan of ``cfg`` (a TrainConfig). ``text_tokens``: text positions per sample (default the
     longest, ``model.max_length``); ``vocab``: the vocabulary of a built LLM (default its tokenizer's);
     ``supervised_tokens``: answer tokens per sample, where the LM head runs (default every text
-    position after the frames: an upper bound)."""
+    position after the frames: an upper bound); ``usable_gib``: memory per rank to judge against
+    (default the ``gpu``'s)."""
     from panda.config import distill_active
     from panda.training.trainer import count_devices, resolve_accumulation
 
@@ -284,7 +267,7 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     shard = (per_node if t.fsdp.hybrid_shard else world) if fsdp else 1
     mixed = str(t.precision).startswith(("bf16", "16"))
     c = 2 if mixed else 4
-    llm_bytes = 2 if str(cfg.llm.dtype) in ("bfloat16", "float16") else 4
+    llm_bytes = dtype_bytes(cfg.llm.dtype)
     units = units_of(model, llm_bytes)
     mem: dict[str, float] = {}
 
@@ -297,8 +280,7 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
         mem["parameters (sharded)"] = 0 if offload else param_bytes / shard
         mem["gradients (sharded)"] = 0 if offload else grad_bytes / shard
         mem["AdamW states (sharded)"] = 0 if offload else adam_bytes / shard
-        compute = 2 if t.fsdp.param_dtype in ("bfloat16", "float16") else 4
-        reduce = 2 if t.fsdp.reduce_dtype in ("bfloat16", "float16") else 4
+        compute, reduce = dtype_bytes(t.fsdp.param_dtype), dtype_bytes(t.fsdp.reduce_dtype)
         largest = max(units, key=lambda u: u.params)
         largest_trained = max((u.params for u in trainable), default=0)
         if shard > 1:
@@ -321,7 +303,7 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
         depth = _hidden_index(tc.feature_layer, tc.layers)
         teacher_params = depth * (4 * tc.width * tc.width + 2 * tc.width * tc.intermediate_size + tc.num_frames * tc.width
                                   + 4 * tc.width * tc.width) + tc.width * 3 * tc.patch_size ** 2
-        mem["frozen teacher"] = teacher_params * (2 if tc.dtype in ("bfloat16", "float16") else 4)
+        mem["frozen teacher"] = teacher_params * dtype_bytes(tc.dtype)
 
     # activations of one micro-batch
     B = cfg.data.batch_size
@@ -349,10 +331,8 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     if model.distill_head is not None and distill_active(cfg):
         picked = len(model.distill_head.layers)
         vis_tokens = B * visual
-        mem["distillation head inputs"] = picked * vis_tokens * (c * D * 2 + c * cfg.teacher.width * 2) + (
-            0 if ckpt else 0)
-    proj_hidden = D
-    mem["STAB + projector activations"] = stab_bytes * (c / 4) + B * visual * c * (cfg.stab.width + 2 * proj_hidden)
+        mem["distillation head inputs"] = picked * vis_tokens * (c * D * 2 + c * cfg.teacher.width * 2)
+    mem["STAB + projector activations"] = stab_bytes * (c / 4) + B * visual * c * (cfg.stab.width + 2 * D)
     # backward frees the activations layer by layer as it fills the gradients: the two never peak together
     phases = {k: phase_of(k) for k in mem}
     persistent = sum(v for k, v in mem.items() if phases[k] == "persistent")
@@ -380,16 +360,17 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     n_samples = samples
     if n_samples is None and cfg.data.name in DATA_SAMPLES:
         n_samples = int(DATA_SAMPLES[cfg.data.name] * cfg.data.fraction)
+    usable = device.memory_gib if usable_gib is None else usable_gib
     result = Plan(gpu, "fsdp" if fsdp else ("ddp" if world > 1 else "single"), world, shard, B, S, visual,
-                  {k: v / GIB for k, v in mem.items()}, peak / GIB, device.memory_gib, mfu=mfu,
+                  {k: v / GIB for k, v in mem.items()}, peak / GIB, usable, mfu=mfu,
                   phases={"persistent": persistent / GIB, "activations": activations / GIB, "gradients": gradients / GIB},
                   params={u.name: u.params for u in units} | {"teacher": teacher_params},
                   flops_per_sample=flops, global_batch=global_batch, samples=n_samples)
-    if device.memory_gib:
-        result.margin_gib = device.memory_gib - result.peak_gib
+    if usable:
+        result.margin_gib = usable - result.peak_gib
         result.fits = result.margin_gib > 0
         if not result.fits:
-            result.fix = cheapest_fix(cfg, fsdp, ckpt, llm_trains, mem)
+            result.fix = cheapest_fix(cfg, fsdp, ckpt, mem)
     if device.bf16_tflops:
         result.step_s = per_sample * global_batch / (world * device.bf16_tflops * 1e12 * mfu)
         if n_samples:
@@ -406,25 +387,22 @@ def check_gpu_plan(cfg) -> str | None:
     (with the planner's fix), or None — also when there is no GPU or the plan cannot be made."""
     if not cfg.trainer.plan_check or cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
         return None
+    free, total = torch.cuda.mem_get_info(0)
     try:
-        p = plan(cfg, gpu="cpu")
+        p = plan(cfg, gpu="cpu", usable_gib=free / GIB)
     except Exception as exc:  # the plan needs what a run has anyway; when it cannot be made, train and see
         print(f"panda.plan: no memory check ({exc})", file=sys.stderr)
         return None
-    free, total = torch.cuda.mem_get_info(0)
-    need = p.peak_gib * GIB
-    if need <= free:
-        print(f"panda.plan: {p.peak_gib:.1f} GiB per rank planned, {free / GIB:.1f} GiB free on {torch.cuda.get_device_name(0)}",
-              file=sys.stderr)
+    name = torch.cuda.get_device_name(0)
+    if p.fits:
+        print(f"panda.plan: {p.peak_gib:.1f} GiB per rank planned, {free / GIB:.1f} GiB free on {name}", file=sys.stderr)
         return None
-    fix = cheapest_fix(cfg, str(cfg.trainer.strategy) == "fsdp", cfg.model.gradient_checkpointing,
-                       cfg.stage.train_llm, {k: v * GIB for k, v in p.memory_gib.items()})
-    return (f"the plan needs {p.peak_gib:.1f} GiB per rank, {torch.cuda.get_device_name(0)} has {free / GIB:.1f} GiB free "
-            f"of {total / GIB:.1f}; cheapest fix: {fix} (python -m panda.plan with the same overrides shows the table; "
+    return (f"the plan needs {p.peak_gib:.1f} GiB per rank, {name} has {free / GIB:.1f} GiB free "
+            f"of {total / GIB:.1f}; cheapest fix: {p.fix} (python -m panda.plan with the same overrides shows the table; "
             f"trainer.plan_check=false skips this check)")
 
 
-def cheapest_fix(cfg, fsdp: bool, ckpt: bool, llm_trains: bool, mem: dict) -> str:
+def cheapest_fix(cfg, fsdp: bool, ckpt: bool, mem: dict) -> str:
     static = sum(v for k, v in mem.items() if k.startswith(("param", "grad", "Adam", "DDP", "autocast")))
     activations = sum(mem.values()) - static
     if not fsdp and static > activations:

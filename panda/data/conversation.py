@@ -153,7 +153,7 @@ class ReleaseTextEncoder:
                 elif segment:
                     ids += self._tokenizer(segment, add_special_tokens=False)["input_ids"]
             return ids
-        return [self.bos_id] + [self.special_ids.get(p, None) if p in self.special_ids else self.sp.piece_to_id(p)
+        return [self.bos_id] + [self.special_ids[p] if p in self.special_ids else self.sp.piece_to_id(p)
                                 for p in self.pieces(text)]
 
     def pieces(self, text: str) -> list[str]:

@@ -39,18 +39,37 @@ def teacher_forward_flops(teacher_cfg, frames: int) -> float:
     return frames * t.layers * (per_layer + temporal)
 
 
-def stab_forward_flops(stab_cfg, frames: int) -> float:
-    """STAB on one video of ``frames`` square frames at its resolution, counted by running it once."""
+def stab_cost(stab_cfg, frames: int) -> tuple[float, int, int]:
+    """(forward FLOPs, bytes saved for backward, visual tokens) of STAB on one video of ``frames``
+    square frames at its resolution, measured by running a throwaway STAB once in training mode:
+    the saved bytes are every distinct storage autograd keeps, its weights aside."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from panda.models.stab import STAB
 
     r = stab_cfg.resolution
-    with torch.random.fork_rng():  # a throwaway STAB: the run's random stream stays as it was
-        stab = STAB(stab_cfg).eval()
-        with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker fails on STAB)
-            stab(torch.zeros(1, frames, 3, r, r), torch.ones(1, frames, r, r))
-    return float(counter.get_total_flops())
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.random.fork_rng():  # init, pixels and dropout: the run's random stream stays as it was
+        torch.manual_seed(0)
+        stab = STAB(stab_cfg).train()
+        weights = {t.untyped_storage().data_ptr() for t in [*stab.parameters(), *stab.buffers()]}
+        pixels = torch.randn(1, frames, 3, r, r)
+        # (with grad on: under no_grad the counter's module tracker fails on STAB)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as counter:
+            out = stab(pixels, torch.ones(1, frames, r, r))
+    return float(counter.get_total_flops()), sum(saved.values()), int(out.lengths.sum())
+
+
+def stab_forward_flops(stab_cfg, frames: int) -> float:
+    """STAB's forward FLOPs on one video of ``frames`` square frames (:func:`stab_cost`)."""
+    return stab_cost(stab_cfg, frames)[0]
 
 
 def measured_matmul_tflops(size: int = 1024, repeats: int = 8) -> float:
