@@ -207,7 +207,67 @@ def main(argv=None) -> int:
         print(f"{label:<26} {params:9.1f} {measured:13.1f} {planned:12.1f} {ratio:17.3f}", flush=True)
     print(f"largest deviation: {worst:.1%} (goal: within 15%)")
     logits_saving(args.only)
+    hidden_states_saving(args.only)
     return 0
+
+
+def _profiled_peak_mib(fn) -> float:
+    """Peak of live tensor bytes allocated inside ``fn`` (the profiler's memory events, as ``measure``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak / 2**20
+
+
+def hidden_states_saving(only: str | None) -> None:
+    """The distillation head's hidden states: the picked layers only (stride 4: 3 of 9 here) vs all
+    L + 1, for a training step (forward + backward) and a no-grad forward (validation), D512 L8."""
+    if only and only not in "hidden":
+        return
+    from panda.models.distill import DistillConfig, TeacherFeatures
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+
+    cfg = compose(COMMON + ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376"])
+    text = 512
+    torch.manual_seed(0)
+    llm = build_llm(VOCAB, hidden_size=512, layers=8, heads=8, intermediate_size=1376, max_position_embeddings=8192)
+    model = VideoLanguageModel(cfg.stab, llm, distill=DistillConfig(), teacher_width=256).train()
+    data = batch(cfg, text)
+    B, F = cfg.data.batch_size, cfg.frames
+    teacher = TeacherFeatures(torch.randn(B * F, 8, 8, 256), torch.ones(B * F, 8, 8, dtype=torch.bool))
+    args = (data["input_ids"], data["attention_mask"], data["pixels"], data["frame_mask"], data["labels"])
+    decoder = getattr(model.llm, model.llm.base_model_prefix)
+    original = decoder.forward
+
+    def train_step():
+        model(*args, teacher=teacher).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def no_grad_forward():
+        with torch.no_grad():
+            model(*args, teacher=teacher)
+
+    rows = []
+    for name, fn in (("training step", train_step), ("no-grad forward", no_grad_forward)):
+        fn()  # warm-up
+        picked = _profiled_peak_mib(fn)
+        decoder.forward = lambda *a, **k: original(*a, **{**k, "output_hidden_states": True})  # the baseline: all
+        try:
+            everything = _profiled_peak_mib(fn)
+        finally:
+            decoder.forward = original
+        rows.append((name, everything, picked))
+    print(f"\nHidden states for the distillation head (D512 L8, {len(model.distill_head.layers)} of 9 read, "
+          f"2 x {text} text positions + {F} frames):")
+    for name, everything, picked in rows:
+        print(f"  {name:<16} all kept {everything:8.1f} MiB, picked only {picked:8.1f} MiB: "
+              f"{everything - picked:7.1f} MiB saved ({picked / everything:.3f} x)")
 
 
 def logits_saving(only: str | None) -> None:

@@ -231,3 +231,55 @@ def test_spatial_index_skips_context_and_row_tokens():
     assert visual.spatial_index(True, True).tolist() == [1, 2, 3, 5, 6, 7, 10, 11]
     bare = VisualTokens(torch.zeros(8, 1), torch.tensor([[6, 2]]), [(2, 3), (1, 2)], torch.tensor([True, True]))
     assert bare.spatial_index(False, False).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_only_the_hidden_states_the_head_reads_are_kept_with_the_same_loss_and_gradients(family):
+    """The LLM is asked for the picked layers only (issue 13): LLaMA-family models return None for
+    the others (so a no-grad pass frees them), and the loss and every gradient equal those of the
+    pass that keeps all L + 1 hidden states."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from panda.models.distill import DistillConfig
+    from panda.models.stab import STABConfig
+    from panda.models.video_lm import VideoLanguageModel, build_llm
+
+    torch.manual_seed(0)
+    vocab, F_, r = 64, 2, 56
+    if family == "gpt2":
+        llm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=512))
+    else:
+        llm = build_llm(vocab, hidden_size=32, layers=4, heads=4, intermediate_size=64)
+    model = VideoLanguageModel(STABConfig(width=32, patch_size=7, heads=4, chunk_size=2, resolution=r, dropout=0.0), llm,
+                               distill=DistillConfig(layer_stride=2, heads=2), teacher_width=16).eval()
+    assert model.distill_head.layers == [4, 2, 0]
+    ids = torch.randint(3, vocab, (2, 12))
+    ids[:, 1:1 + F_] = -200
+    labels = ids.clone()
+    labels[:, :8] = -100
+    pixels, mask = torch.randn(2, F_, 3, r, r), torch.ones(2, F_, r, r)
+    teacher = TeacherFeatures(torch.randn(2 * F_, 4, 4, 16), torch.ones(2 * F_, 4, 4, dtype=torch.bool))
+    decoder = getattr(model.llm, model.llm.base_model_prefix)
+    original, seen = decoder.forward, {}
+
+    def recording(*args, **kwargs):
+        seen["request"] = kwargs.get("output_hidden_states")
+        out = original(*args, **kwargs)
+        seen["hidden"] = out.hidden_states
+        return out
+
+    decoder.forward = recording
+    ours = model(ids, torch.ones_like(ids), pixels, mask, labels, teacher=teacher)
+    grads = torch.autograd.grad(ours.loss, list(model.parameters()), allow_unused=True)
+    assert seen["request"] == [4, 2, 0]
+    assert len(seen["hidden"]) == 5 and all(seen["hidden"][j] is not None for j in (4, 2, 0))
+    if family == "llama":
+        assert seen["hidden"][1] is None and seen["hidden"][3] is None
+
+    decoder.forward = lambda *args, **kwargs: original(*args, **{**kwargs, "output_hidden_states": True})
+    full = model(ids, torch.ones_like(ids), pixels, mask, labels, teacher=teacher)
+    want = torch.autograd.grad(full.loss, list(model.parameters()), allow_unused=True)
+    assert full.distill_loss is not None and torch.equal(ours.distill_loss, full.distill_loss)
+    assert torch.equal(ours.loss, full.loss)
+    for g, w in zip(grads, want):
+        assert (g is None) == (w is None) and (g is None or torch.equal(g, w))

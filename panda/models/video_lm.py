@@ -147,8 +147,11 @@ class VideoLanguageModel(nn.Module):
         visual = self.encode_video(pixels, frame_mask)
         spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels, visual=visual)
         distil = teacher is not None and self.distill_head is not None
+        # only the hidden states the head reads: Hugging Face models that record hidden states by
+        # hook take a list of indices and return None elsewhere; others return all, read the same way
+        hidden_request = list(self.distill_head.layers) if distil else False
         if spliced.labels is not None and supervised_head_supported(self.llm):
-            out, lm_loss, logits = self.supervised_lm_loss(spliced, distil)
+            out, lm_loss, logits = self.supervised_lm_loss(spliced, hidden_request)
         else:
             out = self.llm(
                 inputs_embeds=spliced.inputs_embeds,
@@ -156,19 +159,19 @@ class VideoLanguageModel(nn.Module):
                 position_ids=spliced.position_ids,
                 labels=spliced.labels,
                 use_cache=False,
-                output_hidden_states=distil,
+                output_hidden_states=hidden_request,
             )
             lm_loss, logits = out.loss, out.logits
         distill_loss, loss = None, lm_loss
         if distil:
-            hidden = out.hidden_states  # L + 1 tensors (B, M, D); index 0 = embeddings
+            hidden = out.hidden_states  # L + 1 entries (B, M, D), None where not requested; index 0 = embeddings
             spatial = spliced.visual_positions[visual.spatial_index(self.stab_cfg.has_context_token, self.stab_cfg.row_tokens)]
             picked = torch.stack([hidden[j].flatten(0, 1)[spatial] for j in self.distill_head.layers], dim=1)  # (N, J, D)
             distill_loss = distillation_loss(self.distill_head, picked, visual.grids, visual.content, teacher, self.distill_cfg.loss)
             loss = distill_loss * self.distill_cfg.weight if lm_loss is None else lm_loss + self.distill_cfg.weight * distill_loss
         return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1))
 
-    def supervised_lm_loss(self, spliced: SplicedInputs, output_hidden_states: bool):
+    def supervised_lm_loss(self, spliced: SplicedInputs, output_hidden_states: bool | list[int]):
         """The LM loss with the LM head applied at the supervised positions only: the same mean
         cross-entropy as the LLM's own loss, without the (B, M, V) fp32 logits of every position
         (at 7B, micro-batch 8 and 6K positions, 12+ GiB). Returns (decoder output, loss, logits (N, V))."""
