@@ -7,7 +7,10 @@ Every record is read (a malformed one is rejected with its file and index; JSON 
 parse stops the job and names the record), its video resolved and **validated once**: the
 container is opened, fps, frame count and size are read, and the frames training samples are
 decoded (decord, PyAV as the fallback: AV1 and some containers need it). What passes is written
-as litdata chunks holding the *encoded* video bytes and a JSON metadata string per entry. Each
+as litdata chunks holding the *encoded* video bytes (``--store video``, the default: any frame
+count or sampling can be read from them later) or the sampled frames already resized for
+training (``--store frames``: tied to ``--frames``, ``--sample-fps`` and the STAB geometry, read
+several times faster; see :mod:`panda.data.frame_store`), and a JSON metadata string per entry. Each
 video is stored **once**, with every record that uses it (Video-ChatGPT asks ~7 questions per
 video); the training sampler still draws records. What fails goes to ``OUT/rejects.jsonl`` as
 ``{"id", "path", "code", "reason", "source"}`` (one line per record). Nothing that one record
@@ -39,8 +42,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from panda.data.frame_store import FRAME_FORMATS, FrameStoreSpec, store_frames
 from panda.data.records import VideoRecord, load_records
-from panda.data.video import decode_video, probe_video
+from panda.data.video import DecodedVideo, decode_video, probe_video
 from panda.errors import PandaError, VideoDecodeError
 
 log = logging.getLogger(__name__)
@@ -68,10 +72,26 @@ class PrepareOptions:
     tokenizer: str | None = None  # a local tokenizer folder: text lengths in tokens (else characters)
     backend: str = "auto"
     progress: bool = True
+    store: str = "video"  # video: the encoded file; frames: the sampled frames, resized (panda.data.frame_store)
+    # --store frames only: the STAB geometry the frames are resized for, their encoding, the teacher's copy
+    resolution: int = 448
+    patch_size: int = 14
+    ratio: int = 2
+    frame_format: str = "jpeg"
+    jpeg_quality: int = 95
+    teacher_resolution: int | None = 224  # None/0: no teacher copy (a run with distillation then cannot use the store)
+
+    def frame_store(self) -> FrameStoreSpec | None:
+        if self.store == "video":
+            return None
+        return FrameStoreSpec(self.frames, self.sample_fps, self.resolution, self.patch_size, self.ratio,
+                              self.frame_format, self.jpeg_quality, self.teacher_resolution or None)
 
     def plan_key(self) -> dict:
         """The settings a resumed run must share with the run it continues."""
-        keys = ("video_root", "frames", "sample_fps", "min_frames", "max_side", "chunk_bytes", "part_size", "tokenizer")
+        keys = ("video_root", "frames", "sample_fps", "min_frames", "max_side", "chunk_bytes", "part_size", "tokenizer",
+                "store") + (("resolution", "patch_size", "ratio", "frame_format", "jpeg_quality", "teacher_resolution")
+                            if self.store == "frames" else ())
         files = [[os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))] for p in self.records]
         return {"records": files, **{k: getattr(self, k) for k in keys}}
 
@@ -108,9 +128,9 @@ def text_length(turns, tokenizer_path: str | None) -> int:
     return sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
 
 
-def inspect_video(path: str, opts: PrepareOptions) -> dict:
-    """Validate one video the way training will read it. Returns its metadata, or raises
-    :class:`VideoDecodeError` with a reject code."""
+def inspect_video(path: str, opts: PrepareOptions) -> tuple[dict, DecodedVideo]:
+    """Validate one video the way training will read it. Returns its metadata and the decoded
+    frames, or raises :class:`VideoDecodeError` with a reject code."""
     probe = probe_video(path)  # missing, empty_file, unreadable, no_video_stream
     if max(probe.width, probe.height) > opts.max_side:
         raise VideoDecodeError(path, f"frame size {probe.width}x{probe.height} exceeds --max-side {opts.max_side}",
@@ -128,19 +148,25 @@ def inspect_video(path: str, opts: PrepareOptions) -> dict:
     return {"fps": decoded.fps, "num_frames": decoded.num_frames,
             "duration": round(decoded.num_frames / decoded.fps, 3) if decoded.fps else None,
             "width": int(width), "height": int(height), "codec": probe.codec, "container": probe.container,
-            "backend": decoded.backend}
+            "backend": decoded.backend}, decoded
 
 
 def make_sample(video: str, records: list[VideoRecord], opts: PrepareOptions) -> tuple[dict, dict, int]:
     """(the shard entry, its metadata, source bytes) for a video that validates, with every record that uses it."""
     path = os.path.join(opts.video_root, video)
-    info = inspect_video(path, opts)
-    with open(path, "rb") as f:
-        data = f.read()
+    info, decoded = inspect_video(path, opts)
+    nbytes = os.path.getsize(path)
     recs = [{"id": r.id, "turns": [list(t) for t in r.turns], "text_length": text_length(r.turns, opts.tokenizer),
              "extra": r.meta} for r in records]
     meta = {"video": video, **info, "records": recs}
-    return {"video": data, "meta": json.dumps(meta, ensure_ascii=False)}, meta, len(data)
+    spec = opts.frame_store()
+    if spec is not None:  # the frames training reads, sampled and resized once
+        data, meta["frame_store"] = store_frames(decoded.frames, spec)
+        meta["frame_indices"] = decoded.indices
+        return {"frames": data, "meta": json.dumps(meta, ensure_ascii=False)}, meta, nbytes
+    with open(path, "rb") as f:
+        data = f.read()
+    return {"video": data, "meta": json.dumps(meta, ensure_ascii=False)}, meta, nbytes
 
 
 # --- one part -----------------------------------------------------------------------------------
@@ -296,6 +322,18 @@ def prepare(opts: PrepareOptions) -> dict:
         raise PrepareError(f"--video-root {opts.video_root}: not a folder")
     if opts.part_size < 1 or opts.workers < 1:
         raise PrepareError("--part-size and --workers must be at least 1")
+    if opts.store not in ("video", "frames"):
+        raise PrepareError(f"--store {opts.store}: use video or frames")
+    if opts.store == "frames":
+        from panda.data.frames import frame_geometry
+
+        try:
+            opts.frame_store()
+            frame_geometry(1, 1, opts.resolution, opts.patch_size, opts.ratio)
+            if opts.teacher_resolution:
+                frame_geometry(1, 1, opts.teacher_resolution, 14, 1)
+        except ValueError as exc:
+            raise PrepareError(f"--store frames: {exc}") from exc
     _check_output(opts)
     records, record_rejects = read_all_records(opts)
     by_video: dict[str, list[VideoRecord]] = {}
@@ -334,7 +372,8 @@ def prepare(opts: PrepareOptions) -> dict:
         "format": FORMAT, "num_entries": num_entries, "num_records": len(record_entries),
         "records": record_entries, "lengths": [n for entry in entries for n in entry["lengths"]],
         "length_unit": "tokens" if opts.tokenizer else "characters",
-        "frames_validated": opts.frames, "sample_fps": opts.sample_fps})
+        "frames_validated": opts.frames, "sample_fps": opts.sample_fps,
+        "store": opts.store, "frame_store": opts.frame_store().to_dict() if opts.store == "frames" else None})
     by_code: dict[str, int] = {}
     for r in rejects:
         by_code[r["code"]] = by_code.get(r["code"], 0) + 1
@@ -352,7 +391,8 @@ def prepare(opts: PrepareOptions) -> dict:
         "shard_to_source": round(shard_bytes / source_bytes, 4) if source_bytes else None,
         "parts": len(parts), "parts_reused": len(parts) - len(todo), "workers": opts.workers,
         "seconds": round(seconds, 2), "videos_per_second": round(sum(len(v) for _, v in todo) / seconds, 2) if todo else None,
-        "records": opts.records, "frames_validated": opts.frames,
+        "records": opts.records, "frames_validated": opts.frames, "store": opts.store,
+        "shard_bytes_per_video": round(shard_bytes / num_entries) if num_entries else None,
         "id_digest": hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()[:16],
     }
     _write_json(os.path.join(opts.output, "stats.json"), stats)
@@ -378,13 +418,26 @@ def parse_args(argv=None) -> PrepareOptions:
     p.add_argument("--chunk-bytes", default="64MB", help="litdata chunk size")
     p.add_argument("--part-size", type=int, default=256, help="videos per resumable unit of work")
     p.add_argument("--tokenizer", default=None, help="local tokenizer folder: store text lengths in tokens")
-    p.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav"])
+    p.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
+    p.add_argument("--store", default="video", choices=["video", "frames"],
+                   help="video: the encoded files (any frame setting later); frames: the sampled frames resized "
+                        "for training (several times faster to read; tied to the settings below)")
+    p.add_argument("--resolution", type=int, default=448, help="--store frames: STAB's stab.resolution")
+    p.add_argument("--patch-size", type=int, default=14, help="--store frames: STAB's stab.patch_size")
+    p.add_argument("--ratio", type=int, default=2, help="--store frames: STAB's stab.ratio")
+    p.add_argument("--frame-format", default="jpeg", choices=list(FRAME_FORMATS),
+                   help="--store frames: jpeg (smaller) or png (lossless)")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--teacher-resolution", type=int, default=224,
+                   help="--store frames: also store the distillation teacher's copy at this size (0: none)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     return PrepareOptions(records=a.records, video_root=a.video_root, output=a.output, workers=a.workers,
                           resume=a.resume, frames=a.frames, sample_fps=a.sample_fps, min_frames=a.min_frames,
                           max_side=a.max_side, chunk_bytes=a.chunk_bytes, part_size=a.part_size,
-                          tokenizer=a.tokenizer, backend=a.backend, progress=not a.no_progress)
+                          tokenizer=a.tokenizer, backend=a.backend, progress=not a.no_progress, store=a.store,
+                          resolution=a.resolution, patch_size=a.patch_size, ratio=a.ratio, frame_format=a.frame_format,
+                          jpeg_quality=a.jpeg_quality, teacher_resolution=a.teacher_resolution or None)
 
 
 def main(argv=None) -> int:

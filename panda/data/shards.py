@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from panda.data.conversation import ConversationTemplate, tokenize_conversation
+from panda.data.frame_store import check_frame_store, read_frames
 from panda.data.prepare import FORMAT, INDEX_FILE
 from panda.errors import PandaError, SampleError, VideoDecodeError
 
@@ -119,6 +120,7 @@ class ShardSource:
     lengths: list[int]  # text length per record
     length_unit: str
     weight: float | None = None
+    frame_store: dict | None = None  # prepared with --store frames: the settings its frames were made with
 
     @property
     def num_records(self) -> int:
@@ -141,7 +143,7 @@ class ShardSource:
             raise ShardFormatError(f"{path}: index.json holds {sum(chunk_sizes)} entries, {INDEX_FILE} "
                                    f"{meta['num_entries']}: the folder is inconsistent; prepare it again")
         return cls(name, path, cache_dir, meta["num_entries"], chunk_sizes, meta["records"], meta["lengths"],
-                   meta["length_unit"], weight)
+                   meta["length_unit"], weight, meta.get("frame_store"))
 
 
 class ShardDataset(Dataset):
@@ -155,6 +157,8 @@ class ShardDataset(Dataset):
             self.starts.append(self.starts[-1] + s.num_records)
         self.tokenizer, self.template, self.pipeline = tokenizer, template, pipeline
         self.max_length, self.visual_tokens_per_frame = max_length, visual_tokens_per_frame
+        # a frame store must hold exactly the frames this pipeline would decode: checked before training starts
+        self.frame_specs = [check_frame_store(s.path, s.frame_store, pipeline) if s.frame_store else None for s in sources]
         self._streams = None  # one litdata reader per source, opened in the process that reads
         self._pid = None
 
@@ -190,7 +194,7 @@ class ShardDataset(Dataset):
                 raw = self._stream(j)[e]
                 meta = json.loads(raw["meta"])
                 rec = meta["records"][k]
-                data = bytes(raw["video"])
+                data = bytes(raw["frames"] if self.frame_specs[j] else raw["video"])
                 break
             except Exception as exc:  # a damaged chunk entry: litdata and json raise many types
                 if isinstance(exc, OSError) and not attempt and is_remote(self.sources[j].path):
@@ -205,7 +209,15 @@ class ShardDataset(Dataset):
                 self.tokenizer, self.template, [tuple(t) for t in rec["turns"]], self.pipeline.frames,
                 self.max_length, self.visual_tokens_per_frame, rec["id"], name,
             )
-            frames = self.pipeline(data, name=name, backend=meta.get("backend"))
+            spec = self.frame_specs[j]
+            if spec is None:
+                frames = self.pipeline(data, name=name, backend=meta.get("backend"))
+            else:
+                try:
+                    frames = read_frames(data, meta["frame_store"], spec, with_teacher=bool(self.pipeline.teacher_resolution))
+                except Exception as exc:  # PIL and friends raise many types on damaged images
+                    raise VideoDecodeError(name, f"stored frames unreadable: {type(exc).__name__}: {exc}",
+                                           code="undecodable") from exc
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
             return {"error": {"id": rec["id"], "path": name, "reason": exc.reason}}
         return {"id": rec["id"], "input_ids": tok.input_ids, "labels": tok.labels, **frames}
