@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from panda.config import register_configs, to_train_config
+from panda.errors import PandaError
 from panda.plan import check_gpu_plan
 from panda.runs import exit_on_config_error
 from panda.training.run import train
@@ -30,7 +31,10 @@ def main(cfg: DictConfig) -> float | None:
     problem = check_gpu_plan(run_cfg)
     if problem:  # before any weight is read: the planner says this run cannot fit this GPU
         exit_on_config_error("train.py", ValueError(problem))
-    summary = train(run_cfg)
+    try:
+        summary = train(run_cfg)
+    except PandaError as exc:  # data that cannot serve this config (e.g. a frame store made for other settings)
+        exit_on_config_error("train.py", exc, kind="error")
     if summary.get("status") == "interrupted":
         sys.exit(130)  # stopped by Ctrl-C (the checkpoint is saved; the resume command was printed)
     return summary.get("eval/accuracy")

@@ -65,6 +65,7 @@ class VideoBackend(Choice):
     auto = "auto"  # decord, then PyAV for what decord cannot decode (e.g. AV1)
     decord = "decord"
     pyav = "pyav"
+    torchcodec = "torchcodec"  # optional extra (panda[torchcodec]) over the system's FFmpeg libraries
 
 
 class Strategy(Choice):
@@ -412,6 +413,10 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need more than types (unknown choices already failed at composition); each
     raises ``ValueError`` naming the key and the fix."""
     cfg.stab.validate()
+    if cfg.data.video_backend == VideoBackend.torchcodec:
+        from panda.data.video import check_backend
+
+        check_backend("torchcodec")  # not installed here: stop now, naming the install, not per sample
     if cfg.frames < 1:
         raise ValueError(f"frames={cfg.frames} must be >= 1")
     if cfg.frames % cfg.stab.chunk_size:

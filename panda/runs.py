@@ -73,7 +73,7 @@ def resume_command(run_dir: str) -> str:
     return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])
 
 
-def exit_on_config_error(entry: str, exc: Exception) -> None:
+def exit_on_config_error(entry: str, exc: Exception, kind: str = "config error") -> None:
     """A config that cannot run: one line on stderr, exit code 2, and no run folder left behind
     (Hydra makes it before the job starts; it is removed when it holds only Hydra's own files)."""
     import shutil
@@ -93,7 +93,7 @@ def exit_on_config_error(entry: str, exc: Exception) -> None:
             while parent.startswith(stop + os.sep) and not os.listdir(parent):  # empty outputs/<name>/ too
                 os.rmdir(parent)
                 parent = os.path.dirname(parent)
-    print(f"{entry}: config error: {exc}", file=sys.stderr, flush=True)
+    print(f"{entry}: {kind}: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 

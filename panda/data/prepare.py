@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 from panda.data.frame_store import FRAME_FORMATS, FrameStoreSpec, store_frames
 from panda.data.records import VideoRecord, load_records
-from panda.data.video import DecodedVideo, decode_video, probe_video
+from panda.data.video import DecodedVideo, check_backend, decode_video, probe_video
 from panda.errors import PandaError, VideoDecodeError
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,10 @@ def prepare(opts: PrepareOptions) -> dict:
         raise PrepareError(f"--video-root {opts.video_root}: not a folder")
     if opts.part_size < 1 or opts.workers < 1:
         raise PrepareError("--part-size and --workers must be at least 1")
+    try:
+        check_backend(opts.backend)
+    except ValueError as exc:
+        raise PrepareError(f"--backend {opts.backend}: {exc}") from exc
     if opts.store not in ("video", "frames"):
         raise PrepareError(f"--store {opts.store}: use video or frames")
     if opts.store == "frames":

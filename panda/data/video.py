@@ -1,8 +1,9 @@
 """Decode a video file and sample frames the way the release does (stab.md §0.1).
 
 decord is the primary decoder; PyAV is the fallback (decord's bundled FFmpeg cannot decode AV1,
-and some containers it refuses). Any failure of both becomes a :class:`VideoDecodeError` naming
-the file, so callers catch one type.
+and some containers it refuses). TorchCodec (``backend="torchcodec"``, an optional extra that
+uses the system's FFmpeg libraries) is the maintained alternative. Any failure becomes a
+:class:`VideoDecodeError` naming the file, so callers catch one type.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _native_stderr_captured():
             os.close(saved)
 
 
-def _decode_decord(source, frames: int, sample_fps: float) -> DecodedVideo:
+def _decode_decord(source, frames: int, sample_fps: float, threads: int = 1) -> DecodedVideo:
     import decord
 
     global _DECORD_QUIET
@@ -98,7 +99,7 @@ def _decode_decord(source, frames: int, sample_fps: float) -> DecodedVideo:
         _DECORD_QUIET = True
     with _native_stderr_captured() as native:
         try:
-            reader = decord.VideoReader(_open(source), num_threads=1)
+            reader = decord.VideoReader(_open(source), num_threads=threads)
         except Exception as exc:
             said = [line.split(": ", 1)[-1] for line in native().strip().splitlines() if line.strip()]
             raise RuntimeError(said[-1] if said else str(exc)) from exc
@@ -111,13 +112,14 @@ def _decode_decord(source, frames: int, sample_fps: float) -> DecodedVideo:
     return DecodedVideo(data, idx, fps, n, "decord")
 
 
-def _decode_pyav(source, frames: int, sample_fps: float) -> DecodedVideo:
+def _decode_pyav(source, frames: int, sample_fps: float, threads: int = 1) -> DecodedVideo:
     import av
 
     with av.open(_open(source)) as container:
         if not container.streams.video:
             raise ValueError("no video stream in file")
         stream = container.streams.video[0]
+        stream.thread_count = threads
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         n = int(stream.frames or 0)
         if n <= 0:  # container does not say: count packets (no decoding)
@@ -149,16 +151,62 @@ def _decode_pyav(source, frames: int, sample_fps: float) -> DecodedVideo:
     return DecodedVideo(np.stack([out[i] for i in got]), got, fps, n, "pyav")
 
 
+TORCHCODEC_MISSING = ("torchcodec is not installed or cannot load: `pip install -c constraints.txt -e '.[torchcodec]'` "
+                      "and the system FFmpeg libraries (Debian/Ubuntu: `apt-get install libavcodec59 libavformat59 "
+                      "libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8`); or use data.video_backend=auto")
+
+
+def torchcodec_available() -> str | None:
+    """None when TorchCodec can decode here; else the reason and the fix, in one line."""
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError/RuntimeError when FFmpeg's libraries are missing
+        return f"{TORCHCODEC_MISSING} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})"
+    return None
+
+
+def _decode_torchcodec(source, frames: int, sample_fps: float, threads: int = 1) -> DecodedVideo:
+    from torchcodec.decoders import VideoDecoder
+
+    if isinstance(source, memoryview):
+        source = bytes(source)
+    # exact seek mode: the frame count comes from a scan of the file (as decord's), not the header
+    decoder = VideoDecoder(source, dimension_order="NHWC", num_ffmpeg_threads=threads, seek_mode="exact")
+    meta = decoder.metadata
+    n = int(meta.num_frames or 0)
+    fps = float(meta.average_fps or 0.0)
+    idx = sample_frame_indices(n, fps, frames, sample_fps)
+    if not idx:
+        raise ValueError("video has no frames")
+    data = decoder.get_frames_at(indices=idx).data.numpy()
+    return DecodedVideo(data, idx, fps, n, "torchcodec")
+
+
 class VideoFileTruncated(ValueError):
     """The stream ends long before the frame count its header gives."""
 
 
+DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav, "torchcodec": _decode_torchcodec}
+BACKEND_ORDER = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",), "torchcodec": ("torchcodec",)}
+
+
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` naming the fix when ``backend`` cannot decode on this machine."""
+    if backend not in BACKEND_ORDER:
+        raise ValueError(f"unknown video backend {backend!r}; use {', '.join(BACKEND_ORDER)}")
+    if backend == "torchcodec":
+        problem = torchcodec_available()
+        if problem:
+            raise ValueError(f"video backend torchcodec: {problem}")
+
+
 def decode_video(source: VideoSource, frames: int, sample_fps: float = 1.0, backend: str = "auto",
-                 name: str | None = None) -> DecodedVideo:
+                 name: str | None = None, threads: int = 1) -> DecodedVideo:
     """Decode the sampled frames of ``source``: a file path, or a video's encoded bytes (then
     ``name`` says where they came from, for error messages).
 
-    ``backend``: ``auto`` (decord, then PyAV on any failure), ``decord`` or ``pyav``.
+    ``backend``: ``auto`` (decord, then PyAV on any failure), ``decord``, ``pyav`` or ``torchcodec``.
+    ``threads``: the decoder's own threads (1 in a loader worker: the workers are the parallelism).
     Raises :class:`VideoDecodeError` naming the file when nothing works.
     """
     if isinstance(source, (bytes, memoryview)):
@@ -168,14 +216,13 @@ def decode_video(source: VideoSource, frames: int, sample_fps: float = 1.0, back
     else:
         path = source = os.fspath(source)
         _check_file(path)
-    order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}.get(backend)
+    order = BACKEND_ORDER.get(backend)
     if order is None:
-        raise ValueError(f"unknown video backend {backend!r}; use auto, decord or pyav")
+        raise ValueError(f"unknown video backend {backend!r}; use {', '.join(BACKEND_ORDER)}")
     errors, code = [], "undecodable"
     for name in order:
         try:
-            fn = _decode_decord if name == "decord" else _decode_pyav
-            return fn(source, frames, sample_fps)
+            return DECODERS[name](source, frames, sample_fps, threads)
         except Exception as exc:
             if isinstance(exc, VideoFileTruncated):
                 code = "truncated"  # decord raises DECORDError (not a RuntimeError); catch at the boundary
