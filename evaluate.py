@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from panda.config import register_configs, to_evaluate_config
+from panda.errors import PandaError
 from panda.runs import exit_on_config_error
 from panda.evaluation.run import evaluate, nothing_judged, shortfall
 
@@ -24,7 +25,10 @@ def main(cfg: DictConfig) -> None:
         eval_cfg = to_evaluate_config(cfg)
     except ValueError as exc:
         exit_on_config_error("evaluate.py", exc)
-    results = evaluate(eval_cfg)
+    try:
+        results = evaluate(eval_cfg)
+    except PandaError as exc:  # e.g. the judge server does not serve judge.model: one line, not a traceback
+        exit_on_config_error("evaluate.py", exc, kind="error")
     empty = nothing_judged(results)
     if empty:  # a benchmark without one judged answer has no number: say why and fail
         for name in empty:

@@ -9,8 +9,13 @@
 2. Padded fraction of tokens with random batches vs panda's length-grouped batches, on generated
    records whose text lengths follow Valley-like (short) and Video-ChatGPT-like (long) answers.
 3. Shard size on disk vs the source videos (``python -m panda.data.prepare``).
+4. Decoders side by side (issue 16): decord, PyAV and TorchCodec, 8 frames sampled the release's
+   way from 5 s, 30 s and 10 min clips, with 1 and 2 decoder threads, one process; the ratio to decord.
+5. Frames stored once (``prepare --store frames``): videos/s per loader worker reading a stored
+   entry vs decoding the shard's video bytes (both to the same training tensors, 30 s clips), the
+   shard bytes per video for each format, and the pixel difference to decoding in grey levels.
 
-    python benchmarks/data_pipeline.py [--long 3 --short 6 --workdir /tmp/panda_bench]
+    python benchmarks/data_pipeline.py [--long 3 --short 6 --workdir /tmp/panda_bench] [--only decoders,store]
 """
 
 from __future__ import annotations
@@ -165,7 +170,7 @@ def shard_size(workdir: str) -> list[str]:
 
     from panda.data.prepare import PrepareOptions, prepare
 
-    videos = sorted(f for f in os.listdir(workdir) if f.endswith(".mp4"))
+    videos = sorted(f for f in os.listdir(workdir) if f.startswith("clip_") and f.endswith(".mp4"))
     recs = []
     for i, v in enumerate(videos):  # two questions per video, as Video-ChatGPT has several
         for k in range(2):
@@ -182,16 +187,113 @@ def shard_size(workdir: str) -> list[str]:
             f"prepare validated {stats['videos_per_second']} videos/s with 2 workers"]
 
 
+def _clip(workdir: str, seconds: float, seed: int) -> str:
+    path = os.path.join(workdir, f"decoders_{int(seconds)}s_{seed}.mp4")
+    if not os.path.exists(path):
+        textured_clip(path, seconds, seed=seed)
+    return path
+
+
+def decoders(workdir: str, n: int = 2) -> list[str]:
+    """decord vs PyAV vs TorchCodec on the same clips and frame indices; ms per video (8 frames)."""
+    from panda.data.video import torchcodec_available
+
+    torch.set_num_threads(1)
+    backends = ["decord", "pyav"] + ([] if torchcodec_available() else ["torchcodec"])
+    lines = ["decoders: ms per video for 8 frames (release sampling), one process; x = decord's time / this one's"]
+    lines.append(f"  {'clip':<8} {'threads':>7} " + " ".join(f"{b:>18}" for b in backends))
+    for seconds, count in ((5.0, n), (30.0, n), (600.0, 1)):
+        paths = [_clip(workdir, seconds, seed) for seconds, seed in [(seconds, i) for i in range(count)]]
+        ref = decode_video(paths[0], FRAMES, backend="decord")
+        for b in backends[1:]:  # the same frames, whichever decodes them
+            other = decode_video(paths[0], FRAMES, backend=b)
+            assert other.indices == ref.indices and np.abs(other.frames.astype(int) - ref.frames).mean() < 1.0, b
+        for threads in (1, 2):
+            times = {}
+            for b in backends:
+                repeats = 1 if seconds > 60 else 3
+                times[b] = seconds_per_call(lambda: [decode_video(p, FRAMES, backend=b, threads=threads) for p in paths],
+                                            n=repeats) / len(paths)
+            label = f"{int(seconds)} s" if seconds < 60 else f"{int(seconds) // 60} min"
+            lines.append(f"  {label:<8} {threads:>7} " + " ".join(
+                f"{1e3 * times[b]:9.0f} ms x{times['decord'] / times[b]:5.2f}" for b in backends))
+    if len(backends) < 3:
+        lines.append(f"  torchcodec not measured: {torchcodec_available()}")
+    return lines
+
+
+def frame_store(workdir: str, n: int = 3) -> list[str]:
+    """Reading ``prepare --store frames`` entries vs decoding the stored video, per loader worker."""
+    import json
+
+    from litdata import StreamingDataset
+
+    from panda.data.frame_store import FrameStoreSpec, read_frames
+    from panda.data.prepare import PrepareOptions, prepare
+
+    torch.set_num_threads(1)
+    paths = [_clip(workdir, 30.0, seed) for seed in range(n)]
+    recs = [{"id": str(i), "video": os.path.basename(p), "conversations": [
+        {"from": "human", "value": "<video>\nDescribe it."}, {"from": "gpt", "value": "Texture moves."}]} for i, p in enumerate(paths)]
+    with open(os.path.join(workdir, "store_records.json"), "w") as f:
+        json.dump(recs, f)
+    pipeline = FramePipeline(FRAMES, RES, PATCH, teacher_resolution=224)
+    stores = [("video", {}), ("png", dict(frame_format="png")), ("jpeg q100", dict(frame_format="jpeg", jpeg_quality=100)),
+              ("jpeg q95", dict(frame_format="jpeg", jpeg_quality=95)), ("jpeg q90", dict(frame_format="jpeg", jpeg_quality=90))]
+    grey = 255 * torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    lines = [f"frames stored once: 30 s clips (640x360, n={n}), {FRAMES} frames at {RES} px + the teacher's copy at 224 px, "
+             "one process, one thread (a loader worker)"]
+    decoded = None
+    for name, kw in stores:
+        out = os.path.join(workdir, "store_" + name.replace(" ", "_"))
+        shutil.rmtree(out, ignore_errors=True)
+        stats = prepare(PrepareOptions(records=[os.path.join(workdir, "store_records.json")], video_root=workdir, output=out,
+                                       frames=FRAMES, progress=False, store="video" if name == "video" else "frames", **kw))
+        ds = StreamingDataset(out)
+        entries = [(json.loads(ds[i]["meta"]), bytes(ds[i]["frames" if kw else "video"])) for i in range(len(ds))]
+        if not kw:
+            def read(entry):
+                return pipeline(entry[1], name=entry[0]["video"])
+        else:
+            spec = FrameStoreSpec(**json.load(open(os.path.join(out, "panda_index.json")))["frame_store"])
+
+            def read(entry, spec=spec):
+                return read_frames(entry[1], entry[0]["frame_store"], spec, with_teacher=True)
+        rate = videos_per_second(read, entries, repeats=3)
+        tensors = [read(e) for e in entries]
+        if decoded is None:
+            decoded, base_rate = tensors, rate
+            lines.append(f"  {name:<10} {rate:7.2f} videos/s   x1.00   {stats['shard_bytes_per_video'] / 1e3:8.0f} kB/video "
+                         "(the encoded file)")
+            continue
+        diffs = torch.cat([((a["pixels"] - b["pixels"]) * grey).abs()[a["frame_mask"][:, None].expand_as(a["pixels"]) > 0]
+                           for a, b in zip(decoded, tensors)])
+        lines.append(f"  {name:<10} {rate:7.2f} videos/s   x{rate / base_rate:5.2f}   {stats['shard_bytes_per_video'] / 1e3:8.0f} "
+                     f"kB/video   |difference to decoding| mean {diffs.mean():.2f}, p99 {diffs.quantile(0.99):.2f}, "
+                     f"max {diffs.max():.1f} grey levels")
+    return lines
+
+
+SECTIONS = ("decode", "padding", "shards", "decoders", "store")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--long", type=int, default=3)
     p.add_argument("--short", type=int, default=6)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     a = p.parse_args()
     workdir = a.workdir or tempfile.mkdtemp(prefix="panda_bench_")
     os.makedirs(workdir, exist_ok=True)
-    for line in decode_speed(workdir, a.long, a.short) + padding() + shard_size(workdir):
-        print(line, flush=True)
+    only = set(a.only.split(","))
+    runs = {"decode": lambda: decode_speed(workdir, a.long, a.short), "padding": padding,
+            "shards": lambda: shard_size(workdir), "decoders": lambda: decoders(workdir),
+            "store": lambda: frame_store(workdir)}
+    for section in SECTIONS:
+        if section in only:
+            for line in runs[section]():
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -104,10 +104,17 @@ class FSDPConfig:
 @dataclass
 class JudgeConfig:
     kind: JudgeKind = JudgeKind.exact_match
-    model: str = "gpt-3.5-turbo"  # the exact model id; recorded in the results
+    # the exact model id, recorded in the results and the judge fingerprint. The paper's gpt-3.5-turbo
+    # was shut down on 2026-10-23: the default is a dated snapshot (conf/judge/ has the presets)
+    model: str = "gpt-4.1-mini-2025-04-14"
+    revision: Optional[str] = None  # an open-weights judge's Hub revision (commit) the server was started with
     base_url: Optional[str] = None  # None = the OpenAI API; e.g. http://127.0.0.1:8000/v1 for a local server
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from config
     temperature: float = 0.0
+    seed: Optional[int] = 0  # sent with every request (servers that honour it sample reproducibly)
+    # send a JSON schema as the OpenAI-standard response_format (vLLM, SGLang and llama.cpp servers honour it
+    # too): the reply is constrained to {"pred": "yes"|"no", "score": 0..5} and cannot be unparseable
+    structured_output: bool = True
     max_tokens: int = 64
     timeout_s: float = 30.0
     max_retries: int = 6

@@ -10,7 +10,9 @@ assistant's answer contains a trigger word:
 - ``gibberish``: every reply is prose (never parses);
 - ``badrequest``: always HTTP 400.
 
-It records every request (attempt counts per prompt, Authorization headers) for the assertions.
+A request for a model named in ``unknown_models`` gets HTTP 404 ``model_not_found``, as OpenAI
+answers for a retired model. It records every request (attempt counts per prompt, Authorization
+headers, the request bodies) for the assertions.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ def _norm(text: str) -> str:
 
 
 class JudgeServer:
-    def __init__(self, hang_s: float = 2.0):
+    def __init__(self, hang_s: float = 2.0, unknown_models: tuple[str, ...] = ()):
         self.hang_s = hang_s
+        self.unknown_models = set(unknown_models)
+        self.bodies: list[dict] = []
         self.attempts: Counter = Counter()
         self.requests = 0
         self.auth_headers: set[str] = set()
@@ -45,11 +49,19 @@ class JudgeServer:
                 with server.lock:
                     server.requests += 1
                     server.auth_headers.add(self.headers.get("Authorization", ""))
-                status, reply = server.respond(body)
+                    server.bodies.append(body)
+                if body["model"] in server.unknown_models:
+                    status, reply = 404, ""
+                else:
+                    status, reply = server.respond(body)
                 if status == "hang":
                     time.sleep(server.hang_s)
                     status, reply = 200, reply
-                if status != 200:
+                if status == 404:
+                    payload = json.dumps({"error": {"message": f"The model `{body['model']}` does not exist or you do not "
+                                                    "have access to it.", "type": "invalid_request_error",
+                                          "code": "model_not_found"}}).encode()
+                elif status != 200:
                     payload = json.dumps({"error": {"message": f"injected {status}", "type": "test"}}).encode()
                 else:
                     payload = json.dumps({

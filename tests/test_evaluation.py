@@ -21,9 +21,10 @@ def judge_cfg(tmp_path, monkeypatch):
     monkeypatch.setenv("PANDA_TEST_JUDGE_KEY", SECRET)
 
     def make(server, **kw):
-        return JudgeConfig(kind="openai", model="judge-x", base_url=server.base_url, api_key_env="PANDA_TEST_JUDGE_KEY",
-                           timeout_s=0.5, max_retries=3, backoff_s=0.01, backoff_max_s=0.05, concurrency=4,
-                           cache=str(tmp_path / "cache.sqlite"), **kw)
+        settings = dict(kind="openai", model="judge-x", base_url=server.base_url, api_key_env="PANDA_TEST_JUDGE_KEY",
+                        timeout_s=0.5, max_retries=3, backoff_s=0.01, backoff_max_s=0.05, concurrency=4,
+                        cache=str(tmp_path / "cache.sqlite"))
+        return JudgeConfig(**{**settings, **kw})
 
     return make
 
@@ -60,8 +61,7 @@ def test_judge_survives_a_misbehaving_server_and_a_rerun_is_all_cache(judge_cfg)
         assert again.api_calls == 0 and server.requests == first_calls  # zero API calls: all cached
         assert all(v.cached for v in second)
         assert [(v.ok, v.pred, v.score) for v in second] == [(v.ok, v.pred, v.score) for v in verdicts]
-        other = OpenAIJudge(judge_cfg(server, prompt_file=None, temperature=0.0, max_tokens=64, extra={}))
-        other.model = "judge-y"  # another judge model never reuses judge-x's verdicts
+        other = OpenAIJudge(judge_cfg(server, model="judge-y"))  # another judge model never reuses judge-x's verdicts
         other.judge_all(tasks[:1])
         assert other.api_calls == 1
 
@@ -75,7 +75,64 @@ def test_client_errors_fail_at_once_and_transport_failures_are_not_cached(judge_
     judge.client = judge.client.with_options(base_url="http://127.0.0.1:9/v1")  # nothing listens there
     v = judge.judge_one(task)
     assert not v.ok and "gave up after 4 attempts" in v.reason and judge.api_calls == 1 + 4
-    assert judge.cache.get(judge.cache.key("judge-x", judge.prompt_version, task)) is None  # tried again next run
+    assert judge.cache.get(judge.cache.key(judge.fingerprint_id, judge.prompt_version, task)) is None  # tried again next run
+
+
+def test_the_judge_is_pinned_structured_and_fingerprinted(judge_cfg):
+    """Issue 15: every request carries temperature 0, the seed and the reply's JSON schema as
+    response_format; the fingerprint keys the cache, so another revision or seed misses it."""
+    from panda.evaluation.judge import SCHEMAS
+
+    tasks = [JudgeTask("qa", "what colour?", "red", "red"), JudgeTask("detail", "describe", "a cat", "a cat sits")]
+    with JudgeServer() as server:
+        first = OpenAIJudge(judge_cfg(server, revision="rev-a"))
+        assert [v.ok for v in first.judge_all(tasks)] == [True, True]
+        by_task = {("qa" if "Does the assistant" in b["messages"][1]["content"] else "detail"): b for b in server.bodies}
+        for task, schema in (("qa", SCHEMAS["qa"]), ("detail", SCHEMAS["score"])):
+            body = by_task[task]
+            assert body["temperature"] == 0.0 and body["seed"] == 0 and body["model"] == "judge-x"
+            assert body["response_format"]["type"] == "json_schema"
+            assert body["response_format"]["json_schema"]["schema"] == schema
+        assert first.fingerprint["revision"] == "rev-a" and first.fingerprint["schema"]
+        assert OpenAIJudge(judge_cfg(server, revision="rev-a")).judge_all(tasks) and server.requests == 2  # cached
+        for changed in (dict(revision="rev-b"), dict(revision="rev-a", seed=1), dict(revision="rev-a", structured_output=False)):
+            before = server.requests
+            judge = OpenAIJudge(judge_cfg(server, **changed))
+            judge.judge_all(tasks[:1])
+            assert server.requests == before + 1 and judge.api_calls == 1, changed  # a new fingerprint: judged anew
+        assert "response_format" not in server.bodies[-1]
+
+
+def test_a_retired_judge_model_stops_with_one_line_naming_it_and_the_presets(judge_cfg, tiny_checkpoint, eval_root,
+                                                                            tmp_path, monkeypatch):
+    from panda.evaluation.judge import JudgeModelNotFound
+
+    with JudgeServer(unknown_models=("gpt-3.5-turbo",)) as server:
+        judge = OpenAIJudge(judge_cfg(server, model="gpt-3.5-turbo"))
+        with pytest.raises(JudgeModelNotFound) as err:
+            judge.judge_all([JudgeTask("qa", "q", "a", "a")] * 3)
+        message = str(err.value)
+        assert "gpt-3.5-turbo" in message and "judge=openai" in message and "judge=qwen3_8b_vllm" in message
+        assert "\n" not in message and judge.api_calls <= 3  # not retried
+        monkeypatch.setenv("PANDA_TEST_JUDGE_KEY", SECRET)
+        args = [a.replace("judge.model=judge-x", "judge.model=gpt-3.5-turbo") for a in
+                _eval_overrides(tiny_checkpoint, eval_root, tmp_path / "eval", server, tmp_path) if not a.startswith("run_dir=")]
+        proc = run_cli(["evaluate.py", *args, f"hydra.run.dir={tmp_path / 'eval'}"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate.py: error: the judge server") and "gpt-3.5-turbo" in last and "Traceback" not in proc.stderr
+
+
+def test_the_default_judge_presets_name_no_retired_model():
+    from panda.config import to_evaluate_config
+
+    for preset in ("openai", "qwen3_8b_vllm"):
+        judge = to_evaluate_config(compose([f"judge={preset}", "checkpoint=x"], config_name="evaluate")).judge
+        assert judge.kind == "openai" and not judge.model.startswith("gpt-3.5") and judge.temperature == 0.0
+        assert judge.seed == 0 and judge.structured_output
+    local = to_evaluate_config(compose(["judge=qwen3_8b_vllm", "checkpoint=x"], config_name="evaluate")).judge
+    assert local.model == "Qwen/Qwen3-8B" and len(local.revision) == 40 and local.base_url.startswith("http://")
+    assert not JudgeConfig().model.startswith("gpt-3.5")
 
 
 def test_aggregation_matches_hand_computed_accuracy_and_score(tmp_path):

@@ -41,7 +41,7 @@ class FrameStoreSpec:
     resolution: int
     patch_size: int
     ratio: int
-    format: str = "jpeg"
+    format: str = "png"
     quality: int = 95  # JPEG only
     teacher_resolution: Optional[int] = None  # also store the teacher's copy (ratio 1) at this size
     teacher_patch_size: int = 14

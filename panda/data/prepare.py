@@ -77,7 +77,7 @@ class PrepareOptions:
     resolution: int = 448
     patch_size: int = 14
     ratio: int = 2
-    frame_format: str = "jpeg"
+    frame_format: str = "png"  # lossless: the stored pixels are the decoded ones (jpeg: smaller, lossy)
     jpeg_quality: int = 95
     teacher_resolution: int | None = 224  # None/0: no teacher copy (a run with distillation then cannot use the store)
 
@@ -429,8 +429,8 @@ def parse_args(argv=None) -> PrepareOptions:
     p.add_argument("--resolution", type=int, default=448, help="--store frames: STAB's stab.resolution")
     p.add_argument("--patch-size", type=int, default=14, help="--store frames: STAB's stab.patch_size")
     p.add_argument("--ratio", type=int, default=2, help="--store frames: STAB's stab.ratio")
-    p.add_argument("--frame-format", default="jpeg", choices=list(FRAME_FORMATS),
-                   help="--store frames: jpeg (smaller) or png (lossless)")
+    p.add_argument("--frame-format", default="png", choices=list(FRAME_FORMATS),
+                   help="--store frames: png (lossless, the default) or jpeg (smaller; lossy, see --jpeg-quality)")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--teacher-resolution", type=int, default=224,
                    help="--store frames: also store the distillation teacher's copy at this size (0: none)")

@@ -10,9 +10,15 @@ The LLM judge is pinned, cached and fault tolerant:
   exponential backoff and full jitter; other HTTP errors fail at once;
 - the reply must parse strictly (a JSON object with the expected keys and ranges); one repair
   request is made if it does not; a reply that never parses is a *judge failure*, never a "no";
-- verdicts (and unparseable replies) are cached in SQLite keyed by model, prompt version, task,
-  question, reference and prediction, so a re-run makes no API calls and runs share a cache.
-  Transport failures are not cached: the next run tries them again.
+- with ``judge.structured_output`` the request carries the reply's JSON schema as the
+  OpenAI-standard ``response_format`` (OpenAI, vLLM, SGLang and llama.cpp servers constrain the
+  reply to it), with temperature 0 and a fixed ``seed``;
+- the **fingerprint** (model id, revision, prompt version, decoding settings, schema) keys the
+  SQLite verdict cache with the task, question, reference and prediction — a changed revision or
+  setting never reuses an old verdict — and goes into ``results.json`` with every model id the
+  server said it served. A re-run makes no API calls; runs share a cache. Transport failures are
+  not cached: the next run tries them again;
+- a server that does not know the model stops the run with one line naming it and the presets.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from panda.config import JudgeConfig
+from panda.errors import PandaError
 from panda.evaluation.qa import exact_match
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,43 @@ PROMPTS: dict[str, dict[str, str]] = {
     },
 }
 REPAIR = 'Your reply could not be read. Reply again with only the JSON object, for example {example}.'
+
+# the replies' shapes, sent as response_format when judge.structured_output is on
+SCHEMAS = {
+    "qa": {"type": "object", "properties": {"pred": {"type": "string", "enum": ["yes", "no"]},
+                                            "score": {"type": "integer", "minimum": 0, "maximum": 5}},
+           "required": ["pred", "score"], "additionalProperties": False},
+    "score": {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 5}},
+              "required": ["score"], "additionalProperties": False},
+}
+PRESETS = "judge=openai (OpenAI, a dated snapshot) or judge=qwen3_8b_vllm (an open-weights judge on your own server)"
+
+
+class JudgeModelNotFound(PandaError):
+    """The judge server does not serve the configured model (retired, misspelt, or not loaded)."""
+
+
+def judge_fingerprint(cfg: JudgeConfig, prompt_version: str) -> dict:
+    """Everything that decides a verdict besides the item: what the cache is keyed by and
+    ``results.json`` records (plus the model ids the server reports, known after the calls)."""
+    return {"model": cfg.model, "revision": cfg.revision, "prompt_version": prompt_version,
+            "temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": cfg.max_tokens,
+            "schema": hashlib.sha256(json.dumps(SCHEMAS, sort_keys=True).encode()).hexdigest()[:12]
+            if cfg.structured_output else None,
+            "extra": json.loads(json.dumps(_plain(cfg.extra), sort_keys=True, default=str)) or None}
+
+
+def _plain(value):
+    """Config containers (OmegaConf's included) as plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -220,6 +264,8 @@ class OpenAIJudge:
         self.cfg = cfg
         self.model = cfg.model
         self.prompt_version, self.prompts = load_prompts(cfg.prompt_file)
+        self.fingerprint = judge_fingerprint(cfg, self.prompt_version)
+        self.fingerprint_id = fingerprint_id(self.fingerprint)  # the cache's model field: model + revision + settings
         key = os.environ.get(cfg.api_key_env)
         if not key:
             if cfg.base_url is None:
@@ -234,7 +280,17 @@ class OpenAIJudge:
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- one request, with retries
-    def _chat(self, messages: list[dict]) -> tuple[str, Optional[str]]:
+    def _request_fields(self, task: str) -> dict:
+        fields = {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
+        if self.cfg.seed is not None:
+            fields["seed"] = self.cfg.seed
+        if self.cfg.structured_output:
+            name = "qa" if task == "qa" else "score"
+            fields["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": f"panda_verdict_{name}", "schema": SCHEMAS[name], "strict": True}}
+        return {**fields, **_plain(self.cfg.extra)}
+
+    def _chat(self, messages: list[dict], task: str = "qa") -> tuple[str, Optional[str]]:
         o = self.openai
         delay = self.cfg.backoff_s
         last = "no attempt"
@@ -242,9 +298,7 @@ class OpenAIJudge:
             with self._lock:
                 self.api_calls += 1
             try:
-                resp = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.cfg.temperature,
-                    max_tokens=self.cfg.max_tokens, **self.cfg.extra)
+                resp = self.client.chat.completions.create(model=self.model, messages=messages, **self._request_fields(task))
                 text = resp.choices[0].message.content if resp.choices else None
                 return text or "", getattr(resp, "model", None)
             except (o.APITimeoutError, o.APIConnectionError, o.RateLimitError, o.InternalServerError) as exc:
@@ -252,7 +306,13 @@ class OpenAIJudge:
             except o.APIStatusError as exc:
                 if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
                     last = f"HTTP {exc.status_code}"
-                else:  # 400 / 401 / 403 / 404: retrying will not help
+                elif exc.status_code == 404 or "model_not_found" in str(exc) or "does not exist" in str(exc):
+                    where = self.cfg.base_url or "the OpenAI API"
+                    raise JudgeModelNotFound(
+                        f"the judge server ({where}) does not serve judge.model={self.model!r} (HTTP {exc.status_code}: "
+                        f"{str(exc)[:120]}); it may be retired or not loaded: set judge.model, or use a preset: {PRESETS}"
+                    ) from None
+                else:  # 400 / 401 / 403: retrying will not help
                     raise _TransportFailure(f"HTTP {exc.status_code}: {str(exc)[:160]}") from None
             if attempt < self.cfg.max_retries:
                 time.sleep(random.uniform(0, min(self.cfg.backoff_max_s, delay)))  # full jitter
@@ -260,7 +320,7 @@ class OpenAIJudge:
         raise _TransportFailure(f"gave up after {self.cfg.max_retries + 1} attempts: {last}")
 
     def judge_one(self, task: JudgeTask) -> Verdict:
-        key = JudgeCache.key(self.model, self.prompt_version, task)
+        key = JudgeCache.key(self.fingerprint_id, self.prompt_version, task)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -269,13 +329,13 @@ class OpenAIJudge:
                   "question2": task.question2, "prediction2": task.prediction2}
         messages = [{"role": "system", "content": prompt["system"]}, {"role": "user", "content": prompt["user"].format(**fields)}]
         try:
-            text, served = self._chat(messages)
+            text, served = self._chat(messages, task.task)
             try:
                 pred, score = parse_reply(text, task.task)
             except ReplyError as first:
                 example = '{"pred": "yes", "score": 4}' if task.task == "qa" else '{"score": 4}'
                 messages += [{"role": "assistant", "content": text}, {"role": "user", "content": REPAIR.format(example=example)}]
-                text, served = self._chat(messages)
+                text, served = self._chat(messages, task.task)
                 try:
                     pred, score = parse_reply(text, task.task)
                 except ReplyError as second:

@@ -169,7 +169,9 @@ def markdown_table(results: dict) -> str:
     if problems:
         lines += ["Not in the numbers above:", ""] + [f"- {p}" for p in problems] + [""]
     judge = results["judge"]
-    lines.append(f"Judge: `{judge['model']}` (served: {', '.join(judge['served_models']) or '–'}), prompts `{judge['prompt_version']}`; "
+    pin = f" @ `{judge['fingerprint']['revision']}`" if (judge.get("fingerprint") or {}).get("revision") else ""
+    fp = f", fingerprint `{judge['fingerprint_id']}`" if judge.get("fingerprint_id") else ""
+    lines.append(f"Judge: `{judge['model']}`{pin} (served: {', '.join(judge['served_models']) or '–'}), prompts `{judge['prompt_version']}`{fp}; "
                  f"checkpoint `{results['checkpoint']}`, {results['frames']} frames, greedy, max {results['decoding']['max_new_tokens']} new tokens.")
     return "\n".join(lines) + "\n"
 
@@ -322,6 +324,9 @@ def evaluate(cfg) -> dict:
         "kind": str(cfg.judge.kind), "model": main_judge.model, "base_url": cfg.judge.base_url,
         "served_models": sorted(set().union(*(j.served_models for j in judges_used.values()))),
         "prompt_version": main_judge.prompt_version,
+        # model, revision, prompt version, decoding settings, schema: what the verdict cache is keyed by
+        "fingerprint": getattr(main_judge, "fingerprint", None),
+        "fingerprint_id": getattr(main_judge, "fingerprint_id", None),
         "api_calls": sum(j.api_calls for j in judges_used.values()),
         "cache_hits": sum(j.cache.hits for j in judges_used.values()),
     }
