@@ -135,6 +135,27 @@ def test_the_default_judge_presets_name_no_retired_model():
     assert not JudgeConfig().model.startswith("gpt-3.5")
 
 
+def test_bootstrap_intervals_are_seeded_and_match_the_normal_approximation():
+    """Issue 15: every accuracy and score carries a 95% interval. For n answers with accuracy p
+    the bootstrap interval's half-width is close to 1.96 * sqrt(p(1-p)/n)."""
+    import math
+
+    from panda.evaluation.benchmarks import _qa_summary, bootstrap_ci
+
+    for n, p in ((400, 0.5), (900, 0.3)):
+        values = [1.0] * int(n * p) + [0.0] * (n - int(n * p))
+        lo, hi = bootstrap_ci(values)
+        assert lo < p < hi and bootstrap_ci(values) == [lo, hi]  # seeded: the same verdicts, the same interval
+        assert abs((hi - lo) / 2 - 1.96 * math.sqrt(p * (1 - p) / n)) < 0.1 * 1.96 * math.sqrt(p * (1 - p) / n)
+    assert bootstrap_ci([1.0] * 50) == [1.0, 1.0] and bootstrap_ci([1.0]) is None
+    verdicts = [Verdict(True, "yes" if i % 4 else "no", i % 6) for i in range(40)]
+    summary = _qa_summary(verdicts)
+    assert summary["accuracy"] == 0.75 and summary["accuracy_ci95"][0] < 0.75 < summary["accuracy_ci95"][1]
+    assert summary["score_ci95"][0] < summary["score"] < summary["score_ci95"][1]
+    narrow = _qa_summary(verdicts * 10)  # the same answers ten times over: a narrower interval
+    assert narrow["accuracy_ci95"][1] - narrow["accuracy_ci95"][0] < summary["accuracy_ci95"][1] - summary["accuracy_ci95"][0]
+
+
 def test_aggregation_matches_hand_computed_accuracy_and_score(tmp_path):
     qa_dir = tmp_path / "qa"
     (qa_dir / "videos").mkdir(parents=True)

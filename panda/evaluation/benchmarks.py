@@ -79,10 +79,29 @@ class Benchmark:
         raise NotImplementedError
 
 
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[float] | None:
+    """The 95% percentile bootstrap interval of the mean of ``values`` (one per question), seeded:
+    the same verdicts always give the same interval. None for fewer than two values."""
+    import numpy as np
+
+    x = np.asarray(list(values), dtype=float)
+    if len(x) < 2:
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [round(float(lo), 6), round(float(hi), 6)]
+
+
 def _qa_summary(verdicts) -> dict:
-    yes = sum(v.pred == "yes" for v in verdicts)
-    return {"accuracy": yes / len(verdicts) if verdicts else None,
-            "score": sum(v.score for v in verdicts) / len(verdicts) if verdicts else None, "judged": len(verdicts)}
+    yes = [float(v.pred == "yes") for v in verdicts]
+    scores = [v.score for v in verdicts]
+    return {"accuracy": sum(yes) / len(verdicts) if verdicts else None, "accuracy_ci95": bootstrap_ci(yes),
+            "score": sum(scores) / len(verdicts) if verdicts else None, "score_ci95": bootstrap_ci(scores),
+            "judged": len(verdicts)}
 
 
 @register_benchmark("qa")
@@ -181,8 +200,18 @@ class VCGBenchmark(Benchmark):
         for _, crit, v in ok:
             scores[crit].append(v.score)
         out = {crit: sum(scores[crit]) / len(scores[crit]) if scores[crit] else None for crit in VCG_CRITERIA}
+        out.update({f"{crit}_ci95": bootstrap_ci(scores[crit]) for crit in VCG_CRITERIA})
         present = [out[c] for c in VCG_CRITERIA if out[c] is not None]
         out["average"] = sum(present) / len(present) if len(present) == len(VCG_CRITERIA) else None
+        out["average_ci95"] = None
+        if out["average"] is not None and all(len(scores[c]) > 1 for c in VCG_CRITERIA):
+            # the average of the five means, each criterion's questions resampled independently (same seed)
+            import numpy as np
+
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
+            means = sum(np.asarray(scores[c], float)[rng.integers(0, len(scores[c]), size=(BOOTSTRAP_RESAMPLES, len(scores[c])))]
+                        .mean(1) for c in VCG_CRITERIA) / len(VCG_CRITERIA)
+            out["average_ci95"] = [round(float(v), 6) for v in np.percentile(means, [2.5, 97.5])]
         return out
 
 

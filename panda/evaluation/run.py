@@ -146,14 +146,20 @@ def markdown_table(results: dict) -> str:
     def fmt(x, digits):
         return "–" if x is None else f"{x:.{digits}f}"
 
+    def interval(ci, digits, scale=1.0):  # the 95% bootstrap interval after a number, when there is one
+        return "" if not ci else f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+
     lines = []
     qa = {k: v for k, v in results["benchmarks"].items() if "accuracy" in v}
     if qa:
         names = list(qa)
         header = [QA_TITLES.get(n, n) for n in names]
-        lines += ["Open-ended VideoQA (accuracy % / score), the layout of the paper's Table 1", "",
+        lines += ["Open-ended VideoQA (accuracy % / score), the layout of the paper's Table 1; [low, high]: the 95% "
+                  "bootstrap interval over questions (2000 resamples, seed 0)", "",
                   "| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(names),
-                  "| this run | " + " | ".join(f"{fmt(qa[n]['accuracy'] and 100 * qa[n]['accuracy'], 1)} / {fmt(qa[n]['score'], 2)}" for n in names) + " |"]
+                  "| this run | " + " | ".join(
+                      f"{fmt(qa[n]['accuracy'] and 100 * qa[n]['accuracy'], 1)}{interval(qa[n].get('accuracy_ci95'), 1, 100)} / "
+                      f"{fmt(qa[n]['score'], 2)}{interval(qa[n].get('score_ci95'), 2)}" for n in names) + " |"]
         if any(n in PUBLISHED_QA for n in names):
             lines.append("| Video-Panda (published) | " + " | ".join(
                 f"{PUBLISHED_QA[n][0]} / {PUBLISHED_QA[n][1]}" if n in PUBLISHED_QA else "–" for n in names) + " |")
@@ -163,7 +169,7 @@ def markdown_table(results: dict) -> str:
             cols = list(VCG_CRITERIA) + ["average"]
             lines += [f"Video-ChatGPT benchmark `{name}`, the layout of the paper's Table 2", "",
                       "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
-                      "| this run | " + " | ".join(fmt(res[c], 2) for c in cols) + " |",
+                      "| this run | " + " | ".join(fmt(res[c], 2) + interval(res.get(f"{c}_ci95"), 2) for c in cols) + " |",
                       "| Video-Panda (published) | " + " | ".join(f"{PUBLISHED_VCG[c]:.2f}" for c in cols) + " |", ""]
     problems = [line for name, res in results["benchmarks"].items() if (line := shortfall(name, res))]
     if problems:
