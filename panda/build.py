@@ -10,6 +10,7 @@ import torch
 
 from panda.config import FOLDER_INITS, Derived, TrainConfig, distill_active
 from panda.constants import IMAGE_TOKEN
+from panda.data.budget import sampling_rule
 from panda.data.conversation import get_template
 from panda.data.datamodule import VideoDataModule
 from panda.data.datasets import FramePipeline
@@ -40,8 +41,13 @@ def text_vocab(tokenizer) -> int:
 def max_sequence_length(cfg: TrainConfig) -> int:
     """The longest sequence the LLM sees: ``release`` cuts the text at ``model.max_length`` counting
     each frame as one position, so the visual tokens come on top; ``spans`` counts them within."""
+    visual = cfg.frames * (cfg.stab.max_tokens_per_frame() - 1)  # each frame's own position is within max_length
+    if str(cfg.data.sampling) == "fps":
+        visual = cfg.data.max_frames * cfg.stab.max_tokens_per_frame()
+    elif str(cfg.data.sampling) == "budget":
+        visual = cfg.data.max_visual_tokens
     if str(cfg.model.tokenization) == "release":
-        return cfg.model.max_length + cfg.frames * (cfg.stab.max_tokens_per_frame() - 1)
+        return cfg.model.max_length + visual
     return cfg.model.max_length
 
 
@@ -107,7 +113,8 @@ def frame_pipeline(cfg: TrainConfig, derived: Derived | None = None, with_teache
     if with_teacher:
         teacher = {"teacher_resolution": derived.teacher_image_size, "teacher_patch_size": derived.teacher_patch_size}
     return FramePipeline(frames=cfg.frames, resolution=cfg.stab.resolution, patch_size=cfg.stab.patch_size,
-                         ratio=cfg.stab.ratio, sample_fps=cfg.data.sample_fps, backend=cfg.data.video_backend, **teacher)
+                         ratio=cfg.stab.ratio, sample_fps=cfg.data.sample_fps, backend=cfg.data.video_backend,
+                         sampling=sampling_rule(cfg.data, cfg.stab, cfg.frames), **teacher)
 
 
 def build_datamodule(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), rejects_path: str | None = None) -> VideoDataModule:

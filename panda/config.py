@@ -68,6 +68,12 @@ class VideoBackend(Choice):
     torchcodec = "torchcodec"  # optional extra (panda[torchcodec]) over the system's FFmpeg libraries
 
 
+class Sampling(Choice):
+    release = "release"  # `frames` per video, the release's way (stab.md §0.1)
+    fps = "fps"  # frames at data.sample_fps over the whole video, at most data.max_frames
+    budget = "budget"  # as many frames as fit data.max_visual_tokens (from the video's aspect ratio)
+
+
 class Strategy(Choice):
     auto = "auto"  # one process
     ddp = "ddp"
@@ -191,6 +197,10 @@ class DataConfig:
     eval_batch_size: int = 64
     num_workers: Optional[int] = None  # loader workers per process; None: cores per process - 1 (at most 8)
     sample_fps: float = 1.0
+    # long videos (panda/data/budget.py): release | fps | budget; counts are whole STAB chunks
+    sampling: Sampling = Sampling.release
+    max_frames: int = 64  # fps / budget: at most this many frames per video
+    max_visual_tokens: int = 4096  # budget: visual tokens per video (a 16:9 frame: 154 at release sizes, square: 273)
     video_backend: VideoBackend = VideoBackend.auto
     on_bad_record: OnBadRecord = OnBadRecord.skip  # skip (count + list in rejects) | raise
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
@@ -318,6 +328,9 @@ class EvaluateConfig:
     max_new_tokens: int = 1024  # the release's limit; generation stops at </s>
     num_workers: Optional[int] = None  # None: cores per process - 1 (at most 8)
     sample_fps: float = 1.0
+    sampling: Sampling = Sampling.release  # long videos: fps | budget (as data.sampling; panda/data/budget.py)
+    max_frames: int = 64
+    max_visual_tokens: int = 4096
     device: str = "auto"  # auto: cuda:LOCAL_RANK when there is a GPU, else cpu
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
@@ -420,6 +433,9 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need more than types (unknown choices already failed at composition); each
     raises ``ValueError`` naming the key and the fix."""
     cfg.stab.validate()
+    from panda.data.budget import sampling_rule
+
+    sampling_rule(cfg.data, cfg.stab, cfg.frames)  # data.sampling's limits against STAB's chunk and token sizes
     if cfg.data.video_backend == VideoBackend.torchcodec:
         from panda.data.video import check_backend
 

@@ -241,6 +241,23 @@ def llm_layer_bytes_per_token(config, c: int, trains: bool = True) -> int:
     return (8 + 2 * c) * d + 2 * c * kv + 3 * c * i
 
 
+def planned_frames(cfg) -> int:
+    """The most frames a video can get under ``data.sampling``: ``frames`` (release); else the most
+    whole chunks ``data.max_frames`` allows and, under budget, that the narrowest frame fits."""
+    from panda.data.budget import sampling_rule
+
+    rule = sampling_rule(cfg.data, cfg.stab, cfg.frames)
+    if rule.mode == "release":
+        return cfg.frames
+    T = rule.chunk_size
+    most = rule.max_frames
+    if rule.mode == "budget":  # the narrowest frame: one row of LSD tokens
+        narrowest = int(rule.context_token) + (cfg.stab.resolution // cfg.stab.patch_size // rule.lsd_window
+                                               + int(rule.row_tokens))
+        most = min(most, rule.max_visual_tokens // narrowest)
+    return max(T, most // T * T)
+
+
 def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = None, samples: int | None = None,
          text_tokens: int | None = None, vocab: int | None = None, supervised_tokens: int | None = None,
          usable_gib: float | None = None) -> Plan:
@@ -252,6 +269,9 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     from panda.config import distill_active
     from panda.training.trainer import count_devices, resolve_accumulation
 
+    frames = planned_frames(cfg)
+    if frames != cfg.frames:  # data.sampling fps / budget: plan the most frames a video can get
+        cfg = dataclasses.replace(cfg, frames=frames)
     if gpu not in GPUS:
         raise ValueError(f"gpu={gpu}: use one of {sorted(GPUS)}")
     device = GPUS[gpu]
@@ -309,6 +329,8 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     B = cfg.data.batch_size
     stab_bytes, stab_flops_batch, visual = stab_measure(cfg, B)
     D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    if str(cfg.data.sampling) == "budget":
+        visual = min(visual, cfg.data.max_visual_tokens)  # the LLM never gets more than the budget
     text = text_tokens if text_tokens is not None else cfg.model.max_length
     if str(cfg.model.tokenization) == "release":
         S = text - cfg.frames + visual  # each frame's placeholder position becomes its visual tokens
@@ -378,6 +400,9 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     if text_tokens is None:
         result.notes.append(f"sequence = the longest sample: model.max_length={cfg.model.max_length} text positions "
                             f"+ {cfg.frames} frames x {visual // cfg.frames} visual tokens")
+    if str(cfg.data.sampling) != "release":
+        result.notes.append(f"data.sampling={cfg.data.sampling}: planned for the most a video can get, {cfg.frames} frames "
+                            f"through STAB and {visual} visual tokens for the LLM")
     return result
 
 

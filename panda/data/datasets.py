@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from panda.data.budget import SamplingRule
 from panda.data.conversation import (
     IGNORE_INDEX,
     ConversationTemplate,
@@ -44,6 +45,14 @@ class FramePipeline:
     backend: str = "auto"
     teacher_resolution: int | None = None  # set when a distillation teacher needs its own copy of the frames
     teacher_patch_size: int = 14
+    # data.sampling fps / budget: each video's frame count from its length or size (panda.data.budget);
+    # None or mode release: ``frames`` per video
+    sampling: SamplingRule | None = None
+
+    @property
+    def varies(self) -> bool:
+        """Whether videos get different frame counts (then ``frames`` is not the count)."""
+        return self.sampling is not None and self.sampling.mode != "release"
 
     def __call__(self, source, name: str | None = None, backend: str | None = None) -> dict[str, torch.Tensor]:
         """``source``: a video file, or a video's encoded bytes (a shard entry; ``name`` says which).
@@ -52,12 +61,14 @@ class FramePipeline:
         Returns ``pixels`` (F, 3, R, R), ``frame_mask`` (F, R, R); with a teacher also ``teacher_pixels``
         and ``teacher_mask`` at the teacher's resolution (ratio 1: stab.md §0)."""
         use = "pyav" if self.backend == "auto" and backend == "pyav" else self.backend
-        decoded = decode_video(source, self.frames, self.sample_fps, use, name=name)
-        pixels, mask = preprocess_frames(decoded.frames, self.frames, self.resolution, self.patch_size, self.ratio)
+        picker = self.sampling.pick if self.varies else None
+        decoded = decode_video(source, self.frames, self.sample_fps, use, name=name, picker=picker)
+        count = self.sampling.padded_count(len(decoded.frames)) if self.varies else self.frames
+        pixels, mask = preprocess_frames(decoded.frames, count, self.resolution, self.patch_size, self.ratio)
         out = {"pixels": pixels, "frame_mask": mask}
         if self.teacher_resolution:
             out["teacher_pixels"], out["teacher_mask"] = preprocess_frames(
-                decoded.frames, self.frames, self.teacher_resolution, self.teacher_patch_size, 1)
+                decoded.frames, count, self.teacher_resolution, self.teacher_patch_size, 1)
         return out
 
 
@@ -81,11 +92,14 @@ class ConversationDataset(Dataset):
         rec = self.records[index]
         path = os.path.join(self.video_root, rec.video)
         try:
+            if self.pipeline.varies:  # the frame count comes from the video: decode first
+                frames = self.pipeline(path)
             tok = tokenize_conversation(
-                self.tokenizer, self.template, rec.turns, self.pipeline.frames, self.max_length,
-                self.visual_tokens_per_frame, rec.id, path,
+                self.tokenizer, self.template, rec.turns, sample_frames(self.pipeline, frames if self.pipeline.varies else None),
+                self.max_length, self.visual_tokens_per_frame, rec.id, path,
             )
-            frames = self.pipeline(path)
+            if not self.pipeline.varies:
+                frames = self.pipeline(path)
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
             return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
         return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, **frames}
@@ -143,8 +157,25 @@ class QADataset(Dataset):
             frames = self.pipeline(path)
         except VideoDecodeError as exc:
             return {"error": {"id": item.question_id, "path": path, "reason": exc.reason}}
-        ids = tokenize_prompt(self.tokenizer, self.template, item.question, self.pipeline.frames)
+        ids = tokenize_prompt(self.tokenizer, self.template, item.question, sample_frames(self.pipeline, frames))
         return {"id": item.question_id, "input_ids": ids, "labels": None, **frames}
+
+
+def sample_frames(pipeline: FramePipeline, frames: dict | None) -> int:
+    """A sample's frame count (its frame placeholders in the text): the decoded sample's under
+    ``data.sampling`` fps / budget, else ``frames``."""
+    return int(frames["pixels"].shape[0]) if pipeline.varies and frames is not None else pipeline.frames
+
+
+def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (F_i, ...) tensors into (B, max F, ...), zero-filled after each one's own frames."""
+    frames = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == frames for t in tensors):
+        return torch.stack(tensors)
+    out = tensors[0].new_zeros((len(tensors), frames, *tensors[0].shape[1:]))
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
 
 
 @dataclass
@@ -181,9 +212,14 @@ class Collator:
         if self.unk_token_id is not None:
             text = attention_mask.bool() & (input_ids >= 0)
             batch["unk_fraction"] = float(((input_ids == self.unk_token_id) & text).sum()) / max(1, int(text.sum()))
+        counts = [int(s["pixels"].shape[0]) for s in good if "pixels" in s]
+        if counts and len(set(counts)) > 1:
+            # videos with different frame counts (data.sampling fps / budget): pad to the largest with
+            # absent frames; frame_counts says how many are real, and the model gives absent ones no tokens
+            batch["frame_counts"] = torch.tensor(counts)
         for key in ("pixels", "frame_mask", "teacher_pixels", "teacher_mask"):
             if key in good[0]:
-                batch[key] = torch.stack([s[key] for s in good])
+                batch[key] = _stack_padded([s[key] for s in good])
         if has_labels:
             batch["labels"] = labels
         return batch

@@ -120,6 +120,11 @@ def check_frame_store(path: str, stored: dict, pipeline) -> FrameStoreSpec:
     """The spec of the frame store at ``path`` if it gives ``pipeline`` (a FramePipeline) exactly the
     pixels decoding would; else a :class:`FrameStoreMismatch` naming each setting and the fix."""
     spec = FrameStoreSpec(**stored)
+    if pipeline.varies:
+        raise FrameStoreMismatch(
+            f"{path} stores {spec.frames} frames per video, sampled the release's way; data.sampling="
+            f"{pipeline.sampling.mode} picks each video's frames from its length or size: train on --store video "
+            "shards (the default) with it, or set data.sampling=release")
     wanted = {"frames": pipeline.frames, "sample_fps": pipeline.sample_fps, "resolution": pipeline.resolution,
               "patch_size": pipeline.patch_size, "ratio": pipeline.ratio}
     if pipeline.teacher_resolution:

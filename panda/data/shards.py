@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from panda.data.conversation import ConversationTemplate, tokenize_conversation
+from panda.data.datasets import sample_frames
 from panda.data.frame_store import check_frame_store, read_frames
 from panda.data.prepare import FORMAT, INDEX_FILE
 from panda.errors import PandaError, SampleError, VideoDecodeError
@@ -205,10 +206,6 @@ class ShardDataset(Dataset):
                 return {"error": {"id": f"{entry}/{k}", "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
         name = f"{entry} ({meta.get('video')})"
         try:
-            tok = tokenize_conversation(
-                self.tokenizer, self.template, [tuple(t) for t in rec["turns"]], self.pipeline.frames,
-                self.max_length, self.visual_tokens_per_frame, rec["id"], name,
-            )
             spec = self.frame_specs[j]
             if spec is None:
                 frames = self.pipeline(data, name=name, backend=meta.get("backend"))
@@ -218,6 +215,10 @@ class ShardDataset(Dataset):
                 except Exception as exc:  # PIL and friends raise many types on damaged images
                     raise VideoDecodeError(name, f"stored frames unreadable: {type(exc).__name__}: {exc}",
                                            code="undecodable") from exc
+            tok = tokenize_conversation(
+                self.tokenizer, self.template, [tuple(t) for t in rec["turns"]], sample_frames(self.pipeline, frames),
+                self.max_length, self.visual_tokens_per_frame, rec["id"], name,
+            )
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
             return {"error": {"id": rec["id"], "path": name, "reason": exc.reason}}
         return {"id": rec["id"], "input_ids": tok.input_ids, "labels": tok.labels, **frames}

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -55,6 +55,10 @@ def sample_frame_indices(num_frames: int, fps: float, frames: int, sample_fps: f
 # a file path, or the encoded bytes of a video (a shard entry)
 VideoSource = Union[str, os.PathLike, bytes, memoryview]
 
+# how many frames, and which: (frame count, fps, a function giving (height, width)) -> indices.
+# None = the release's rule for a fixed count (``sample_frame_indices``); panda.data.budget has the others
+FramePicker = Callable[[int, float, Callable[[], tuple[int, int]]], list[int]]
+
 
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
@@ -90,7 +94,11 @@ def _native_stderr_captured():
             os.close(saved)
 
 
-def _decode_decord(source, frames: int, sample_fps: float, threads: int = 1) -> DecodedVideo:
+def _pick(n: int, fps: float, size, frames: int, sample_fps: float, picker: Optional[FramePicker]) -> list[int]:
+    return sample_frame_indices(n, fps, frames, sample_fps) if picker is None else picker(n, fps, size)
+
+
+def _decode_decord(source, frames: int, sample_fps: float, threads: int = 1, picker: Optional[FramePicker] = None) -> DecodedVideo:
     import decord
 
     global _DECORD_QUIET
@@ -105,14 +113,14 @@ def _decode_decord(source, frames: int, sample_fps: float, threads: int = 1) -> 
             raise RuntimeError(said[-1] if said else str(exc)) from exc
     n = len(reader)
     fps = float(reader.get_avg_fps())
-    idx = sample_frame_indices(n, fps, frames, sample_fps)
+    idx = _pick(n, fps, lambda: tuple(reader[0].shape[:2]), frames, sample_fps, picker)
     if not idx:
         raise ValueError("video has no frames")
     data = reader.get_batch(idx).asnumpy()
     return DecodedVideo(data, idx, fps, n, "decord")
 
 
-def _decode_pyav(source, frames: int, sample_fps: float, threads: int = 1) -> DecodedVideo:
+def _decode_pyav(source, frames: int, sample_fps: float, threads: int = 1, picker: Optional[FramePicker] = None) -> DecodedVideo:
     import av
 
     with av.open(_open(source)) as container:
@@ -125,7 +133,10 @@ def _decode_pyav(source, frames: int, sample_fps: float, threads: int = 1) -> De
         if n <= 0:  # container does not say: count packets (no decoding)
             n = sum(1 for p in container.demux(stream) if p.size > 0)
             container.seek(0)
-        idx = sample_frame_indices(n, fps, frames, sample_fps)
+        ctx = stream.codec_context
+        idx = _pick(n, fps, lambda: (int(ctx.height), int(ctx.width)), frames, sample_fps, picker)
+        if not idx:
+            raise ValueError("video has no frames")
         wanted = set(idx)
         out = {}
         decoded = 0
@@ -165,7 +176,8 @@ def torchcodec_available() -> str | None:
     return None
 
 
-def _decode_torchcodec(source, frames: int, sample_fps: float, threads: int = 1) -> DecodedVideo:
+def _decode_torchcodec(source, frames: int, sample_fps: float, threads: int = 1,
+                       picker: Optional[FramePicker] = None) -> DecodedVideo:
     from torchcodec.decoders import VideoDecoder
 
     if isinstance(source, memoryview):
@@ -175,7 +187,7 @@ def _decode_torchcodec(source, frames: int, sample_fps: float, threads: int = 1)
     meta = decoder.metadata
     n = int(meta.num_frames or 0)
     fps = float(meta.average_fps or 0.0)
-    idx = sample_frame_indices(n, fps, frames, sample_fps)
+    idx = _pick(n, fps, lambda: (int(meta.height), int(meta.width)), frames, sample_fps, picker)
     if not idx:
         raise ValueError("video has no frames")
     data = decoder.get_frames_at(indices=idx).data.numpy()
@@ -201,12 +213,14 @@ def check_backend(backend: str) -> None:
 
 
 def decode_video(source: VideoSource, frames: int, sample_fps: float = 1.0, backend: str = "auto",
-                 name: str | None = None, threads: int = 1) -> DecodedVideo:
+                 name: str | None = None, threads: int = 1, picker: Optional[FramePicker] = None) -> DecodedVideo:
     """Decode the sampled frames of ``source``: a file path, or a video's encoded bytes (then
     ``name`` says where they came from, for error messages).
 
     ``backend``: ``auto`` (decord, then PyAV on any failure), ``decord``, ``pyav`` or ``torchcodec``.
     ``threads``: the decoder's own threads (1 in a loader worker: the workers are the parallelism).
+    ``picker``: chooses the frame indices from the video's length, fps and size (long-video sampling
+    modes, :mod:`panda.data.budget`); default: ``frames`` of them, the release's way.
     Raises :class:`VideoDecodeError` naming the file when nothing works.
     """
     if isinstance(source, (bytes, memoryview)):
@@ -222,7 +236,7 @@ def decode_video(source: VideoSource, frames: int, sample_fps: float = 1.0, back
     errors, code = [], "undecodable"
     for name in order:
         try:
-            return DECODERS[name](source, frames, sample_fps, threads)
+            return DECODERS[name](source, frames, sample_fps, threads, picker)
         except Exception as exc:
             if isinstance(exc, VideoFileTruncated):
                 code = "truncated"  # decord raises DECORDError (not a RuntimeError); catch at the boundary

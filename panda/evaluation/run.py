@@ -29,6 +29,7 @@ from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
 from panda.data.records import QAItem
 from panda.evaluation.benchmarks import PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark, load_benchmark
+from panda.data.budget import sampling_rule
 from panda.evaluation.judge import build_judge
 from panda.evaluation.qa import generate_answers
 from panda.loading import load_model
@@ -286,7 +287,8 @@ def evaluate(cfg) -> dict:
     model, tokenizer, template = loaded.model.to(device).eval(), loaded.tokenizer, loaded.prompt_template
     frames = cfg.frames or loaded.frames
     stab = model.stab_cfg
-    pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps)
+    pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps,
+                             sampling=sampling_rule(cfg, stab, frames))
     run_dir = run_dir_of(cfg)
     if world > 1:  # ranks may have started a second apart: all write where rank 0 writes
         shared = [run_dir]

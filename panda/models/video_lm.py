@@ -47,13 +47,15 @@ def splice_visual_tokens(
     device = text_embeds.device
     is_frame = input_ids == IMAGE_PLACEHOLDER_ID  # (B, N)
     per_video = is_frame.sum(1)
-    if not torch.all(per_video == visual.lengths.shape[1]):
+    present = visual.lengths > 0  # (B, F): every frame but the absent ones a batch of mixed frame counts pads with
+    if not torch.equal(per_video.cpu(), present.sum(1).cpu()):
         raise ValueError(
-            f"each sample needs {visual.lengths.shape[1]} frame placeholders; found {per_video.tolist()}"
+            f"each sample needs one frame placeholder per frame ({present.sum(1).tolist()}); found {per_video.tolist()}"
         )
+    frame_len = visual.lengths[present].to(device)  # row-major = (b, f) order = the placeholders' order
     real = attention_mask.bool()
     width = torch.ones_like(input_ids)
-    width[is_frame] = visual.lengths.flatten().to(width.dtype)  # row-major = (b, f) order
+    width[is_frame] = frame_len.to(width.dtype)
     width = width * real  # padding positions vanish; each row is re-padded below
     end = width.cumsum(1)
     start = end - width  # (B, N) new position of each input position
@@ -76,7 +78,6 @@ def splice_visual_tokens(
 
     # visual token k of frame (b, f) goes to start[b, n_f] + k
     b_frm, n_frm = is_frame.nonzero(as_tuple=True)  # row-major, matches visual order
-    frame_len = visual.lengths.flatten().to(device)
     b_vis = b_frm.repeat_interleave(frame_len)
     first = start[b_frm, n_frm].repeat_interleave(frame_len)
     frame_begin = (frame_len.cumsum(0) - frame_len).repeat_interleave(frame_len)
@@ -127,24 +128,51 @@ class VideoLanguageModel(nn.Module):
             self.distill_head = DistillationHead(llm.config.hidden_size, llm.config.num_hidden_layers, teacher_width,
                                                  distill.layer_stride, distill.heads)
 
-    def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
+    def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor, frame_counts: torch.Tensor | None = None) -> VisualTokens:
         """(B, F, 3, R, R), (B, F, R, R) -> projected per-frame tokens, packed in (b, f) order:
         for each frame its context token, then each row of LSD tokens followed by its row token.
-        ``.per_frame()`` splits them into one tensor per frame."""
-        visual = self.stab(pixels, mask)
+        ``.per_frame()`` splits them into one tensor per frame.
+
+        ``frame_counts`` (B,): videos with fewer frames than F (``data.sampling`` fps / budget) —
+        each runs through STAB with its own frames only, exactly as it would alone, and the absent
+        frames after them get no tokens (length 0, no grid, no content)."""
+        if frame_counts is None or bool((frame_counts == pixels.shape[1]).all()):
+            visual = self.stab(pixels, mask)
+        else:
+            visual = self._encode_mixed_counts(pixels, mask, [int(c) for c in frame_counts])
         return VisualTokens(self.projector(visual.tokens), visual.lengths, visual.grids, visual.content)
 
+    def _encode_mixed_counts(self, pixels, mask, counts: list[int]) -> VisualTokens:
+        B, F = pixels.shape[:2]
+        device = pixels.device
+        per_sample: list = [None] * B
+        for count in sorted(set(counts)):  # one STAB call per distinct frame count
+            idx = [b for b in range(B) if counts[b] == count]
+            v = self.stab(pixels[idx, :count], mask[idx, :count])
+            chunks = v.tokens.split(v.lengths.sum(1).tolist())
+            for k, b in enumerate(idx):
+                per_sample[b] = (chunks[k], v.lengths[k], v.grids[k * count:(k + 1) * count], v.content[k * count:(k + 1) * count])
+        lengths = torch.zeros(B, F, dtype=torch.long, device=device)
+        content = torch.zeros(B * F, dtype=torch.bool, device=device)
+        grids: list[tuple[int, int]] = []
+        for b, (_, frame_lengths, frame_grids, frame_content) in enumerate(per_sample):
+            lengths[b, : counts[b]] = frame_lengths
+            content[b * F: b * F + counts[b]] = frame_content
+            grids += list(frame_grids) + [(0, 0)] * (F - counts[b])
+        return VisualTokens(torch.cat([t for t, *_ in per_sample]), lengths, grids, content)
+
     def prepare_inputs(self, input_ids, attention_mask, pixels, frame_mask, labels=None, padding_side="right",
-                       visual: VisualTokens | None = None) -> SplicedInputs:
-        visual = visual if visual is not None else self.encode_video(pixels, frame_mask)
+                       visual: VisualTokens | None = None, frame_counts=None) -> SplicedInputs:
+        visual = visual if visual is not None else self.encode_video(pixels, frame_mask, frame_counts)
         embed = self.llm.get_input_embeddings()
         text_embeds = embed(input_ids.clamp(min=0))  # placeholders embed as id 0, then get overwritten
         return splice_visual_tokens(text_embeds, input_ids, attention_mask, visual, labels, padding_side)
 
-    def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None, teacher: TeacherFeatures | None = None) -> VideoLMOutput:
+    def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None, teacher: TeacherFeatures | None = None,
+                frame_counts: torch.Tensor | None = None) -> VideoLMOutput:
         """LM cross-entropy over supervised tokens, plus the distillation loss when ``teacher``
-        features are given and the model has a distillation head."""
-        visual = self.encode_video(pixels, frame_mask)
+        features are given and the model has a distillation head. ``frame_counts``: see ``encode_video``."""
+        visual = self.encode_video(pixels, frame_mask, frame_counts)
         spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels, visual=visual)
         distil = teacher is not None and self.distill_head is not None
         # only the hidden states the head reads: Hugging Face models that record hidden states by
@@ -187,10 +215,11 @@ class VideoLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0,
-                 **generate_kwargs):
+                 frame_counts=None, **generate_kwargs):
         """Greedy generation for a batch of (video, prompt); returns only the new token ids (B, ≤max_new).
         ``generate_kwargs`` go to the LLM's ``generate`` (e.g. a ``streamer``)."""
-        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, padding_side="left")
+        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, padding_side="left",
+                                      frame_counts=frame_counts)
         return self.llm.generate(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,

@@ -83,7 +83,7 @@ class PandaModule(L.LightningModule):
                 raise ValueError("distillation is on but the batch has no teacher_pixels (build the data module with_teacher=True)")
             teacher = self.teacher(batch["teacher_pixels"], batch["teacher_mask"])
         return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
-                          batch.get("labels"), teacher=teacher)
+                          batch.get("labels"), teacher=teacher, frame_counts=batch.get("frame_counts"))
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` shard the model with FSDP2 (panda/training/fsdp.py); once."""
