@@ -233,6 +233,13 @@ def test_evaluate_end_to_end_with_an_llm_judge_resumes_and_never_writes_the_key(
         assert results["judge"]["prompt_version"] == "panda-judge-v1" and results["git_commit"]
         table = (run_dir / "results.md").read_text()
         assert "| Video-Panda (published) | 64.7 / 3.8 | 40.0 / 3.3 |" in table and "2.57" in table
+        judgements = [json.loads(x) for x in (run_dir / "msvd_qa" / "judgements.jsonl").read_text().splitlines()]
+        assert all(j["question"] and j["reference"] and "prediction" in j and "type" in j for j in judgements)
+        from panda.evaluation.agreement import compare, read_run
+
+        same = compare(read_run(str(run_dir)), read_run(str(run_dir)))["groups"]  # a judge agrees with itself
+        assert same["msvd_qa"]["agreement"] == 1.0 and same["msvd_qa"]["disagreements"] == []
+        assert same["vcgbench/detail"]["mean_abs_score_difference"] == 0.0
         preds = [json.loads(x) for x in (run_dir / "msvd_qa" / "predictions.jsonl").read_text().splitlines()]
         assert [p["uid"] for p in preds] == ["m0", "m1", "m2", "m3"] and "error" in preds[2]
 

@@ -78,6 +78,10 @@ class Benchmark:
         """Metrics from the successful verdicts ``(group, criterion, verdict)``."""
         raise NotImplementedError
 
+    def question_types(self) -> dict[str, str]:
+        """Question id -> question type, where the benchmark has types."""
+        return {}
+
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -125,6 +129,9 @@ class QABenchmark(Benchmark):
     def judge_tasks(self, predictions: dict[str, str]) -> list[tuple[str, str, JudgeTask]]:
         return [(q.question_id, "qa", JudgeTask("qa", q.question, q.answer, predictions[q.question_id]))
                 for q in self.qa if q.question_id in predictions]
+
+    def question_types(self) -> dict[str, str]:
+        return {q.question_id: str(q.type) for q in self.qa if q.type is not None}
 
     def summarise(self, ok: list[tuple[str, str, object]]) -> dict:
         """accuracy = yes / judged, score = mean 0–5 score; and per question type

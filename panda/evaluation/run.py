@@ -239,9 +239,11 @@ def judge_benchmark(bench: Benchmark, folder: str, rows: dict[str, dict], judge)
     verdicts = judge.judge_all([t for _, _, t in tasks], desc=f"judging {bench.cfg.name}")
     judged = [(g, c, t, v) for (g, c, t), v in zip(tasks, verdicts)]
     with open(os.path.join(folder, "judgements.jsonl"), "w", encoding="utf-8") as f:
-        for g, c, _, v in judged:
+        types = bench.question_types()
+        for g, c, t, v in judged:  # what python -m panda.evaluation.agreement compares across judges
             f.write(json.dumps({"id": g, "criterion": c, "ok": v.ok, "pred": v.pred, "score": v.score,
-                                "reason": v.reason, "cached": v.cached}) + "\n")
+                                "reason": v.reason, "cached": v.cached, "type": types.get(g),
+                                "question": t.question, "reference": t.reference, "prediction": t.prediction}) + "\n")
     res = aggregate(bench, rows, [(g, c, v) for g, c, _, v in judged])
     res["judge"] = judge.model
     return res, judged
