@@ -145,6 +145,10 @@ class BenchmarkConfig:
     video_dir: Optional[str] = None  # vcgbench: the videos
     judge: Optional[JudgeKind] = None  # None: the run's judge; exact_match forces the offline judge
     limit: Optional[int] = None  # first N questions only
+    # mcq (multiple choice: EgoSchema, Video-MME): the release layout, its question/answer files
+    layout: Optional[str] = None  # egoschema | videomme
+    questions: Optional[str] = None  # egoschema: questions.json; videomme: test-*.parquet (or .json / .jsonl)
+    answers: Optional[str] = None  # egoschema: subset_answers.json (only questions with an answer are scored)
 
 
 @dataclass

@@ -229,3 +229,154 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
     if not cfg.root:
         raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.root=/path/to/eval/DATA_ROOT")
     return BENCHMARKS[cfg.kind].load(cfg, os.path.abspath(cfg.root))
+
+
+# ---------------------------------------------------------------------------- multiple choice
+
+OPTION_LETTERS = "ABCDEFGH"
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# Published Video-Panda numbers for Table 11 are not in shared/design: none are printed until they are
+PUBLISHED_MCQ: dict[str, float] = {}
+MCQ_TITLES = {"egoschema": "EgoSchema", "videomme": "Video-MME"}
+
+
+@dataclass
+class MCQItem:
+    uid: str
+    video: str
+    question: str
+    options: list[str]  # option texts, without their letters
+    answer: int | None  # index of the correct option; None where the benchmark keeps it hidden
+    groups: dict = field(default_factory=dict)  # e.g. {"duration": "short", "task_type": "Counting Problem"}
+
+
+def mcq_prompt(question: str, options: list[str]) -> str:
+    """The question with its lettered options and the instruction, as lmms-eval-style video MCQ asks."""
+    lines = [question.strip(), "Options:"] + [f"({OPTION_LETTERS[i]}) {o.strip()}" for i, o in enumerate(options)]
+    return "\n".join(lines + [MCQ_INSTRUCTION])
+
+
+def parse_choice(text: str, options: list[str]) -> int | None:
+    """Strict: the answer *is* an option — its letter (``B``, ``(B)``, ``B.``, ``B) ...``, ``B: ...``)
+    or exactly one option's text; anything else (``I think B``) is None, and log-likelihood decides."""
+    import re
+
+    t = (text or "").strip()
+    m = re.match(r"^\(?([A-H])\)?(?:[.:)]|\s|$)", t)
+    if m and OPTION_LETTERS.index(m.group(1)) < len(options):
+        return OPTION_LETTERS.index(m.group(1))
+    norm = " ".join(re.sub(r"[^a-z0-9 ]", " ", t.lower()).split())
+    hits = [i for i, o in enumerate(options) if norm and norm == " ".join(re.sub(r"[^a-z0-9 ]", " ", o.lower()).split())]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _read_json_or_lines(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"benchmark file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        return json.load(f)
+
+
+def _load_egoschema(cfg: BenchmarkConfig, root: str) -> tuple[list[MCQItem], str]:
+    """EgoSchema's release layout: ``questions.json`` (``q_uid``, ``question``, ``option 0`` ..
+    ``option 4``), ``subset_answers.json`` ({q_uid: index}, the 500 public answers), ``videos/<q_uid>.mp4``."""
+    qpath = os.path.join(root, cfg.questions or "questions.json")
+    questions = _read_json_or_lines(qpath)
+    answers = _read_json_or_lines(os.path.join(root, cfg.answers or "subset_answers.json"))
+    items = []
+    for i, q in enumerate(questions):
+        missing = [k for k in ("q_uid", "question", "option 0") if k not in q]
+        if missing:
+            raise RecordError(qpath, i, f"missing {missing}")
+        if q["q_uid"] not in answers:
+            continue  # the full set's answers are hidden (scored by the benchmark's server): not scored here
+        options = [q[f"option {k}"] for k in range(len(OPTION_LETTERS)) if f"option {k}" in q]
+        items.append(MCQItem(q["q_uid"], f"{q['q_uid']}.mp4", q["question"], options, int(answers[q["q_uid"]])))
+    return items, os.path.join(root, cfg.video_dir or "videos")
+
+
+def _load_videomme(cfg: BenchmarkConfig, root: str) -> tuple[list[MCQItem], str]:
+    """Video-MME's release (the Hugging Face dataset): ``videomme/test-00000-of-00001.parquet`` with
+    ``videoID``, ``duration`` (short / medium / long), ``task_type``, ``question_id``, ``question``,
+    ``options`` (["A. ...", ...]) and ``answer`` (a letter); videos ``data/<videoID>.mp4``. A JSON or
+    JSON-lines export with the same fields reads without pyarrow."""
+    qpath = os.path.join(root, cfg.questions or "videomme/test-00000-of-00001.parquet")
+    if qpath.endswith(".parquet"):
+        if not os.path.exists(qpath):
+            raise FileNotFoundError(f"benchmark file not found: {qpath}")
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ValueError(f"{qpath}: reading parquet needs pyarrow (`pip install -c constraints.txt -e '.[benchmarks]'`), "
+                             "or point benchmark.videomme.questions at a .json / .jsonl export") from exc
+        rows = pq.read_table(qpath).to_pylist()
+    else:
+        rows = _read_json_or_lines(qpath)
+    items = []
+    for i, r in enumerate(rows):
+        missing = [k for k in ("videoID", "question_id", "question", "options", "answer") if k not in r]
+        if missing:
+            raise RecordError(qpath, i, f"missing {missing}")
+        options = [str(o).split(". ", 1)[1] if str(o)[:2] in {f"{x}." for x in OPTION_LETTERS} else str(o)
+                   for o in r["options"]]
+        answer = OPTION_LETTERS.index(str(r["answer"]).strip()[0]) if r.get("answer") else None
+        items.append(MCQItem(str(r["question_id"]), f"{r['videoID']}.mp4", r["question"], options, answer,
+                             {k: str(r[k]) for k in ("duration", "task_type") if r.get(k) is not None}))
+    return items, os.path.join(root, cfg.video_dir or "data")
+
+
+MCQ_LAYOUTS = {"egoschema": _load_egoschema, "videomme": _load_videomme}
+
+
+@register_benchmark("mcq")
+@dataclass
+class MultipleChoiceBenchmark(Benchmark):
+    """Video multiple choice (the paper's Table 11: EgoSchema, Video-MME). The model answers the
+    question with its lettered options; a strict parser reads the letter, and where the answer names
+    none the option letter the model ranks highest at the answer's first position decides
+    (``choices.jsonl`` records which path decided each item). Scored offline by exact match."""
+
+    mcq: list[MCQItem] = field(default_factory=list)
+    choices: dict[str, dict] = field(default_factory=dict)  # uid -> {"choice", "decided_by"}
+
+    @classmethod
+    def load(cls, cfg: BenchmarkConfig, root: str) -> "MultipleChoiceBenchmark":
+        if cfg.layout not in MCQ_LAYOUTS:
+            raise ValueError(f"benchmark {cfg.name}: layout={cfg.layout!r}; use one of {sorted(MCQ_LAYOUTS)}")
+        mcq, video_dir = MCQ_LAYOUTS[cfg.layout](cfg, root)
+        mcq = [m for m in mcq if m.answer is not None]
+        if cfg.limit:
+            mcq = mcq[: cfg.limit]
+        items = [GenItem(m.uid, m.video, mcq_prompt(m.question, m.options)) for m in mcq]
+        return cls(cfg, items, video_dir, mcq=mcq)
+
+    def judge_tasks(self, predictions: dict[str, str]) -> list[tuple[str, str, JudgeTask]]:
+        out = []
+        for m in self.mcq:
+            if m.uid in self.choices:
+                picked = self.choices[m.uid]["choice"]
+                out.append((m.uid, "qa", JudgeTask("qa", m.question, OPTION_LETTERS[m.answer], OPTION_LETTERS[picked])))
+        return out
+
+    def question_types(self) -> dict[str, str]:
+        return {m.uid: ",".join(f"{k}={v}" for k, v in m.groups.items()) for m in self.mcq if m.groups}
+
+    def summarise(self, ok: list[tuple[str, str, object]]) -> dict:
+        """accuracy (and its interval) overall and per duration / task type; which path decided."""
+        out = _qa_summary([v for _, _, v in ok])
+        out.pop("score", None), out.pop("score_ci95", None)
+        groups = {m.uid: m.groups for m in self.mcq}
+        by: dict[str, list] = defaultdict(list)
+        for uid, _, v in ok:
+            for key, value in groups.get(uid, {}).items():
+                by[f"{key}={value}"].append(v)
+        for name, vs in sorted(by.items()):
+            summary = _qa_summary(vs)
+            out.update({f"accuracy_{name}": summary["accuracy"], f"accuracy_{name}_ci95": summary["accuracy_ci95"],
+                        f"judged_{name}": summary["judged"]})
+        decided = [c["decided_by"] for c in self.choices.values()]
+        out["decided_by_parser"] = decided.count("parser")
+        out["decided_by_loglikelihood"] = decided.count("loglikelihood")
+        return out

@@ -25,12 +25,14 @@ import torch
 
 from panda.config import BenchmarkConfig, EvaluateConfig, JudgeKind, to_evaluate_config
 from panda.data.conversation import ConversationTemplate
+from panda.data.budget import sampling_rule
 from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
 from panda.data.records import QAItem
-from panda.evaluation.benchmarks import PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark, load_benchmark
-from panda.data.budget import sampling_rule
+from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark,
+                                         MultipleChoiceBenchmark, load_benchmark)
 from panda.evaluation.judge import build_judge
+from panda.evaluation.mcq import resolve_choices
 from panda.evaluation.qa import generate_answers
 from panda.loading import load_model
 from panda.runs import git_commit, print_summary, run_dir_of, wandb_offline
@@ -151,7 +153,8 @@ def markdown_table(results: dict) -> str:
         return "" if not ci else f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
 
     lines = []
-    qa = {k: v for k, v in results["benchmarks"].items() if "accuracy" in v}
+    qa = {k: v for k, v in results["benchmarks"].items() if "accuracy" in v and "decided_by_parser" not in v}
+    mcq = {k: v for k, v in results["benchmarks"].items() if "decided_by_parser" in v}
     if qa:
         names = list(qa)
         header = [QA_TITLES.get(n, n) for n in names]
@@ -165,6 +168,22 @@ def markdown_table(results: dict) -> str:
             lines.append("| Video-Panda (published) | " + " | ".join(
                 f"{PUBLISHED_QA[n][0]} / {PUBLISHED_QA[n][1]}" if n in PUBLISHED_QA else "–" for n in names) + " |")
         lines.append("")
+    if mcq:
+        names = list(mcq)
+        lines += ["Multiple-choice video QA (accuracy %, 95% bootstrap interval), the layout of the paper's Table 11", "",
+                  "| model | " + " | ".join(MCQ_TITLES.get(n, n) for n in names) + " |", "|---|" + "---|" * len(names),
+                  "| this run | " + " | ".join(f"{fmt(mcq[n]['accuracy'] and 100 * mcq[n]['accuracy'], 1)}"
+                                               f"{interval(mcq[n].get('accuracy_ci95'), 1, 100)}" for n in names) + " |",
+                  "| Video-Panda (published) | " + " | ".join("–" for _ in names) + " |", "",
+                  "Decided by: " + "; ".join(f"`{n}` parser {mcq[n]['decided_by_parser']}, log-likelihood "
+                                             f"{mcq[n]['decided_by_loglikelihood']}" for n in names), ""]
+        for n in names:
+            splits = sorted(k[len("accuracy_duration="):] for k in mcq[n] if k.startswith("accuracy_duration=")
+                            and not k.endswith("_ci95"))
+            if splits:
+                lines += [f"`{n}` by duration: " + ", ".join(
+                    f"{d} {fmt(mcq[n][f'accuracy_duration={d}'] * 100, 1)}"
+                    f"{interval(mcq[n].get(f'accuracy_duration={d}_ci95'), 1, 100)}" for d in splits), ""]
     for name, res in results["benchmarks"].items():
         if "correctness" in res:
             cols = list(VCG_CRITERIA) + ["average"]
@@ -315,7 +334,10 @@ def evaluate(cfg) -> dict:
         kind = bcfg.judge or cfg.judge.kind
         if kind not in judges_used:
             judges_used[kind] = build_judge(dataclasses.replace(cfg.judge, kind=JudgeKind(kind)))
-        res, judged = judge_benchmark(bench, folder, merge_predictions(bench, folder), judges_used[kind])
+        rows = merge_predictions(bench, folder)
+        if isinstance(bench, MultipleChoiceBenchmark):  # the option each answer chose (the model breaks ties)
+            resolve_choices(bench, folder, rows, model, tokenizer, template, pipeline)
+        res, judged = judge_benchmark(bench, folder, rows, judges_used[kind])
         res["generated_now"] = generated
         results["benchmarks"][name] = res
         log.info("%s: %s", name, scalar_metrics(res))

@@ -1,0 +1,82 @@
+"""Multiple-choice answers -> the option chosen (``benchmark`` kind ``mcq``).
+
+The strict parser (:func:`panda.evaluation.benchmarks.parse_choice`) reads the generated answer;
+where it names no option, the model decides by log-likelihood: the option letter it ranks highest
+at the first position of its answer (one forward pass over the video and the prompt). Each
+item's choice and the path that decided it go to ``<benchmark>/choices.jsonl``; a re-run reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from panda.data.conversation import tokenize_prompt
+from panda.data.datasets import find_video
+from panda.evaluation.benchmarks import OPTION_LETTERS, MultipleChoiceBenchmark, parse_choice
+
+log = logging.getLogger(__name__)
+
+
+def letter_token_ids(tokenizer, count: int) -> list[int]:
+    """The token each option letter starts an answer with (``▁A`` for a SentencePiece LLaMA)."""
+    ids = [tokenizer(OPTION_LETTERS[i], add_special_tokens=False)["input_ids"][0] for i in range(count)]
+    if len(set(ids)) != count:
+        raise ValueError(f"the tokenizer maps the option letters {OPTION_LETTERS[:count]} to the tokens {ids}: "
+                         "log-likelihood cannot tell them apart")
+    return ids
+
+
+@torch.no_grad()
+def rank_options(model, tokenizer, template, pipeline, video_path: str, prompt: str, count: int) -> int:
+    """The option whose letter the model finds likeliest as the first token of its answer."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    frames = pipeline(video_path)
+    frame_count = int(frames["pixels"].shape[0]) if pipeline.varies else pipeline.frames
+    ids = tokenize_prompt(tokenizer, template, prompt, frame_count)[None].to(device)
+    spliced = model.prepare_inputs(ids, torch.ones_like(ids), frames["pixels"][None].to(device, dtype),
+                                   frames["frame_mask"][None].to(device, dtype), padding_side="left")
+    logits = model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                       position_ids=spliced.position_ids, use_cache=False).logits[0, -1]
+    return int(torch.argmax(logits[letter_token_ids(tokenizer, count)]))
+
+
+def resolve_choices(bench: MultipleChoiceBenchmark, folder: str, rows: dict[str, dict], model, tokenizer, template,
+                    pipeline) -> dict[str, dict]:
+    """Every generated answer's choice (cached in ``choices.jsonl``); sets ``bench.choices``."""
+    path = os.path.join(folder, "choices.jsonl")
+    choices: dict[str, dict] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    choices[row["uid"]] = row
+    was_training = model.training
+    model.eval()
+    with open(path, "a", encoding="utf-8") as f:
+        for item, gen in zip(bench.mcq, bench.items):
+            row = rows.get(item.uid)
+            if row is None or "prediction" not in row:
+                continue
+            cached = choices.get(item.uid)
+            if cached is not None and cached.get("prediction") == row["prediction"]:
+                continue
+            choice = parse_choice(row["prediction"], item.options)
+            decided_by = "parser"
+            if choice is None:
+                video = find_video(bench.video_dir, item.video)
+                if video is None:
+                    continue
+                choice = rank_options(model, tokenizer, template, pipeline, video, gen.question, len(item.options))
+                decided_by = "loglikelihood"
+            choices[item.uid] = {"uid": item.uid, "choice": choice, "decided_by": decided_by,
+                                 "prediction": row["prediction"]}
+            f.write(json.dumps(choices[item.uid]) + "\n")
+    model.train(was_training)
+    bench.choices = choices
+    return choices
