@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install panda into .venv (CPU, torch pinned, no CUDA packages) with everything its tests use.
+# README's first command and CI (.ci/run) both run this.
+set -euo pipefail
+cd "$(dirname "$0")"
+# TorchCodec (data.video_backend=torchcodec, tested) loads the system's FFmpeg 5 libraries
+if ! ldconfig -p 2>/dev/null | grep 'libavcodec\.so\.59' >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends libavcodec59 libavformat59 libavutil57 \
+            libswscale6 libswresample4 libavdevice59 libavfilter8 >/dev/null
+    else
+        echo "install.sh: data.video_backend=torchcodec and its tests need the FFmpeg 5 libraries:" \
+             "sudo apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8" >&2
+    fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install --upgrade --quiet pip
+.venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+# litdata and friends may pull a CUDA-only torchvision that breaks `import lightning`; panda needs none
+.venv/bin/pip uninstall --yes --quiet torchvision 2>/dev/null || true
+# panda as an lmms-eval model: lmms-eval without its dependencies (its latex2sympy2 pins an antlr4 that
+# breaks Hydra); the imports its model API needs come with panda's [lmms] extra (in [dev])
+.venv/bin/pip install --quiet --no-deps "lmms-eval==0.7.3"

@@ -1,0 +1,123 @@
+"""panda inside lmms-eval: ``lmms-eval --model panda --model_args pretrained=CKPT --tasks videomme,mvbench``.
+
+Registered through lmms-eval's ``lmms_eval.models`` entry point (``pyproject.toml``), so
+lmms-eval's own registry finds it once panda is installed next to it. :class:`PandaLMM` loads any
+checkpoint kind panda loads (a ``train.py`` ``.ckpt``, a panda export, a Video-Panda release
+folder), decodes the video lmms-eval hands over with panda's own frame sampling, asks with the
+checkpoint's evaluation template, and answers greedily — the same code path as ``evaluate.py``,
+so the same question gets the same answer. ``rank``/``world_size`` come from the launcher's
+environment (``RANK``/``WORLD_SIZE``), as lmms-eval splits requests across processes itself.
+
+``model_args`` (strings, as lmms-eval passes them): ``pretrained`` (required), ``device`` (auto),
+``dtype`` (float32), ``frames`` (the checkpoint's), ``max_new_tokens`` (1024), ``sampling``
+(release | fps | budget), ``max_frames``, ``max_visual_tokens``, ``attn_implementation`` (sdpa).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from lmms_eval.api.model import lmms
+
+from panda.data.budget import sampling_rule
+from panda.data.conversation import tokenize_prompt
+from panda.data.datasets import FramePipeline
+
+
+def manifest():
+    """lmms-eval's entry point payload: the model id ``panda`` and where its class lives."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="panda", simple_class_path="panda.evaluation.lmms.PandaLMM")
+
+
+class _Sampling:  # what sampling_rule reads, from model_args
+    def __init__(self, sampling: str, sample_fps: float, max_frames: int, max_visual_tokens: int):
+        self.sampling, self.sample_fps, self.max_frames, self.max_visual_tokens = sampling, sample_fps, max_frames, max_visual_tokens
+
+
+class PandaLMM(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "float32", frames=None,
+                 max_new_tokens=1024, sampling: str = "release", max_frames=64, max_visual_tokens=4096,
+                 sample_fps=1.0, attn_implementation: str = "sdpa", batch_size=1, **unused) -> None:
+        super().__init__()
+        from panda.loading import load_model
+
+        self._rank = int(os.environ.get("RANK", "0"))
+        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if device == "auto":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        loaded = load_model(pretrained, dtype, attn_implementation)
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.tokenizer, self.template = loaded.tokenizer, loaded.prompt_template
+        self.frames = int(frames) if frames not in (None, "", "None") else loaded.frames
+        self.max_new_tokens = int(max_new_tokens)
+        stab = self.model.stab_cfg
+        rule = sampling_rule(_Sampling(str(sampling), float(sample_fps), int(max_frames), int(max_visual_tokens)), stab,
+                             self.frames)
+        self.pipeline = FramePipeline(self.frames, stab.resolution, stab.patch_size, stab.ratio, float(sample_fps),
+                                      sampling=rule)
+
+    # ------------------------------------------------------------------ inputs
+    def _video(self, doc_to_visual, doc_id, task, split) -> str:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else doc_to_visual
+        flat = []
+        for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+            flat += list(v) if isinstance(v, (list, tuple)) else [v]
+        paths = [v for v in flat if isinstance(v, (str, os.PathLike))]
+        if not paths:
+            raise ValueError(f"panda answers about one video file; task {task} doc {doc_id} gave {type(flat[0]).__name__ if flat else 'no visual'}")
+        return os.fspath(paths[0])
+
+    def _encode(self, video: str, context: str):
+        frames = self.pipeline(video)
+        count = int(frames["pixels"].shape[0]) if self.pipeline.varies else self.frames
+        dtype = next(self.model.parameters()).dtype
+        ids = tokenize_prompt(self.tokenizer, self.template, context, count)[None].to(self.device)
+        return ids, frames["pixels"][None].to(self.device, dtype), frames["frame_mask"][None].to(self.device, dtype)
+
+    # ------------------------------------------------------------------ requests
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        out = []
+        for context, gen_kwargs, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            ids, pixels, mask = self._encode(self._video(doc_to_visual, doc_id, task, split), context)
+            gen_kwargs = dict(gen_kwargs or {})
+            new = self.model.generate(ids, torch.ones_like(ids), pixels, mask,
+                                      max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+            text = self.tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
+            until = gen_kwargs.get("until") or []
+            for stop in [until] if isinstance(until, str) else until:
+                if stop and stop in text:
+                    text = text.split(stop, 1)[0]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """log p(continuation | video, context) and whether greedy decoding would produce it."""
+        out = []
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            doc = self.task_dict[task][split][doc_id] if callable(doc_to_target) else None
+            continuation = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
+            ids, pixels, mask = self._encode(self._video(doc_to_visual, doc_id, task, split), context)
+            cont = torch.tensor(self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"], device=self.device)
+            full = torch.cat([ids[0], cont])[None]
+            spliced = self.model.prepare_inputs(full, torch.ones_like(full), pixels, mask)
+            logits = self.model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                                    position_ids=spliced.position_ids, use_cache=False).logits[0]
+            n = len(cont)
+            scores = torch.log_softmax(logits[-n - 1:-1].float(), -1)  # the positions that predict the continuation
+            logprob = float(scores.gather(1, cont[:, None]).sum())
+            greedy = bool((scores.argmax(-1) == cont).all())
+            out.append((logprob, greedy))
+        return out
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("panda answers single-turn questions about a video (generate_until)")
