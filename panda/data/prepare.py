@@ -31,6 +31,7 @@ Reject codes: ``malformed_record``, ``empty_conversation``, ``non_utf8_text``, `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -184,8 +185,31 @@ def _part_paths(output: str, part: int) -> tuple[str, str]:
     return os.path.join(output, PARTS_DIR, f"{part}.json"), os.path.join(output, PARTS_DIR, f"{part}.index.json")
 
 
+@contextlib.contextmanager
+def _classic_chunk_layout():
+    """litdata's classic chunk layout (an offset table and each item's bytes), whatever is installed.
+
+    With pyarrow importable, litdata 0.2.76 writes chunks of dict samples as an Arrow IPC footer
+    with an empty body, and its reader of remote sources (``s3://``, ``local:``...) then reads
+    0-byte items (``struct.error: unpack_from requires a buffer of at least 8 bytes``). The footer
+    is written only where ``litdata.streaming.item_loader`` sees pyarrow: hide it while writing."""
+    from litdata.streaming import item_loader
+
+    saved = item_loader._PYARROW_AVAILABLE
+    item_loader._PYARROW_AVAILABLE = False
+    try:
+        yield
+    finally:
+        item_loader._PYARROW_AVAILABLE = saved
+
+
 def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: PrepareOptions) -> PartResult:
     """Validate and write one part: chunks ``chunk-<part>-<i>.bin`` and ``.parts/<part>.json``."""
+    with _classic_chunk_layout():
+        return _prepare_part(part, videos, opts)
+
+
+def _prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: PrepareOptions) -> PartResult:
     from litdata.streaming.writer import BinaryWriter
 
     start = time.perf_counter()
