@@ -123,6 +123,21 @@ def test_a_retired_judge_model_stops_with_one_line_naming_it_and_the_presets(jud
     assert last.startswith("evaluate.py: error: the judge server") and "gpt-3.5-turbo" in last and "Traceback" not in proc.stderr
 
 
+def test_a_judge_server_that_is_not_running_stops_at_once_naming_its_address(judge_cfg):
+    import time
+
+    from panda.evaluation.judge import JudgeUnreachable
+
+    class Nowhere:  # nothing listens on port 9
+        base_url = "http://127.0.0.1:9/v1"
+
+    judge = OpenAIJudge(judge_cfg(Nowhere, max_retries=6, backoff_s=1.0))
+    start = time.perf_counter()
+    with pytest.raises(JudgeUnreachable, match=r"cannot reach the judge at http://127.0.0.1:9/v1.*judge.base_url"):
+        judge.judge_all([JudgeTask("qa", "q", "a", "a")] * 4)
+    assert time.perf_counter() - start < 5 and judge.api_calls == 0  # no backoff over every item
+
+
 def test_the_default_judge_presets_name_no_retired_model():
     from panda.config import to_evaluate_config
 

@@ -100,6 +100,10 @@ class JudgeModelNotFound(PandaError):
     """The judge server does not serve the configured model (retired, misspelt, or not loaded)."""
 
 
+class JudgeUnreachable(PandaError):
+    """Nothing answers at the judge's address (a local server not started, a wrong port)."""
+
+
 def judge_fingerprint(cfg: JudgeConfig, prompt_version: str) -> dict:
     """Everything that decides a verdict besides the item: what the cache is keyed by and
     ``results.json`` records (plus the model ids the server reports, known after the calls)."""
@@ -278,6 +282,8 @@ class OpenAIJudge:
         self.api_calls = 0
         self.served_models: set[str] = set()
         self._lock = threading.Lock()
+        self._reachable = False
+        self._reach_lock = threading.Lock()
 
     # ---------------------------------------------------------------- one request, with retries
     def _request_fields(self, task: str) -> dict:
@@ -291,6 +297,7 @@ class OpenAIJudge:
         return {**fields, **_plain(self.cfg.extra)}
 
     def _chat(self, messages: list[dict], task: str = "qa") -> tuple[str, Optional[str]]:
+        self._check_reachable()  # once, before the first request
         o = self.openai
         delay = self.cfg.backoff_s
         last = "no attempt"
@@ -347,6 +354,29 @@ class OpenAIJudge:
         verdict = Verdict(True, pred, score, served_model=served)
         self.cache.put(key, self.model, self.prompt_version, task.task, verdict)
         return verdict
+
+    def _check_reachable(self) -> None:
+        """Before the first request: a refused connection stops the run at once, naming the address,
+        instead of every item retrying with backoff. Anything else (a slow server, no /models route)
+        is left to the requests themselves."""
+        with self._reach_lock:
+            if not self._reachable:
+                self._probe()
+                self._reachable = True
+
+    def _probe(self) -> None:
+        o = self.openai
+        try:
+            self.client.with_options(timeout=5.0, max_retries=0).models.list()
+        except o.APITimeoutError:
+            pass
+        except o.APIConnectionError as exc:
+            where = self.cfg.base_url or "the OpenAI API"
+            raise JudgeUnreachable(
+                f"cannot reach the judge at {where} ({type(exc).__name__}: {str(exc)[:100]}): start the server "
+                f"(conf/judge/qwen3_8b_vllm.yaml shows how) or set judge.base_url") from None
+        except Exception:  # noqa: BLE001 - the server answered (maybe without /models): requests will tell
+            pass
 
     def judge_all(self, tasks: list[JudgeTask], desc: str = "judging") -> list[Verdict]:
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
