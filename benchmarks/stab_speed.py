@@ -99,5 +99,32 @@ def main() -> None:
         print(f"aten ops, {videos} video(s) x {frames} frames: batched {n_b:6d}   looped {n_l:6d}   ratio x{n_l / n_b:.1f}")
 
 
+def kv_split(repeats: int = 4) -> None:
+    """Taking k and v out of one packed projection, as LSD, FSRA and GSTRA do: ``kv[0], kv[1]``
+    (backward zero-fills a full-size gradient per index) vs ``kv.unbind(0)`` (one stack), forward
+    + backward of the attention at the LSD's release size (2 videos x 8 frames x 256 windows, d=1024)."""
+    import torch.nn.functional as F
+
+    n, length, heads, hd = 2 * 8 * 256, 4, 8, 128
+    x = torch.randn(n, length, 2 * heads * hd, requires_grad=True)
+    q = torch.randn(n, heads, 1, hd)
+
+    def run(mode):
+        kv = x.view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        k, v = (kv[0], kv[1]) if mode == "index" else kv.unbind(0)
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+        x.grad = None
+
+    times = {"index": [], "unbind": []}
+    for mode in ["index", "unbind"] * repeats:  # interleaved: both see the same machine state
+        run(mode)
+        start = time.perf_counter()
+        run(mode)
+        times[mode].append(time.perf_counter() - start)
+    a, b = statistics.median(times["index"]), statistics.median(times["unbind"])
+    print(f"k/v from a packed projection, fwd+bwd: kv[0], kv[1] {a * 1e3:.1f} ms   unbind {b * 1e3:.1f} ms   x{a / b:.2f}")
+
+
 if __name__ == "__main__":
     main()
+    kv_split()

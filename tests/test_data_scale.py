@@ -233,6 +233,7 @@ def test_corrupt_shard_entry_is_skipped_counted_and_named_at_train_time(syntheti
     assert len(named) == 2 * len(users) and all(f"{broken}#5 ({meta['video']})" in m for m in named)
     assert sorted(m.split()[2] for m in named) == sorted(users * 2)
     assert 0.0 <= summary["train/padded_fraction_mean"] < 0.5
+    assert 0.0 <= summary["train/padded_fraction_all_mean"] < 1.0
 
 
 def test_mid_epoch_resume_on_shards_matches_an_uninterrupted_run(synthetic_shards, synthetic_root, tmp_path):

@@ -121,3 +121,19 @@ def test_any_local_hugging_face_causal_lm_folder_loads(tmp_path, tokenizer):
     out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
                          max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
     assert type(model.llm).__name__ == "GPT2LMHeadModel" and out.shape == (1, 3)
+
+
+def test_padded_fraction_all_counts_visual_and_text_positions(tokenizer):
+    """A square and a 16:9 video in one batch (issue 20): the LLM pads the shorter sequence, which
+    the text-only padded fraction cannot see; the output counts every sample's real positions."""
+    model = _tiny_model(len(tokenizer))
+    samples = [_sample(tokenizer, "Which way?", 64, 64, 1), _sample(tokenizer, "Which way?", 64, 36, 2)]
+    batch = Collator(tokenizer.pad_token_id)(samples)
+    assert batch["padded_fraction"] == 0.0  # the same text: no text padding
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"])
+        alone = [model.prepare_inputs(s["input_ids"][None], torch.ones_like(s["input_ids"][None]), s["pixels"][None],
+                                      s["frame_mask"][None]).attention_mask.sum().item() for s in samples]
+    assert out.positions.tolist() == alone and alone[0] > alone[1]  # the square frame has more tokens
+    assert out.padded_positions == 2 * max(alone)
+    assert abs(out.padded_fraction_all - (1 - sum(alone) / (2 * max(alone)))) < 1e-9 and out.padded_fraction_all > 0

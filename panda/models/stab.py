@@ -135,8 +135,10 @@ class QueryAttentionPool(nn.Module):
         n, length, d = tokens.shape
         hd = d // self.heads
         q = self.query_proj(query).view(n, 1, self.heads, hd).transpose(1, 2)  # (N, heads, 1, hd)
-        kv = self.kv_proj(tokens).view(n, length, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, kv[0], kv[1], scale=d**-0.5)  # (N, heads, 1, hd)
+        # (N, L, 2d) -> (2, N, heads, L, hd); unbind, not kv[0]/kv[1]: indexing makes backward zero-fill
+        # a full-size gradient per index, unbind stacks the two gradients once
+        k, v = self.kv_proj(tokens).view(n, length, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)  # (N, heads, 1, hd)
         return query + self.out_proj(attn.reshape(n, d))
 
 
@@ -220,8 +222,8 @@ class PackedCrossAttention(nn.Module):
         w_q, w_kv = self.in_proj_weight.split([d, 2 * d])
         b_q, b_kv = self.in_proj_bias.split([d, 2 * d])
         q = F.linear(query, w_q, b_q).view(n, lq, self.heads, hd).transpose(1, 2)  # (N, heads, Lq, hd)
-        kv = F.linear(keys, w_kv, b_kv).view(n, keys.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # scale head_dim ** -0.5
+        k, v = F.linear(keys, w_kv, b_kv).view(n, keys.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, d))
 
 

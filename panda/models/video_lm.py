@@ -97,6 +97,15 @@ class VideoLMOutput:
     distill_loss: torch.Tensor | None
     logits: torch.Tensor | None  # (B, M, V) without labels; with labels only the supervised positions' (N, V)
     visual_tokens: torch.Tensor | None = None  # (B,) visual tokens per sample (what the LLM saw)
+    positions: torch.Tensor | None = None  # (B,) LLM positions per sample: text + visual tokens, padding excluded
+    padded_positions: int = 0  # B x the longest sample: what the LLM computed over
+
+    @property
+    def padded_fraction_all(self) -> float | None:
+        """The share of the LLM's positions that are padding, visual tokens included."""
+        if self.positions is None or not self.padded_positions:
+            return None
+        return 1.0 - float(self.positions.sum()) / self.padded_positions
 
 
 def supervised_head_supported(llm: nn.Module) -> bool:
@@ -197,7 +206,8 @@ class VideoLanguageModel(nn.Module):
             picked = torch.stack([hidden[j].flatten(0, 1)[spatial] for j in self.distill_head.layers], dim=1)  # (N, J, D)
             distill_loss = distillation_loss(self.distill_head, picked, visual.grids, visual.content, teacher, self.distill_cfg.loss)
             loss = distill_loss * self.distill_cfg.weight if lm_loss is None else lm_loss + self.distill_cfg.weight * distill_loss
-        return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1))
+        mask = spliced.attention_mask
+        return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1), mask.sum(1), mask.numel())
 
     def supervised_lm_loss(self, spliced: SplicedInputs, output_hidden_states: bool | list[int]):
         """The LM loss with the LM head applied at the supervised positions only: the same mean

@@ -73,6 +73,7 @@ class PandaModule(L.LightningModule):
         self.trainable = apply_stage(model, cfg.stage)
         self.skipped_samples = 0
         self.padded_fractions: list[float] = []  # per batch: padding share of the text tokens (length grouping cuts it)
+        self.padded_fractions_all: list[float] = []  # per batch: padding share of all LLM positions (visual + text)
         self.warned_unknown_tokens = False
 
     # ------------------------------------------------------------------ forward
@@ -128,6 +129,9 @@ class PandaModule(L.LightningModule):
         n = batch["input_ids"].shape[0]
         self.padded_fractions.append(batch["padded_fraction"])
         self.log("data/padded_fraction", batch["padded_fraction"], on_step=True, on_epoch=False, batch_size=1)
+        if out.padded_fraction_all is not None:  # visual + text positions as the LLM sees them
+            self.padded_fractions_all.append(out.padded_fraction_all)
+            self.log("data/padded_fraction_all", out.padded_fraction_all, on_step=True, on_epoch=False, batch_size=1)
         if "unk_fraction" in batch:
             self.log("data/unk_fraction", batch["unk_fraction"], on_step=True, on_epoch=False, batch_size=1)
             if batch["unk_fraction"] > UNKNOWN_TOKENS_WARNING and not self.warned_unknown_tokens:

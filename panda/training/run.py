@@ -222,6 +222,8 @@ def training_results(s: Session) -> dict:
         "train/loss_by_step": [[step, round(loss, 6)] for step, loss in s.tracker.history],
         "train/skipped_samples": s.module.skipped_samples,
         "train/padded_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
+        "train/padded_fraction_all_mean": (sum(s.module.padded_fractions_all) / len(s.module.padded_fractions_all)
+                                           if s.module.padded_fractions_all else None),
         "data/rejected_records": len(s.datamodule.rejects),
         "checkpoint": final if os.path.exists(final) else None,
         **s.module.model.parameter_counts(),
