@@ -87,9 +87,21 @@ def live_bytes(model, opt) -> int:
     return total
 
 
-def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None, shard=None) -> float:
+def _profiled_peak_mib(fn) -> float:
+    """Peak of live tensor bytes allocated inside ``fn``, from the profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak / 2**20
+
+
+def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None, shard=None) -> float:
     model = build(cfg, vocab)
     if shard is not None:
         shard(model)
@@ -103,15 +115,7 @@ def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None, s
         opt.zero_grad(set_to_none=True)
 
     step()  # AdamW's moments exist from here on
-    start = live_bytes(model, opt)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return (start + peak) / 2**20
+    return live_bytes(model, opt) / 2**20 + _profiled_peak_mib(step)
 
 
 def _fsdp_rank(rank: int, world: int, port: int, overrides: list, text: int, out) -> None:
@@ -209,20 +213,6 @@ def main(argv=None) -> int:
     logits_saving(args.only)
     hidden_states_saving(args.only)
     return 0
-
-
-def _profiled_peak_mib(fn) -> float:
-    """Peak of live tensor bytes allocated inside ``fn`` (the profiler's memory events, as ``measure``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak / 2**20
 
 
 def hidden_states_saving(only: str | None) -> None:
