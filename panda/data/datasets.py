@@ -92,14 +92,11 @@ class ConversationDataset(Dataset):
         rec = self.records[index]
         path = os.path.join(self.video_root, rec.video)
         try:
-            if self.pipeline.varies:  # the frame count comes from the video: decode first
-                frames = self.pipeline(path)
+            frames = self.pipeline(path)  # first: under data.sampling fps / budget the frame count comes from the video
             tok = tokenize_conversation(
-                self.tokenizer, self.template, rec.turns, sample_frames(self.pipeline, frames if self.pipeline.varies else None),
+                self.tokenizer, self.template, rec.turns, sample_frames(self.pipeline, frames),
                 self.max_length, self.visual_tokens_per_frame, rec.id, path,
             )
-            if not self.pipeline.varies:
-                frames = self.pipeline(path)
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
             return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
         return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, **frames}
@@ -161,10 +158,10 @@ class QADataset(Dataset):
         return {"id": item.question_id, "input_ids": ids, "labels": None, **frames}
 
 
-def sample_frames(pipeline: FramePipeline, frames: dict | None) -> int:
+def sample_frames(pipeline: FramePipeline, frames: dict) -> int:
     """A sample's frame count (its frame placeholders in the text): the decoded sample's under
     ``data.sampling`` fps / budget, else ``frames``."""
-    return int(frames["pixels"].shape[0]) if pipeline.varies and frames is not None else pipeline.frames
+    return int(frames["pixels"].shape[0]) if pipeline.varies else pipeline.frames
 
 
 def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

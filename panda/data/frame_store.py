@@ -86,13 +86,18 @@ def decode_images(blob: bytes | memoryview, sizes: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (k, h, w, 3) -> (k, 3, h, w)
 
 
+def _copies(spec: FrameStoreSpec) -> list[tuple[str, str, str, int, int, int]]:
+    """(name, pixels key, mask key, resolution, patch size, ratio) of each stored copy, in entry order."""
+    copies = [("student", "pixels", "frame_mask", spec.resolution, spec.patch_size, spec.ratio)]
+    if spec.teacher_resolution:
+        copies.append(("teacher", "teacher_pixels", "teacher_mask", spec.teacher_resolution, spec.teacher_patch_size, 1))
+    return copies
+
+
 def store_frames(decoded_frames: np.ndarray, spec: FrameStoreSpec) -> tuple[bytes, dict]:
     """A decoded video's sampled frames (k, H, W, 3) uint8 -> (the entry's bytes, its metadata)."""
     parts, meta = [], {}
-    copies = [("student", spec.resolution, spec.patch_size, spec.ratio)]
-    if spec.teacher_resolution:
-        copies.append(("teacher", spec.teacher_resolution, spec.teacher_patch_size, 1))
-    for name, resolution, patch, ratio in copies:
+    for name, _, _, resolution, patch, ratio in _copies(spec):
         resized, geo = resize_frames(decoded_frames, spec.frames, resolution, patch, ratio)
         images = encode_images(resized, spec.format, spec.quality)
         parts += images
@@ -103,10 +108,7 @@ def store_frames(decoded_frames: np.ndarray, spec: FrameStoreSpec) -> tuple[byte
 def read_frames(blob: bytes | memoryview, meta: dict, spec: FrameStoreSpec, with_teacher: bool) -> dict[str, torch.Tensor]:
     """An entry of a frame store -> what :class:`~panda.data.datasets.FramePipeline` returns for the video."""
     view, out, start = memoryview(blob), {}, 0
-    copies = [("student", "pixels", "frame_mask", spec.resolution)]
-    if spec.teacher_resolution:
-        copies.append(("teacher", "teacher_pixels", "teacher_mask", spec.teacher_resolution))
-    for name, pixels_key, mask_key, resolution in copies:
+    for name, pixels_key, mask_key, resolution, _, _ in _copies(spec):
         sizes = meta[name]["sizes"]
         n = sum(sizes)
         if name == "student" or with_teacher:

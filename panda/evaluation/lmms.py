@@ -21,8 +21,8 @@ import torch
 from lmms_eval.api.model import lmms
 
 from panda.data.budget import sampling_rule
-from panda.data.conversation import tokenize_prompt
 from panda.data.datasets import FramePipeline
+from panda.evaluation.qa import encode_question, sequence_logits
 
 
 def manifest():
@@ -74,11 +74,7 @@ class PandaLMM(lmms):
         return os.fspath(paths[0])
 
     def _encode(self, video: str, context: str):
-        frames = self.pipeline(video)
-        count = int(frames["pixels"].shape[0]) if self.pipeline.varies else self.frames
-        dtype = next(self.model.parameters()).dtype
-        ids = tokenize_prompt(self.tokenizer, self.template, context, count)[None].to(self.device)
-        return ids, frames["pixels"][None].to(self.device, dtype), frames["frame_mask"][None].to(self.device, dtype)
+        return encode_question(self.model, self.tokenizer, self.template, self.pipeline, video, context)
 
     # ------------------------------------------------------------------ requests
     @torch.no_grad()
@@ -108,10 +104,7 @@ class PandaLMM(lmms):
             continuation = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
             ids, pixels, mask = self._encode(self._video(doc_to_visual, doc_id, task, split), context)
             cont = torch.tensor(self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"], device=self.device)
-            full = torch.cat([ids[0], cont])[None]
-            spliced = self.model.prepare_inputs(full, torch.ones_like(full), pixels, mask)
-            logits = self.model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
-                                    position_ids=spliced.position_ids, use_cache=False).logits[0]
+            logits = sequence_logits(self.model, torch.cat([ids[0], cont])[None], pixels, mask)
             n = len(cont)
             scores = torch.log_softmax(logits[-n - 1:-1].float(), -1)  # the positions that predict the continuation
             logprob = float(scores.gather(1, cont[:, None]).sum())

@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from panda.data.conversation import tokenize_prompt
 from panda.data.datasets import find_video
 from panda.evaluation.benchmarks import OPTION_LETTERS, MultipleChoiceBenchmark, parse_choice
+from panda.evaluation.qa import encode_question, sequence_logits
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,7 @@ def letter_token_ids(tokenizer, count: int) -> list[int]:
 @torch.no_grad()
 def rank_options(model, tokenizer, template, pipeline, video_path: str, prompt: str, count: int) -> int:
     """The option whose letter the model finds likeliest as the first token of its answer."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    frames = pipeline(video_path)
-    frame_count = int(frames["pixels"].shape[0]) if pipeline.varies else pipeline.frames
-    ids = tokenize_prompt(tokenizer, template, prompt, frame_count)[None].to(device)
-    spliced = model.prepare_inputs(ids, torch.ones_like(ids), frames["pixels"][None].to(device, dtype),
-                                   frames["frame_mask"][None].to(device, dtype), padding_side="left")
-    logits = model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
-                       position_ids=spliced.position_ids, use_cache=False).logits[0, -1]
+    logits = sequence_logits(model, *encode_question(model, tokenizer, template, pipeline, video_path, prompt))[-1]
     return int(torch.argmax(logits[letter_token_ids(tokenizer, count)]))
 
 

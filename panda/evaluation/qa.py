@@ -54,3 +54,23 @@ def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=
             on_batch(new, batch["skipped"])
     model.train(was_training)
     return predictions, failures
+
+
+def encode_question(model, tokenizer, template, pipeline, video_path: str, question: str):
+    """One question about one video as the model takes it: (ids (1, N), pixels, frame_mask), on
+    the model's device and dtype, with the sample's own frame count under ``data.sampling``."""
+    from panda.data.conversation import tokenize_prompt
+    from panda.data.datasets import sample_frames
+
+    param = next(model.parameters())
+    frames = pipeline(video_path)
+    ids = tokenize_prompt(tokenizer, template, question, sample_frames(pipeline, frames))[None].to(param.device)
+    return (ids, frames["pixels"][None].to(param.device, param.dtype),
+            frames["frame_mask"][None].to(param.device, param.dtype))
+
+
+def sequence_logits(model, ids, pixels, frame_mask) -> torch.Tensor:
+    """The LLM's logits (M, V) at every position of one unpadded (1, N) sequence with its video."""
+    spliced = model.prepare_inputs(ids, torch.ones_like(ids), pixels, frame_mask)
+    return model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                     position_ids=spliced.position_ids, use_cache=False).logits[0]
