@@ -111,16 +111,7 @@ def judge_fingerprint(cfg: JudgeConfig, prompt_version: str) -> dict:
             "temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": cfg.max_tokens,
             "schema": hashlib.sha256(json.dumps(SCHEMAS, sort_keys=True).encode()).hexdigest()[:12]
             if cfg.structured_output else None,
-            "extra": json.loads(json.dumps(_plain(cfg.extra), sort_keys=True, default=str)) or None}
-
-
-def _plain(value):
-    """Config containers (OmegaConf's included) as plain dicts and lists."""
-    if hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
+            "extra": json.loads(json.dumps(cfg.extra, sort_keys=True, default=str)) or None}
 
 
 def fingerprint_id(fingerprint: dict) -> str:
@@ -294,7 +285,7 @@ class OpenAIJudge:
             name = "qa" if task == "qa" else "score"
             fields["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": f"panda_verdict_{name}", "schema": SCHEMAS[name], "strict": True}}
-        return {**fields, **_plain(self.cfg.extra)}
+        return {**fields, **self.cfg.extra}
 
     def _chat(self, messages: list[dict], task: str = "qa") -> tuple[str, Optional[str]]:
         self._check_reachable()  # once, before the first request
