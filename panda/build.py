@@ -15,6 +15,7 @@ from panda.data.conversation import get_template
 from panda.data.datamodule import VideoDataModule
 from panda.data.datasets import FramePipeline
 from panda.data.tokenizer import load_tokenizer
+from panda.models.adapters import add_lora, quantization_config
 from panda.models.checkpoints import apply_eve_state, apply_release_state, empty_llm_from_config, load_llm_from_folder, read_weights
 from panda.models.video_lm import VideoLanguageModel, build_llm
 
@@ -81,6 +82,7 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
             attn_implementation=llm_cfg.attn_implementation,
             dtype=llm_cfg.dtype,
             initializer_range=llm_cfg.initializer_range,
+            quantization=quantization_config(llm_cfg.dtype) if str(llm_cfg.adapter) == "qlora" and initialise else None,
         )
     teacher_width = derived.teacher_width if distill_active(cfg) else None
     model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector,
@@ -93,6 +95,13 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
         from panda.loading import load_weights_from_ckpt
 
         load_weights_from_ckpt(model, init.path)
+    if str(llm_cfg.adapter) != "none":  # after the init weights: adapters start at zero on top of them
+        if str(llm_cfg.adapter) == "qlora" and init.kind in FOLDER_INITS:
+            raise ValueError("llm.adapter=qlora quantises the LLM while loading it: give it as llm.pretrained=FOLDER, "
+                             f"not through init.kind={init.kind} (export that folder's STAB with --trainable-only if needed)")
+        n = add_lora(llm, llm_cfg.lora)
+        log.info("LoRA on the LLM: %s adapter parameters (rank %d) on %s", f"{n:,}", llm_cfg.lora.rank,
+                 list(llm_cfg.lora.target_modules))
     if initialise and cfg.model.gradient_checkpointing:  # training only: recompute decoder layers in backward
         enable_activation_checkpointing(llm)
     return model
@@ -120,5 +129,5 @@ def frame_pipeline(cfg: TrainConfig, derived: Derived | None = None, with_teache
 def build_datamodule(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), rejects_path: str | None = None) -> VideoDataModule:
     """The training DataModule of ``cfg`` (the teacher's frames too when distillation is on)."""
     return VideoDataModule(cfg.data, tokenizer, frame_pipeline(cfg, derived, with_teacher=distill_active(cfg)),
-                           get_template(cfg.model.template, str(cfg.model.tokenization)), cfg.model.max_length,
+                           get_template(cfg.model.template, str(cfg.model.tokenization), tokenizer), cfg.model.max_length,
                            cfg.stab.max_tokens_per_frame(), cfg.seed, rejects_path)

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from panda.data.conversation import ConversationTemplate, get_template, tokenize_prompt
+from panda.data.conversation import ChatFormat, get_template, stop_token_ids, tokenize_prompt
 from panda.data.datasets import FramePipeline
 from panda.errors import PandaError
 from panda.loading import load_model
@@ -42,13 +42,13 @@ def check_device(device: str, dtype: str, attn: str) -> str:
     return device
 
 
-def answer(model, tokenizer, video: str, question: str, frames: int, template: ConversationTemplate | str,
+def answer(model, tokenizer, video: str, question: str, frames: int, template: ChatFormat | str,
            max_new_tokens: int = 256,
            device: str = "cpu", sample_fps: float = 1.0, stream: bool = True, temperature: float = 0.0) -> str:
     stab = model.stab_cfg
     pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, sample_fps)
     sample = pipeline(video)  # raises VideoDecodeError naming the file
-    template = get_template(template) if isinstance(template, str) else template
+    template = get_template(template, tokenizer=tokenizer) if isinstance(template, str) else template
     ids = tokenize_prompt(tokenizer, template, question, frames)[None].to(device)
     dtype = next(model.parameters()).dtype
     kwargs = {}
@@ -60,7 +60,7 @@ def answer(model, tokenizer, video: str, question: str, frames: int, template: C
         kwargs.update(do_sample=True, temperature=temperature)
     out = model.generate(ids, torch.ones_like(ids), sample["pixels"][None].to(device, dtype),
                          sample["frame_mask"][None].to(device, dtype), max_new_tokens=max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+                         eos_token_id=stop_token_ids(template, tokenizer, model.llm), pad_token_id=tokenizer.pad_token_id, **kwargs)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 

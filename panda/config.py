@@ -80,6 +80,14 @@ class Strategy(Choice):
     fsdp = "fsdp"  # FSDP2 via ModelParallelStrategy (trainer.fsdp.*)
 
 
+class Adapter(Choice):
+    """What trains in the LLM when its stage trains it (panda/models/adapters.py)."""
+
+    none = "none"  # every LLM weight (the release)
+    lora = "lora"  # low-rank adapters on the target modules; the LLM's own weights stay frozen
+    qlora = "qlora"  # lora on a 4-bit (NF4) LLM: needs a CUDA GPU and bitsandbytes
+
+
 class InitKind(Choice):
     none = "none"
     eve = "eve"
@@ -152,6 +160,19 @@ class BenchmarkConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """``llm.lora``: the adapters of ``llm.adapter=lora|qlora`` (peft's ``LoraConfig``)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # attention and MLP projections of LLaMA, Qwen, Mistral (and most HF decoders); names are matched
+    # against the end of each linear layer's name inside the LLM
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
 class LLMConfig:
     """Any Hugging Face causal LM: a local folder (``pretrained``) or a LLaMA built from sizes."""
 
@@ -165,12 +186,14 @@ class LLMConfig:
     initializer_range: float = 0.02  # std of the random init (built LLMs only)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU, needs the [gpu] extra)
     dtype: str = "float32"
+    adapter: Adapter = Adapter.none  # lora | qlora: train adapters instead of the LLM's weights (stages that train the LLM)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
 class ModelConfig:
     projector: str = "mlp2x_gelu"
-    template: str = "vicuna_v1"  # conversation template for training
+    template: str = "vicuna_v1"  # conversation format for training: vicuna_v1, or chat (the tokenizer's chat_template)
     eval_template: str = "vicuna_v1_eval"  # the release evaluated with the "curious human" variant
     tokenization: Tokenization = Tokenization.release  # release: exactly the released model's ids and labels
     # release: text positions, each frame counting as one (the release's cut); the LLM then sees up to
@@ -452,6 +475,19 @@ def validate(cfg: TrainConfig) -> None:
             f"(set stab.chunk_size to a divisor of frames, e.g. stab.chunk_size={cfg.frames})"
         )
     check_teacher_config(cfg.teacher)
+    from panda.data.conversation import CHAT, TEMPLATES
+
+    for key in ("template", "eval_template"):
+        name = getattr(cfg.model, key)
+        if name != CHAT and name not in TEMPLATES:
+            raise ValueError(f"model.{key}={name} is not a chat format; choose one of {sorted(TEMPLATES) + [CHAT]}")
+        if name == CHAT and cfg.model.tokenization != Tokenization.spans:
+            raise ValueError(f"model.{key}=chat (the tokenizer's own chat template) supervises by character spans; "
+                             f"add model.tokenization=spans (model.tokenization=release is the Vicuna release's rule)")
+    if cfg.llm.adapter != Adapter.none:
+        from panda.models.adapters import check_adapter
+
+        check_adapter(cfg.llm.adapter, cfg.llm.lora, cfg.trainer.accelerator)
     if cfg.init.kind != "none" and not cfg.init.path:
         raise ValueError(f"init.kind={cfg.init.kind} needs init.path (a folder or .ckpt to start from)")
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.cpu_offload:

@@ -4,6 +4,12 @@ consolidated on the way, on one machine, without a process group.
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/          # HF folder
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out vision.safetensors --trainable-only
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/ --single-file full.ckpt
+    python -m panda.export outputs/RUN/checkpoints/last.ckpt --out adapter/ --adapter-only   # LoRA runs
+
+A run with LoRA adapters on its LLM (``llm.adapter=lora``) is exported with the adapters merged
+into the LLM's weights (an ordinary Hugging Face LLM, nothing of peft needed to load it); with
+``--adapter-only`` the folder holds the adapter alone in peft's format
+(``peft.PeftModel.from_pretrained(base_llm, folder)``).
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` (the LLM) and with
 ``panda.models.checkpoints.load_release`` (everything); the trainable-only file holds STAB, the
@@ -17,6 +23,7 @@ import os
 import sys
 
 from panda.data.tokenizer import save_tokenizer
+from panda.models.adapters import has_adapter, merge_lora, save_adapter
 from panda.models.checkpoints import export_release, export_trainable, model_meta
 
 
@@ -25,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
     parser.add_argument("--out", required=True, help="output folder (or .safetensors file with --trainable-only)")
     parser.add_argument("--trainable-only", action="store_true", help="STAB + projector + head only")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="LoRA runs: write the LLM's adapter alone (peft format) instead of merging it")
     parser.add_argument("--single-file", help="also write the consolidated Lightning checkpoint to this .ckpt file")
     args = parser.parse_args(argv)
     if not args.checkpoint.rstrip("/").endswith(".ckpt") or not os.path.exists(args.checkpoint):
@@ -39,6 +48,16 @@ def main(argv=None) -> int:
         torch.save(read_lightning_checkpoint(args.checkpoint), args.single_file)
         print(args.single_file)
     loaded = load_checkpoint(args.checkpoint)
+    llm = loaded.model.llm
+    if args.adapter_only:
+        if not has_adapter(llm):
+            print(f"panda.export: error: {args.checkpoint} has no LoRA adapter (its run had llm.adapter=none)", file=sys.stderr)
+            return 2
+        cfg = loaded.run_config
+        print(save_adapter(llm, cfg.llm.lora, args.out, base=cfg.llm.pretrained or cfg.init.path))
+        return 0
+    if has_adapter(llm):
+        merge_lora(llm)  # W + B·A·alpha/r: the exported LLM is a plain Hugging Face model
     meta = model_meta(loaded.model, frames=loaded.frames, template=loaded.template, eval_template=loaded.eval_template,
                       tokenization=loaded.tokenization)
     if args.trainable_only:

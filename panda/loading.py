@@ -13,7 +13,7 @@ import torch
 
 from panda.config import Derived, TrainConfig, to_train_config
 from panda.constants import RELEASE_EVAL_TEMPLATE, RELEASE_FRAMES
-from panda.data.conversation import ConversationTemplate, get_template
+from panda.data.conversation import ChatFormat, get_template
 from panda.data.tokenizer import load_tokenizer
 from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
 from panda.models.video_lm import VideoLanguageModel
@@ -37,9 +37,9 @@ class LoadedModel:
     tokenization: str = "release"  # how prompts become ids (model.tokenization)
 
     @property
-    def prompt_template(self) -> ConversationTemplate:
+    def prompt_template(self) -> ChatFormat:
         """The evaluation template with the run's tokenization: how to prompt this model."""
-        return get_template(self.eval_template, self.tokenization)
+        return get_template(self.eval_template, self.tokenization, self.tokenizer)
 
 
 def read_lightning_checkpoint(path: str) -> dict:
@@ -76,6 +76,10 @@ def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | No
     if ckpt is None:
         ckpt = read_lightning_checkpoint(path)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if any(".lora_" in k for k in state) and not any(".lora_" in k for k in model.state_dict()):
+        raise KeyError(f"{path} holds LoRA adapters (llm.adapter=lora) and this model has none: export the checkpoint "
+                       f"first, which merges them into the LLM (python -m panda.export {path} --out DIR), then start "
+                       f"from init.kind=release init.path=DIR")
     if model.distill_head is None and any(k.startswith("distill_head.") for k in state):
         log.info("%s: skipping its distillation head (this run has no teacher)", path)
         state = {k: v for k, v in state.items() if not k.startswith("distill_head.")}

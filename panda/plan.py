@@ -181,7 +181,7 @@ def meta_model(cfg, config):
 def units_of(model, llm_bytes: int) -> list[Unit]:
     """The FSDP2 units of ``panda/training/fsdp.py``: each decoder layer, the input embedding, the
     rest of the LLM, and the vision side split by trainable / frozen."""
-    from panda.training.fsdp import decoder_layers
+    from panda.models.llm_parts import decoder_layers
 
     def count(module):
         return sum(p.numel() for p in module.parameters())

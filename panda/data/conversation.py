@@ -16,6 +16,11 @@ Two ways to turn a conversation into ids and labels, named by ``model.tokenizati
     supervised (the answers and their end-of-turn text), an over-long conversation drops whole
     trailing turns, and ``max_length`` counts every visual token.
 
+Two kinds of chat format, one interface (``render``, ``encode``, ``stop_token_ids``):
+:class:`ConversationTemplate` (the release's Vicuna ``ROLE: text`` formats, byte-exact) and
+:class:`ChatTemplateFormat` (``model.template=chat``: any other LLM, rendered by its tokenizer's
+own ``chat_template``, always with the ``spans`` rule).
+
 Either way the placeholder is never a vocabulary entry: it is spliced in as
 ``IMAGE_PLACEHOLDER_ID`` and replaced by the frame's visual tokens inside the model.
 """
@@ -27,6 +32,7 @@ import os
 import re
 import weakref
 from dataclasses import dataclass, replace
+from typing import Union
 
 import torch
 
@@ -62,6 +68,141 @@ class ConversationTemplate:
             spans.append((start, len(text)))
         return text, spans
 
+    def encode(self, tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of a rendered text (the ``spans`` rule): BOS when the tokenizer has one."""
+        return encode_spans(tokenizer, text, bos=tokenizer.bos_token_id is not None)
+
+    def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
+        """Tokens that end an answer: the EOS the template writes as ``sep2`` (the release stops at it)."""
+        return _unique([tokenizer.eos_token_id] + _eos_ids(generation_config))
+
+
+def _eos_ids(generation_config) -> list[int]:
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _unique(ids) -> list[int]:
+    out: list[int] = []
+    for i in ids:
+        if i is not None and i not in out:
+            out.append(int(i))
+    return out
+
+
+class NoChatFormat(ValueError):
+    """A tokenizer that cannot render ``model.template=chat``; the message names the fix."""
+
+
+class ChatTemplateFormat:
+    """The chat format of an LLM's own tokenizer (its Jinja ``chat_template``), for LLMs other
+    than the release's Vicuna: Qwen2/2.5/3, LLaMA-3.x, Mistral, ...
+
+    - ``render`` asks the template for the conversation with every message replaced by a unique
+      marker, then puts the messages back: so the character span of each answer is known exactly
+      whatever the template adds around it (system prompts, headers, reasoning blocks).
+    - The supervised span of an answer runs from its first character through the template's
+      **turn-end token** — the first special token the template writes after an assistant message
+      (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), found once by rendering a probe conversation — so
+      the model learns to stop; the text the template writes after it (a newline) is not supervised.
+    - The frames (``<image>`` placeholders) stay where the record puts ``<video>``: at the start of
+      the first user message, before its text, as the release places them.
+    - BOS is added only when the template's text does not begin with it and the tokenizer adds one
+      when it encodes (Qwen has none; LLaMA-3 and Mistral templates write their own).
+    - ``stop_token_ids``: the turn-end token, the tokenizer's EOS and the LLM's
+      ``generation_config.eos_token_id`` (all of them end generation).
+    """
+
+    name = "chat"
+    tokenization = "spans"
+    _MARK = re.compile("\x02([QA])(\\d+)\x03")
+
+    def __init__(self, tokenizer, system: str | None = None):
+        where = getattr(tokenizer, "name_or_path", "?") or "?"
+        if not getattr(tokenizer, "chat_template", None):
+            raise NoChatFormat(
+                f"model.template=chat: the tokenizer in {where} has no chat_template (tokenizer_config.json / "
+                f"chat_template.jinja), so panda cannot tell how this LLM formats a conversation; add the model's "
+                f"chat template to that folder, or use one of panda's formats: model.template=vicuna_v1")
+        if not getattr(tokenizer, "is_fast", False):
+            raise NoChatFormat(f"model.template=chat needs a fast tokenizer (its offsets decide the label mask); "
+                               f"{where} loaded a slow one: add its tokenizer.json")
+        self.tokenizer, self.system, self.where = tokenizer, system, where
+        self.turn_end_id, self.turn_end = self._find_turn_end()
+
+    def __repr__(self) -> str:
+        return f"ChatTemplateFormat({self.where!r}, turn_end={self.turn_end!r})"
+
+    def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
+            raise ValueError(f"the chat template of {self.where} refused the conversation: {exc}") from exc
+
+    def _find_turn_end(self) -> tuple[int, str]:
+        text = self._apply([{"role": "user", "content": "\x02Q0\x03"}, {"role": "assistant", "content": "\x02A0\x03"}],
+                           generation_prompt=False)
+        after = text.split("\x02A0\x03", 1)[1] if "\x02A0\x03" in text else ""
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        for token_id in self.tokenizer(after, add_special_tokens=False)["input_ids"]:
+            if token_id in special:
+                return token_id, self.tokenizer.convert_ids_to_tokens(token_id)
+        raise NoChatFormat(
+            f"the chat template of {self.where} writes no special token after an assistant message ({after!r}), so "
+            f"panda cannot tell where an answer ends (nothing to supervise as the stop, nothing to stop generation at); "
+            f"use a template that closes each turn with an end-of-turn token")
+
+    def render(self, turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
+        """Text of the conversation and the character spans to supervise (each answer through its
+        turn-end token). A final turn with answer ``None`` renders the generation prompt."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        contents = {}
+        for k, (question, answer) in enumerate(turns):
+            messages.append({"role": "user", "content": f"\x02Q{k}\x03"})
+            contents[("Q", k)] = question
+            if answer is None:
+                break
+            messages.append({"role": "assistant", "content": f"\x02A{k}\x03"})
+            contents[("A", k)] = answer
+        generation_prompt = turns[-1][1] is None
+        parts = self._MARK.split(self._apply(messages, generation_prompt))
+        found = [(parts[i], int(parts[i + 1])) for i in range(1, len(parts), 3)]
+        if sorted(found) != sorted(contents) or len(found) != len(set(found)):
+            raise ValueError(f"the chat template of {self.where} did not write each message once "
+                             f"(wrote {len(found)} of {len(contents)}); it cannot be used for training")
+        text, spans = parts[0], []
+        for i in range(1, len(parts), 3):
+            kind, k, after = parts[i], int(parts[i + 1]), parts[i + 2]
+            start = len(text)
+            text += contents[(kind, k)]
+            if kind == "A":
+                cut = after.find(self.turn_end)
+                if cut < 0:
+                    raise ValueError(f"the chat template of {self.where} wrote no {self.turn_end!r} after answer {k}")
+                spans.append((start, len(text) + cut + len(self.turn_end)))
+            text += after
+        return text, spans
+
+    def encode(self, tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        bos = tokenizer.bos_token
+        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        return encode_spans(tokenizer, text, bos=adds_bos and not text.startswith(bos))
+
+    def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
+        return _unique([self.turn_end_id, tokenizer.eos_token_id] + _eos_ids(generation_config))
+
+
+ChatFormat = Union[ConversationTemplate, ChatTemplateFormat]  # what every caller takes: render / encode / stop_token_ids
+
+
+def stop_token_ids(template, tokenizer, llm=None) -> list[int] | int:
+    """What ends generation for ``template`` (one id stays an int: the release's own call)."""
+    ids = template.stop_token_ids(tokenizer, getattr(llm, "generation_config", None))
+    return ids[0] if len(ids) == 1 else ids
+
 
 _VICUNA_SYSTEM = (
     "A chat between a curious {who} and an artificial intelligence assistant. "
@@ -76,10 +217,21 @@ TEMPLATES = {
 }
 
 
-def get_template(name: str, tokenization: str | None = None) -> ConversationTemplate:
-    """The named template; ``tokenization`` (``release``/``spans``) overrides its default rule."""
+CHAT = "chat"  # model.template=chat: the tokenizer's own chat_template (ChatTemplateFormat)
+
+
+def get_template(name: str, tokenization: str | None = None, tokenizer=None):
+    """The named format: one of :data:`TEMPLATES` (``tokenization`` ``release``/``spans`` overrides
+    its default rule), or ``chat``: the ``tokenizer``'s own chat template (always ``spans``)."""
+    if name == CHAT:
+        if tokenizer is None:
+            raise ValueError("model.template=chat renders with the LLM's tokenizer; pass tokenizer=")
+        if tokenization not in (None, "spans"):
+            raise ValueError(f"model.template=chat supervises by character spans; model.tokenization={tokenization} "
+                             f"is the release's Vicuna rule: set model.tokenization=spans")
+        return ChatTemplateFormat(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES)}")
+        raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES) + [CHAT]}")
     if tokenization is None:
         return TEMPLATES[name]
     if tokenization not in TOKENIZATIONS:
@@ -251,12 +403,13 @@ def release_labels(encode, template: ConversationTemplate, text: str, ids: list[
 
 # --------------------------------------------------------------------------- spans tokenisation
 
-def encode_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and character offsets of ``text``: BOS, then each ``<image>``-separated chunk encoded
-    on its own with ``IMAGE_PLACEHOLDER_ID`` between chunks (placeholders and BOS get empty offsets)."""
+def encode_spans(tokenizer, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text``: BOS (with ``bos``), then each ``<image>``-separated
+    chunk encoded on its own with ``IMAGE_PLACEHOLDER_ID`` between chunks (placeholders and BOS get
+    empty offsets); special tokens written in the text (``<|im_start|>``) become their ids."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("model.tokenization=spans needs a fast tokenizer (its offsets decide the label mask)")
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     offsets = [(0, 0)] * len(ids)
     start = 0
     for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
@@ -351,8 +504,11 @@ def _tokenize_release(tokenizer, template, turns, frames, max_length, record_id,
 def _tokenize_spans(tokenizer, template, turns, frames, max_length, visual_tokens_per_frame, record_id,
                     video) -> TokenizedConversation:
     for keep in range(len(turns), 0, -1):
-        text, spans = template.render([(expand_video_token(q, frames), a) for q, a in turns[:keep]])
-        ids, offsets = encode_spans(tokenizer, text)
+        try:
+            text, spans = template.render([(expand_video_token(q, frames), a) for q, a in turns[:keep]])
+        except ValueError as exc:
+            raise SampleError(record_id, video, str(exc)) from exc
+        ids, offsets = template.encode(tokenizer, text)
         n_img = ids.count(IMAGE_PLACEHOLDER_ID)
         length = len(ids) + n_img * (visual_tokens_per_frame - 1)
         if length <= max_length:
@@ -375,5 +531,5 @@ def tokenize_prompt(tokenizer, template: ConversationTemplate, question: str, fr
     if template.tokenization == "release":
         ids = encode_with_placeholders(release_encoder(tokenizer), text)
     else:
-        ids, _ = encode_spans(tokenizer, text)
+        ids, _ = template.encode(tokenizer, text)
     return torch.tensor(ids)

@@ -40,14 +40,17 @@ def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 512) -> st
 def load_tokenizer(path: str):
     """Load the tokenizer of a local folder, unchanged: the frame placeholder is spliced in as an
     id and needs no vocabulary entry (so a Vicuna folder keeps its 32,000 rows). A tokenizer
-    without a pad token pads with ``unk`` (the Vicuna convention)."""
+    without a pad token pads with ``unk`` (the Vicuna convention), or with EOS where it has no
+    ``unk`` either (LLaMA-3); padded positions are masked out of attention and labels."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path} (set llm.tokenizer to a local folder)")
     tok = AutoTokenizer.from_pretrained(path, use_fast=True)
     if tok.pad_token is None:
-        tok.pad_token = tok.unk_token
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    if tok.pad_token is None:
+        raise ValueError(f"the tokenizer in {path} has no pad, unk or eos token; add a pad_token to its tokenizer_config.json")
     tok.padding_side = "right"
     return tok
 

@@ -21,6 +21,7 @@ import torch
 from lmms_eval.api.model import lmms
 
 from panda.data.budget import sampling_rule
+from panda.data.conversation import stop_token_ids
 from panda.data.datasets import FramePipeline
 from panda.evaluation.qa import encode_question, sequence_logits
 
@@ -85,7 +86,8 @@ class PandaLMM(lmms):
             gen_kwargs = dict(gen_kwargs or {})
             new = self.model.generate(ids, torch.ones_like(ids), pixels, mask,
                                       max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+                                      eos_token_id=stop_token_ids(self.template, self.tokenizer, self.model.llm),
+                                      pad_token_id=self.tokenizer.pad_token_id)
             text = self.tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
             until = gen_kwargs.get("until") or []
             for stop in [until] if isinstance(until, str) else until:

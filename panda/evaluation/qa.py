@@ -26,11 +26,13 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 @torch.no_grad()
-def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=None, on_batch=None) -> tuple[dict[str, str], list[dict]]:
+def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=None, on_batch=None,
+                     stop_ids=None) -> tuple[dict[str, str], list[dict]]:
     """Greedy answers for every question of ``loader``: ({question_id: text}, failures).
 
     ``on_batch(predictions, failures)`` is called after each batch with that batch's results (the
-    evaluation writes them out as it goes, so an interrupted run loses at most one batch)."""
+    evaluation writes them out as it goes, so an interrupted run loses at most one batch).
+    ``stop_ids``: what ends an answer (the chat format's ``stop_token_ids``); default the tokenizer's EOS."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -45,7 +47,7 @@ def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=
             out = model.generate(
                 batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["pixels"].to(device, dtype),
                 batch["frame_mask"].to(device, dtype), max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id if stop_ids is None else stop_ids, pad_token_id=tokenizer.pad_token_id,
                 frame_counts=batch.get("frame_counts"),
             )
             new = {qid: tokenizer.decode(ids, skip_special_tokens=True).strip() for qid, ids in zip(batch["ids"], out.tolist())}

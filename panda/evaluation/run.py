@@ -24,7 +24,7 @@ import time
 import torch
 
 from panda.config import BenchmarkConfig, EvaluateConfig, JudgeKind, to_evaluate_config
-from panda.data.conversation import ConversationTemplate
+from panda.data.conversation import ChatFormat
 from panda.data.budget import sampling_rule
 from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
@@ -33,6 +33,7 @@ from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG
                                          MultipleChoiceBenchmark, load_benchmark)
 from panda.evaluation.judge import build_judge
 from panda.evaluation.mcq import resolve_choices
+from panda.data.conversation import stop_token_ids
 from panda.evaluation.qa import generate_answers
 from panda.loading import load_model
 from panda.runs import git_commit, print_summary, run_dir_of, wandb_offline
@@ -61,7 +62,7 @@ def read_predictions(folder: str) -> dict[str, dict]:
 
 
 def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline,
-                         template: ConversationTemplate,
+                         template: ChatFormat,
                          batch_size: int, max_new_tokens: int, num_workers: int | None, rank: int = 0,
                          world: int = 1) -> int:
     """Generate what is missing from this rank's slice; returns how many generations ran."""
@@ -84,7 +85,8 @@ def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeli
                 f.write(json.dumps({"uid": miss["id"], "error": miss["reason"], "path": miss["path"]}) + "\n")
             f.flush()
 
-        generate_answers(model, loader, tokenizer, max_new_tokens, on_batch=write)
+        generate_answers(model, loader, tokenizer, max_new_tokens, on_batch=write,
+                         stop_ids=stop_token_ids(template, tokenizer, model.llm))
     return len(todo)
 
 
@@ -268,7 +270,7 @@ def judge_benchmark(bench: Benchmark, folder: str, rows: dict[str, dict], judge)
     return res, judged
 
 
-def run_benchmark(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: ConversationTemplate,
+def run_benchmark(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline, template: ChatFormat,
                   judge, batch_size: int, max_new_tokens: int, num_workers: int | None) -> dict:
     """Generate what is missing and judge, in one process: the held-out split of a training run
     goes through here, the same path as ``evaluate.py``."""

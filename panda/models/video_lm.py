@@ -15,6 +15,7 @@ from torch import nn
 
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from panda.models.distill import DistillationHead, DistillConfig, TeacherFeatures, distillation_loss
+from panda.models.llm_parts import llm_depth, llm_width
 from panda.models.stab import STAB, STABConfig, VisualTokens, build_projector, count_parameters
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,11 @@ class VideoLanguageModel(nn.Module):
         self.stab = STAB(stab_cfg)
         self.llm = llm
         self.projector_kind = projector
-        self.projector = build_projector(projector, stab_cfg.width, llm.config.hidden_size)
+        self.projector = build_projector(projector, stab_cfg.width, llm_width(llm))  # any LLM width: fresh in stage 1
         self.distill_cfg = distill
         self.distill_head = None
         if distill is not None and teacher_width is not None:
-            self.distill_head = DistillationHead(llm.config.hidden_size, llm.config.num_hidden_layers, teacher_width,
+            self.distill_head = DistillationHead(llm_width(llm), llm_depth(llm), teacher_width,
                                                  distill.layer_stride, distill.heads)
 
     def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor, frame_counts: torch.Tensor | None = None) -> VisualTokens:
@@ -264,13 +265,19 @@ def build_llm(
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
     initializer_range: float = 0.02,
+    quantization=None,
 ) -> nn.Module:
-    """A Hugging Face causal LM: ``from_pretrained`` of a local folder, or a LLaMA built from sizes."""
+    """A Hugging Face causal LM: ``from_pretrained`` of a local folder (4-bit with ``quantization``,
+    a ``BitsAndBytesConfig``), or a LLaMA built from sizes."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch_dtype = getattr(torch, dtype)
+    if quantization is not None and not pretrained:
+        raise ValueError("llm.adapter=qlora loads a pretrained LLM in 4 bits: set llm.pretrained=FOLDER")
     if pretrained:
-        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, attn_implementation=attn_implementation)
+        extra = {"quantization_config": quantization} if quantization is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     **extra)
         if model.get_input_embeddings().num_embeddings < tokenizer_vocab:
             model.resize_token_embeddings(tokenizer_vocab)
         return model

@@ -21,36 +21,9 @@ from torch import nn
 
 from panda.build import enable_activation_checkpointing
 from panda.config import FSDPConfig
+from panda.models.llm_parts import decoder_layers, llm_tail
 
 log = logging.getLogger(__name__)
-
-
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM (``model.layers``, ``transformer.h`` …)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
-        module = llm
-        try:
-            for part in path.split("."):
-                module = getattr(module, part)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(f"cannot find the decoder layers of {type(llm).__name__} to shard; add its path to decoder_layers()")
-
-
-def llm_tail(llm: nn.Module) -> list[nn.Module]:
-    """The LLM's modules after the decoder layers that hold parameters: the decoder's own children
-    besides its layers and input embedding (the final norm), and an untied LM head."""
-    layers, embed = decoder_layers(llm), llm.get_input_embeddings()
-    decoder = getattr(llm, getattr(llm, "base_model_prefix", ""), None)
-    tail = []
-    if decoder is not None:
-        tail = [m for m in decoder.children() if m is not layers and m is not embed and any(True for _ in m.parameters())]
-    head = llm.get_output_embeddings()
-    if head is not None and head.weight is not embed.weight:
-        tail.append(head)
-    return tail
 
 
 def _dtype(name: Optional[str]):

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from panda.config import Derived, StageConfig, TrainConfig, to_plain
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from panda.models.adapters import has_adapter, set_adapter_trainable
 from panda.models.video_lm import VideoLanguageModel
 
 log = logging.getLogger(__name__)
@@ -22,14 +23,18 @@ UNKNOWN_TOKENS_WARNING = 0.05  # share of <unk> text tokens in a batch above whi
 
 def apply_stage(model: VideoLanguageModel, stage: StageConfig) -> dict[str, int]:
     """Freeze/unfreeze STAB, projector and LLM for ``stage``; returns trainable parameters per module.
-    The distillation head trains with STAB (it exists only to shape STAB's tokens)."""
+    The distillation head trains with STAB (it exists only to shape STAB's tokens). An LLM with LoRA
+    adapters (``llm.adapter``) trains its adapters only, when the stage trains the LLM."""
     parts = {"stab": (model.stab, stage.train_stab), "projector": (model.projector, stage.train_projector),
              "llm": (model.llm, stage.train_llm)}
     if model.distill_head is not None:
         parts["distill_head"] = (model.distill_head, stage.train_stab)
     counts = {}
     for name, (module, trainable) in parts.items():
-        module.requires_grad_(trainable)
+        if module is model.llm and has_adapter(module):
+            set_adapter_trainable(module, trainable)
+        else:
+            module.requires_grad_(trainable)
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return counts
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from panda.data.conversation import ConversationTemplate, tokenize_prompt
+from panda.data.conversation import ChatFormat, stop_token_ids, tokenize_prompt
 from panda.data.datamodule import Collator
 from panda.data.datasets import ConversationDataset, FramePipeline, find_video
 from panda.data.records import QAItem, VideoRecord, place_video_token
@@ -53,8 +53,8 @@ class HeldOutMonitor(Callback):
     first ``table_items`` questions, saved as ``samples/step<N>.jsonl`` and one frame strip per
     video (``samples/step<N>_<k>.png``) in the run folder, and as a ``samples`` table in wandb."""
 
-    def __init__(self, items: list[QAItem], video_dir: str, tokenizer, template: ConversationTemplate,
-                 eval_template: ConversationTemplate, pipeline: FramePipeline, max_length: int,
+    def __init__(self, items: list[QAItem], video_dir: str, tokenizer, template: ChatFormat,
+                 eval_template: ChatFormat, pipeline: FramePipeline, max_length: int,
                  visual_tokens_per_frame: int, every_n_steps: int, loss_items: int, table_items: int, out_dir: str,
                  batch_size: int = 8, max_new_tokens: int = 32):
         self.every = every_n_steps
@@ -124,7 +124,8 @@ class HeldOutMonitor(Callback):
             ids = ids.to(pl_module.device)
             out = model.generate(ids, torch.ones_like(ids), frames["pixels"][None].to(pl_module.device, dtype),
                                  frames["frame_mask"][None].to(pl_module.device, dtype),
-                                 max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                 max_new_tokens=self.max_new_tokens,
+                                 eos_token_id=stop_token_ids(self.eval_template, self.tokenizer, model.llm),
                                  pad_token_id=self.tokenizer.pad_token_id)
             answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
             image = os.path.join(self.out_dir, f"step{step:06d}_{k}.png")

@@ -187,8 +187,8 @@ def heldout_monitor(cfg: TrainConfig, tokenizer, derived: Derived, run_dir: str)
         log.warning("no held-out validation during training: %s", exc)
         return []
     return [HeldOutMonitor(bench.qa, bench.video_dir, tokenizer,
-                           get_template(cfg.model.template, str(cfg.model.tokenization)),
-                           get_template(cfg.model.eval_template, str(cfg.model.tokenization)),
+                           get_template(cfg.model.template, str(cfg.model.tokenization), tokenizer),
+                           get_template(cfg.model.eval_template, str(cfg.model.tokenization), tokenizer),
                            frame_pipeline(cfg, derived, with_teacher=distill_active(cfg)), cfg.model.max_length,
                            cfg.stab.max_tokens_per_frame(), cfg.logger.val_every_n_steps, cfg.logger.val_loss_items,
                            cfg.logger.table_items, os.path.join(run_dir, "samples"))]
@@ -272,7 +272,7 @@ def evaluate_heldout(s: Session) -> dict:
     shutil.rmtree(folder, ignore_errors=True)  # answers of an earlier checkpoint of this run dir are stale
     bench = load_benchmark(BenchmarkConfig(name=HELDOUT_DIR, root=cfg.data.root, qa_dir=cfg.data.eval_qa, limit=cfg.data.eval_limit))
     res = run_benchmark(s.module.model, s.tokenizer, bench, folder, frame_pipeline(cfg),
-                        get_template(cfg.model.eval_template, str(cfg.model.tokenization)),
+                        get_template(cfg.model.eval_template, str(cfg.model.tokenization), s.tokenizer),
                         build_judge(JudgeConfig()), cfg.data.eval_batch_size, cfg.max_new_tokens, cfg.data.num_workers)
     metrics = scalar_metrics(res, "eval/")
     if s.logger:
