@@ -26,7 +26,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     try:
         run_cfg = to_train_config(cfg)
-    except ValueError as exc:  # names the key and the fix; no traceback, no empty run folder
+    except (ValueError, PandaError) as exc:  # names the key and the fix; no traceback, no empty run folder
         exit_on_config_error("train.py", exc)
     problem = check_gpu_plan(run_cfg)
     if problem:  # before any weight is read: the planner says this run cannot fit this GPU

@@ -20,12 +20,22 @@ def decoder_layer_classes(llm: nn.Module) -> set[str]:
     return set(getattr(llm, "_no_split_modules", None) or [])
 
 
+def is_decoder_layer(module: nn.Module, classes: set[str]) -> bool:
+    """Whether ``module`` is one of ``classes`` (by name, also once FSDP2 has subclassed it as ``FSDP<name>``)."""
+    return any(c.__name__ in classes for c in type(module).__mro__)
+
+
+def layer_class_name(module: nn.Module, classes: set[str]) -> str:
+    """The decoder-layer class of ``module`` (``Qwen2DecoderLayer`` for FSDP2's ``FSDPQwen2DecoderLayer``)."""
+    return next((c.__name__ for c in type(module).__mro__ if c.__name__ in classes), type(module).__name__)
+
+
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM: the longest ``nn.ModuleList`` whose every
     entry is one of its ``_no_split_modules`` classes (else a known attribute path)."""
     classes = decoder_layer_classes(llm)
     found = [m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m)
-             and all(type(layer).__name__ in classes for layer in m)]
+             and all(is_decoder_layer(layer, classes) for layer in m)]
     if found:
         return max(found, key=len)
     for path in _LAYER_PATHS:

@@ -280,7 +280,7 @@ def build_llm(
                                                      **extra)
         if model.get_input_embeddings().num_embeddings < tokenizer_vocab:
             model.resize_token_embeddings(tokenizer_vocab)
-        return model
+        return model.train()  # from_pretrained returns eval mode; callers that evaluate switch it themselves
     config = LlamaConfig(
         vocab_size=tokenizer_vocab,
         hidden_size=hidden_size,

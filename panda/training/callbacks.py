@@ -14,6 +14,8 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from panda.models.adapters import adapter_parameters
+
 COMPLETE_MARKER = "complete.json"
 
 
@@ -203,10 +205,17 @@ class FSDPAudit(Callback):
         self.digests_before: dict[str, float] = {}
 
     @staticmethod
-    def _parts(model) -> dict:
+    def _parts(model) -> dict[str, list]:
+        """Parameters of each part; with LoRA the LLM's own weights (``llm``) and its adapters apart."""
         parts = {"stab": model.stab, "projector": model.projector, "llm": model.llm}
         if model.distill_head is not None:
             parts["distill_head"] = model.distill_head
+        parts = {name: list(module.parameters()) for name, module in parts.items()}
+        adapters = adapter_parameters(model.llm)
+        if adapters:
+            ids = {id(p) for p in adapters.values()}
+            parts["llm"] = [p for p in parts["llm"] if id(p) not in ids]
+            parts["llm_adapter"] = list(adapters.values())
         return parts
 
     def _digests(self, pl_module) -> dict[str, float]:
@@ -216,8 +225,8 @@ class FSDPAudit(Callback):
 
         parts = self._parts(pl_module.model)
         local = torch.zeros(len(parts), dtype=torch.float64, device=pl_module.device)
-        for i, module in enumerate(parts.values()):
-            for p in module.parameters():
+        for i, params in enumerate(parts.values()):
+            for p in params:
                 shard = p.to_local() if hasattr(p, "to_local") else p
                 local[i] += shard.detach().double().abs().sum()
         if dist.is_available() and dist.is_initialized():
@@ -231,6 +240,9 @@ class FSDPAudit(Callback):
     def on_train_end(self, trainer, pl_module):
         if not _sharded(pl_module):
             return
+        from torch.distributed.fsdp import FSDPModule
+
+        from panda.models.llm_parts import decoder_layer_classes, decoder_layers, layer_class_name
         from panda.training.fsdp import unit_trainability
 
         model = pl_module.model
@@ -246,6 +258,8 @@ class FSDPAudit(Callback):
             "digests_before": self.digests_before, "digests_after": self._digests(pl_module),
             "frozen_with_grad": sum(p.grad is not None for p in frozen),
             "units_mixing_frozen_and_trainable": [name for name, flags in unit_trainability(model) if len(flags) > 1],
+            "decoder_unit_classes": sorted({layer_class_name(m, decoder_layer_classes(model.llm))
+                                            for m in decoder_layers(model.llm) if isinstance(m, FSDPModule)}),
             "frozen_in_optimizer": sum(id(p) in optimizer_params or id(p) in state_params for p in frozen),
         }
         with open(os.path.join(trainer.default_root_dir, f"fsdp_rank{trainer.global_rank}.json"), "w") as f:

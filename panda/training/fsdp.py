@@ -4,6 +4,10 @@ Sharding units (stab.md, architecture.md): one per LLM decoder layer, the input 
 calls it directly to splice visual tokens, so it needs its own hooks), the rest of the LLM (final
 norm, LM head), and the vision side (STAB + projector + distillation head) grouped by whether
 they train, so **frozen and trainable parameters never share a unit** (stage 1 freezes the LLM).
+The exception is LoRA (``llm.adapter=lora``): a decoder layer's unit holds its frozen weights and
+its trainable adapters together, which FSDP2 supports (it shards per parameter and reduce-scatters
+only the gradients that exist). Decoder layers are found from the LLM's ``_no_split_modules``
+(panda/models/llm_parts.py), whatever its family.
 The teacher is not part of the module tree: it stays replicated and gradient-free.
 
 Mixed precision keeps fp32 master weights and computes in ``param_dtype`` (bf16 by default) with
@@ -45,7 +49,11 @@ def shard_model(model: nn.Module, mesh, cfg: FSDPConfig) -> int:
     for layer in decoder_layers(model.llm):
         fully_shard(layer, **kwargs)
         units += 1
-    fully_shard(model.llm.get_input_embeddings(), **kwargs)
+    embed, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
+    if head is not None and head.weight is embed.weight:  # tied (Qwen2.5 up to 3B, GPT-2): one unit owns the tensor
+        fully_shard([embed, head], **kwargs)
+    else:
+        fully_shard(embed, **kwargs)
     units += 1
     vision = [m for m in (model.stab, model.projector, getattr(model, "distill_head", None)) if m is not None]
     if cfg.param_dtype not in (None, "float32"):
