@@ -54,6 +54,10 @@ def build(cfg, vocab: int = VOCAB):
     llm = build_llm(vocab, hidden_size=cfg.llm.hidden_size, layers=cfg.llm.layers, heads=cfg.llm.heads,
                     intermediate_size=cfg.llm.intermediate_size, max_position_embeddings=8192)
     model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector)
+    if str(cfg.llm.adapter) != "none":
+        from panda.models.adapters import add_lora
+
+        add_lora(llm, cfg.llm.lora)
     apply_stage(model, cfg.stage)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model.llm)
@@ -164,6 +168,8 @@ POINTS = [  # (label, overrides, text positions)
                       "model.gradient_checkpointing=true"], 256),
     ("D512 L8 frozen LLM", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376",
                             "stage=prealign"], 256),
+    ("D512 L8 LoRA r16", ["llm.hidden_size=512", "llm.layers=8", "llm.heads=8", "llm.intermediate_size=1376",
+                          "llm.adapter=lora", "llm.lora.dropout=0.0"], 256),
     ("D1024 L12", ["llm.hidden_size=1024", "llm.layers=12", "llm.heads=16", "llm.intermediate_size=2752"], 384),
     ("D1024 L12 ckpt", ["llm.hidden_size=1024", "llm.layers=12", "llm.heads=16", "llm.intermediate_size=2752",
                         "model.gradient_checkpointing=true"], 384),

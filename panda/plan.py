@@ -78,6 +78,13 @@ class Unit:
     params: int
     trainable: bool
     dtype_bytes: int  # as stored (master weights)
+    trainable_params: int | None = None  # those with gradients and AdamW states (LoRA: the adapters); None = all or none
+
+    @property
+    def trained(self) -> int:
+        if self.trainable_params is not None:
+            return self.trainable_params
+        return self.params if self.trainable else 0
 
 
 @dataclass
@@ -174,6 +181,10 @@ def meta_model(cfg, config):
         teacher_width = cfg.teacher.width if distill_active(cfg) else None
         model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector,
                                    distill=cfg.distill if teacher_width else None, teacher_width=teacher_width)
+        if str(cfg.llm.adapter) != "none":
+            from panda.models.adapters import add_lora
+
+            add_lora(llm, cfg.llm.lora)
     apply_stage(model, cfg.stage)
     return model
 
@@ -189,8 +200,11 @@ def units_of(model, llm_bytes: int) -> list[Unit]:
     def trains(module):
         return any(p.requires_grad for p in module.parameters())
 
+    def trained(module):  # LoRA: only the adapters of a layer
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
     layers = decoder_layers(model.llm)
-    units = [Unit(f"llm.layer{i}", count(layer), trains(layer), llm_bytes) for i, layer in enumerate(layers)]
+    units = [Unit(f"llm.layer{i}", count(layer), trains(layer), llm_bytes, trained(layer)) for i, layer in enumerate(layers)]
     embed = model.llm.get_input_embeddings()
     units.append(Unit("llm.embed", count(embed), trains(embed), llm_bytes))
     rest = count(model.llm) - sum(u.params for u in units)
@@ -292,8 +306,8 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
 
     trainable = [u for u in units if u.trainable]
     param_bytes = sum(u.params * u.dtype_bytes for u in units)
-    grad_bytes = sum(u.params * u.dtype_bytes for u in trainable)
-    adam_bytes = sum(2 * u.params * u.dtype_bytes for u in trainable)
+    grad_bytes = sum(u.trained * u.dtype_bytes for u in trainable)
+    adam_bytes = sum(2 * u.trained * u.dtype_bytes for u in trainable)
     offload = fsdp and t.fsdp.cpu_offload
     if fsdp:
         mem["parameters (sharded)"] = 0 if offload else param_bytes / shard
@@ -301,7 +315,7 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
         mem["AdamW states (sharded)"] = 0 if offload else adam_bytes / shard
         compute, reduce = dtype_bytes(t.fsdp.param_dtype), dtype_bytes(t.fsdp.reduce_dtype)
         largest = max(units, key=lambda u: u.params)
-        largest_trained = max((u.params for u in trainable), default=0)
+        largest_trained = max((u.trained for u in trainable), default=0)
         if shard > 1:
             mem["all-gathered units (2 x largest)"] = 2 * largest.params * compute
             mem["unsharded gradient of a unit"] = largest_trained * reduce
@@ -365,7 +379,10 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     llm_fwd = llm_forward_flops(config, S, S, 1, head_tokens=supervised)  # the LM head runs where labels are
     stab_fwd = stab_flops_batch / B + 2 * visual * (cfg.stab.width * D + D * D)  # + the projector's two linears
     flops = {"LLM forward": llm_fwd, "STAB + projector forward": stab_fwd}
-    if llm_trains:
+    lora = str(cfg.llm.adapter) != "none"
+    if llm_trains and lora:  # input gradients through every layer; the adapters' own weight gradients are tiny
+        flops["LLM backward (input gradients + adapters)"] = llm_fwd
+    elif llm_trains:
         flops["LLM backward"] = 2 * llm_fwd
     elif stab_trains:
         flops["LLM backward (input gradients only)"] = llm_fwd
@@ -396,6 +413,11 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
         result.step_s = per_sample * global_batch / (world * device.bf16_tflops * 1e12 * mfu)
         if n_samples:
             result.stage_h = math.ceil(n_samples / global_batch) * result.step_s / 3600
+    if lora:
+        adapters = sum(u.trained for u in units if u.name.startswith("llm."))
+        result.notes.append(f"llm.adapter={cfg.llm.adapter}: {adapters:,} adapter parameters train (rank {cfg.llm.lora.rank}); "
+                            f"the LLM's own {sum(u.params for u in units if u.name.startswith('llm.')) - adapters:,} get no "
+                            f"gradients or AdamW states")
     if text_tokens is None:
         result.notes.append(f"sequence = the longest sample: model.max_length={cfg.model.max_length} text positions "
                             f"+ {cfg.frames} frames x {visual // cfg.frames} visual tokens")

@@ -281,3 +281,26 @@ def test_fsdp_shards_qwen_decoder_layers_with_lora_over_two_processes(synthetic_
         assert after["llm"] == before["llm"] and after["llm_adapter"] != before["llm_adapter"]
         assert after["stab"] != before["stab"]
     assert reports[0]["digests_after"] == reports[1]["digests_after"]
+
+
+def test_the_planner_counts_gradients_and_adamw_states_for_the_adapters_only(synthetic_root):
+    import lightning as L
+
+    from panda.build import build_model, build_tokenizer
+    from panda.config import to_train_config
+    from panda.plan import GIB, plan
+    from panda.training.module import apply_stage
+
+    full_cfg = to_train_config(compose(tiny_overrides(synthetic_root)))
+    lora_cfg = to_train_config(compose(tiny_overrides(synthetic_root) + LORA))
+    full, lora = plan(full_cfg, gpu="cpu"), plan(lora_cfg, gpu="cpu")
+    L.seed_everything(0)
+    model = build_model(lora_cfg, build_tokenizer(lora_cfg))
+    apply_stage(model, lora_cfg.stage)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora.memory_gib["AdamW states"] * GIB == pytest.approx(2 * 4 * trainable)
+    assert lora.memory_gib["gradients"] * GIB == pytest.approx(4 * trainable)
+    assert lora.memory_gib["parameters"] * GIB == pytest.approx(4 * sum(p.numel() for p in model.parameters()))
+    assert lora.memory_gib["gradients"] < full.memory_gib["gradients"]
+    assert any("adapter parameters train" in n for n in lora.notes)
+    assert lora.flops_per_sample["LLM backward (input gradients + adapters)"] == full.flops_per_sample["LLM backward"] / 2
