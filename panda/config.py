@@ -229,6 +229,11 @@ class DataConfig:
     max_frames: int = 64  # fps / budget: at most this many frames per video
     max_visual_tokens: int = 4096  # budget: visual tokens per video (a 16:9 frame: 154 at release sizes, square: 273)
     video_backend: VideoBackend = VideoBackend.auto
+    # pack each micro-batch's samples (text + visual tokens) into fewer rows, no attention between them
+    # (panda/models/packing.py): same loss, less padding. pack_length: positions per row (None: the
+    # micro-batch's longest sample, so no row is wider than unpacked; larger pays off with flash-attn)
+    packing: bool = False
+    pack_length: Optional[int] = None
     on_bad_record: OnBadRecord = OnBadRecord.skip  # skip (count + list in rejects) | raise
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
     fraction_seed: int = 0
@@ -504,6 +509,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"data.shards: give every source a weight or none, got {weights}")
         if any(w is not None and w <= 0 for w in weights):
             raise ValueError(f"data.shards: weights must be > 0, got {weights}")
+    if cfg.data.pack_length is not None and cfg.data.pack_length < 1:
+        raise ValueError(f"data.pack_length={cfg.data.pack_length} must be >= 1 (or null: the longest sample of each micro-batch)")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ValueError(f"data.fraction={cfg.data.fraction} must be in (0, 1]")
     if not (cfg.stage.train_stab or cfg.stage.train_projector or cfg.stage.train_llm):

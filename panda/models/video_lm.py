@@ -16,6 +16,7 @@ from torch import nn
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from panda.models.distill import DistillationHead, DistillConfig, TeacherFeatures, distillation_loss
 from panda.models.llm_parts import llm_depth, llm_width
+from panda.models.packing import pack as pack_sequences
 from panda.models.stab import STAB, STABConfig, VisualTokens, build_projector, count_parameters
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ class VideoLMOutput:
     logits: torch.Tensor | None  # (B, M, V) without labels; with labels only the supervised positions' (N, V)
     visual_tokens: torch.Tensor | None = None  # (B,) visual tokens per sample (what the LLM saw)
     positions: torch.Tensor | None = None  # (B,) LLM positions per sample: text + visual tokens, padding excluded
-    padded_positions: int = 0  # B x the longest sample: what the LLM computed over
+    padded_positions: int = 0  # rows x the widest row: what the LLM computed over (B x the longest sample unpacked)
+    target_samples: torch.Tensor | None = None  # (N,) with labels: the sample of each row of ``logits``
 
     @property
     def padded_fraction_all(self) -> float | None:
@@ -179,21 +181,39 @@ class VideoLanguageModel(nn.Module):
         return splice_visual_tokens(text_embeds, input_ids, attention_mask, visual, labels, padding_side)
 
     def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None, teacher: TeacherFeatures | None = None,
-                frame_counts: torch.Tensor | None = None) -> VideoLMOutput:
+                frame_counts: torch.Tensor | None = None, pack: bool = False, pack_length: int | None = None) -> VideoLMOutput:
         """LM cross-entropy over supervised tokens, plus the distillation loss when ``teacher``
-        features are given and the model has a distillation head. ``frame_counts``: see ``encode_video``."""
+        features are given and the model has a distillation head. ``frame_counts``: see ``encode_video``.
+        ``pack``: lay the samples end to end in rows of at most ``pack_length`` positions (default the
+        longest sample) with no attention between them (panda/models/packing.py): the same losses,
+        less padding."""
         visual = self.encode_video(pixels, frame_mask, frame_counts)
         spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels, visual=visual)
+        B, M = spliced.attention_mask.shape
+        positions = spliced.attention_mask.sum(1)
+        sample_of = torch.arange(B, device=input_ids.device)[:, None].expand(B, M)
+        llm_mask = spliced.attention_mask
+        if pack:
+            packed = pack_sequences(spliced.inputs_embeds, spliced.attention_mask, spliced.labels, pack_length)
+            spliced = SplicedInputs(packed.inputs_embeds, packed.real, packed.labels, packed.position_ids,
+                                    packed.new_index[spliced.visual_positions])
+            sample_of, llm_mask = packed.sample_of, None  # no 2-D mask: the restarting position ids separate the samples
         distil = teacher is not None and self.distill_head is not None
         # only the hidden states the head reads: Hugging Face models that record hidden states by
         # hook take a list of indices and return None elsewhere; others return all, read the same way
         hidden_request = list(self.distill_head.layers) if distil else False
+        target_samples = None
+        if spliced.labels is not None:
+            target_samples = sample_of[:, :-1][spliced.labels[:, 1:] != IGNORE_INDEX]
         if spliced.labels is not None and supervised_head_supported(self.llm):
-            out, lm_loss, logits = self.supervised_lm_loss(spliced, hidden_request)
+            out, lm_loss, logits = self.supervised_lm_loss(spliced, hidden_request, llm_mask)
         else:
+            if pack:
+                raise ValueError(f"data.packing needs an LLM whose LM head can run on chosen positions; "
+                                 f"{type(self.llm).__name__} scales or caps its logits: set data.packing=false")
             out = self.llm(
                 inputs_embeds=spliced.inputs_embeds,
-                attention_mask=spliced.attention_mask,
+                attention_mask=llm_mask,
                 position_ids=spliced.position_ids,
                 labels=spliced.labels,
                 use_cache=False,
@@ -207,15 +227,17 @@ class VideoLanguageModel(nn.Module):
             picked = torch.stack([hidden[j].flatten(0, 1)[spatial] for j in self.distill_head.layers], dim=1)  # (N, J, D)
             distill_loss = distillation_loss(self.distill_head, picked, visual.grids, visual.content, teacher, self.distill_cfg.loss)
             loss = distill_loss * self.distill_cfg.weight if lm_loss is None else lm_loss + self.distill_cfg.weight * distill_loss
-        mask = spliced.attention_mask
-        return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1), mask.sum(1), mask.numel())
+        return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1), positions,
+                             spliced.attention_mask.numel(), target_samples)
 
-    def supervised_lm_loss(self, spliced: SplicedInputs, output_hidden_states: bool | list[int]):
+    def supervised_lm_loss(self, spliced: SplicedInputs, output_hidden_states: bool | list[int],
+                           attention_mask: torch.Tensor | None):
         """The LM loss with the LM head applied at the supervised positions only: the same mean
         cross-entropy as the LLM's own loss, without the (B, M, V) fp32 logits of every position
-        (at 7B, micro-batch 8 and 6K positions, 12+ GiB). Returns (decoder output, loss, logits (N, V))."""
+        (at 7B, micro-batch 8 and 6K positions, 12+ GiB). ``attention_mask`` None: packed rows (the
+        position ids separate the samples). Returns (decoder output, loss, logits (N, V))."""
         decoder = getattr(self.llm, self.llm.base_model_prefix)
-        out = decoder(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+        out = decoder(inputs_embeds=spliced.inputs_embeds, attention_mask=attention_mask,
                       position_ids=spliced.position_ids, use_cache=False, output_hidden_states=output_hidden_states)
         target = spliced.labels[:, 1:]
         keep = target != IGNORE_INDEX

@@ -88,8 +88,10 @@ class PandaModule(L.LightningModule):
             if "teacher_pixels" not in batch:
                 raise ValueError("distillation is on but the batch has no teacher_pixels (build the data module with_teacher=True)")
             teacher = self.teacher(batch["teacher_pixels"], batch["teacher_mask"])
+        packing = self.cfg.data.packing and batch.get("labels") is not None
         return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
-                          batch.get("labels"), teacher=teacher, frame_counts=batch.get("frame_counts"))
+                          batch.get("labels"), teacher=teacher, frame_counts=batch.get("frame_counts"),
+                          pack=packing, pack_length=self.cfg.data.pack_length)
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` shard the model with FSDP2 (panda/training/fsdp.py); once."""
