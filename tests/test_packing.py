@@ -122,3 +122,53 @@ def test_packing_resumes_exactly_and_cuts_the_padding_of_a_run(synthetic_root, t
     for (step, x), (_, y) in zip(straight["train/loss_by_step"], plain["train/loss_by_step"]):
         assert abs(x - y) < 1e-3 * max(1.0, abs(y)), step  # the same training, up to float order
     assert straight["train/padded_fraction_all_mean"] < plain["train/padded_fraction_all_mean"]
+
+
+def test_prepared_shards_group_batches_by_text_plus_visual_tokens(tmp_path, make_video, synthetic_root):
+    """Wide videos give fewer visual tokens than square ones: the sampler sorts by both, from the
+    video sizes ``prepare`` stores, so a micro-batch holds videos of one shape."""
+    import json as _json
+
+    from panda.data.budget import sampling_rule
+    from panda.data.prepare import PrepareOptions, prepare
+    from panda.data.sampling import EpochBatchSampler, SourceSpec
+    from panda.data.shards import ShardSource
+    from panda.models.stab import STABConfig
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    records = []
+    for k in range(8):
+        square = k % 2 == 0
+        name = f"v{k}.mp4"
+        make_video(f"videos/{name}", width=64 if square else 112, height=64 if square else 40, frames=4, seed=k)
+        answer = "red " * (12 if k % 4 in (1, 2) else 3)  # text length independent of the shape
+        records.append({"id": f"r{k}", "video": name, "conversations": [
+            {"from": "human", "value": "<video>\nWhat colour?"}, {"from": "gpt", "value": answer.strip()}]})
+    (tmp_path / "records.json").write_text(_json.dumps(records))
+    out = str(tmp_path / "shards")
+    prepare(PrepareOptions(records=[str(tmp_path / "records.json")], video_root=str(videos), output=out, frames=4,
+                           progress=False, tokenizer=f"{synthetic_root}/tokenizer"))
+    source = ShardSource.open("s", out)
+    assert source.videos is not None and len(source.videos) == 8
+    stab = STABConfig(width=32, heads=4, resolution=112, dropout=0.0)
+
+    class _Data:
+        sampling, sample_fps = "release", 1.0
+
+    rule = sampling_rule(_Data(), stab, 4)
+    full = source.llm_lengths(rule, 4)
+    for i, (height, width, *_rest) in enumerate(source.videos):
+        assert full[i] == source.lengths[i] + 4 * rule.tokens_per_frame(height, width)
+    square = {i for i, (h, w, *_r) in enumerate(source.videos) if h == w}
+    assert len(square) == 4 and min(full[i] for i in square) > max(full[i] for i in range(8) if i not in square)
+
+    def batches(lengths):
+        sampler = EpochBatchSampler([SourceSpec("s", 8, source.record_chunks(), lengths)], 4, seed=0,
+                                    group_by_length=True, group_batches=2)
+        return sampler.epoch_batches(0)
+
+    by_text, by_all = batches(source.lengths), batches(full)
+    assert any(0 < len(square & set(b)) < len(b) for b in by_text)  # text alone mixes the shapes
+    assert all(len(square & set(b)) in (0, len(b)) for b in by_all)  # text + visual tokens: one shape per batch
+    assert sum(padded_share([full[i] for i in b]) for b in by_all) < sum(padded_share([full[i] for i in b]) for b in by_text)

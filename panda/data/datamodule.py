@@ -96,7 +96,15 @@ class VideoDataModule(L.LightningDataModule):
     def _setup_shards(self, common: dict) -> None:
         data = self.data
         sources = [ShardSource.open(s.name, s.path, s.weight, data.cache_dir) for s in data.shards]
-        self.sources = [SourceSpec(s.name, s.num_records, s.record_chunks(), s.lengths, s.weight) for s in sources]
+        # length grouping sorts by text + visual tokens where the index has each video's size
+        full = [s.llm_lengths(self.pipeline.sampling, self.pipeline.frames) for s in sources]
+        self.sources = [SourceSpec(s.name, s.num_records, s.record_chunks(), n or s.lengths, s.weight)
+                        for s, n in zip(sources, full)]
+        self.grouped_by = "text + visual tokens" if all(n is not None for n in full) else "text length"
+        if self.grouped_by == "text length" and self.data.group_by_length:
+            log.info("length grouping by text only: %s has no video sizes in its index (prepared by an older panda; "
+                     "prepare it again to group by text + visual tokens)",
+                     ", ".join(s.name for s, n in zip(sources, full) if n is None))
         self.train_set = ShardDataset(sources, **common)
         for s in sources:
             log.info("shards %s: %d records on %d videos in %d chunks at %s%s", s.name, s.num_records, s.num_entries,

@@ -240,7 +240,8 @@ def _prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: 
         else:
             writer.add_item(len(result.kept), sample)
             result.kept.append({"ids": [r["id"] for r in meta["records"]],
-                                "lengths": [r["text_length"] for r in meta["records"]]})
+                                "lengths": [r["text_length"] for r in meta["records"]],
+                                "video": [meta["height"], meta["width"], meta["num_frames"], meta["fps"]]})
             result.source_bytes += nbytes
             result.backends[meta["backend"]] = result.backends.get(meta["backend"], 0) + 1
         if _PROGRESS is not None:
@@ -399,6 +400,8 @@ def prepare(opts: PrepareOptions) -> dict:
     _write_json(os.path.join(opts.output, INDEX_FILE), {
         "format": FORMAT, "num_entries": num_entries, "num_records": len(record_entries),
         "records": record_entries, "lengths": [n for entry in entries for n in entry["lengths"]],
+        # [height, width, frames, fps] per record: the sampler adds each video's visual tokens to its text length
+        "videos": [entry.get("video") for entry in entries for _ in entry["lengths"]],
         "length_unit": "tokens" if opts.tokenizer else "characters",
         "frames_validated": opts.frames, "sample_fps": opts.sample_fps,
         "store": opts.store, "frame_store": opts.frame_store().to_dict() if opts.store == "frames" else None})

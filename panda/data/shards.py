@@ -122,6 +122,7 @@ class ShardSource:
     length_unit: str
     weight: float | None = None
     frame_store: dict | None = None  # prepared with --store frames: the settings its frames were made with
+    videos: list | None = None  # [height, width, frames, fps] per record (None: prepared before panda stored it)
 
     @property
     def num_records(self) -> int:
@@ -143,8 +144,29 @@ class ShardSource:
         if sum(chunk_sizes) != meta["num_entries"] or len(meta["lengths"]) != len(meta["records"]):
             raise ShardFormatError(f"{path}: index.json holds {sum(chunk_sizes)} entries, {INDEX_FILE} "
                                    f"{meta['num_entries']}: the folder is inconsistent; prepare it again")
+        videos = meta.get("videos")
+        if videos is not None and (len(videos) != len(meta["records"]) or any(v is None for v in videos)):
+            videos = None  # resumed across panda versions: part of the index lacks them; group by text alone
         return cls(name, path, cache_dir, meta["num_entries"], chunk_sizes, meta["records"], meta["lengths"],
-                   meta["length_unit"], weight, meta.get("frame_store"))
+                   meta["length_unit"], weight, meta.get("frame_store"), videos)
+
+    def llm_lengths(self, rule, frames: int) -> list[int] | None:
+        """Each record's length as the LLM sees it: text (tokens; characters / 4 when prepared without
+        ``--tokenizer``) plus its video's visual tokens under ``rule`` (a SamplingRule) — what length
+        grouping should sort by, since the visual tokens (8 x 154 for 16:9, 8 x 273 for square at
+        release sizes) dominate a sample. None when the index has no video sizes."""
+        if self.videos is None or rule is None:
+            return None
+        scale = 1.0 if self.length_unit == "tokens" else 0.25
+        out = []
+        for text, (height, width, num_frames, fps) in zip(self.lengths, self.videos):
+            if rule.mode == "release":
+                visual = frames * rule.tokens_per_frame(height, width)
+            else:
+                count = rule.frame_count(num_frames, fps, height, width)
+                visual = rule.visual_tokens(count, min(count, num_frames), height, width)
+            out.append(int(round(text * scale)) + visual)
+        return out
 
 
 class ShardDataset(Dataset):
