@@ -152,6 +152,35 @@ def test_op_count_does_not_grow_with_frames_or_videos():
     assert n_large <= n_small * 1.05, (n_small, n_large)
 
 
+def test_a_batch_of_mixed_aspect_ratios_trains_as_each_video_alone():
+    torch.manual_seed(0)
+    stab = STAB(STABConfig(**{**TINY, "dropout": 0.0})).eval()  # eval: batch norm uses running statistics
+    with torch.no_grad():
+        for p in stab.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.1)
+    videos = [video(64, 48, seed=1), video(48, 64, seed=2), video(64, 64, seed=3)]
+    params = list(stab.parameters())
+    joint = torch.autograd.grad((stab(*batch(*videos)).tokens ** 2).sum(), params, allow_unused=True)
+    alone = torch.autograd.grad(sum((stab(*batch(v)).tokens ** 2).sum() for v in videos), params, allow_unused=True)
+    for a, b in zip(joint, alone):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_op_count_does_not_grow_with_the_number_of_aspect_ratios():
+    stab = STAB(STABConfig(**TINY)).eval()
+    one_shape = batch(*[video(64, 48, frames=4, seed=i) for i in range(3)])
+    three = batch(video(64, 48, frames=4, seed=1), video(48, 64, frames=4, seed=2), video(64, 64, frames=4, seed=3))
+    six = batch(*[video(w, h, frames=4, seed=i) for i, (w, h) in
+                  enumerate([(64, 48), (48, 64), (64, 64), (64, 36), (36, 64), (64, 56)])])
+    n_one, n_three, n_six = _count_ops(stab, one_shape), _count_ops(stab, three), _count_ops(stab, six)
+    # a loop per crop shape would add ~a hundred ops per extra shape; all shapes go through one path
+    assert n_three == n_six, (n_three, n_six)
+    assert n_three <= n_one * 1.25, (n_one, n_three)
+
+
 @pytest.mark.parametrize("switch", [None] + list(ABLATIONS))
 def test_batched_forward_matches_the_per_frame_reference(switch):
     from panda.models.stab_reference import looped_stab_forward

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,15 +131,16 @@ class QueryAttentionPool(nn.Module):
         self.kv_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width, bias=False))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        # query: (N, d), tokens: (N, L, d) -> (N, d)
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # query: (N, d), tokens: (N, L, d), key_mask: (N, L) bool, True = attend (None: all) -> (N, d)
         n, length, d = tokens.shape
         hd = d // self.heads
         q = self.query_proj(query).view(n, 1, self.heads, hd).transpose(1, 2)  # (N, heads, 1, hd)
         # (N, L, 2d) -> (2, N, heads, L, hd); unbind, not kv[0]/kv[1]: indexing makes backward zero-fill
         # a full-size gradient per index, unbind stacks the two gradients once
         k, v = self.kv_proj(tokens).view(n, length, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)  # (N, heads, 1, hd)
+        mask = key_mask[:, None, None, :] if key_mask is not None else None  # (N, 1, 1, L)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d**-0.5)  # (N, heads, 1, hd)
         return query + self.out_proj(attn.reshape(n, d))
 
 
@@ -157,9 +159,12 @@ class LocalSpatialDownsampler(nn.Module):
         if h % s or w % s:
             raise ValueError(f"LSD window {s} does not divide the {h}x{w} patch crop")
         windows = x.view(n, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, d)
-        base = windows.mean(1)  # (N*h'*w', d)
-        out = base if self.attend is None else self.attend(base, windows)
-        return out.view(n, h // s, w // s, d)
+        return self.pool(windows).view(n, h // s, w // s, d)
+
+    def pool(self, windows: torch.Tensor) -> torch.Tensor:
+        """(W, s*s, d) windows, row-major inside each -> (W, d) tokens."""
+        base = windows.mean(1)
+        return base if self.attend is None else self.attend(base, windows)
 
 
 class LocalSpatioTemporalEncoder(nn.Module):
@@ -349,6 +354,61 @@ class STAB(nn.Module):
             seq = torch.cat([context[:, None], seq], dim=1)
         return seq
 
+    def _mixed_shape_tokens(self, grid, boxes, offsets, video_ctx, downsampled):
+        """Tokens of frames whose crop boxes differ in shape, with a fixed number of ops: one gather of
+        every frame's LSD windows, one LSD call, FSRA over the frames' tokens padded to the largest
+        frame with a key mask, and one placement. The index arithmetic runs on the host (the boxes are
+        there already) and goes to the device in one copy. Returns (tokens (total, d), destinations)."""
+        device, d = grid.device, grid.shape[-1]
+        s = 1 if downsampled else self.cfg.lsd_window
+        box = np.asarray(boxes, dtype=np.int64)  # (N, 4): top, left, h, w
+        if ((box[:, 2] % s) | (box[:, 3] % s)).any():
+            raise ValueError(f"LSD window {s} does not divide every patch crop: {sorted({(h, w) for _, _, h, w in boxes})}")
+        top, left, hh, ww = box[:, 0], box[:, 1], box[:, 2] // s, box[:, 3] // s
+        n, count = len(boxes), hh * ww  # spatial tokens per frame
+        frame = np.repeat(np.arange(n), count)  # frame of each spatial token
+        k = np.arange(count.sum()) - np.repeat(count.cumsum() - count, count)  # its index within the frame
+        wr, wc = k // ww[frame], k % ww[frame]
+        has_context = self.fsra is not None or video_ctx is not None
+        first = np.asarray(offsets) + int(has_context)  # where each frame's spatial tokens begin
+        row_width = ww + int(self.row_token is not None)
+        dests = [first[frame] + wr * row_width[frame] + wc]
+        if self.row_token is not None:
+            row_frame = np.repeat(np.arange(n), hh)
+            row = np.arange(hh.sum()) - np.repeat(hh.cumsum() - hh, hh)
+            dests.append(first[row_frame] + row * row_width[row_frame] + ww[row_frame])
+        if has_context:
+            dests.append(np.asarray(offsets))
+        longest = int(count.max())
+        host = np.concatenate([frame, top[frame] + wr * s, left[frame] + wc * s, k, *dests])
+        index = torch.from_numpy(host).to(device)  # one copy to the device
+        T = len(frame)
+        frame_t, r0, c0, k_t = index[:T], index[T:2 * T], index[2 * T:3 * T], index[3 * T:4 * T]
+        if downsampled:
+            spatial = grid[frame_t, r0, c0]  # (T, d)
+        else:
+            step = torch.arange(s, device=device)
+            windows = grid[frame_t[:, None, None], (r0[:, None] + step)[:, :, None], (c0[:, None] + step)[:, None, :]]
+            spatial = self.lsd.pool(windows.reshape(T, s * s, d))  # (T, s, s, d) windows -> (T, d)
+        context = None
+        if self.fsra is not None:
+            padded = spatial.new_zeros(n, longest, d)
+            padded[frame_t, k_t] = spatial  # (N, Lmax, d)
+            key_mask = torch.arange(longest, device=device)[None] < torch.from_numpy(count).to(device)[:, None]
+            context = self.fsra(self.frame_query.expand(n, d), padded, key_mask)  # (N, d)
+        if video_ctx is not None:
+            if context is not None:
+                alpha = torch.sigmoid(self.fusion_logit)
+                context = self.fusion_proj((1 - alpha) * video_ctx + alpha * context)
+            else:
+                context = self.fusion_proj(video_ctx)
+        parts = [spatial]
+        if self.row_token is not None:
+            parts.append(self.row_token.expand(int(hh.sum()), d))
+        if context is not None:
+            parts.append(context)
+        return torch.cat(parts), index[4 * T:]
+
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
         """pixels: (B, F, 3, R, R) normalised; mask: (B, F, R, R) in {0, 1}."""
         if pixels.ndim != 5:
@@ -381,8 +441,8 @@ class STAB(nn.Module):
             groups.setdefault((h, w), []).append(i)
 
         device = x.device
-        outputs, destinations = [], []
-        for (h, w), idx in groups.items():
+        if len(groups) == 1:  # one crop shape: the crops stack as they are (fewest ops)
+            (h, w), idx = next(iter(groups.items()))
             idx_t = torch.tensor(idx, device=device)
             tops = torch.tensor([boxes[i][0] for i in idx], device=device)
             lefts = torch.tensor([boxes[i][1] for i in idx], device=device)
@@ -392,10 +452,10 @@ class STAB(nn.Module):
             ctx = video_ctx[idx_t] if video_ctx is not None else None
             seq = self._frame_tokens(crops, ctx, downsampled)  # (n, L, d)
             starts = torch.tensor([offsets[i] for i in idx], device=device)
-            destinations.append((starts[:, None] + torch.arange(seq.shape[1], device=device)).flatten())
-            outputs.append(seq.reshape(-1, seq.shape[-1]))
-        flat = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        dest = torch.cat(destinations) if len(destinations) > 1 else destinations[0]
+            dest = (starts[:, None] + torch.arange(seq.shape[1], device=device)).flatten()
+            flat = seq.reshape(-1, seq.shape[-1])
+        else:  # several crop shapes (aspect ratios): every frame's windows at once, not a loop per shape
+            flat, dest = self._mixed_shape_tokens(grid, boxes, offsets, video_ctx, downsampled)
         tokens = flat.new_empty(flat.shape).index_copy(0, dest, flat)
         return VisualTokens(tokens, torch.tensor(lengths, device=device).view(batch, frames), grids, content)
 
