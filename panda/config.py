@@ -200,6 +200,11 @@ class ModelConfig:
     # max_length + frames x (visual tokens per frame - 1). spans: positions after visual expansion.
     max_length: int = 4096
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the LLM's decoder layers
+    # torch.compile of STAB's parts and the projector (dynamic shapes: no recompile per batch size or
+    # aspect-ratio mix; panda/models/compiled.py); compile_llm_layers adds each LLM decoder layer
+    compile: bool = False
+    compile_backend: str = "inductor"  # inductor (needs a C++ compiler on CPU), aot_eager, eager, ...
+    compile_llm_layers: bool = False
 
 
 @dataclass

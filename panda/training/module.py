@@ -75,6 +75,7 @@ class PandaModule(L.LightningModule):
         self.cfg = cfg
         self.derived = derived
         self.sharded = False
+        self.compiled = False
         self.trainable = apply_stage(model, cfg.stage)
         self.skipped_samples = 0
         self.padded_fractions: list[float] = []  # per batch: padding share of the text tokens (length grouping cuts it)
@@ -94,11 +95,20 @@ class PandaModule(L.LightningModule):
                           pack=packing, pack_length=self.cfg.data.pack_length)
 
     def configure_model(self) -> None:
-        """Under ``trainer=fsdp`` shard the model with FSDP2 (panda/training/fsdp.py); once."""
+        """Under ``trainer=fsdp`` shard the model with FSDP2 (panda/training/fsdp.py); then, with
+        ``model.compile``, compile its parts (after sharding, as FSDP2 wants); each once."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        if self.sharded or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
+        if not self.sharded and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self._shard()
+        if self.cfg.model.compile and not self.compiled:
+            from panda.models.compiled import compile_model
+
+            names = compile_model(self.model, self.cfg.model.compile_backend, self.cfg.model.compile_llm_layers)
+            self.compiled = True
+            rank_zero_info(f"torch.compile ({self.cfg.model.compile_backend}, dynamic shapes): {', '.join(names)}")
+
+    def _shard(self) -> None:
         from panda.training.fsdp import shard_model
 
         fsdp_cfg = self.cfg.trainer.fsdp
