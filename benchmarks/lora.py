@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from plan_vs_measured import COMMON, batch, build, compose, live_bytes, _profiled_peak_mib  # noqa: E402
+from plan_vs_measured import COMMON, _profiled_peak_mib, batch, build, compose, live_bytes, training_step  # noqa: E402
 
 VOCAB = 32000
 TEXT = 384
@@ -41,14 +41,7 @@ def run(overrides: list[str], steps: int) -> dict:
     model = build(cfg, VOCAB)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
-    data = batch(cfg, TEXT, VOCAB)
-
-    def step():
-        out = model(data["input_ids"], data["attention_mask"], data["pixels"], data["frame_mask"], data["labels"])
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(model, opt, batch(cfg, TEXT, VOCAB))
     step()  # AdamW's moments exist from here on
     peak = live_bytes(model, opt) / 2**20 + _profiled_peak_mib(step)
     times = []

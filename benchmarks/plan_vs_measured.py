@@ -110,7 +110,13 @@ def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None, s
     if shard is not None:
         shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    data = batch(cfg, text, vocab, supervised)
+    step = training_step(model, opt, batch(cfg, text, vocab, supervised))
+    step()  # AdamW's moments exist from here on
+    return live_bytes(model, opt) / 2**20 + _profiled_peak_mib(step)
+
+
+def training_step(model, opt, data: dict):
+    """One real step on ``data``: forward, backward, AdamW, gradients freed."""
 
     def step():
         out = model(data["input_ids"], data["attention_mask"], data["pixels"], data["frame_mask"], data["labels"])
@@ -118,8 +124,7 @@ def measure(cfg, text: int, vocab: int = VOCAB, supervised: int | None = None, s
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # AdamW's moments exist from here on
-    return live_bytes(model, opt) / 2**20 + _profiled_peak_mib(step)
+    return step
 
 
 def _fsdp_rank(rank: int, world: int, port: int, overrides: list, text: int, out) -> None:

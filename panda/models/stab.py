@@ -331,6 +331,16 @@ class STAB(nn.Module):
         boxes = torch.where(has[:, None], boxes, fallback)
         return [tuple(b) for b in boxes.tolist()]  # one host sync per batch
 
+    def _fuse(self, video_ctx: torch.Tensor | None, frame_ctx: torch.Tensor | None) -> torch.Tensor | None:
+        """The context token: ``proj((1 - α) ⊙ g + α ⊙ f)`` of GSTRA's video context g and FSRA's frame
+        context f (either alone when the other is ablated); (n, d) or None."""
+        if video_ctx is None:
+            return frame_ctx
+        if frame_ctx is None:
+            return self.fusion_proj(video_ctx)
+        alpha = torch.sigmoid(self.fusion_logit)
+        return self.fusion_proj((1 - alpha) * video_ctx + alpha * frame_ctx)
+
     def _frame_tokens(self, crops: torch.Tensor, video_ctx: torch.Tensor | None, downsampled: bool) -> torch.Tensor:
         """crops: (n, h, w, d) frames of one box shape -> (n, L, d) token sequences."""
         x = crops if downsampled else self.lsd(crops)  # (n, h', w', d)
@@ -338,14 +348,7 @@ class STAB(nn.Module):
         frame_ctx = None
         if self.fsra is not None:
             frame_ctx = self.fsra(self.frame_query.expand(n, d), x.reshape(n, hh * ww, d))  # (n, d)
-        if video_ctx is not None:
-            if frame_ctx is not None:
-                alpha = torch.sigmoid(self.fusion_logit)
-                context = self.fusion_proj((1 - alpha) * video_ctx + alpha * frame_ctx)
-            else:
-                context = self.fusion_proj(video_ctx)
-        else:
-            context = frame_ctx
+        context = self._fuse(video_ctx, frame_ctx)
         if self.row_token is not None:
             # (n, h', w', d) -> (n, h', w'+1, d): a split token after each row
             x = torch.cat([x, self.row_token.expand(n, hh, 1, d)], dim=2)
@@ -396,12 +399,7 @@ class STAB(nn.Module):
             padded[frame_t, k_t] = spatial  # (N, Lmax, d)
             key_mask = torch.arange(longest, device=device)[None] < torch.from_numpy(count).to(device)[:, None]
             context = self.fsra(self.frame_query.expand(n, d), padded, key_mask)  # (N, d)
-        if video_ctx is not None:
-            if context is not None:
-                alpha = torch.sigmoid(self.fusion_logit)
-                context = self.fusion_proj((1 - alpha) * video_ctx + alpha * context)
-            else:
-                context = self.fusion_proj(video_ctx)
+        context = self._fuse(video_ctx, context)
         parts = [spatial]
         if self.row_token is not None:
             parts.append(self.row_token.expand(int(hh.sum()), d))
