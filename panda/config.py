@@ -343,6 +343,9 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     init: InitConfig = field(default_factory=InitConfig)
     runs_root: str = "outputs"  # run dirs live under it; recipe stages find each other's output here
+    # the folder under runs_root where the 7B recipe's stages write and find each other (a variant=
+    # of a paper table sets its own, so its stages chain among themselves)
+    recipe: str = "videopanda_7b"
     export_final: bool = False  # write run_dir/final: a release-format folder the next stage can start from
     ckpt_path: Optional[str] = None  # resume: a .ckpt path, or "last" (this run dir's last checkpoint)
     resume: str = "none"  # auto: continue from the newest complete checkpoint of this run (same name)

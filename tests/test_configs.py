@@ -16,6 +16,7 @@ EXPERIMENTS = sorted(os.path.relpath(p, os.path.join(CONF, "experiment"))[:-5]
                      for p in glob.glob(os.path.join(CONF, "experiment", "**", "*.yaml"), recursive=True))
 ABLATIONS = [e for e in EXPERIMENTS if e.startswith("ablation/")]
 RECIPE = [e for e in EXPERIMENTS if e.startswith("videopanda_7b/")]
+VARIANTS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONF, "variant", "*.yaml")))
 
 
 def test_the_default_composes_to_the_tiny_synthetic_run():
@@ -72,6 +73,32 @@ def test_recipe_configs_hold_the_papers_values():
         validate(compose(["experiment=videopanda_7b/stage2_pretrain", "data.root=/data"]))
     with pytest.raises(ValueError, match="data.root"):  # real data has no default location
         validate(compose(["experiment=videopanda_7b/stage3_finetune", "teacher.path=/m/LB"]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_paper_table_row_composes_on_every_recipe_stage_and_chains_in_its_own_folder(variant):
+    paths = ["teacher.path=/m/teacher", "data.root=/data", "runs_root=/runs", "init.path=/m/EVE"]
+    expect = {  # row: (distillation loss, stage-1 data fraction, teacher kind)
+        "table5_no_distill": ("off", 0.5, "languagebind_video"), "table5_mse": ("mse", 0.5, "languagebind_video"),
+        "table5_cosine": ("cosine", 0.5, "languagebind_video"),
+        "table7_stage1_all_valley": ("cosine", 1.0, "languagebind_video"),
+        "table7_stage1_half_valley": ("cosine", 0.5, "languagebind_video"),
+        "table10_clip": ("cosine", 0.5, "hf_vision"), "table10_dinov2": ("cosine", 0.5, "hf_vision"),
+    }
+    assert set(VARIANTS) == set(expect)
+    loss, fraction, teacher = expect[variant]
+    for k, stage in enumerate(["stage1_prealign", "stage2_pretrain", "stage3_finetune"]):
+        overrides = [f"experiment=videopanda_7b/{stage}", f"variant={variant}"] + paths[:3 + (k == 0)]
+        cfg = validate(compose(overrides))
+        assert cfg.recipe == f"videopanda_7b_{variant}" and cfg.name == f"videopanda_7b_{variant}_{stage}"
+        assert (str(cfg.distill.loss), cfg.teacher.kind) == (loss, teacher)
+        assert cfg.data.fraction == (fraction if k == 0 else 1.0)
+        if k:  # each stage starts from the previous stage of the same row
+            previous = ["stage1_prealign", "stage2_pretrain"][k - 1]
+            assert cfg.init.path == f"/runs/videopanda_7b_{variant}/{previous}/final"
+    if teacher == "hf_vision":  # the row's teacher folder is required, never a silent default
+        with pytest.raises(ValueError, match="teacher.path"):
+            validate(compose(["experiment=videopanda_7b/stage2_pretrain", f"variant={variant}", "data.root=/data"]))
 
 
 @pytest.mark.parametrize("override, message", [
