@@ -54,10 +54,9 @@ def build(cfg, vocab: int = VOCAB):
     llm = build_llm(vocab, hidden_size=cfg.llm.hidden_size, layers=cfg.llm.layers, heads=cfg.llm.heads,
                     intermediate_size=cfg.llm.intermediate_size, max_position_embeddings=8192)
     model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector)
-    if str(cfg.llm.adapter) != "none":
-        from panda.models.adapters import add_lora
+    from panda.models.adapters import apply_adapter
 
-        add_lora(llm, cfg.llm.lora)
+    apply_adapter(llm, cfg.llm)
     apply_stage(model, cfg.stage)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model.llm)

@@ -15,7 +15,7 @@ from panda.data.conversation import get_template
 from panda.data.datamodule import VideoDataModule
 from panda.data.datasets import FramePipeline
 from panda.data.tokenizer import load_tokenizer
-from panda.models.adapters import add_lora, quantization_config
+from panda.models.adapters import apply_adapter, quantization_config
 from panda.models.checkpoints import apply_eve_state, apply_release_state, empty_llm_from_config, load_llm_from_folder, read_weights
 from panda.models.video_lm import VideoLanguageModel, build_llm
 
@@ -99,7 +99,7 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
         if str(llm_cfg.adapter) == "qlora" and init.kind in FOLDER_INITS:
             raise ValueError("llm.adapter=qlora quantises the LLM while loading it: give it as llm.pretrained=FOLDER, "
                              f"not through init.kind={init.kind} (export that folder's STAB with --trainable-only if needed)")
-        n = add_lora(llm, llm_cfg.lora)
+        n = apply_adapter(llm, llm_cfg)
         log.info("LoRA on the LLM: %s adapter parameters (rank %d) on %s", f"{n:,}", llm_cfg.lora.rank,
                  list(llm_cfg.lora.target_modules))
     if initialise and cfg.model.gradient_checkpointing:  # training only: recompute decoder layers in backward

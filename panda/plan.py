@@ -76,15 +76,12 @@ class Unit:
 
     name: str
     params: int
-    trainable: bool
+    trained: int  # parameters with gradients and AdamW states: all, none, or (LoRA) the adapters
     dtype_bytes: int  # as stored (master weights)
-    trainable_params: int | None = None  # those with gradients and AdamW states (LoRA: the adapters); None = all or none
 
     @property
-    def trained(self) -> int:
-        if self.trainable_params is not None:
-            return self.trainable_params
-        return self.params if self.trainable else 0
+    def trainable(self) -> bool:
+        return self.trained > 0
 
 
 @dataclass
@@ -181,10 +178,9 @@ def meta_model(cfg, config):
         teacher_width = cfg.teacher.width if distill_active(cfg) else None
         model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector,
                                    distill=cfg.distill if teacher_width else None, teacher_width=teacher_width)
-        if str(cfg.llm.adapter) != "none":
-            from panda.models.adapters import add_lora
+        from panda.models.adapters import apply_adapter
 
-            add_lora(llm, cfg.llm.lora)
+        apply_adapter(llm, cfg.llm)
     apply_stage(model, cfg.stage)
     return model
 
@@ -197,23 +193,21 @@ def units_of(model, llm_bytes: int) -> list[Unit]:
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
-    def trains(module):
-        return any(p.requires_grad for p in module.parameters())
-
     def trained(module):  # LoRA: only the adapters of a layer
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     layers = decoder_layers(model.llm)
-    units = [Unit(f"llm.layer{i}", count(layer), trains(layer), llm_bytes, trained(layer)) for i, layer in enumerate(layers)]
+    units = [Unit(f"llm.layer{i}", count(layer), trained(layer), llm_bytes) for i, layer in enumerate(layers)]
     embed = model.llm.get_input_embeddings()
-    units.append(Unit("llm.embed", count(embed), trains(embed), llm_bytes))
+    units.append(Unit("llm.embed", count(embed), trained(embed), llm_bytes))
     rest = count(model.llm) - sum(u.params for u in units)
-    units.append(Unit("llm.rest", rest, trains(model.llm.lm_head) if hasattr(model.llm, "lm_head") else False, llm_bytes))
+    head_trains = hasattr(model.llm, "lm_head") and trained(model.llm.lm_head) > 0
+    units.append(Unit("llm.rest", rest, rest if head_trains else 0, llm_bytes))
     vision = [m for m in (model.stab, model.projector, model.distill_head) if m is not None]
     for flag in (True, False):
-        n = sum(count(m) for m in vision if trains(m) == flag)
+        n = sum(count(m) for m in vision if (trained(m) > 0) == flag)
         if n:
-            units.append(Unit(f"vision.{'trainable' if flag else 'frozen'}", n, flag, 4))
+            units.append(Unit(f"vision.{'trainable' if flag else 'frozen'}", n, n if flag else 0, 4))
     return units
 
 

@@ -131,6 +131,8 @@ class ChatTemplateFormat:
                                f"{where} loaded a slow one: add its tokenizer.json")
         self.tokenizer, self.system, self.where = tokenizer, system, where
         self.turn_end_id, self.turn_end = self._find_turn_end()
+        bos = tokenizer.bos_token  # does encoding add it? asked once here, not per sample in encode()
+        self._adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
     def __repr__(self) -> str:
         return f"ChatTemplateFormat({self.where!r}, turn_end={self.turn_end!r})"
@@ -187,9 +189,7 @@ class ChatTemplateFormat:
         return text, spans
 
     def encode(self, tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        bos = tokenizer.bos_token
-        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-        return encode_spans(tokenizer, text, bos=adds_bos and not text.startswith(bos))
+        return encode_spans(tokenizer, text, bos=self._adds_bos and not text.startswith(tokenizer.bos_token))
 
     def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
         return _unique([self.turn_end_id, tokenizer.eos_token_id] + _eos_ids(generation_config))

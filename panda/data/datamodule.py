@@ -100,8 +100,7 @@ class VideoDataModule(L.LightningDataModule):
         full = [s.llm_lengths(self.pipeline.sampling, self.pipeline.frames) for s in sources]
         self.sources = [SourceSpec(s.name, s.num_records, s.record_chunks(), n or s.lengths, s.weight)
                         for s, n in zip(sources, full)]
-        self.grouped_by = "text + visual tokens" if all(n is not None for n in full) else "text length"
-        if self.grouped_by == "text length" and self.data.group_by_length:
+        if self.data.group_by_length and any(n is None for n in full):
             log.info("length grouping by text only: %s has no video sizes in its index (prepared by an older panda; "
                      "prepare it again to group by text + visual tokens)",
                      ", ".join(s.name for s, n in zip(sources, full) if n is None))

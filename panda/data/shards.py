@@ -158,14 +158,20 @@ class ShardSource:
         if self.videos is None or rule is None:
             return None
         scale = 1.0 if self.length_unit == "tokens" else 0.25
-        out = []
-        for text, (height, width, num_frames, fps) in zip(self.lengths, self.videos):
+
+        def visual_tokens(height, width, num_frames, fps) -> int:
             if rule.mode == "release":
-                visual = frames * rule.tokens_per_frame(height, width)
-            else:
-                count = rule.frame_count(num_frames, fps, height, width)
-                visual = rule.visual_tokens(count, min(count, num_frames), height, width)
-            out.append(int(round(text * scale)) + visual)
+                return frames * rule.tokens_per_frame(height, width)
+            count = rule.frame_count(num_frames, fps, height, width)
+            return rule.visual_tokens(count, min(count, num_frames), height, width)
+
+        known: dict[tuple, int] = {}  # videos share a few sizes: each computed once (800K records at start-up)
+        out = []
+        for text, video in zip(self.lengths, self.videos):
+            key = tuple(video) if rule.mode != "release" else tuple(video[:2])
+            if key not in known:
+                known[key] = visual_tokens(*video)
+            out.append(int(round(text * scale)) + known[key])
         return out
 
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 from panda.config import BenchmarkConfig, EvaluateConfig, JudgeKind, to_evaluate_config
-from panda.data.conversation import ChatFormat
+from panda.data.conversation import ChatFormat, stop_token_ids
 from panda.data.budget import sampling_rule
 from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
@@ -33,7 +33,6 @@ from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG
                                          MultipleChoiceBenchmark, load_benchmark)
 from panda.evaluation.judge import build_judge
 from panda.evaluation.mcq import resolve_choices
-from panda.data.conversation import stop_token_ids
 from panda.evaluation.qa import generate_answers
 from panda.loading import load_model
 from panda.runs import git_commit, print_summary, run_dir_of, wandb_offline

@@ -87,6 +87,14 @@ def add_lora(llm: nn.Module, lora) -> int:
     return sum(p.numel() for p in params.values())
 
 
+def apply_adapter(llm: nn.Module, llm_cfg) -> int:
+    """What ``llm.adapter`` asks for (``llm_cfg`` an LLMConfig): LoRA injected for lora / qlora,
+    nothing for none. Returns the adapter parameters (0 without)."""
+    if str(llm_cfg.adapter) == "none":
+        return 0
+    return add_lora(llm, llm_cfg.lora)
+
+
 def has_adapter(llm: nn.Module) -> bool:
     return any(ADAPTER_MARK in name for name, _ in llm.named_parameters())
 

@@ -434,22 +434,19 @@ class STAB(nn.Module):
         offsets = [0]
         for n in lengths[:-1]:
             offsets.append(offsets[-1] + n)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (_, _, h, w) in enumerate(boxes):
-            groups.setdefault((h, w), []).append(i)
+        shapes = {(h, w) for _, _, h, w in boxes}
 
         device = x.device
-        if len(groups) == 1:  # one crop shape: the crops stack as they are (fewest ops)
-            (h, w), idx = next(iter(groups.items()))
-            idx_t = torch.tensor(idx, device=device)
-            tops = torch.tensor([boxes[i][0] for i in idx], device=device)
-            lefts = torch.tensor([boxes[i][1] for i in idx], device=device)
+        if len(shapes) == 1:  # one crop shape: every frame's crop stacks as it is (fewest ops)
+            (h, w), = shapes
+            frame = torch.arange(len(boxes), device=device)
+            tops = torch.tensor([b[0] for b in boxes], device=device)
+            lefts = torch.tensor([b[1] for b in boxes], device=device)
             rows = tops[:, None] + torch.arange(h, device=device)  # (n, h)
             cols = lefts[:, None] + torch.arange(w, device=device)  # (n, w)
-            crops = grid[idx_t[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, h, w, d)
-            ctx = video_ctx[idx_t] if video_ctx is not None else None
-            seq = self._frame_tokens(crops, ctx, downsampled)  # (n, L, d)
-            starts = torch.tensor([offsets[i] for i in idx], device=device)
+            crops = grid[frame[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, h, w, d)
+            seq = self._frame_tokens(crops, video_ctx, downsampled)  # (n, L, d)
+            starts = torch.tensor(offsets, device=device)
             dest = (starts[:, None] + torch.arange(seq.shape[1], device=device)).flatten()
             flat = seq.reshape(-1, seq.shape[-1])
         else:  # several crop shapes (aspect ratios): every frame's windows at once, not a loop per shape
