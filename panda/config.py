@@ -488,6 +488,11 @@ def validate(cfg: TrainConfig) -> None:
             f"(set stab.chunk_size to a divisor of frames, e.g. stab.chunk_size={cfg.frames})"
         )
     check_teacher_config(cfg.teacher)
+    if cfg.stab.lsd == "perceiver" and distill_active(cfg):
+        raise ValueError("stab.lsd=perceiver: the resampler's latents have no place in the frame, so there is no "
+                         "teacher patch to distil each into; set teacher=none (or distill.loss=off)")
+    if cfg.data.synthetic is not None:
+        cfg.data.synthetic.validate()
     from panda.data.conversation import CHAT, TEMPLATES
 
     for key in ("template", "eval_template"):

@@ -260,7 +260,7 @@ def planned_frames(cfg) -> int:
     T = rule.chunk_size
     most = rule.max_frames
     if rule.mode == "budget":  # the narrowest frame: one row of LSD tokens
-        narrowest = cfg.stab.tokens_per_frame(1, cfg.stab.resolution // cfg.stab.patch_size // cfg.stab.lsd_window)
+        narrowest = cfg.stab.tokens_per_frame(*cfg.stab.spatial_grid(cfg.stab.window, cfg.stab.resolution // cfg.stab.patch_size))
         most = min(most, rule.max_visual_tokens // narrowest)
     return max(T, most // T * T)
 

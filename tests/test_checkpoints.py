@@ -93,3 +93,21 @@ def test_ablated_model_reports_unexpected_release_keys(release_state):
         load_release_vision(stab, proj, release_state)
     report = load_release_vision(stab, proj, release_state, strict=False)
     assert "model.video_tower.temporal_cls_token" in report.unexpected
+
+
+@pytest.mark.parametrize("switch", ["half_res_no_lsd", "perceiver"])
+def test_table9_switches_load_the_release_keys_they_share_and_skip_the_lsd(release_state, switch):
+    cfg = {"half_res_no_lsd": STABConfig(resolution=224, ratio=1, lsd="none"), "perceiver": STABConfig(lsd="perceiver")}[switch]
+    stab, proj = STAB(cfg), build_projector("mlp2x_gelu", 1024, 4096)
+    with pytest.raises(CheckpointKeyError, match=r"local_attention"):
+        load_release_vision(stab, proj, release_state)  # strict: the release's LSD has nowhere to go
+    report = load_release_vision(stab, proj, release_state, strict=False)
+    lsd_keys = {k for k in release_state if ".local_attention." in k}
+    assert lsd_keys and set(report.unexpected) == lsd_keys
+    # PR's resampler is new (no release tensor); half resolution w/o LSD has every other part
+    expect_missing = {k for k in panda_to_release(stab) if ".perceiver_resampler." in k}
+    assert set(report.missing) == expect_missing and bool(expect_missing) == (switch == "perceiver")
+    back = panda_to_release(stab, proj)
+    for key in report.loaded:
+        assert torch.equal(back[key], release_state[key]), key
+    assert len(report.loaded) == len(release_state) - len(lsd_keys) - len(report.unused)

@@ -84,7 +84,10 @@ def test_every_paper_table_row_composes_on_every_recipe_stage_and_chains_in_its_
         "table7_stage1_all_valley": ("cosine", 1.0, "languagebind_video"),
         "table7_stage1_half_valley": ("cosine", 0.5, "languagebind_video"),
         "table10_clip": ("cosine", 0.5, "hf_vision"), "table10_dinov2": ("cosine", 0.5, "hf_vision"),
+        "table9_perceiver": ("off", 0.5, "languagebind_video"),
+        "table9_half_res_no_lsd": ("cosine", 0.5, "languagebind_video"),
     }
+    stab = {"table9_perceiver": ("perceiver", 448, 2), "table9_half_res_no_lsd": ("none", 224, 1)}.get(variant, ("attention", 448, 2))
     assert set(VARIANTS) == set(expect)
     loss, fraction, teacher = expect[variant]
     for k, stage in enumerate(["stage1_prealign", "stage2_pretrain", "stage3_finetune"]):
@@ -93,6 +96,7 @@ def test_every_paper_table_row_composes_on_every_recipe_stage_and_chains_in_its_
         assert cfg.recipe == f"videopanda_7b_{variant}" and cfg.name == f"videopanda_7b_{variant}_{stage}"
         assert (str(cfg.distill.loss), cfg.teacher.kind) == (loss, teacher)
         assert cfg.data.fraction == (fraction if k == 0 else 1.0)
+        assert (cfg.stab.lsd, cfg.stab.resolution, cfg.stab.ratio) == stab
         if k:  # each stage starts from the previous stage of the same row
             previous = ["stage1_prealign", "stage2_pretrain"][k - 1]
             assert cfg.init.path == f"/runs/videopanda_7b_{variant}/{previous}/final"

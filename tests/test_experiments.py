@@ -139,3 +139,30 @@ def test_the_readme_sweep_lands_in_one_folder_that_collect_reads(synthetic_root,
     assert "2 runs (0 failed)" in proc.stdout
     variants = {row["variant"] for row in csv.DictReader(open(out / "summary.csv"))}
     assert len(variants) == 2
+
+
+def test_intervals_and_permutation_p_values_against_the_full_model():
+    from panda.experiments.collect import ci95, interval_markdown, permutation_p, summarise
+
+    lo, hi = ci95([0.8, 0.9, 1.0])  # mean 0.9, sd 0.1, t(2) = 4.303
+    assert (lo, hi) == (pytest.approx(0.9 - 4.303 * 0.1 / 3 ** 0.5), pytest.approx(0.9 + 4.303 * 0.1 / 3 ** 0.5))
+    assert ci95([0.5]) is None
+    # 5 vs 5 with no overlap: only the observed split and its mirror are as extreme -> 2 / 252
+    assert permutation_p([0.9, 0.91, 0.92, 0.93, 0.94], [0.2, 0.21, 0.22, 0.23, 0.24]) == pytest.approx(2 / 252)
+    assert permutation_p([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]) == 1.0
+    rows = [{"variant": v, "frames": 4, "status": "ok", "accuracy": a, "accuracy_motion": a, "accuracy_detail": d}
+            for v, a, d in [("full", 0.9, 0.8), ("full", 0.92, 0.7), ("full", 0.94, 0.75),
+                            ("no_lste", 0.3, 0.74), ("no_lste", 0.28, 0.78), ("no_lste", 0.26, 0.72)]]
+    summary = summarise(rows)
+    text = interval_markdown(summary)
+    assert "| variant | frames | n | overall | motion | detail |" in text  # kinds without data are left out
+    assert "| no_lste | 4 | -0.640 (p=0.100) | -0.640 (p=0.100) | -0.003 (p=1.000) |" in text
+
+    import tempfile
+
+    from panda.experiments.collect import plot_kinds
+
+    with tempfile.TemporaryDirectory() as out:
+        path = plot_kinds(summary, out, chance=0.25)
+        assert os.path.basename(path) == "accuracy_by_kind.png" and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert plot_kinds([s | {"variant": "no_lste"} for s in summary], "/nonexistent") is None  # no baseline: no plot

@@ -87,22 +87,27 @@ def test_batch_equals_each_video_alone():
     assert torch.allclose(joint.tokens, torch.cat([a.tokens for a in alone]), atol=1e-5)
 
 
-ABLATIONS = {
-    "use_fsra": False,
-    "use_gstra": False,
-    "use_lste": False,
-    "row_tokens": False,
-    "lsd": "avgpool",
-    "lsd_before_lste": True,
+ABLATIONS = {  # name -> STABConfig overrides
+    "use_fsra": {"use_fsra": False},
+    "use_gstra": {"use_gstra": False},
+    "use_lste": {"use_lste": False},
+    "row_tokens": {"row_tokens": False},
+    "lsd_avgpool": {"lsd": "avgpool"},
+    "lsd_before_lste": {"lsd_before_lste": True},
+    "lsd_none": {"lsd": "none"},  # Table 9's half resolution w/o LSD (here at the same resolution)
+    "perceiver": {"lsd": "perceiver"},  # Table 9's w/o LSD (PR)
 }
 REMOVES = {
     "use_fsra": {"frame_query", "fsra.", "fusion_logit"},
     "use_gstra": {"gstra.", "fusion_proj.", "fusion_logit"},
     "use_lste": {"lste."},
     "row_tokens": {"row_token"},
-    "lsd": {"lsd.attend."},
+    "lsd_avgpool": {"lsd.attend."},
     "lsd_before_lste": set(),  # same parameters, different order of computation
+    "lsd_none": {"lsd.attend."},
+    "perceiver": {"lsd.attend."},
 }
+ADDS = {"perceiver": {"resampler."}}
 
 
 @pytest.mark.parametrize("switch", list(ABLATIONS))
@@ -115,10 +120,11 @@ def test_each_ablation_changes_outputs_and_parameters(switch):
         for name, p in full.named_parameters():
             if torch.count_nonzero(p) == 0:
                 p.normal_(0, 0.1)
-    ablated = STAB(STABConfig(**(TINY | {switch: ABLATIONS[switch]}))).eval()
-    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k in ablated.state_dict()})
+    ablated = STAB(STABConfig(**(TINY | ABLATIONS[switch]))).eval()
+    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k in ablated.state_dict()}, strict=not ADDS.get(switch))
     full_names, ablated_names = set(full.state_dict()), set(ablated.state_dict())
-    assert ablated_names <= full_names
+    added = ablated_names - full_names
+    assert {n.split(".")[0] + "." for n in added} == ADDS.get(switch, set())
     removed = full_names - ablated_names
     for prefix in REMOVES[switch]:
         assert any(n.startswith(prefix) for n in removed), f"{switch} should remove {prefix}*"
@@ -186,7 +192,7 @@ def test_batched_forward_matches_the_per_frame_reference(switch):
     from panda.models.stab_reference import looped_stab_forward
 
     torch.manual_seed(0)
-    cfg = TINY | ({switch: ABLATIONS[switch]} if switch else {})
+    cfg = TINY | (ABLATIONS[switch] if switch else {})
     stab = STAB(STABConfig(**cfg)).eval()
     with torch.no_grad():
         for p in stab.parameters():
@@ -208,3 +214,33 @@ def test_gstra_attention_equals_torch_multihead_attention_with_the_same_weights(
     reference.load_state_dict(ours.state_dict())
     q, kv = torch.randn(3, 1, 32), torch.randn(3, 50, 32)
     assert torch.allclose(ours(q, kv), reference(q, kv, kv, need_weights=False)[0], atol=1e-6)
+
+
+def test_table9_switches_give_the_token_counts_they_should():
+    # PR: every frame, whatever its shape, gets the square frame's LSD grid of latents (4x4 at 56 px / 7 px / 2)
+    pr = STAB(STABConfig(**(TINY | {"lsd": "perceiver"}))).eval()
+    lsd = STAB(STABConfig(**TINY)).eval()
+    inputs = batch(video(64, 32, seed=1), video(64, 64, seed=2))
+    with torch.no_grad():
+        out_pr, out_lsd = pr(*inputs), lsd(*inputs)
+    assert out_lsd.lengths[:, 0].tolist() == [1 + 2 * 5, 1 + 4 * 5]  # 64x32 -> 2 rows of 4 (+ row token)
+    assert out_pr.lengths.tolist() == [[1 + 4 * 5] * 4] * 2
+    assert out_pr.grids == [(4, 4)] * 8
+    # half resolution without LSD (stab.ratio=1): as many tokens as full resolution with LSD, no LSD weights
+    half_cfg = STABConfig(**(TINY | {"resolution": 28, "ratio": 1, "lsd": "none"}))
+    half = STAB(half_cfg).eval()
+    assert half.lsd.attend is None and half_cfg.max_tokens_per_frame() == STABConfig(**TINY).max_tokens_per_frame()
+    with torch.no_grad():
+        out_half = half(*batch(video(64, 64, seed=2, resolution=28), video(64, 32, seed=1, resolution=28)))
+    assert out_half.lengths[:, 0].tolist() == [1 + 4 * 5, 1 + 2 * 5]
+
+
+def test_perceiver_padding_patches_do_not_change_a_frames_tokens():
+    # the resampler's key mask: a 64x32 video's tokens do not depend on what lies in the padding
+    torch.manual_seed(0)
+    pr = STAB(STABConfig(**(TINY | {"lsd": "perceiver", "use_lste": False, "use_gstra": False}))).eval()
+    pixels, mask = batch(video(64, 32, seed=1))
+    noisy = torch.where(mask[:, :, None].bool(), pixels, torch.randn_like(pixels))
+    with torch.no_grad():
+        assert torch.allclose(pr(pixels, mask).tokens, pr(noisy, mask).tokens, atol=1e-6)
+        assert not torch.allclose(pr(noisy, torch.ones_like(mask)).tokens, pr(pixels, mask).tokens, atol=1e-3)

@@ -37,9 +37,10 @@ class SamplingRule:
     resolution: int = 448
     patch_size: int = 14
     ratio: int = 2
-    lsd_window: int = 2
+    lsd_window: int = 2  # STAB's window (1 with stab.lsd=none)
     context_token: bool = True
     row_tokens: bool = True
+    resampled_side: int = 0  # stab.lsd=perceiver: every frame is this square grid of tokens
 
     def __post_init__(self):
         if self.mode not in SAMPLING_MODES:
@@ -59,8 +60,8 @@ class SamplingRule:
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Visual tokens STAB makes of a ``height × width`` video's frame (the LLM sees these)."""
         geo = frame_geometry(height, width, self.resolution, self.patch_size, self.ratio)
-        rows = geo.out_h // self.patch_size // self.lsd_window
-        cols = geo.out_w // self.patch_size // self.lsd_window
+        rows = self.resampled_side or geo.out_h // self.patch_size // self.lsd_window
+        cols = self.resampled_side or geo.out_w // self.patch_size // self.lsd_window
         return int(self.context_token) + rows * (cols + int(self.row_tokens))
 
     def square_tokens(self) -> int:
@@ -106,5 +107,5 @@ def sampling_rule(data, stab, frames: int) -> SamplingRule:
     ``max_frames``, ``max_visual_tokens``), ``stab`` its STABConfig, ``frames`` the release count."""
     return SamplingRule(str(getattr(data, "sampling", "release")), frames, data.sample_fps,
                         getattr(data, "max_frames", 64), getattr(data, "max_visual_tokens", 0), stab.chunk_size,
-                        stab.resolution, stab.patch_size, stab.ratio, stab.lsd_window, stab.has_context_token,
-                        stab.row_tokens)
+                        stab.resolution, stab.patch_size, stab.ratio, stab.window, stab.has_context_token,
+                        stab.row_tokens, stab.resampled_side)

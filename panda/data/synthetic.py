@@ -1,19 +1,27 @@
-"""The embedded default dataset: small generated videos of a moving shape, with questions.
+"""The embedded default dataset: small generated videos with questions, in the real on-disk layout.
 
-Every video shows one coloured shape moving in a straight line over a textured background.
-Two question kinds, each with >= 4 answers (chance <= 25%):
+Two versions (``data.synthetic.version``):
 
-- appearance: the object's colour (6 choices) — answerable from any one frame;
-- motion: its direction (left/right/up/down) — no single frame tells (see :func:`render_clip`).
+**v2 (default)** — a coloured circle or square moves in a straight line *inside* the frame, a
+small black dot sits in one quadrant of it, and two corner lights flash one after the other.
+Four question kinds, each with 4–6 answers, each needing a different part of STAB:
 
-The shape (4 kinds) varies as a nuisance factor. Shape *questions* exist (``QUESTIONS["shape"]``)
-but are off by default (``SyntheticConfig.kinds``): at the default tiny sizes and CPU budget the
-model stayed near chance on them (0.3–0.4 after 600 single-task steps), and they slowed the
-learning of the other two.
+- ``colour`` (appearance, 6 answers): any one frame tells.
+- ``direction`` (motion, 4 answers): only the change between frames tells. Every clip's position
+  at mid-clip is uniform in one box, whatever the direction, so the middle frame says nothing and
+  the first and last frames little (``tests/test_synthetic_v2.py`` measures a single-frame probe).
+- ``mark`` (detail, 4 answers): which quadrant of the object holds the dot — a few pixels inside
+  one LSD window, which average pooling mixes with the rest of the object.
+- ``order`` (temporal order, 4 answers): which corner lights first. One light flashes in the
+  first half of the clip, the other in the second half, so the answer needs frames from both
+  halves: at 8 sampled frames, from both STAB chunks.
+
+**v1** — the first study's benchmark (``experiments/ablations_synthetic``): a shape moving on a
+torus (wrapping around the edges); ``colour``, ``direction`` and (off by default) ``shape``.
 
 Files are written exactly as real data is laid out (training.md §1 and §4)::
 
-    ROOT/train/train_json/synthetic_train.json   Valley / Video-ChatGPT records (1 or 3 turns)
+    ROOT/train/train_json/synthetic_train.json   Valley / Video-ChatGPT records (1 or several turns)
     ROOT/train/synthetic/NNNNN.mp4               H.264 mp4 files (several aspect ratios)
     ROOT/eval/Synthetic_Zero_Shot_QA/{test_q.json,test_a.json,videos/}
     ROOT/tokenizer/                              a BPE tokenizer trained on the dataset's text
@@ -50,8 +58,14 @@ QUESTIONS = {
     "colour": ["What colour is the moving object?", "Which colour does the shape have?", "What is the colour of the object?"],
     "shape": ["What shape is the moving object?", "Which shape is shown in the video?", "What kind of shape moves here?"],
     "direction": ["In which direction does the object move?", "Where is the shape moving to?", "Which way does the object go?"],
+    "mark": ["Where is the black dot on the object?", "In which part of the shape is the dot?", "Where on the object is the small mark?"],
+    "order": ["Which corner lights up first?", "Where does the first flash appear?", "In which corner is the first light?"],
 }
-QUESTION_TYPE = {"colour": "appearance", "shape": "appearance", "direction": "motion"}
+QUESTION_TYPE = {"colour": "appearance", "shape": "appearance", "direction": "motion", "mark": "detail", "order": "order"}
+KINDS = {1: ("colour", "shape", "direction"), 2: ("colour", "direction", "mark", "order")}
+QUADRANTS = {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1)}
+V2_SHAPES = ("circle", "square")  # the dot's quadrant centre lies inside both
+LIGHT_RGB = (0, 230, 230)  # cyan: not an object colour
 
 
 @dataclass
@@ -64,9 +78,23 @@ class SyntheticConfig:
     fps: int = 8
     seed: int = 0
     vocab_size: int = 400
-    kinds: list[str] = field(default_factory=lambda: ["colour", "direction"])  # question kinds; add "shape" for a harder task
+    version: int = 2  # 2: in-frame motion, dot, corner lights; 1: the first study's wrapping motion
+    # question kinds: v2 any of colour, direction, mark, order; v1 any of colour, direction, shape
+    kinds: list[str] = field(default_factory=lambda: ["colour", "direction"])
     multi_turn_fraction: float = 0.2  # videos whose questions form one multi-turn record
     phrasings: int = 3  # phrasings used per question kind (1..3)
+    # v2 training clips only: each clip's travel is the benchmark's times a factor uniform in
+    # [1, train_motion_scale] (held-out clips always use the benchmark's travel)
+    train_motion_scale: float = 1.0
+    camera_pan: float = 0.0  # v2: the camera follows the object this fraction of the shorter side over a clip
+
+    def validate(self) -> None:
+        if self.version not in KINDS:
+            raise ValueError(f"data.synthetic.version={self.version}: use 1 or 2")
+        unknown = [k for k in self.kinds if k not in KINDS[self.version]]
+        if unknown or not self.kinds:
+            raise ValueError(f"data.synthetic.kinds={list(self.kinds)}: version {self.version} asks "
+                             f"{', '.join(KINDS[self.version])}")
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -122,6 +150,68 @@ def render_clip(colour: str, shape: str, direction: str, width: int, height: int
     return frames
 
 
+def render_clip_v2(colour: str, shape: str, direction: str, mark: str, lights: tuple[str, str],
+                   width: int, height: int, num_frames: int, rng, motion_scale: float = 1.0,
+                   camera_pan: float = 0.0) -> np.ndarray:
+    """(num_frames, height, width, 3) uint8 frames of the v2 clip (see the module docstring).
+
+    - **Motion** stays inside the frame. The object's centre at mid-clip is uniform in one box,
+      the same for all four directions, and it travels ``travel`` pixels over the clip (about a
+      sixth of the frame's shorter side), so only the middle frame is fully silent about the
+      direction and the end frames shift the box by ``travel / 2``.
+    - **The dot** (black, about a fifth of the object) sits at the centre of one quadrant.
+    - **The lights** (cyan squares in two different corners): the first is on for the frames in
+      ``[2, 7)`` of 16, the second in ``[9, 14)`` (scaled to ``num_frames``), so any sampling of ≥ 4
+      frames sees each at least once, in order.
+    """
+    short = min(width, height)
+    size = max(8, int(short * rng.uniform(0.24, 0.3)))
+    travel = short * rng.uniform(0.15, 0.19) * motion_scale
+    margin = 2 + size / 2 + travel / 2  # centre at mid-clip stays this far from every edge
+    cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
+    dx, dy = DIRECTIONS[direction]
+    base = rng.integers(20, 90, size=3)
+    pan = short * camera_pan * rng.uniform(0.85, 1.15)  # how far the camera follows the object, pixels over the clip
+    margin_pan = int(np.ceil(pan)) + 2
+    world_h, world_w = height + margin_pan, width + margin_pan
+    blobs = rng.normal(0, 28, size=(world_h // 8 + 2, world_w // 8 + 2, 3))  # smooth texture the pan makes visible
+    ys, xs = np.linspace(0, blobs.shape[0] - 1.001, world_h), np.linspace(0, blobs.shape[1] - 1.001, world_w)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    smooth = ((1 - fy) * (1 - fx) * blobs[y0][:, x0] + (1 - fy) * fx * blobs[y0][:, x0 + 1]
+              + fy * (1 - fx) * blobs[y0 + 1][:, x0] + fy * fx * blobs[y0 + 1][:, x0 + 1])
+    world = np.clip(base + smooth + rng.normal(0, 12, size=(world_h, world_w, 3)), 0, 255)
+    mask = _shape_mask(shape, size)
+    rgb = np.array(COLOURS[colour], dtype=np.float64)
+    dot = max(3, int(round(size / 5)))
+    qx, qy = QUADRANTS[mark]
+    dot_at = (int(round(size / 2 + qx * size / 4 - dot / 2)), int(round(size / 2 + qy * size / 4 - dot / 2)))
+    light = max(6, int(round(short / 8)))
+    inset = 3
+    corners = {name: (inset if qx < 0 else width - inset - light, inset if qy < 0 else height - inset - light)
+               for name, (qx, qy) in QUADRANTS.items()}
+    scale = num_frames / 16
+    on = [(int(2 * scale), int(7 * scale)), (int(9 * scale), int(14 * scale))]
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    middle = (num_frames - 1) / 2
+    for t in range(num_frames):
+        progress = (t - middle) / max(1, num_frames - 1)  # -1/2 .. 1/2
+        x = int(round(cx + dx * travel * progress - size / 2))
+        y = int(round(cy + dy * travel * progress - size / 2))
+        # the camera moves with the object: the scene slides the other way through the frame
+        wx, wy = int(round(margin_pan / 2 + dx * pan * progress)), int(round(margin_pan / 2 + dy * pan * progress))
+        img = world[wy : wy + height, wx : wx + width].copy()
+        region = img[y : y + size, x : x + size]
+        region[mask] = rgb
+        region[dot_at[1] : dot_at[1] + dot, dot_at[0] : dot_at[0] + dot] = 0
+        for corner, (start, stop) in zip(lights, on):
+            if start <= t < stop:
+                lx, ly = corners[corner]
+                img[ly : ly + light, lx : lx + light] = LIGHT_RGB
+        frames[t] = img.astype(np.uint8)
+    return frames
+
+
 def write_video(path: str, frames: np.ndarray, fps: int = 8, codec: str = "libx264", options: dict | None = None) -> None:
     """Write (T, H, W, 3) uint8 RGB frames to a video file with PyAV."""
     import av
@@ -139,13 +229,19 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8, codec: str = "libx2
             container.mux(packet)
 
 
-def _sample_clip(rng):
-    return (
-        str(rng.choice(list(COLOURS))),
-        str(rng.choice(SHAPES)),
-        str(rng.choice(list(DIRECTIONS))),
-        SIZES[int(rng.integers(len(SIZES)))],
-    )
+def _sample_clip(rng, version: int, num_frames: int, motion_scale: float = 1.0, camera_pan: float = 0.0) -> tuple[np.ndarray, dict[str, str]]:
+    """One clip of the given version: its frames and the answer to each question kind."""
+    colour = str(rng.choice(list(COLOURS)))
+    if version == 1:
+        shape, direction, (w, h) = str(rng.choice(SHAPES)), str(rng.choice(list(DIRECTIONS))), SIZES[int(rng.integers(len(SIZES)))]
+        frames = render_clip(colour, shape, direction, w, h, num_frames, rng)
+        return frames, {"colour": colour, "shape": shape, "direction": direction}
+    shape, direction = str(rng.choice(V2_SHAPES)), str(rng.choice(list(DIRECTIONS)))
+    mark = str(rng.choice(list(QUADRANTS)))
+    first, second = (str(c) for c in rng.choice(list(QUADRANTS), size=2, replace=False))
+    w, h = SIZES[int(rng.integers(len(SIZES)))]
+    frames = render_clip_v2(colour, shape, direction, mark, (first, second), w, h, num_frames, rng, motion_scale, camera_pan)
+    return frames, {"colour": colour, "shape": shape, "direction": direction, "mark": mark, "order": first}
 
 
 def _question(kind: str, rng, phrasings: int = 3) -> str:
@@ -166,6 +262,7 @@ def _is_done(root: str, stamp: dict) -> bool:
 def generate(cfg: SyntheticConfig, root: str) -> str:
     """Generate the dataset under ``root`` unless it is already there. Returns the absolute root."""
     root = os.path.abspath(root)
+    cfg.validate()
     # the generator's version: a data root made by an older generator (a tokenizer with an <image>
     # entry and no newline) is made again
     stamp = {**json.loads(json.dumps(asdict(cfg))), "generator": GENERATOR_VERSION}
@@ -178,10 +275,10 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     rng = np.random.default_rng(cfg.seed)
     records = []
     for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
-        colour, shape, direction, (w, h) = _sample_clip(rng)
+        scale = rng.uniform(1.0, cfg.train_motion_scale) if cfg.version == 2 else 1.0  # v1: its original random stream
+        frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, scale, cfg.camera_pan)
         rel = f"synthetic/{i:05d}.mp4"
-        write_video(os.path.join(tmp, "train", rel), render_clip(colour, shape, direction, w, h, cfg.num_frames, rng), cfg.fps)
-        answers = {"colour": colour, "shape": shape, "direction": direction}
+        write_video(os.path.join(tmp, "train", rel), frames, cfg.fps)
         kinds = list(cfg.kinds)
         rng.shuffle(kinds)
         # Valley-style one-turn records (one per question kind), or one Video-ChatGPT-style multi-turn record
@@ -201,10 +298,9 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     qa_dir = os.path.join(tmp, "eval", "Synthetic_Zero_Shot_QA")
     questions, answers_out = [], []
     for i in tqdm(range(cfg.eval_videos), desc="synthetic eval videos", leave=False):
-        colour, shape, direction, (w, h) = _sample_clip(rng)
+        frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, 1.0, cfg.camera_pan)
         name = f"eval_{i:05d}"
-        write_video(os.path.join(qa_dir, "videos", name + ".mp4"), render_clip(colour, shape, direction, w, h, cfg.num_frames, rng), cfg.fps)
-        answers = {"colour": colour, "shape": shape, "direction": direction}
+        write_video(os.path.join(qa_dir, "videos", name + ".mp4"), frames, cfg.fps)
         for kind in cfg.kinds:
             answer = answers[kind]
             qid = f"{name}_{kind}"
@@ -219,8 +315,8 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     from panda.data.tokenizer import train_tokenizer
 
     texts = [t.system for t in TEMPLATES.values()] + ["USER: ASSISTANT:"]
-    texts += [v for kind in QUESTIONS.values() for v in kind]
-    texts += list(COLOURS) + list(SHAPES) + list(DIRECTIONS)
+    texts += [v for kind in KINDS[cfg.version] for v in QUESTIONS[kind]]  # v1: the tokenizer of its study
+    texts += list(COLOURS) + list(SHAPES) + list(DIRECTIONS) + (list(QUADRANTS) if cfg.version == 2 else [])
     train_tokenizer(texts * 4, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
     with open(os.path.join(tmp, "DONE"), "w") as f:
         json.dump(stamp, f)
@@ -228,6 +324,12 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         return root
     shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process moved its copy in between: same settings, same data
+        if not _is_done(root, stamp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
     log.info("synthetic dataset: %d train records, %d eval questions under %s", len(records), len(questions), root)
     return root

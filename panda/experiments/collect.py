@@ -9,24 +9,31 @@ Reads only local files (``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``sum
   line of their log): experiment, variant, frames, seed, accuracies, train wall time, parameter
   counts, git commit;
 - ``summary.csv`` and ``summary.md`` — per variant: runs ok / failed, mean ± sample std of each
-  accuracy, mean wall time per run;
+  accuracy, mean wall time per run; then, per question kind, the mean with its 95% interval over
+  seeds (Student t), and each variant against the ``full`` model at the same frame count: the
+  difference of means and an exact two-sided permutation p-value over the seeds;
 - ``accuracy_by_variant.png`` (one group of bars per frame count, the ``full`` baseline dashed, or a
   note that the sweep lacks it) and ``accuracy_by_frames.png`` (one line per variant run at several
-  frame counts) — means, with ±1 std error bars only where there are several seeds.
+  frame counts) — means, with ±1 std error bars only where there are several seeds; and, when the
+  runs report accuracy per question kind, ``accuracy_by_kind.png`` (one bar per kind and variant,
+  95% intervals).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
 
 import yaml
 
-METRICS = ("accuracy", "accuracy_appearance", "accuracy_motion")
+# overall and per question type of the synthetic benchmarks (v2 adds detail and order)
+METRICS = ("accuracy", "accuracy_appearance", "accuracy_motion", "accuracy_detail", "accuracy_order")
 COLUMNS = ["job", "experiment", "variant", "frames", "seed", "status", *METRICS, "train_wall_s", "fit_s", "steps",
            "params_stab", "params_total", "git_commit", "run_dir", "error"]
 
@@ -96,6 +103,37 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+# two-sided 95% Student t quantiles, degrees of freedom 1..10 (beyond: the normal's 1.96 is within 2%)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def ci95(values: list[float]) -> tuple[float, float] | None:
+    """The 95% t interval of the mean over seeds; None for fewer than two runs."""
+    if len(values) < 2:
+        return None
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = (T975[len(values) - 2] if len(values) <= 11 else 1.96) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def permutation_p(a: list[float], b: list[float]) -> float | None:
+    """Exact two-sided permutation p-value of ``mean(b) - mean(a)``: the share of the ways to split
+    the pooled runs into groups of these sizes whose difference is at least as large (5 vs 5 seeds:
+    252 splits, so the smallest p is 2/252 = 0.008)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    pooled, n_b = a + b, len(b)
+    observed = abs(statistics.fmean(b) - statistics.fmean(a))
+    total = sum(pooled)
+    hits = count = 0
+    for picked in itertools.combinations(range(len(pooled)), n_b):
+        sum_b = sum(pooled[i] for i in picked)
+        diff = abs(sum_b / n_b - (total - sum_b) / len(a))
+        hits += diff >= observed - 1e-12
+        count += 1
+    return hits / count
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (variant, frames): runs ok / failed and mean ± sample std of each accuracy."""
     groups: dict[tuple, list[dict]] = {}
@@ -108,8 +146,60 @@ def summarise(rows: list[dict]) -> list[dict]:
         for m in METRICS:
             vals = [float(r[m]) for r in ok if r.get(m) is not None]
             entry[f"{m}_mean"], entry[f"{m}_std"] = _mean_std(vals)
+            entry[f"{m}_values"] = vals
+            entry[f"{m}_ci95"] = ci95(vals)
         out.append(entry)
     return out
+
+
+def comparisons(summary: list[dict]) -> list[dict]:
+    """Each variant against the baseline at the same frame count, per metric: difference of means
+    and the permutation p-value over seeds."""
+    base = {s["frames"]: s for s in summary if s["variant"] == BASELINE}
+    out = []
+    for s in summary:
+        b = base.get(s["frames"])
+        if s["variant"] == BASELINE or b is None:
+            continue
+        entry = {"variant": s["variant"], "frames": s["frames"]}
+        for m in METRICS:
+            va, vb = b[f"{m}_values"], s[f"{m}_values"]
+            entry[f"{m}_diff"] = statistics.fmean(vb) - statistics.fmean(va) if va and vb else None
+            entry[f"{m}_p"] = permutation_p(va, vb)
+        out.append(entry)
+    return out
+
+
+def _metrics_present(summary: list[dict]) -> list[str]:
+    return [m for m in METRICS if any(s[f"{m}_mean"] is not None for s in summary)]
+
+
+def interval_markdown(summary: list[dict]) -> str:
+    """Per question kind: mean [95% interval] over seeds, and the variants against the baseline."""
+    metrics = _metrics_present(summary)
+    names = [m.replace("accuracy_", "") if m != "accuracy" else "overall" for m in metrics]
+
+    def cell(s, m):
+        mean, ci = s[f"{m}_mean"], s[f"{m}_ci95"]
+        if mean is None:
+            return "–"
+        return f"{mean:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (1 run)")
+
+    lines = ["", "Mean over seeds [95% t interval]:", "",
+             "| variant | frames | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for s in summary:
+        lines.append(f"| {s['variant']} | {s['frames']} | {s['runs_ok']} | " + " | ".join(cell(s, m) for m in metrics) + " |")
+    diffs = comparisons(summary)
+    if diffs:
+        lines += ["", f"Against `{BASELINE}` at the same frame count: difference of means (exact permutation p over seeds):", "",
+                  "| variant | frames | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for d in diffs:
+            cells = []
+            for m in metrics:
+                diff, p = d[f"{m}_diff"], d[f"{m}_p"]
+                cells.append("–" if diff is None else f"{diff:+.3f}" + (f" (p={p:.3f})" if p is not None else ""))
+            lines.append(f"| {d['variant']} | {d['frames']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: list[dict], rows: list[dict]) -> str:
@@ -240,6 +330,47 @@ def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: fl
     return written
 
 
+def plot_kinds(summary: list[dict], out_dir: str, chance: float | None = None) -> str | None:
+    """``accuracy_by_kind.png``: for the frame count the baseline ran at most often, one group per
+    variant, one bar per question kind, 95% intervals over seeds as error bars. None when the runs
+    report no per-kind accuracy."""
+    kinds = [m for m in _metrics_present(summary) if m != "accuracy"]
+    base_frames = [s["frames"] for s in summary if s["variant"] == BASELINE]
+    if not kinds or not base_frames:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = max(set(base_frames), key=base_frames.count)
+    rows = [s for s in summary if s["frames"] == frames and s["accuracy_mean"] is not None]
+    rows.sort(key=lambda s: (s["variant"] != BASELINE, s["variant"]))
+    width = 0.8 / len(kinds)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
+    for k, m in enumerate(kinds):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(rows))]
+        means = [s[f"{m}_mean"] or 0.0 for s in rows]
+        ax.bar(xs, means, width * 0.9, label=m.replace("accuracy_", ""), color=plt.get_cmap("tab10")(k))
+        for x, s in zip(xs, rows):
+            if s[f"{m}_ci95"]:
+                lo, hi = s[f"{m}_ci95"]
+                mean = s[f"{m}_mean"]
+                ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], color="black", capsize=2, lw=0.8)
+    if chance is not None:
+        ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
+    ax.set_xticks(range(len(rows)), [s["variant"] for s in rows], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out accuracy\n(mean, 95% interval over seeds)")
+    ax.set_title(f"per question kind, {frames} frames", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "accuracy_by_kind.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m panda.experiments.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("multirun_dir")
@@ -255,11 +386,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
     summary = summarise(rows)
-    cols = ["variant", "frames", "runs_ok", "runs_failed"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std")]
+    cols = ["variant", "frames", "runs_ok", "runs_failed"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std", "ci95")]
     write_csv(os.path.join(args.out, "summary.csv"), summary, cols)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(markdown(summary, rows))
+        f.write(markdown(summary, rows) + interval_markdown(summary))
     plots = plot(summary, args.out, args.metric, args.chance)
+    by_kind = plot_kinds(summary, args.out, args.chance)
+    plots += [by_kind] if by_kind else []
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} runs ({len(failed)} failed) -> {args.out}/results.csv, summary.csv, {', '.join(os.path.basename(p) for p in plots)}")
     for s in summary:

@@ -73,6 +73,7 @@ STAB_KEY_MAP: list[tuple[str, str]] = [
     ("fsra.query_proj.", "global_attention.q."),
     ("fsra.kv_proj.", "global_attention.kv."),
     ("fsra.out_proj.", "global_attention.proj."),
+    ("resampler.", "perceiver_resampler."),  # stab.lsd=perceiver (Table 9); not in the release
 ]
 
 # Present in the release files but never used by its forward pass.

@@ -45,27 +45,50 @@ class STABConfig:
     use_gstra: bool = True
     use_fsra: bool = True
     row_tokens: bool = True
-    lsd: str = "attention"  # "attention" (LSD) or "avgpool"
+    # how a frame's patches become its tokens (paper Tables 4 and 9):
+    #   "attention": LSD (learned attention in s×s windows, released); "avgpool": s×s average pooling;
+    #   "none": every patch is a token (no downsampling; pair with half the resolution, stab.ratio=1:
+    #   Table 9's "half resolution w/o LSD"); "perceiver": a Perceiver Resampler, a fixed set of
+    #   (grid/s)² learned latents per frame cross-attending to its valid patches (Table 9's "w/o LSD (PR)")
+    lsd: str = "attention"
     lsd_before_lste: bool = False
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"stab.width={self.width} must be divisible by stab.heads={self.heads}")
-        if self.lsd not in ("attention", "avgpool"):
-            raise ValueError(f"stab.lsd must be 'attention' or 'avgpool', got {self.lsd!r}")
+        if self.lsd not in LSD_KINDS:
+            raise ValueError(f"stab.lsd must be one of {', '.join(LSD_KINDS)}, got {self.lsd!r}")
         if self.resolution % (self.patch_size * self.ratio):
             raise ValueError(
                 f"stab.resolution={self.resolution} must be a multiple of patch_size*ratio="
                 f"{self.patch_size * self.ratio}"
             )
-        grid = self.resolution // self.patch_size
-        if grid % self.lsd_window or (self.ratio % self.lsd_window and self.lsd_window % self.ratio):
+        grid, s = self.resolution // self.patch_size, self.window
+        if grid % s or (self.ratio % s and s % self.ratio):
             raise ValueError(
                 f"the patch grid ({grid}) and ratio ({self.ratio}) must be compatible with "
                 f"stab.lsd_window={self.lsd_window}"
             )
+        if self.lsd == "perceiver" and self.lsd_before_lste:
+            raise ValueError("stab.lsd=perceiver replaces LSD; stab.lsd_before_lste has no LSD to move")
         if self.chunk_size < 1:
             raise ValueError("stab.chunk_size must be >= 1")
+
+    @property
+    def window(self) -> int:
+        """The side of the patch windows one spatial token summarises: 1 with stab.lsd=none."""
+        return 1 if self.lsd == "none" else self.lsd_window
+
+    @property
+    def resampled_side(self) -> int:
+        """stab.lsd=perceiver: every frame's tokens form this square grid (a square frame's LSD grid); else 0."""
+        return self.resolution // self.patch_size // self.lsd_window if self.lsd == "perceiver" else 0
+
+    def spatial_grid(self, patch_rows: int, patch_cols: int) -> tuple[int, int]:
+        """(rows, cols) of spatial tokens of a frame whose valid region is ``patch_rows × patch_cols`` patches."""
+        if self.resampled_side:
+            return self.resampled_side, self.resampled_side
+        return patch_rows // self.window, patch_cols // self.window
 
     @property
     def has_context_token(self) -> bool:
@@ -78,8 +101,11 @@ class STABConfig:
 
     def max_tokens_per_frame(self) -> int:
         """Visual tokens of a square frame (the most any frame can have): 273 at release sizes."""
-        side = self.resolution // self.patch_size // self.lsd_window
-        return self.tokens_per_frame(side, side)
+        side = self.resolution // self.patch_size
+        return self.tokens_per_frame(*self.spatial_grid(side, side))
+
+
+LSD_KINDS = ("attention", "avgpool", "none", "perceiver")
 
 
 @dataclass
@@ -165,6 +191,36 @@ class LocalSpatialDownsampler(nn.Module):
         """(W, s*s, d) windows, row-major inside each -> (W, d) tokens."""
         base = windows.mean(1)
         return base if self.attend is None else self.attend(base, windows)
+
+
+class PerceiverResampler(nn.Module):
+    """Table 9's alternative to LSD: ``latents`` learned queries per frame cross-attend to the frame's
+    valid patches and to themselves (Flamingo's resampler, one layer: attention, then an MLP, each
+    residual). Every frame gets the same number of tokens, whatever its aspect ratio."""
+
+    def __init__(self, width: int, heads: int, latents: int):
+        super().__init__()
+        self.heads = heads
+        self.latents = nn.Parameter(torch.randn(latents, width) * width**-0.5)
+        self.norm_latents = nn.LayerNorm(width)
+        self.norm_inputs = nn.LayerNorm(width)
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.kv_proj = nn.Linear(width, 2 * width, bias=False)
+        self.out_proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, patches: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        # patches: (N, L, d), key_mask: (N, L) bool (True = a valid patch) -> (N, K, d)
+        n, length, d = patches.shape
+        k_latents, hd = self.latents.shape[0], d // self.heads
+        latents = self.norm_latents(self.latents).expand(n, k_latents, d)
+        keys = torch.cat([self.norm_inputs(patches), latents], dim=1)  # (N, L + K, d)
+        q = self.q_proj(latents).view(n, k_latents, self.heads, hd).transpose(1, 2)  # (N, heads, K, hd)
+        k, v = self.kv_proj(keys).view(n, length + k_latents, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = torch.cat([key_mask, key_mask.new_ones(n, k_latents)], dim=1)[:, None, None, :]  # (N, 1, 1, L + K)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, heads, K, hd)
+        x = self.latents + self.out_proj(attn.transpose(1, 2).reshape(n, k_latents, d))
+        return x + self.mlp(x)
 
 
 class LocalSpatioTemporalEncoder(nn.Module):
@@ -267,7 +323,11 @@ class STAB(nn.Module):
         self.temporal = cfg.chunk_size > 1
         self.lste = LocalSpatioTemporalEncoder(d, cfg.mixer_ratio) if self.temporal and cfg.use_lste else None
         self.gstra = VideoContextAggregator(d, cfg.heads, cfg.dropout) if self.temporal and cfg.use_gstra else None
-        self.lsd = LocalSpatialDownsampler(d, cfg.heads, cfg.lsd_window, learned=cfg.lsd == "attention")
+        if cfg.lsd == "perceiver":
+            self.lsd, self.resampler = None, PerceiverResampler(d, cfg.heads, cfg.resampled_side**2)
+        else:  # "none": 1×1 windows, nothing learned — every patch is its own token
+            self.lsd = LocalSpatialDownsampler(d, cfg.heads, cfg.window, learned=cfg.lsd == "attention")
+            self.resampler = None
         if cfg.use_fsra:
             self.frame_query = nn.Parameter(torch.randn(d) * d**-0.5)
             self.fsra = QueryAttentionPool(d, cfg.heads)
@@ -283,7 +343,7 @@ class STAB(nn.Module):
         self._init_linears()
 
     def _init_linears(self) -> None:
-        for module in [self.lsd.attend, self.fsra, self.fusion_proj]:
+        for module in [self.lsd.attend if self.lsd is not None else self.resampler, self.fsra, self.fusion_proj]:
             if module is None:
                 continue
             for m in module.modules():
@@ -295,8 +355,9 @@ class STAB(nn.Module):
     def tokens_per_frame(self, valid_h: int, valid_w: int, downsampled: bool = False) -> int:
         """Visual tokens of a frame whose valid region is ``valid_h × valid_w`` patches
         (of the coarse grid when LSD already ran, ``downsampled``)."""
-        s = 1 if downsampled else self.cfg.lsd_window
-        return self.cfg.tokens_per_frame(valid_h // s, valid_w // s)
+        if downsampled:
+            return self.cfg.tokens_per_frame(valid_h, valid_w)
+        return self.cfg.tokens_per_frame(*self.cfg.spatial_grid(valid_h, valid_w))
 
     # ------------------------------------------------------------------ stages
     def _temporal(self, x: torch.Tensor, batch: int, frames: int):
@@ -363,7 +424,7 @@ class STAB(nn.Module):
         frame with a key mask, and one placement. The index arithmetic runs on the host (the boxes are
         there already) and goes to the device in one copy. Returns (tokens (total, d), destinations)."""
         device, d = grid.device, grid.shape[-1]
-        s = 1 if downsampled else self.cfg.lsd_window
+        s = 1 if downsampled else self.cfg.window
         box = np.asarray(boxes, dtype=np.int64)  # (N, 4): top, left, h, w
         if ((box[:, 2] % s) | (box[:, 3] % s)).any():
             raise ValueError(f"LSD window {s} does not divide every patch crop: {sorted({(h, w) for _, _, h, w in boxes})}")
@@ -412,7 +473,7 @@ class STAB(nn.Module):
         if pixels.ndim != 5:
             raise ValueError(f"pixels must be (B, F, 3, R, R), got {tuple(pixels.shape)}")
         batch, frames = pixels.shape[:2]
-        p, s = self.cfg.patch_size, self.cfg.lsd_window
+        p, s = self.cfg.patch_size, self.cfg.window
         x = self.patch_embed(pixels.flatten(0, 1))  # (B*F, 3, R, R) -> (B*F, d, g, g)
         valid = F.avg_pool2d(mask.flatten(0, 1)[:, None].to(x.dtype), p)[:, 0] > 0.5  # (B*F, g, g)
 
@@ -426,8 +487,15 @@ class STAB(nn.Module):
             x, video_ctx = self._temporal(x, batch, frames)
 
         grid = x.permute(0, 2, 3, 1)  # (B*F, d, g, g) -> (B*F, g, g, d)
-        boxes = self._boxes(valid)
         content = valid.flatten(1).any(1)  # (B*F,)
+        if self.resampler is not None:  # Table 9's PR: a fixed square grid of latents per frame, no crop
+            n, side = grid.shape[0], self.cfg.resampled_side
+            attend = valid.flatten(1) | ~content[:, None]  # a padding frame attends everywhere (no empty softmax)
+            latents = self.resampler(grid.flatten(1, 2), attend)  # (B*F, g*g, d) -> (B*F, side², d)
+            seq = self._frame_tokens(latents.view(n, side, side, -1), video_ctx, downsampled=True)  # (n, L, d)
+            lengths = torch.full((batch, frames), seq.shape[1], device=x.device)
+            return VisualTokens(seq.reshape(-1, seq.shape[-1]), lengths, [(side, side)] * n, content)
+        boxes = self._boxes(valid)
         lengths = [self.tokens_per_frame(h, w, downsampled) for _, _, h, w in boxes]
         step = 1 if downsampled else s
         grids = [(h // step, w // step) for _, _, h, w in boxes]

@@ -16,7 +16,7 @@ from panda.models.stab import STAB, VisualTokens
 @torch.no_grad()
 def looped_stab_forward(stab: STAB, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
     cfg = stab.cfg
-    T, s = cfg.chunk_size, cfg.lsd_window
+    T, s = cfg.chunk_size, cfg.window
     batch, frames = pixels.shape[:2]
     downsampled = cfg.lsd_before_lste
     tokens, lengths = [], []
@@ -45,7 +45,12 @@ def looped_stab_forward(stab: STAB, pixels: torch.Tensor, mask: torch.Tensor) ->
             else:
                 top, left, h, w = 0, 0, valid.shape[1] // 2, valid.shape[2] // 2
             crop = x[f, :, top : top + h, left : left + w].permute(1, 2, 0)[None]  # (1, h, w, d)
-            seq = stab._frame_tokens(crop, video_ctx[f], downsampled)[0]
+            if stab.resampler is not None:  # PR: the latents attend to the valid patches only (a crop, no mask)
+                side = cfg.resampled_side
+                patches = crop.flatten(1, 2) if rows else x[f].flatten(1).T[None]  # a padding frame: every patch
+                latents = stab.resampler(patches, torch.ones(patches.shape[:2], dtype=torch.bool))
+                crop = latents.view(1, side, side, -1)
+            seq = stab._frame_tokens(crop, video_ctx[f], downsampled or stab.resampler is not None)[0]
             tokens.append(seq)
             lengths.append(seq.shape[0])
     return VisualTokens(torch.cat(tokens), torch.tensor(lengths).view(batch, frames))
