@@ -166,3 +166,23 @@ def test_intervals_and_permutation_p_values_against_the_full_model():
         path = plot_kinds(summary, out, chance=0.25)
         assert os.path.basename(path) == "accuracy_by_kind.png" and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert plot_kinds([s | {"variant": "no_lste"} for s in summary], "/nonexistent") is None  # no baseline: no plot
+
+
+def test_stab_probe_trains_and_scores_each_question_type_through_the_real_decode(synthetic_root, tmp_path):
+    """The ablations_v2 harness: STAB + reader on the real mp4 files; summary.json in collect's format."""
+    from panda.config import to_train_config
+    from panda.experiments.collect import collect_runs  # noqa: F401  (the format it reads)
+    from panda.experiments.stab_probe import question_kind, run_probe
+
+    cfg = to_train_config(compose([f"data.root={synthetic_root}", "data.synthetic=null", "stab.width=32",
+                                   "trainer.max_steps=3", "data.batch_size=4", "data.eval_batch_size=8",
+                                   "trainer.enable_progress_bar=false"]))
+    summary = run_probe(cfg, str(tmp_path / "run"))
+    assert summary["eval/num_questions"] == 8  # 4 held-out videos x (colour, direction)
+    assert set(summary) >= {"eval/accuracy_appearance", "eval/accuracy_motion", "params/stab", "time/wall_s"}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["train/steps"] == 3
+    only = run_probe(cfg, str(tmp_path / "direction"), ["direction"])
+    assert only["eval/num_questions"] == 4 and "eval/accuracy_appearance" not in only
+    with pytest.raises(ValueError, match="asks no"):
+        run_probe(cfg, str(tmp_path / "x"), ["order"])
+    assert question_kind("<video>\nWhich way does the object go?") == "direction"

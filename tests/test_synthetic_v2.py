@@ -22,7 +22,8 @@ def _object_centre(frame, colour):
 
 def _clips(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [_sample_clip(rng, 2, FRAMES) for _ in range(n)]
+    pan = SyntheticConfig().camera_pan  # the default v2 clip: the camera follows the object
+    return [_sample_clip(rng, 2, FRAMES, 1.0, pan) for _ in range(n)]
 
 
 def _knn_accuracy(features, labels, k=25, train=0.75):

@@ -86,7 +86,7 @@ class SyntheticConfig:
     # v2 training clips only: each clip's travel is the benchmark's times a factor uniform in
     # [1, train_motion_scale] (held-out clips always use the benchmark's travel)
     train_motion_scale: float = 1.0
-    camera_pan: float = 0.0  # v2: the camera follows the object this fraction of the shorter side over a clip
+    camera_pan: float = 0.35  # v2: the camera follows the object ~this fraction of the shorter side over a clip
 
     def validate(self) -> None:
         if self.version not in KINDS:
