@@ -130,6 +130,9 @@ def test_invalid_overrides_fail_naming_the_key(override, message):
     ("+trainer.max_step=5", r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"),  # `+` cannot add a typo
     ("+data.synthetic.kind=[colour]", "did you mean data.synthetic.kinds"),
     ("trainer=fsdp trainer.accelerator=cpu trainer.fsdp.cpu_offload=true", "cpu_offload"),
+    ("stab.lsd=perceiver teacher=languagebind_video teacher.path=/t", "teacher=none"),  # PR latents have no patch
+    ("data.synthetic.kinds=[mark] data.synthetic.version=1", "version 1 asks colour, shape, direction"),
+    ("data.synthetic.version=3", "data.synthetic.version=3"),
 ])
 def test_semantic_errors_name_the_key_and_fix(override, message):
     with pytest.raises(ValueError, match=message):

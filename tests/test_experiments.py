@@ -171,7 +171,6 @@ def test_intervals_and_permutation_p_values_against_the_full_model():
 def test_stab_probe_trains_and_scores_each_question_type_through_the_real_decode(synthetic_root, tmp_path):
     """The ablations_v2 harness: STAB + reader on the real mp4 files; summary.json in collect's format."""
     from panda.config import to_train_config
-    from panda.experiments.collect import collect_runs  # noqa: F401  (the format it reads)
     from panda.experiments.stab_probe import question_kind, run_probe
 
     cfg = to_train_config(compose([f"data.root={synthetic_root}", "data.synthetic=null", "stab.width=32",

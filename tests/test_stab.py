@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pytest
 import torch
@@ -244,3 +245,12 @@ def test_perceiver_padding_patches_do_not_change_a_frames_tokens():
     with torch.no_grad():
         assert torch.allclose(pr(pixels, mask).tokens, pr(noisy, mask).tokens, atol=1e-6)
         assert not torch.allclose(pr(noisy, torch.ones_like(mask)).tokens, pr(pixels, mask).tokens, atol=1e-3)
+
+
+@pytest.mark.parametrize("experiment", ["ablation/perceiver", "ablation/half_res_no_lsd"])
+def test_table9_experiments_train_evaluate_and_save_through_the_whole_model(synthetic_root, tmp_path, experiment):
+    from conftest import train_tiny
+
+    summary = train_tiny(synthetic_root, tmp_path, f"experiment={experiment}", "trainer.max_steps=2")
+    assert summary["train/steps"] == 2 and summary["eval/num_questions"] > 0
+    assert os.path.exists(summary["checkpoint"])

@@ -99,8 +99,9 @@ def test_the_dot_and_the_lights_are_where_the_answers_say(clips):
         assert not lit[FRAMES // 2].any()
 
 
-def test_v2_files_keep_the_real_layout_and_v1_stays_selectable(tmp_path):
-    v2 = generate(SyntheticConfig(train_videos=6, eval_videos=3, kinds=["colour", "direction", "mark", "order"]), str(tmp_path / "v2"))
+def test_v2_files_keep_the_real_layout_and_v1_draws_what_it_always_drew(tmp_path):
+    v2 = generate(SyntheticConfig(version=2, train_videos=6, eval_videos=3, kinds=["colour", "direction", "mark", "order"]),
+                  str(tmp_path / "v2"))
     answers = json.load(open(os.path.join(v2, "eval/Synthetic_Zero_Shot_QA/test_a.json")))
     assert sorted({a["type"] for a in answers}) == ["appearance", "detail", "motion", "order"]
     records = json.load(open(os.path.join(v2, "train/train_json/synthetic_train.json")))

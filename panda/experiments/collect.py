@@ -183,9 +183,9 @@ def interval_markdown(summary: list[dict]) -> str:
         mean, ci = s[f"{m}_mean"], s[f"{m}_ci95"]
         if mean is None:
             return "–"
-        return f"{mean:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (1 run)")
+        return f"{mean:.3f}" + (f" [{max(0.0, ci[0]):.3f}, {min(1.0, ci[1]):.3f}]" if ci else " (1 run)")
 
-    lines = ["", "Mean over seeds [95% t interval]:", "",
+    lines = ["", "Mean over seeds [95% t interval, clipped to [0, 1]]:", "",
              "| variant | frames | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for s in summary:
         lines.append(f"| {s['variant']} | {s['frames']} | {s['runs_ok']} | " + " | ".join(cell(s, m) for m in metrics) + " |")
@@ -354,7 +354,7 @@ def plot_kinds(summary: list[dict], out_dir: str, chance: float | None = None) -
         ax.bar(xs, means, width * 0.9, label=m.replace("accuracy_", ""), color=plt.get_cmap("tab10")(k))
         for x, s in zip(xs, rows):
             if s[f"{m}_ci95"]:
-                lo, hi = s[f"{m}_ci95"]
+                lo, hi = max(0.0, s[f"{m}_ci95"][0]), min(1.0, s[f"{m}_ci95"][1])
                 mean = s[f"{m}_mean"]
                 ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], color="black", capsize=2, lw=0.8)
     if chance is not None:

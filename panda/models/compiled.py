@@ -16,7 +16,7 @@ from torch import nn
 
 from panda.models.llm_parts import decoder_layers
 
-STAB_PARTS = ("patch_embed", "lste", "gstra", "lsd.attend", "fsra", "fusion_proj")
+STAB_PARTS = ("patch_embed", "lste", "gstra", "lsd.attend", "resampler", "fsra", "fusion_proj")
 
 
 def compile_model(model: nn.Module, backend: str = "inductor", llm_layers: bool = False) -> list[str]:
