@@ -2,12 +2,14 @@
 
 Two versions (``data.synthetic.version``):
 
-**v2** (``data.synthetic.version=2``; the benchmark of ``experiments/ablations_v2``) — a coloured circle or square moves in a straight line *inside* the frame, a
-small black dot sits in one quadrant of it, and two corner lights flash one after the other.
+**v2** (``data.synthetic.version=2``; the benchmark of ``experiments/ablations_v2``) — a coloured
+circle or square moves in a straight line *inside* the frame, a small black dot sits in one
+quadrant of it, and two corner lights flash one after the other.
 Four question kinds, each with 4–6 answers, each needing a different part of STAB:
 
 - ``colour`` (appearance, 6 answers): any one frame tells.
-- ``direction`` (motion, 4 answers): only the change between frames tells. Every clip's position
+- ``direction`` (motion, 4 answers): only the change between frames tells. The object moves and
+  the camera follows it, so the textured scene slides the other way. Every clip's object position
   at mid-clip is uniform in one box, whatever the direction, so the middle frame says nothing and
   the first and last frames little (``tests/test_synthetic_v2.py`` measures a single-frame probe).
 - ``mark`` (detail, 4 answers): which quadrant of the object holds the dot — a few pixels inside
@@ -161,6 +163,9 @@ def render_clip_v2(colour: str, shape: str, direction: str, mark: str, lights: t
       the same for all four directions, and it travels ``travel`` pixels over the clip (about a
       sixth of the frame's shorter side), so only the middle frame is fully silent about the
       direction and the end frames shift the box by ``travel / 2``.
+    - **The camera follows** (``camera_pan``, a fraction of the shorter side over the clip): the frame
+      is a moving window on a larger textured scene, which slides the other way through the frame.
+      The texture is random, so no single frame says anything about the pan.
     - **The dot** (black, about a fifth of the object) sits at the centre of one quadrant.
     - **The lights** (cyan squares in two different corners): the first is on for the frames in
       ``[2, 7)`` of 16, the second in ``[9, 14)`` (scaled to ``num_frames``), so any sampling of ≥ 4
@@ -190,8 +195,8 @@ def render_clip_v2(colour: str, shape: str, direction: str, mark: str, lights: t
     dot_at = (int(round(size / 2 + qx * size / 4 - dot / 2)), int(round(size / 2 + qy * size / 4 - dot / 2)))
     light = max(6, int(round(short / 8)))
     inset = 3
-    corners = {name: (inset if qx < 0 else width - inset - light, inset if qy < 0 else height - inset - light)
-               for name, (qx, qy) in QUADRANTS.items()}
+    corners = {name: (inset if sx < 0 else width - inset - light, inset if sy < 0 else height - inset - light)
+               for name, (sx, sy) in QUADRANTS.items()}
     scale = num_frames / 16
     on = [(int(2 * scale), int(7 * scale)), (int(9 * scale), int(14 * scale))]
     frames = np.empty((num_frames, height, width, 3), np.uint8)
