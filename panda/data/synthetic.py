@@ -70,6 +70,9 @@ KINDS = {1: ("colour", "shape", "direction"), 2: ("colour", "direction", "mark",
 QUADRANTS = {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1)}
 V2_SHAPES = ("circle", "square")  # the dot's quadrant centre lies inside both
 LIGHT_RGB = (0, 230, 230)  # cyan: not an object colour
+# the answers each question kind can have (what _sample_clip returns for it)
+ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS),
+           "mark": list(QUADRANTS), "order": list(QUADRANTS)}
 
 
 @dataclass

@@ -35,14 +35,12 @@ from tqdm import tqdm
 
 from panda.constants import CLIP_MEAN, CLIP_STD
 from panda.data.frames import preprocess_frames
-from panda.data.synthetic import COLOURS, DIRECTIONS, QUADRANTS, QUESTIONS, SHAPES, generate
+from panda.data.synthetic import ANSWERS, QUESTIONS, generate
 from panda.data.video import decode_video
 from panda.models.stab import STAB, QueryAttentionPool, VisualTokens, count_parameters
 
 log = logging.getLogger(__name__)
 
-ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS),
-           "mark": list(QUADRANTS), "order": list(QUADRANTS)}
 KIND_OF_QUESTION = {q: kind for kind, qs in QUESTIONS.items() for q in qs}
 
 
@@ -87,9 +85,11 @@ def load_split(root: str, frames: int, resolution: int, patch: int, ratio: int) 
         test_a = {a["question_id"]: a for a in json.load(f)}
     train_videos = sorted({r["video"] for r in records})
     test_videos = sorted({q["video_name"] for q in test_q})
-    train = [(train_videos.index(r["video"]), question_kind(h["value"]), g["value"])
+    train_index = {v: i for i, v in enumerate(train_videos)}  # row of each video in the decoded tensors
+    test_index = {v: i for i, v in enumerate(test_videos)}
+    train = [(train_index[r["video"]], question_kind(h["value"]), g["value"])
              for r in records for h, g in zip(r["conversations"][::2], r["conversations"][1::2])]
-    test = [(test_videos.index(q["video_name"]), question_kind(q["question"]), test_a[q["question_id"]]["answer"],
+    test = [(test_index[q["video_name"]], question_kind(q["question"]), test_a[q["question_id"]]["answer"],
              test_a[q["question_id"]]["type"]) for q in test_q]
 
     cache = os.path.join(root, "probe_cache", f"f{frames}_r{resolution}_p{patch}_x{ratio}.pt")
