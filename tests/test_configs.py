@@ -24,6 +24,9 @@ def test_the_default_composes_to_the_tiny_synthetic_run():
     validate(cfg)
     assert cfg.data.name == "synthetic" and cfg.stage.name == "scratch" and cfg.frames == 4
     assert cfg.stab.width == 64 and cfg.llm.pretrained is None
+    # the default trains on benchmark v2 with 1-2x motion on training clips, and a 1/sqrt(hidden) LLM init
+    assert cfg.data.synthetic.version == 2 and cfg.data.synthetic.train_motion_scale == 2.0
+    assert cfg.llm.initializer_range == cfg.llm.hidden_size**-0.5
 
 
 def test_release_stab_and_paper_stages_compose():

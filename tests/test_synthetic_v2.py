@@ -115,3 +115,28 @@ def test_v2_files_keep_the_real_layout_and_v1_draws_what_it_always_drew(tmp_path
         assert hashlib.sha256(f.read()).hexdigest() == "97580b9343722458c049ef789f89ad60854e815c7b9e20c8b3c231e788a112c3"
     with pytest.raises(ValueError, match="version 1 asks colour, shape, direction"):
         SyntheticConfig(version=1, kinds=["mark"]).validate()
+
+
+def test_the_question_mix_asks_a_kind_of_a_fraction_of_training_videos(tmp_path):
+    root = generate(SyntheticConfig(version=2, train_videos=80, eval_videos=4, num_frames=8,
+                                    question_mix={"colour": 0.3}), str(tmp_path / "mix"))
+    records = json.load(open(os.path.join(root, "train/train_json/synthetic_train.json")))
+    asked: dict[str, set] = {}
+    for r in records:
+        for turn in r["conversations"][1::2]:
+            kind = "colour" if turn["value"] in COLOURS else "direction"
+            asked.setdefault(kind, set()).add(r["video"])
+    assert len(asked["direction"]) == 80  # every training video is asked the kinds the mix leaves out
+    assert 10 <= len(asked["colour"]) <= 40  # ~30% of 80: binomial, 5 standard deviations either side
+    answers = json.load(open(os.path.join(root, "eval/Synthetic_Zero_Shot_QA/test_a.json")))
+    assert sorted(a["type"] for a in answers) == ["appearance"] * 4 + ["motion"] * 4  # held out: every kind
+    for bad in ({"color": 0.5}, {"colour": 0.0}, {"colour": 1.5}, {"mark": 0.5, "version": 1}):
+        version = bad.pop("version", 2)
+        with pytest.raises(ValueError, match="question_mix"):
+            SyntheticConfig(version=version, kinds=["colour"], question_mix=bad).validate()
+    # a mix that thins no asked kind draws nothing: the records are those of no mix (the v2 study's data)
+    plain, thinned = (generate(SyntheticConfig(version=2, train_videos=6, eval_videos=2, num_frames=8, kinds=["direction"],
+                                               question_mix=mix), str(tmp_path / name))
+                      for name, mix in (("plain", {}), ("thinned", {"colour": 0.3})))
+    read = lambda root: open(os.path.join(root, "train/train_json/synthetic_train.json")).read()  # noqa: E731
+    assert read(plain) == read(thinned)

@@ -94,6 +94,9 @@ class SyntheticConfig:
     # [1, train_motion_scale] (held-out clips always use the benchmark's travel)
     train_motion_scale: float = 1.0
     camera_pan: float = 0.35  # v2: the camera follows the object ~this fraction of the shorter side over a clip
+    # the question mix of the training records: the fraction of training videos asked each kind
+    # (kinds not named: every video), e.g. {colour: 0.3}; held-out videos are asked every kind
+    question_mix: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.version not in KINDS:
@@ -102,6 +105,10 @@ class SyntheticConfig:
         if unknown or not self.kinds:
             raise ValueError(f"data.synthetic.kinds={list(self.kinds)}: version {self.version} asks "
                              f"{', '.join(KINDS[self.version])}")
+        for kind, fraction in self.question_mix.items():  # a kind the run does not ask is left unused
+            if kind not in KINDS[self.version] or not 0 < fraction <= 1:
+                raise ValueError(f"data.synthetic.question_mix.{kind}={fraction}: give a fraction in (0, 1] "
+                                 f"for a question kind of version {self.version} ({', '.join(KINDS[self.version])})")
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -283,6 +290,7 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     tmp = f"{root}.tmp{os.getpid()}"  # concurrent runs (a --multirun sweep) each write their own
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(cfg.seed)
+    mixed = any(cfg.question_mix.get(k, 1.0) < 1 for k in cfg.kinds)
     records = []
     for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
         scale = rng.uniform(1.0, cfg.train_motion_scale) if cfg.version == 2 else 1.0  # v1: its original random stream
@@ -291,6 +299,9 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
         write_video(os.path.join(tmp, "train", rel), frames, cfg.fps)
         kinds = list(cfg.kinds)
         rng.shuffle(kinds)
+        if mixed:  # drawn only when a mix thins an asked kind, so the random stream without one is as it was
+            asked = [k for k in kinds if rng.random() < cfg.question_mix.get(k, 1.0)]
+            kinds = asked or [max(kinds, key=lambda k: cfg.question_mix.get(k, 1.0))]
         # Valley-style one-turn records (one per question kind), or one Video-ChatGPT-style multi-turn record
         groups = [kinds] if rng.random() < cfg.multi_turn_fraction else [[k] for k in kinds]
         for g, group in enumerate(groups):
