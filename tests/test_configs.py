@@ -26,6 +26,7 @@ def test_the_default_composes_to_the_tiny_synthetic_run():
     assert cfg.stab.width == 64 and cfg.llm.pretrained is None
     # the default trains on benchmark v2 with 1-2x motion on training clips, and a 1/sqrt(hidden) LLM init
     assert cfg.data.synthetic.version == 2 and cfg.data.synthetic.train_motion_scale == 2.0
+    assert cfg.data.synthetic.question_mix == {"colour": 0.3} and cfg.data.synthetic.train_videos == 1120
     assert cfg.llm.initializer_range == cfg.llm.hidden_size**-0.5
 
 

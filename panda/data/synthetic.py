@@ -2,7 +2,8 @@
 
 Two versions (``data.synthetic.version``):
 
-**v2** (``data.synthetic.version=2``; the benchmark of ``experiments/ablations_v2``) — a coloured
+**v2** (the default of ``train.py``, set in ``conf/data/synthetic.yaml``; the benchmark of
+``experiments/ablations_v2``) — a coloured
 circle or square moves in a straight line *inside* the frame, a small black dot sits in one
 quadrant of it, and two corner lights flash one after the other.
 Four question kinds, each with 4–6 answers, each needing a different part of STAB:
@@ -18,10 +19,10 @@ Four question kinds, each with 4–6 answers, each needing a different part of S
   first half of the clip, the other in the second half, so the answer needs frames from both
   halves: at 8 sampled frames, from both STAB chunks.
 
-**v1** (the default of ``train.py``, and the first study's benchmark, ``experiments/ablations_synthetic``):
+**v1** (``data.synthetic.version=1``; the first study's benchmark, ``experiments/ablations_synthetic``):
 a shape moving on a torus (wrapping around the edges); ``colour``, ``direction`` and (off by
-default) ``shape``. The tiny default model learns v1's motion in some runs of its five-minute
-budget and v2's in none so far (README, Known limitations), so v1 stays the default until it does.
+default) ``shape``. ``SyntheticConfig``'s own defaults are v1's first-study settings (800 videos,
+no question mix); ``train.py``'s default dataset is the yaml's (v2, README "The synthetic default").
 
 Files are written exactly as real data is laid out (training.md §1 and §4)::
 
