@@ -167,6 +167,16 @@ def test_intervals_and_permutation_p_values_against_the_full_model():
         assert os.path.basename(path) == "accuracy_by_kind.png" and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert plot_kinds([s | {"variant": "no_lste"} for s in summary], "/nonexistent") is None  # no baseline: no plot
 
+    from panda.experiments.collect import kind_plot_frames
+
+    # the baseline at 1 and 4 frames equally often: the plot shows 4, where the ablations ran
+    mixed = [{"variant": "full", "frames": 1}, {"variant": "full", "frames": 4},
+             {"variant": "no_lste", "frames": 4}, {"variant": "no_gstra", "frames": 4}]
+    assert kind_plot_frames(mixed) == 4
+    assert kind_plot_frames(mixed[:2]) == 4  # a tie goes to the larger count
+    assert kind_plot_frames([{"variant": "full", "frames": 8}, {"variant": "no_lste", "frames": 4}]) == 8
+    assert kind_plot_frames(mixed[2:]) is None
+
 
 def test_stab_probe_trains_and_scores_each_question_type_through_the_real_decode(synthetic_root, tmp_path):
     """The ablations_v2 harness: STAB + reader on the real mp4 files; summary.json in collect's format."""

@@ -330,20 +330,30 @@ def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: fl
     return written
 
 
+def kind_plot_frames(summary: list[dict]) -> int | None:
+    """The frame count the per-kind plot shows: of those the baseline ran at, the one where the
+    most variants ran (a frames sweep adds baseline rows at other counts that hold no ablation);
+    ties go to the larger count. None when the baseline never ran."""
+    base_frames = {s["frames"] for s in summary if s["variant"] == BASELINE}
+    if not base_frames:
+        return None
+    variants_at = {f: sum(1 for s in summary if s["frames"] == f) for f in base_frames}
+    return max(base_frames, key=lambda f: (variants_at[f], f or 0))
+
+
 def plot_kinds(summary: list[dict], out_dir: str, chance: float | None = None) -> str | None:
-    """``accuracy_by_kind.png``: for the frame count the baseline ran at most often, one group per
-    variant, one bar per question kind, 95% intervals over seeds as error bars. None when the runs
-    report no per-kind accuracy."""
+    """``accuracy_by_kind.png``: at the frame count that holds the most variants beside the baseline
+    (:func:`kind_plot_frames`), one group per variant, one bar per question kind, 95% intervals over
+    seeds as error bars. None when the runs report no per-kind accuracy."""
     kinds = [m for m in _metrics_present(summary) if m != "accuracy"]
-    base_frames = [s["frames"] for s in summary if s["variant"] == BASELINE]
-    if not kinds or not base_frames:
+    frames = kind_plot_frames(summary)
+    if not kinds or frames is None:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frames = max(set(base_frames), key=base_frames.count)
     rows = [s for s in summary if s["frames"] == frames and s["accuracy_mean"] is not None]
     rows.sort(key=lambda s: (s["variant"] != BASELINE, s["variant"]))
     width = 0.8 / len(kinds)
