@@ -140,3 +140,10 @@ def test_the_question_mix_asks_a_kind_of_a_fraction_of_training_videos(tmp_path)
                       for name, mix in (("plain", {}), ("thinned", {"colour": 0.3})))
     read = lambda root: open(os.path.join(root, "train/train_json/synthetic_train.json")).read()  # noqa: E731
     assert read(plain) == read(thinned)
+    # and those spellings of no thinning are one dataset: the cached root is found made, not made again
+    done = os.path.join(plain, "DONE")
+    made = os.stat(done).st_mtime_ns
+    for mix in ({"colour": 0.3}, {"direction": 1.0}):
+        generate(SyntheticConfig(version=2, train_videos=6, eval_videos=2, num_frames=8, kinds=["direction"],
+                                 question_mix=mix), plain)
+    assert os.stat(done).st_mtime_ns == made

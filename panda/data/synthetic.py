@@ -283,7 +283,10 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     cfg.validate()
     # the generator's version: a data root made by an older generator (a tokenizer with an <image>
     # entry and no newline) is made again
-    stamp = {**json.loads(json.dumps(asdict(cfg))), "generator": GENERATOR_VERSION}
+    # the mix entries that thin an asked kind: the rest change no record, so the same data has one
+    # stamp however the mix is spelled ({} in Python, colour=1.0 from Hydra, a kind the run does not ask)
+    thinning = {k: f for k, f in cfg.question_mix.items() if k in cfg.kinds and f < 1}
+    stamp = {**json.loads(json.dumps(asdict(cfg))), "question_mix": thinning, "generator": GENERATOR_VERSION}
     if _is_done(root, stamp):
         return root
     if os.path.exists(root):
@@ -291,7 +294,6 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     tmp = f"{root}.tmp{os.getpid()}"  # concurrent runs (a --multirun sweep) each write their own
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(cfg.seed)
-    mixed = any(cfg.question_mix.get(k, 1.0) < 1 for k in cfg.kinds)
     records = []
     for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
         scale = rng.uniform(1.0, cfg.train_motion_scale) if cfg.version == 2 else 1.0  # v1: its original random stream
@@ -300,9 +302,9 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
         write_video(os.path.join(tmp, "train", rel), frames, cfg.fps)
         kinds = list(cfg.kinds)
         rng.shuffle(kinds)
-        if mixed:  # drawn only when a mix thins an asked kind, so the random stream without one is as it was
-            asked = [k for k in kinds if rng.random() < cfg.question_mix.get(k, 1.0)]
-            kinds = asked or [max(kinds, key=lambda k: cfg.question_mix.get(k, 1.0))]
+        if thinning:  # drawn only when a mix thins an asked kind, so the random stream without one is as it was
+            asked = [k for k in kinds if rng.random() < thinning.get(k, 1.0)]
+            kinds = asked or [max(kinds, key=lambda k: thinning.get(k, 1.0))]  # every video is asked something
         # Valley-style one-turn records (one per question kind), or one Video-ChatGPT-style multi-turn record
         groups = [kinds] if rng.random() < cfg.multi_turn_fraction else [[k] for k in kinds]
         for g, group in enumerate(groups):
