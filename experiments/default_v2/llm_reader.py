@@ -16,7 +16,6 @@ reader's architecture and init.
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -30,19 +29,12 @@ from transformers import LlamaConfig, LlamaModel
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from panda.data.synthetic import ANSWERS, SyntheticConfig, generate  # noqa: E402
-from panda.experiments.stab_probe import KindReader, _normalise, load_split  # noqa: E402
+from panda.experiments.stab_probe import KindReader, _normalise, load_split, video_packing  # noqa: E402
+from panda.training.module import lr_lambda  # noqa: E402
 from panda.models.stab import STAB, STABConfig, build_projector  # noqa: E402
 
 FRAMES = 4
 CLASSES = ANSWERS["direction"]
-
-
-def _packing(visual):
-    """Video of each token, its index within the video, and tokens per video."""
-    per_video = visual.lengths.sum(1)  # (B,)
-    video_of = torch.repeat_interleave(torch.arange(len(per_video)), per_video)
-    within = torch.arange(len(video_of)) - (per_video.cumsum(0) - per_video)[video_of]
-    return video_of, within, per_video
 
 
 class MeanReader(nn.Module):
@@ -51,7 +43,7 @@ class MeanReader(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(CLASSES)))
 
     def forward(self, visual):
-        video_of, _, per_video = _packing(visual)
+        video_of, _, per_video = video_packing(visual.lengths)
         summed = visual.tokens.new_zeros(len(per_video), visual.tokens.shape[1]).index_add_(0, video_of, visual.tokens)
         return self.head(summed / per_video[:, None])
 
@@ -67,7 +59,7 @@ class LlamaReader(nn.Module):
         nn.init.normal_(self.head.weight, std=init)
 
     def forward(self, visual):
-        video_of, within, per_video = _packing(visual)
+        video_of, within, per_video = video_packing(visual.lengths)
         x = self.projector(visual.tokens)
         batch, longest = len(per_video), int(per_video.max())
         embeds = x.new_zeros(batch, longest + 1, x.shape[1])  # (B, L + 1, hidden): left-padded video, then the query
@@ -91,8 +83,7 @@ def main() -> None:
                         help="a v2 data root; generated (800 videos, direction questions) when missing")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if not os.path.exists(os.path.join(args.root, "DONE")):
-        generate(SyntheticConfig(version=2, kinds=["direction"]), args.root)
+    generate(SyntheticConfig(version=2, kinds=["direction"]), args.root)  # returns at once when made
     stab_cfg = STABConfig(width=64, heads=4, resolution=112, dropout=0.0)  # conf/stab/tiny.yaml
     split = load_split(args.root, FRAMES, 112, 14, 2)
     train = [t for t in split["train"] if t[1] == "direction"]
@@ -110,13 +101,7 @@ def main() -> None:
     params = list(stab.parameters()) + list(reader.parameters())
     optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, int(args.steps * 0.03))  # the scratch stage's schedule: 3% warmup, cosine to 0.1
-
-    def schedule(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(warmup, args.steps, "cosine", 0.1))
     rng = np.random.default_rng(args.seed)
 
     def held_out_accuracy() -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 
@@ -110,6 +109,15 @@ def load_split(root: str, frames: int, resolution: int, patch: int, ratio: int) 
 
 
 # ------------------------------------------------------------------------------------ model
+def video_packing(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For STAB's packed tokens, from their (B, F) per-frame counts: the video of each token
+    (total,), its index within that video (total,), and the tokens of each video (B,)."""
+    per_video = lengths.sum(1)  # (B,)
+    video_of = torch.repeat_interleave(torch.arange(len(per_video)), per_video)
+    within = torch.arange(len(video_of)) - (per_video.cumsum(0) - per_video)[video_of]
+    return video_of, within, per_video
+
+
 class KindReader(nn.Module):
     """Per question kind, a learned query attends over a video's visual tokens and a linear layer
     scores that kind's answers. Each token gets learned embeddings of its frame's index and of its
@@ -129,11 +137,9 @@ class KindReader(nn.Module):
         """Answer logits, one (classes,) tensor per video of the batch, for the kind asked of it."""
         lengths = visual.lengths  # (B, F)
         batch, frames = lengths.shape
-        per_video = lengths.sum(1)  # (B,)
+        video_of, within, per_video = video_packing(lengths)
         longest = int(per_video.max())
         frame_of = torch.repeat_interleave(torch.arange(frames).repeat(batch), lengths.flatten())  # (total,)
-        video_of = torch.repeat_interleave(torch.arange(batch), per_video)
-        within = torch.arange(len(video_of)) - (per_video.cumsum(0) - per_video)[video_of]
         flat = lengths.flatten()
         place = torch.arange(len(frame_of)) - torch.repeat_interleave(flat.cumsum(0) - flat, flat)  # index in its frame
         padded = visual.tokens.new_zeros(batch, longest, visual.tokens.shape[1])
@@ -160,6 +166,7 @@ def run_probe(cfg, run_dir: str, kinds: list[str] | None = None) -> dict:
     """Train STAB + reader as ``cfg`` (a TrainConfig) says and score the held-out questions (of
     ``kinds`` only, when given); writes and returns ``summary.json``."""
     from panda.runs import git_commit
+    from panda.training.module import lr_lambda
 
     start = time.time()
     if cfg.trainer.cpu_threads:
@@ -183,14 +190,8 @@ def run_probe(cfg, run_dir: str, kinds: list[str] | None = None) -> dict:
     optimiser = torch.optim.AdamW(params, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
     steps = cfg.trainer.max_steps
     warmup = max(1, int(steps * cfg.stage.warmup_ratio))
-    floor = cfg.stage.min_lr_ratio
-
-    def schedule(step):  # linear warmup, cosine to min_lr_ratio (the train.py schedule)
-        if step < warmup:
-            return (step + 1) / warmup
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+    # linear warmup, cosine to min_lr_ratio: train.py's schedule
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(warmup, steps, "cosine", cfg.stage.min_lr_ratio))
     rng = np.random.default_rng(cfg.seed)
     train, videos = split["train"], split["videos"]
     batch = cfg.data.batch_size
