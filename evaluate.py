@@ -11,8 +11,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from panda.config import register_configs, to_evaluate_config
+from panda.config import EvaluateConfig, register_configs, to_evaluate_config
 from panda.errors import PandaError
+from panda.overrides import check_command_line
 from panda.runs import exit_on_config_error
 from panda.evaluation.run import evaluate, nothing_judged, shortfall
 
@@ -37,4 +38,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("evaluate.py", EvaluateConfig, "evaluate", sys.argv[1:])  # a misspelt option or key: exit 2
     main()

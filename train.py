@@ -13,8 +13,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from panda.config import register_configs, to_train_config
+from panda.config import TrainConfig, register_configs, to_train_config
 from panda.errors import PandaError
+from panda.overrides import check_command_line
 from panda.plan import check_gpu_plan
 from panda.runs import exit_on_config_error
 from panda.training.run import train
@@ -41,4 +42,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line("train.py", TrainConfig, "train", sys.argv[1:])  # a misspelt group option or key: exit 2
     main()

@@ -443,11 +443,16 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+def unknown_keys_error(unknown: list[str]) -> ValueError:
+    """The one message for keys the schema lacks (each with its closest known key)."""
+    return ValueError(f"unknown config key(s): {', '.join(unknown)}. Every key must exist in the schema "
+                      "(panda/config.py); `+key=value` cannot add new ones.")
+
+
 def check_known_keys(cfg: DictConfig) -> None:
     unknown = unknown_keys(cfg)
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)}. Every key must exist in the schema "
-                         "(panda/config.py); `+key=value` cannot add new ones.")
+        raise unknown_keys_error(unknown)
 
 
 def to_evaluate_config(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:

@@ -492,9 +492,12 @@ def main(argv=None) -> int:
     try:
         from hydra import compose, initialize_config_dir
 
+        from panda.config import TrainConfig
+        from panda.overrides import CONF_DIR, check_overrides
+
         register_configs()
-        conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        check_overrides(overrides, TrainConfig)  # a misspelt experiment must not plan the default model
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = to_train_config(compose(config_name="train", overrides=overrides))
         result = plan(cfg, opts.get("gpu", "h100_80g"), float(opts.get("mfu", 0.4)), opts.get("llm_preset"),
                       int(opts["samples"]) if "samples" in opts else None,

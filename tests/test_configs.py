@@ -204,6 +204,75 @@ def test_a_config_error_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []  # Hydra's outputs/default/<time>/ is gone again
 
 
+@pytest.mark.parametrize("group, typo, closest", [
+    ("experiment", "ablation/no_fsr", "ablation/no_fsra"),
+    ("experiment", "videopanda_7b/stage2_pretrian", "videopanda_7b/stage2_pretrain"),
+    ("variant", "table5_mes", "table5_mse"),
+    ("debug", "fast_dev", "fast_dev_run"),
+])
+def test_a_misspelt_group_option_fails_naming_the_closest(group, typo, closest):
+    """A group option that is not a file must never compose the baseline under the typo's name."""
+    from hydra.errors import MissingConfigException
+
+    from panda.config import TrainConfig
+    from panda.overrides import check_overrides
+
+    with pytest.raises(MissingConfigException):  # composition itself: the groups are not `optional`
+        compose([f"{group}={typo}"])
+    with pytest.raises(ValueError, match=f"did you mean {group}={closest}"):
+        check_overrides([f"{group}={typo}"], TrainConfig)
+    with pytest.raises(ValueError, match=f"{group}={typo}: there is no config"):  # one bad point of a sweep
+        check_overrides([f"{group}={closest},{typo}", "frames=4,8"], TrainConfig)
+    check_overrides([f"{group}={closest}", f"{group}=null"], TrainConfig)  # the real names pass
+
+
+@pytest.mark.parametrize("overrides, schema, message", [
+    (["trainer.max_step=5"], "train", r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"),
+    (["+trainer.max_step=5"], "train", r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"),
+    (["data.synthetic.kind=[colour]"], "train", r"did you mean data\.synthetic\.kinds\?"),
+    (["stab=release", "stab.widht=32"], "train", r"stab\.widht \(did you mean stab\.width\?\)"),
+    (["max_new_token=3"], "evaluate", r"max_new_token \(did you mean max_new_tokens\?\)"),
+    (["benchmark=[msvd_qa]", "benchmark.msvd_qa.rot=/d"], "evaluate", r"benchmark\.msvd_qa\.rot \(did you mean benchmark\.msvd_qa\.root\?\)"),
+    (["benchmark=[msvd_qa,vcgbnch]"], "evaluate", r"did you mean benchmark=vcgbench\?"),
+    (["judge=opanai"], "evaluate", r"did you mean judge=openai\?"),
+])
+def test_a_misspelt_key_names_the_closest_key(overrides, schema, message):
+    from panda.config import EvaluateConfig, TrainConfig
+    from panda.overrides import check_overrides
+
+    with pytest.raises(ValueError, match=message):
+        check_overrides(overrides, {"train": TrainConfig, "evaluate": EvaluateConfig}[schema], schema)
+
+
+def test_real_overrides_pass_the_command_line_check():
+    from panda.config import EvaluateConfig, TrainConfig
+    from panda.overrides import check_overrides
+
+    check_overrides(["experiment=ablation/no_fsra,ablation/no_gstra", "frames=4,8", "seed=range(0,3)", "stab.lsd=none",
+                     "data.synthetic.kinds=[colour]", "data.synthetic=null", "hydra.run.dir=/x", "hydra/launcher=joblib",
+                     "+stage.lr=1e-4", "~data.eval_qa", "llm.lora.rank=4", "trainer.fsdp.param_dtype=null"], TrainConfig)
+    check_overrides(["benchmark=[msvd_qa,vcgbench]", "benchmark.msvd_qa.root=/d", "judge=openai", "judge.extra.top_p=1"],
+                    EvaluateConfig, "evaluate")
+
+
+@pytest.mark.slow
+def test_misspelt_experiment_exits_2_naming_the_closest_and_trains_nothing(tmp_path):
+    from conftest import REPO
+
+    train = os.path.join(REPO, "train.py")
+    proc = run_cli([train, "experiment=ablation/no_fsr", "trainer.max_steps=1"], check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("train.py: config error: experiment=ablation/no_fsr: there is no config")
+    assert "did you mean experiment=ablation/no_fsra" in proc.stderr
+    sweep = run_cli([train, "--multirun", "experiment=ablation/no_fsra,ablation/no_fsr", "trainer.max_step=1"],
+                    check=False, cwd=tmp_path)
+    assert sweep.returncode == 2 and "experiment=ablation/no_fsr:" in sweep.stderr
+    assert "trainer.max_step (did you mean trainer.max_steps?)" in sweep.stderr  # no "use +trainer.max_step"
+    plan = run_cli(["-m", "panda.plan", "experiment=videopanda_7b/stage2_pretrian"], check=False)
+    assert plan.returncode == 2 and "did you mean experiment=videopanda_7b/stage2_pretrain" in plan.stderr
+    assert list(tmp_path.iterdir()) == []  # no run or sweep folder
+
+
 def test_evaluate_without_a_checkpoint_names_the_key():
     from panda.config import to_evaluate_config
 

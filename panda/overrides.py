@@ -1,0 +1,186 @@
+"""Command-line overrides checked before Hydra composes them, so that a typo fails with panda's own
+one-line message (exit code 2) instead of silently changing what a run is:
+
+- a group choice that is not a file of its group (``experiment=ablation/no_fsr``,
+  ``variant=table5_mes``, ``debug=fast_dev``) names the closest options in that group. Without this
+  check an ``optional`` group skipped a missing file, and a sweep trained the baseline under the
+  ablation's name;
+- a key that is not in the typed schema (``trainer.max_step=5``, ``+trainer.max_step=5``) names the
+  closest key, instead of Hydra's "To append to your config use +..." (which then fails anyway).
+
+``train.py``, ``evaluate.py`` and ``python -m panda.plan`` run :func:`check_overrides` on their
+arguments; the same group options are what Hydra itself would find (its own search path, including
+``hydra.searchpath=[...]`` and ``--config-dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Iterable
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def _choices(override) -> list[str]:
+    """The option names one override asks for: a value, a list (``benchmark=[a,b]``) or a sweep
+    (``experiment=a,b``); empty for values only Hydra can expand (``glob(...)``) and for ``null``."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.is_delete() and override.value() is None:
+        return []
+    if override.value_type in (ValueType.GLOB_CHOICE_SWEEP, ValueType.RANGE_SWEEP, ValueType.INTERVAL_SWEEP):
+        return []
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    flat: list[Any] = []
+    for value in values:
+        flat += value if isinstance(value, (list, tuple)) else [value]
+    return [str(v) for v in flat if v is not None and str(v) != "null"]
+
+
+class _Groups:
+    """The config groups and their options as Hydra's loader sees them for one config."""
+
+    def __init__(self, config_dir: str, config_name: str, searchpath: list[str]):
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from panda.config import register_configs
+
+        register_configs()
+        self._cache: dict[tuple[str, Any], list[str]] = {}
+        self._name, self._searchpath = config_name, searchpath
+        self._init = initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base="1.3")
+        self._init.__enter__()
+        self._loader = GlobalHydra.instance().config_loader()
+
+    def close(self) -> None:
+        self._init.__exit__(None, None, None)
+
+    def _list(self, group: str, kind) -> list[str]:
+        key = (group, kind)
+        if key not in self._cache:
+            self._cache[key] = self._loader.get_group_options(group, results_filter=kind, config_name=self._name,
+                                                              overrides=self._searchpath)
+        return self._cache[key]
+
+    def is_group(self, name: str) -> bool:
+        from hydra.core.object_type import ObjectType
+
+        parent, _, leaf = name.rpartition("/")
+        return leaf in self._list(parent, ObjectType.GROUP)
+
+    def options(self, group: str) -> list[str]:
+        """Every option of ``group``, those in sub-folders as ``sub/name`` (``ablation/no_fsra``)."""
+        from hydra.core.object_type import ObjectType
+
+        found = list(self._list(group, ObjectType.CONFIG))
+        for sub in self._list(group, ObjectType.GROUP):
+            found += [f"{sub}/{name}" for name in self.options(f"{group}/{sub}")]
+        return sorted(found)
+
+
+def _closest(word: str, names: Iterable[str], n: int = 3) -> list[str]:
+    names = list(names)
+    close = difflib.get_close_matches(word, names, n=n, cutoff=0.6)
+    if not close:  # the last path part alone (``ablation/no_fsr`` vs ``frames/no_fsr``)
+        leaf = word.rsplit("/", 1)[-1]
+        close = [name for name in names if leaf and leaf in name][:n]
+    return close
+
+
+def _unknown_group_choice(group: str, choice: str, options: list[str]) -> str:
+    close = _closest(choice, options)
+    hint = f"did you mean {' or '.join(f'{group}={c}' for c in close)}?" if close else \
+        f"the options are: {', '.join(options[:20])}{', ...' if len(options) > 20 else ''}"
+    return f"{group}={choice}: there is no config {choice!r} in group {group!r} (conf/{group}/{choice}.yaml); {hint}"
+
+
+def _unwrap(tp):
+    """``Optional[X]`` -> ``X``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def unknown_key(key: str, schema: type) -> str | None:
+    """``key`` with the closest known key when ``schema`` lacks it (``trainer.max_step (did you mean
+    trainer.max_steps?)``), else None.
+    Free-form parts (a ``dict``, ``Any``, a list) accept every key below them."""
+    node, done = schema, []
+    for part in key.split("."):
+        node = _unwrap(node)
+        if typing.get_origin(node) in (dict, typing.Dict):  # e.g. evaluate.py's benchmark map: any name
+            node = typing.get_args(node)[1] if typing.get_args(node) else Any
+            done.append(part)
+            continue
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None  # below a free-form value: Hydra and the schema's types judge it
+        hints = typing.get_type_hints(node)
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            prefix = ".".join(done + [""]) if done else ""
+            close = difflib.get_close_matches(part, names, n=1)
+            return key + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+        node = hints[part]
+        done.append(part)
+    return None
+
+
+def hydra_overrides(argv: list[str]) -> tuple[list[str], str | None]:
+    """The overrides of a Hydra command line (flags such as ``--multirun`` and ``--cfg job`` left
+    out) and its ``--config-dir``, parsed by Hydra's own argument parser."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    return list(args.overrides), args.config_dir
+
+
+def check_overrides(overrides: list[str], schema: type, config_name: str = "train", config_dir: str = CONF_DIR,
+                    extra_dirs: Iterable[str] = ()) -> None:
+    """Raise ``ValueError`` (one message listing every problem) when an override names a group
+    option that does not exist or a key the schema lacks. ``hydra.*`` overrides are Hydra's own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from panda.config import unknown_keys_error
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:  # not an override at all (e.g. a missing '='): Hydra's own message says where
+        raise ValueError(str(exc).strip()) from None
+    searchpath = [o for o in overrides if o.lstrip("+~").startswith("hydra.searchpath")]
+    searchpath += [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in extra_dirs)}]"] if extra_dirs else []
+    groups = _Groups(config_dir, config_name, searchpath)
+    problems, unknown = [], []
+    try:
+        for override in parsed:
+            name = override.key_or_group
+            if name == "hydra" or name.startswith(("hydra.", "hydra/")):
+                continue
+            if groups.is_group(name):
+                options = groups.options(name)
+                problems += [_unknown_group_choice(name, c, options) for c in _choices(override) if c not in options]
+            elif not override.is_delete():
+                unknown += [k for k in [unknown_key(name, schema)] if k]
+    finally:
+        groups.close()
+    if unknown:
+        problems.append(str(unknown_keys_error(unknown)))
+    if problems:
+        raise ValueError("\n  ".join(problems))
+
+
+def check_command_line(entry: str, schema: type, config_name: str, argv: list[str]) -> None:
+    """:func:`check_overrides` on an entry point's command line; a problem ends the process with
+    panda's one-line message and exit code 2 (before Hydra makes a run folder)."""
+    from panda.runs import exit_on_config_error
+
+    overrides, config_dir = hydra_overrides(argv)
+    try:
+        check_overrides(overrides, schema, config_name, extra_dirs=[config_dir] if config_dir else ())
+    except ValueError as exc:
+        exit_on_config_error(entry, exc)
