@@ -19,12 +19,14 @@ B_SCORE = [5, 4, 4, 3, 3, 2, 2, 1, 0, 0]
 TYPES = ["what"] * 5 + ["how"] * 5
 
 
-def _write_run(folder, preds, scores, extra=()):
+def _write_run(folder, preds, scores, extra=(), answers=None):
+    """A run folder whose judge gave ``preds`` / ``scores`` to ``answers`` (default ``answer <i>``)."""
+    answers = answers or [f"answer {i}" for i in range(len(preds))]
     os.makedirs(folder / "msvd_qa")
     with open(folder / "msvd_qa" / "judgements.jsonl", "w") as f:
         for i, (p, s) in enumerate(zip(preds, scores)):
             f.write(json.dumps({"id": f"q{i}", "criterion": "qa", "ok": True, "pred": p, "score": s, "type": TYPES[i],
-                                "question": f"question {i}?", "reference": "ref", "prediction": f"answer {i}"}) + "\n")
+                                "question": f"question {i}?", "reference": "ref", "prediction": answers[i]}) + "\n")
         for line in extra:
             f.write(json.dumps(line) + "\n")
     (folder / "results.json").write_text("{}")
@@ -67,3 +69,27 @@ def test_a_release_format_verdict_file_against_a_run_from_the_command_line(tmp_p
     bad = subprocess.run([sys.executable, "-m", "panda.evaluation.agreement", run, str(path)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--benchmark" in bad.stderr
+
+
+def test_runs_that_judged_different_predictions_say_so_and_show_both(tmp_path):
+    """Two judges compared on different answers measure the answers too: the comparison counts the
+    questions whose predictions differ and shows both predictions wherever they differ."""
+    answers = [f"answer {i}" for i in range(10)]
+    answers[5], answers[8] = "a longer answer 5", "another answer 8"  # q5: the verdicts differ too; q8: they agree
+    a = _write_run(tmp_path / "a", A_PRED, A_SCORE)
+    b = _write_run(tmp_path / "b", B_PRED, B_SCORE, answers=answers)
+    result = compare(read_run(a), read_run(b))
+    differ = result["different_predictions"]
+    assert (differ["count"], differ["questions"]) == (2, 10) and [d["id"] for d in differ["items"]] == ["msvd_qa/q5", "msvd_qa/q8"]
+    assert differ["items"][1] == {"id": "msvd_qa/q8", "prediction_a": "answer 8", "prediction_b": "another answer 8"}
+    q5, q6 = result["groups"]["msvd_qa"]["disagreements"]
+    assert (q5["prediction_a"], q5["prediction_b"]) == ("answer 5", "a longer answer 5") and "prediction" not in q5
+    assert q6["prediction"] == "answer 6" and "prediction_a" not in q6  # the same answer: shown once
+    proc = subprocess.run([sys.executable, "-m", "panda.evaluation.agreement", a, b], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "different predictions for 2 of 10 questions" in proc.stdout
+    assert "A: answer 8 | B: another answer 8" in proc.stdout  # listed although both judges said no
+    assert "pred A: answer 5 | pred B: a longer answer 5" in proc.stdout
+    same = compare(read_run(a), read_run(a))
+    assert same["different_predictions"] == {"count": 0, "questions": 10, "items": []}

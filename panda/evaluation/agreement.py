@@ -11,6 +11,11 @@ types) it prints raw agreement and Cohen's kappa on yes/no, the mean absolute sc
 both accuracies and their difference with a 95% paired bootstrap interval (items resampled,
 seeded), and lists the items where the verdicts differ. This is how to measure a new judge
 against the verdicts the paper's retired GPT-3.5 gave.
+
+Both sides should have judged the same predictions; where the files record them and they differ
+(another checkpoint, other decoding settings), the numbers measure the answers as well as the
+judges: the comparison says for how many questions, lists them with both predictions, and shows
+both predictions beside each disagreement.
 """
 
 from __future__ import annotations
@@ -94,6 +99,31 @@ def paired_difference_ci(a: np.ndarray, b: np.ndarray) -> list[float] | None:
     return [round(float(v), 6) for v in np.percentile(diffs, [2.5, 97.5])]
 
 
+def predictions_of(x: dict, y: dict) -> dict:
+    """The prediction two verdicts judged, once when it is the same (or only one side recorded it),
+    both when they differ: ``{"prediction": p}`` or ``{"prediction_a": p, "prediction_b": q}``."""
+    pa, pb = x.get("prediction"), y.get("prediction")
+    if pa is not None and pb is not None and pa != pb:
+        return {"prediction_a": pa, "prediction_b": pb}
+    return {"prediction": pa if pa is not None else pb}
+
+
+def different_predictions(a: dict, b: dict, keys: list) -> dict:
+    """The questions of ``keys`` whose two verdicts judged different predictions (a question with
+    several criteria counts once, with its first differing pair): how many, of how many questions
+    both sides recorded a prediction for, and each one's ``benchmark/id`` with both predictions."""
+    recorded, differ = set(), {}
+    for key in keys:
+        question = f"{key[0]}/{key[1]}"
+        if a[key].get("prediction") is None or b[key].get("prediction") is None:
+            continue
+        recorded.add(question)
+        shown = predictions_of(a[key], b[key])
+        if "prediction_a" in shown:
+            differ.setdefault(question, {"id": question, **shown})
+    return {"count": len(differ), "questions": len(recorded), "items": list(differ.values())}
+
+
 def compare(a: dict, b: dict) -> dict:
     """Agreement of two judges' verdicts, per benchmark, criterion and (where known) question type."""
     common = sorted(set(a) & set(b))
@@ -104,7 +134,8 @@ def compare(a: dict, b: dict) -> dict:
         qtype = a[key].get("type") or b[key].get("type")
         if crit == "qa" and qtype is not None:
             groups[f"{bench}/type={qtype}"].append(key)
-    out = {"items_a": len(a), "items_b": len(b), "common": len(common), "groups": {}}
+    out = {"items_a": len(a), "items_b": len(b), "common": len(common),
+           "different_predictions": different_predictions(a, b, common), "groups": {}}
     for name, keys in sorted(groups.items()):
         sa = np.array([a[k]["score"] for k in keys], float)
         sb = np.array([b[k]["score"] for k in keys], float)
@@ -122,7 +153,7 @@ def compare(a: dict, b: dict) -> dict:
                 res["disagreements"] = [
                     {"id": k[1], "a": {"pred": a[k]["pred"], "score": a[k]["score"]},
                      "b": {"pred": b[k]["pred"], "score": b[k]["score"]},
-                     **{f: a[k].get(f) or b[k].get(f) for f in ("question", "reference", "prediction")}}
+                     **{f: a[k].get(f) or b[k].get(f) for f in ("question", "reference")}, **predictions_of(a[k], b[k])}
                     for k, x, y in zip(keys, pa, pb) if x != y]
         out["groups"][name] = res
     return out
@@ -133,8 +164,14 @@ def _round(x):
 
 
 def report(result: dict, name_a: str, name_b: str) -> str:
+    differ = result["different_predictions"]
     lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{result['common']} items graded by both (A: {result['items_a']}, B: {result['items_b']})", "",
+             f"{result['common']} items graded by both (A: {result['items_a']}, B: {result['items_b']})"]
+    if differ["count"]:
+        lines.append(f"WARNING: A and B judged different predictions for {differ['count']} of {differ['questions']} "
+                     "questions (listed below): the numbers compare the answers as well as the judges; to compare "
+                     "the judges alone, let both judge the same run's predictions")
+    lines += ["",
              f"{'group':<34} {'n':>5} {'agree':>6} {'kappa':>6} {'|dscore|':>8} {'acc A':>6} {'acc B':>6} "
              f"{'B-A [95% CI]':>22}"]
     for name, r in result["groups"].items():
@@ -151,8 +188,17 @@ def report(result: dict, name_a: str, name_b: str) -> str:
                          f"{r['score_a']:>6.2f} {r['score_b']:>6.2f} {diff:>22}")
     for name, r in result["groups"].items():
         for d in r.get("disagreements", [])[:20]:
-            lines.append(f"  {name} {d['id']}: A {d['a']['pred']}/{d['a']['score']}, B {d['b']['pred']}/{d['b']['score']}"
-                         + (f" | Q: {d['question']} | ref: {d['reference']} | pred: {d['prediction']}" if d.get("question") else ""))
+            line = f"  {name} {d['id']}: A {d['a']['pred']}/{d['a']['score']}, B {d['b']['pred']}/{d['b']['score']}"
+            if d.get("question"):
+                line += f" | Q: {d['question']} | ref: {d['reference']}"
+            if "prediction_a" in d:
+                line += f" | pred A: {d['prediction_a']} | pred B: {d['prediction_b']}"
+            elif d.get("question"):
+                line += f" | pred: {d['prediction']}"
+            lines.append(line)
+    if differ["count"]:
+        lines += ["", f"different predictions ({min(20, differ['count'])} of {differ['count']} shown):"]
+        lines += [f"  {d['id']}: A: {d['prediction_a']} | B: {d['prediction_b']}" for d in differ["items"][:20]]
     return "\n".join(lines)
 
 
