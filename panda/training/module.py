@@ -56,6 +56,25 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: flo
     return fn
 
 
+def start_after_finished_epoch(checkpoint: dict) -> None:
+    """Make a checkpoint written after an epoch closed resume at the start of the next epoch.
+
+    Such a checkpoint (the end of a ``max_epochs`` run) counts the epoch as completed but still
+    holds that epoch's batch counters (``current`` = its batches, ``is_last_batch``). When a run
+    has a step limit (``trainer.max_steps``), Lightning restarts from them as if they were the next
+    epoch's: its fetcher starts counting at that many batches, so the next epoch ended after
+    (batches per epoch - batches of the closed one) batches, and the data module, which starts the
+    next epoch afresh, lost the rest of it. The counters of the epoch in progress are zero here."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not loop or "epoch_loop.batch_progress" not in loop:
+        return
+    epochs, batches = loop["epoch_progress"]["total"], loop["epoch_loop.batch_progress"]
+    epoch_closed = epochs["completed"] == epochs["processed"] == epochs["started"] == epochs["ready"]
+    if epoch_closed and batches.get("is_last_batch"):
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+
+
 class PandaModule(L.LightningModule):
     """Trains a :class:`VideoLanguageModel` with the LM loss of one stage, plus distillation from a
     frozen ``teacher`` when one is given (stab.md §7).
@@ -130,6 +149,10 @@ class PandaModule(L.LightningModule):
         rank_zero_info(f"stage {self.cfg.stage.name!r}:\n" + "\n".join(lines))
         if self.logger is not None:
             self.logger.log_hyperparams({f"trainable/{k}": v for k, v in self.trainable.items()} | self.model.parameter_counts())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before it restores its loops from the same dict
+        start_after_finished_epoch(checkpoint)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int):
