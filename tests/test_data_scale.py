@@ -253,6 +253,48 @@ def test_mid_epoch_resume_on_shards_matches_an_uninterrupted_run(synthetic_shard
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
+@pytest.mark.parametrize("source", ["shards", "records"])
+@pytest.mark.parametrize("first", [["trainer.max_epochs=1", "trainer.max_steps=100"],  # stops at the epoch's end
+                                   ["trainer.max_epochs=3", "trainer.max_steps=3"]])  # the step limit lands on it
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_matches_an_uninterrupted_run(source, first, synthetic_shards,
+                                                                                      synthetic_root, tmp_path):
+    """A checkpoint written when an epoch closed resumes at the next epoch's first batch and trains all of it."""
+    from panda.training.run import train
+
+    def run(run_dir, *extra):
+        data = [f"data.shards=[{{name: synthetic, path: '{synthetic_shards}'}}]"] if source == "shards" else []
+        return train(compose(tiny_overrides(synthetic_root, str(run_dir)) + data + [
+            "evaluate=false", "data.batch_size=16", "data.num_workers=2", "stage.schedule=constant",
+            "stage.warmup_ratio=0", "trainer.checkpoint_every_n_steps=1000", *extra]))
+
+    rest = ["trainer.max_epochs=3", "trainer.max_steps=100"]
+    straight = run(tmp_path / "straight", *rest)
+    split = run(tmp_path / "split", *first)
+    ckpt = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)
+    per_epoch = len(straight["train/loss_by_step"]) // 3
+    assert ckpt["VideoDataModule"] == {"epoch": 0, "batches_done": per_epoch} == {"epoch": 0, "batches_done": split["train/steps"]}
+    resumed = run(tmp_path / "split", *rest, "ckpt_path=last")
+    assert per_epoch >= 2 and len(resumed["train/loss_by_step"]) == 3 * per_epoch  # no batch dropped
+    assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_an_end_of_epoch_checkpoint_on_shards_matches_an_uninterrupted_run(synthetic_shards, synthetic_root,
+                                                                                          tmp_path):
+    def run(run_dir, *extra):
+        run_cli(["train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run_dir}",
+                 *tiny_overrides(synthetic_root), f"data.shards=[{{name: synthetic, path: '{synthetic_shards}'}}]",
+                 "evaluate=false", "data.batch_size=8", "stage.schedule=constant", "stage.warmup_ratio=0",
+                 "trainer.max_steps=100", *extra])
+        return json.loads((run_dir / "summary.json").read_text())
+
+    straight = run(tmp_path / "straight", "trainer.max_epochs=3")
+    first = run(tmp_path / "split", "trainer.max_epochs=1")
+    resumed = run(tmp_path / "split", "trainer.max_epochs=3", "ckpt_path=last")
+    assert first["train/steps"] >= 2 and len(straight["train/loss_by_step"]) == 3 * first["train/steps"]
+    assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]
+
+
 def test_a_folder_that_is_not_prepared_is_named_with_the_fix(tmp_path):
     from panda.data.shards import ShardFormatError, ShardSource
 
