@@ -112,6 +112,33 @@ def test_malformed_json_names_the_file_and_record_index(tmp_path):
     proc = run_cli(["-m", "panda.data.prepare", "--records", str(path), "--video-root", str(tmp_path / "videos"),
                     "--output", str(tmp_path / "out"), "--no-progress"], check=False)
     assert proc.returncode == 2 and "valley_.json, record 1: invalid JSON" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written: the same command can simply run again
+
+
+def test_a_prepare_that_fails_before_finishing_a_part_leaves_the_output_as_it_found_it(tmp_path, make_video):
+    (tmp_path / "videos").mkdir()
+    make_video("videos/a.mp4")
+    turns = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A circle."}]
+    good = [{"id": "a", "video": "a.mp4", "conversations": turns}, {"id": "b", "video": "a.mp4", "conversations": turns}]
+    records = tmp_path / "valley_.json"
+    records.write_text(json.dumps(good)[:-1] + ",]")  # a trailing comma
+    out = tmp_path / "out"
+    opts = PrepareOptions(records=[str(records)], video_root=str(tmp_path / "videos"), output=str(out), frames=4,
+                          progress=False)
+    with pytest.raises(RecordError, match=r"valley_\.json, record 2: invalid JSON"):
+        prepare(opts)
+    assert not out.exists()
+    records.write_text(json.dumps(good))
+    assert prepare(opts)["kept"] == 2  # the same command, without --resume
+
+    # a failure inside the first part (litdata refuses the chunk size), in a folder that was empty
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failing = dataclasses.replace(opts, output=str(empty), chunk_bytes="lots")
+    with pytest.raises(ValueError, match="units"):
+        prepare(failing)
+    assert empty.is_dir() and os.listdir(empty) == []
+    assert prepare(dataclasses.replace(failing, chunk_bytes="64MB"))["kept"] == 2
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -234,6 +261,24 @@ def test_corrupt_shard_entry_is_skipped_counted_and_named_at_train_time(syntheti
     assert sorted(m.split()[2] for m in named) == sorted(users * 2)
     assert 0.0 <= summary["train/padded_fraction_mean"] < 0.5
     assert 0.0 <= summary["train/padded_fraction_all_mean"] < 1.0
+
+
+def test_training_on_shards_reports_the_records_prepare_left_out(synthetic_root, tmp_path):
+    from panda.training.run import train
+
+    records = json.load(open(os.path.join(synthetic_root, "train", "train_json", "synthetic_train.json")))[:8]
+    records += [{"id": "no_video"},  # malformed_record
+                records[0] | {"id": "gone", "video": "synthetic/not_there.mp4"},  # missing
+                records[1]]  # duplicate_id
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    shards = str(tmp_path / "shards")
+    stats = prepare(PrepareOptions(records=[str(path)], video_root=os.path.join(synthetic_root, "train"), output=shards,
+                                   frames=4, progress=False, tokenizer=os.path.join(synthetic_root, "tokenizer")))
+    assert stats["rejected"] == 3
+    summary = train(shard_overrides(synthetic_root, shards, tmp_path / "run", "trainer.max_steps=1"))
+    assert summary["data/prepare_rejected_records"] == 3
+    assert summary["data/rejected_records"] == 0  # training itself read no record file
 
 
 def test_mid_epoch_resume_on_shards_matches_an_uninterrupted_run(synthetic_shards, synthetic_root, tmp_path):

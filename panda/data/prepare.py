@@ -3,25 +3,27 @@
     python -m panda.data.prepare --records DATA_ROOT/train/train_json/valley_.json \\
         --video-root DATA_ROOT/train --output /data/shards/valley --workers 16
 
-Every record is read (a malformed one is rejected with its file and index; JSON that does not
-parse stops the job and names the record), its video resolved and **validated once**: the
-container is opened, fps, frame count and size are read, and the frames training samples are
-decoded (decord, PyAV as the fallback: AV1 and some containers need it). What passes is written
-as litdata chunks holding the *encoded* video bytes (``--store video``, the default: any frame
-count or sampling can be read from them later) or the sampled frames already resized for
-training (``--store frames``: tied to ``--frames``, ``--sample-fps`` and the STAB geometry, read
-several times faster; see :mod:`panda.data.frame_store`), and a JSON metadata string per entry. Each
-video is stored **once**, with every record that uses it (Video-ChatGPT asks ~7 questions per
-video); the training sampler still draws records. What fails goes to ``OUT/rejects.jsonl`` as
-``{"id", "path", "code", "reason", "source"}`` (one line per record). Nothing that one record
-does stops the job.
+Every record is read (a malformed one is rejected with its file and index; JSON that does not parse
+stops the job, before anything is written, and names the file and record), its video resolved and
+**validated once**: the container is opened, fps, frame count and size are read, and the frames
+training samples are decoded (decord, PyAV as the fallback: AV1 and some containers need it). What
+passes is written as litdata chunks holding the *encoded* video bytes (``--store video``, the
+default: any frame count or sampling can be read from them later) or the sampled frames already
+resized for training (``--store frames``: tied to ``--frames``, ``--sample-fps`` and the STAB
+geometry, read several times faster; see :mod:`panda.data.frame_store`), and a JSON metadata string
+per entry. Each video is stored **once**, with every record that uses it (Video-ChatGPT asks ~7
+questions per video); the training sampler still draws records. What fails goes to
+``OUT/rejects.jsonl`` as ``{"id", "path", "code", "reason", "source"}`` (one line per record).
+Nothing that one record does stops the job.
 
 The work is cut into parts of ``--part-size`` videos, processed by ``--workers`` processes. Each
 finished part leaves ``OUT/.parts/<part>.json``; ``--resume`` keeps those and redoes only the rest,
-so an interrupted run loses at most one part per worker. The last step merges the parts into one
-litdata dataset (``OUT/index.json``, readable by ``litdata.StreamingDataset`` as it is) and
-writes ``OUT/panda_index.json`` (each record's entry and text length, for the sampler),
-``OUT/stats.json`` and ``OUT/rejects.jsonl``.
+so an interrupted run loses at most one part per worker. A run without ``--resume`` that fails
+before finishing any part removes what it wrote, so the same command runs again. The last step
+merges the parts into one litdata dataset (``OUT/index.json``, readable by
+``litdata.StreamingDataset`` as it is) and writes ``OUT/panda_index.json`` (each record's entry
+and text length, for the sampler), ``OUT/stats.json`` (its ``rejected`` count is what a training
+run on the shards reports as ``data/prepare_rejected_records``) and ``OUT/rejects.jsonl``.
 
 Reject codes: ``malformed_record``, ``empty_conversation``, ``non_utf8_text``, ``duplicate_id``
 (the record), ``missing``, ``empty_file``, ``unreadable``, ``no_video_stream``, ``undecodable``,
@@ -39,6 +41,8 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -271,7 +275,8 @@ def read_all_records(opts: PrepareOptions) -> tuple[list[VideoRecord], list[dict
                       "source": f"{r['source']}#{r['index']}"} for r in rejects]
 
 
-def _check_output(opts: PrepareOptions) -> None:
+def _check_output(opts: PrepareOptions) -> dict:
+    """Refuse an output folder in the way (writes nothing); returns the plan this run writes there."""
     plan_path = os.path.join(opts.output, PARTS_DIR, "plan.json")
     key = opts.plan_key()
     if opts.resume:
@@ -285,8 +290,30 @@ def _check_output(opts: PrepareOptions) -> None:
     elif os.path.isdir(opts.output) and os.listdir(opts.output):
         raise PrepareError(f"{opts.output} is not empty: pass --resume to continue an interrupted run, "
                            "or choose a new --output")
-    os.makedirs(os.path.join(opts.output, PARTS_DIR), exist_ok=True)
-    _write_json(plan_path, key)
+    return key
+
+
+def _finished_parts(output: str) -> list[str]:
+    """The part markers (``.parts/<part>.json``) of ``output``: what ``--resume`` keeps."""
+    folder = os.path.join(output, PARTS_DIR)
+    return [n for n in os.listdir(folder) if re.fullmatch(r"\d+\.json", n)] if os.path.isdir(folder) else []
+
+
+def _remove_unfinished_output(output: str, created: bool) -> None:
+    """After a fresh run (no ``--resume``) failed: if no part was finished, nothing written is worth
+    resuming, so leave ``output`` as the run found it (absent, or empty as :func:`_check_output`
+    required) and the same command can simply run again. Finished parts stay for ``--resume``."""
+    if _finished_parts(output):
+        return
+    if created:
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    for name in os.listdir(output):
+        path = os.path.join(output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -363,8 +390,20 @@ def prepare(opts: PrepareOptions) -> dict:
                 frame_geometry(1, 1, opts.teacher_resolution, 14, 1)
         except ValueError as exc:
             raise PrepareError(f"--store frames: {exc}") from exc
-    _check_output(opts)
-    records, record_rejects = read_all_records(opts)
+    plan = _check_output(opts)
+    records, record_rejects = read_all_records(opts)  # JSON that does not parse stops the job before it writes
+    created = not os.path.isdir(opts.output)
+    try:
+        os.makedirs(os.path.join(opts.output, PARTS_DIR), exist_ok=True)
+        _write_json(os.path.join(opts.output, PARTS_DIR, "plan.json"), plan)
+        return _write_shards(opts, records, record_rejects, start)
+    except BaseException:
+        if not opts.resume:
+            _remove_unfinished_output(opts.output, created)
+        raise
+
+
+def _write_shards(opts: PrepareOptions, records: list[VideoRecord], record_rejects: list[dict], start: float) -> dict:
     by_video: dict[str, list[VideoRecord]] = {}
     for rec in records:  # each video is validated and stored once, with all its records
         by_video.setdefault(rec.video, []).append(rec)
@@ -431,6 +470,20 @@ def prepare(opts: PrepareOptions) -> dict:
              ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items()) or "no rejects",
              shard_bytes / 1e6, source_bytes / 1e6)
     return stats
+
+
+def prepare_rejected_records(folders: list[str]) -> int | None:
+    """How many records ``prepare`` left out of the shard folders ``folders`` (the ``rejected`` of
+    each one's ``stats.json``); None when a folder has no ``stats.json`` here to read (an
+    object-store URL is not fetched for it)."""
+    total = 0
+    for folder in folders:
+        path = os.path.join(folder, "stats.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            total += json.load(f)["rejected"]
+    return total
 
 
 def parse_args(argv=None) -> PrepareOptions:

@@ -16,6 +16,7 @@ import torch
 from panda.build import build_datamodule, build_model, build_tokenizer, frame_pipeline
 from panda.config import FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, distill_active, to_plain, to_train_config
 from panda.data.conversation import get_template
+from panda.data.prepare import prepare_rejected_records
 from panda.data.synthetic import generate
 from panda.data.tokenizer import save_tokenizer
 from panda.evaluation.benchmarks import load_benchmark
@@ -225,6 +226,8 @@ def training_results(s: Session) -> dict:
         "train/padded_fraction_all_mean": (sum(s.module.padded_fractions_all) / len(s.module.padded_fractions_all)
                                            if s.module.padded_fractions_all else None),
         "data/rejected_records": len(s.datamodule.rejects),
+        "data/prepare_rejected_records": (prepare_rejected_records([src.path for src in s.cfg.data.shards])
+                                          if s.cfg.data.shards else None),
         "checkpoint": final if os.path.exists(final) else None,
         **s.module.model.parameter_counts(),
         **{f"trainable/{k}": v for k, v in s.module.trainable.items()},
