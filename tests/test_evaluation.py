@@ -372,3 +372,60 @@ def test_evaluate_py_fails_and_says_why_when_nothing_could_be_judged(tiny_checkp
     assert "`msvd_qa`: nothing judged of 3 questions; 3 missing or unreadable video(s) (m0, m1, m2)" in proc.stderr
     table = (run_dir / "results.md").read_text()  # the results are still written, with the reason beside them
     assert "Not in the numbers above:" in table and "3 missing or unreadable video(s)" in table
+
+
+def _evaluate_synthetic(checkpoint, run_dir, *overrides):
+    from panda.evaluation.run import evaluate
+
+    return evaluate(compose([f"checkpoint={checkpoint}", f"run_dir={run_dir}", "num_workers=0", *overrides],
+                            config_name="evaluate"))
+
+
+def _settings_shown(stdout: str) -> dict[str, str]:
+    """The ``evaluation settings`` block evaluate prints: setting -> the rest of its line, spaces collapsed."""
+    block = stdout.split("== evaluation settings ==\n", 1)[1].split("\n\n", 1)[0]
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in block.splitlines() if line.strip()}
+
+
+def test_a_training_checkpoint_brings_its_evaluation_settings_and_a_release_folder_keeps_the_defaults(
+        tiny_checkpoint, tmp_path, capsys):
+    """A train.py checkpoint's own evaluation settings (max_new_tokens 16, data.eval_batch_size,
+    frames, sampling) apply where the caller set nothing; what the caller sets wins; an exported
+    (release-format) folder has none of them and keeps evaluate.py's defaults (1,024 new tokens)."""
+    from panda.config import to_evaluate_config
+    from panda.evaluation.run import settings_in_force
+    from panda.export import main as export_main
+    from panda.loading import load_model
+
+    results = _evaluate_synthetic(tiny_checkpoint, tmp_path / "eval", "benchmark.synthetic.limit=2", "sample_fps=2")
+    settings = results["settings"]
+    assert settings["max_new_tokens"] == {"value": 16, "from": "checkpoint: max_new_tokens"}
+    assert settings["batch_size"] == {"value": 8, "from": "checkpoint: data.eval_batch_size"}
+    assert settings["frames"] == {"value": 4, "from": "checkpoint: frames"}
+    assert settings["sampling"] == {"value": "release", "from": "checkpoint: data.sampling"}
+    assert settings["sample_fps"] == {"value": 2.0, "from": "config"}  # the caller's value wins
+    assert results["decoding"]["max_new_tokens"] == 16 and "max 16 new tokens" in (tmp_path / "eval" / "results.md").read_text()
+    shown = _settings_shown(capsys.readouterr().out)
+    assert shown["max_new_tokens"] == "16 (checkpoint: max_new_tokens)" and shown["sample_fps"] == "2.0 (config)"
+
+    folder = str(tmp_path / "export")
+    assert export_main([tiny_checkpoint, "--out", folder]) == 0
+    cfg = to_evaluate_config(compose([f"checkpoint={folder}"], config_name="evaluate"))
+    resolved, sources = settings_in_force(cfg, load_model(folder), command_line=())
+    assert (resolved.max_new_tokens, sources["max_new_tokens"]) == (1024, "default")
+    assert (resolved.batch_size, sources["batch_size"]) == (8, "default")
+    assert (resolved.frames, sources["frames"]) == (4, "checkpoint")
+
+
+@pytest.mark.slow
+def test_evaluate_py_prints_its_settings_and_the_command_line_wins_over_the_checkpoint(tiny_checkpoint, tmp_path):
+    """max_new_tokens=1024 on the command line is the default's value, and still beats the
+    checkpoint's 16; what nobody set comes from the checkpoint, and each line says so."""
+    proc = run_cli(["evaluate.py", f"checkpoint={tiny_checkpoint}", "num_workers=0", "benchmark.synthetic.limit=2",
+                    "max_new_tokens=1024", f"hydra.run.dir={tmp_path}"])
+    shown = _settings_shown(proc.stdout)
+    assert shown["max_new_tokens"] == "1024 (command line)"
+    assert shown["batch_size"] == "8 (checkpoint: data.eval_batch_size)" and shown["frames"] == "4 (checkpoint: frames)"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["decoding"]["max_new_tokens"] == 1024
+    assert results["settings"]["max_new_tokens"] == {"value": 1024, "from": "command line"}

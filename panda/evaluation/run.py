@@ -7,6 +7,10 @@ Per benchmark, in ``run_dir/<benchmark>/``:
   or unreadable gets an ``error`` line instead (retried on resume, reported, never dropped).
 - ``judgements.jsonl`` — one line per judge request: verdict, score, or the failure reason.
 
+Settings a ``train.py`` checkpoint records for its own held-out evaluation (``max_new_tokens``,
+``data.eval_batch_size``, ``frames``, the frame sampling) apply where the user set nothing
+(:func:`settings_in_force`); ``evaluate`` prints each setting in force and where it came from.
+
 Then ``run_dir/results.json`` and ``run_dir/results.md`` (the paper's Tables 1 and 2 layout with
 the published Video-Panda row). Under ``torchrun`` (``WORLD_SIZE`` > 1) every process generates a
 slice; rank 0 merges the slices and judges.
@@ -15,11 +19,13 @@ slice; rank 0 merges the slices and judges.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
 import os
 import time
+from typing import Iterable
 
 import torch
 
@@ -34,8 +40,8 @@ from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG
 from panda.evaluation.judge import build_judge
 from panda.evaluation.mcq import resolve_choices
 from panda.evaluation.qa import generate_answers
-from panda.loading import load_model
-from panda.runs import git_commit, print_summary, run_dir_of, wandb_offline
+from panda.loading import LoadedModel, load_model
+from panda.runs import git_commit, hydra_overrides, print_summary, run_dir_of, wandb_offline
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +297,46 @@ def benchmark_config(name: str, bcfg: BenchmarkConfig, run_cfg, checkpoint: str)
     return bcfg
 
 
+# evaluate.py's settings that a train.py checkpoint holds for its own held-out evaluation: where in its config
+FROM_TRAINING_RUN = {"frames": "frames", "max_new_tokens": "max_new_tokens", "batch_size": "data.eval_batch_size",
+                     "sample_fps": "data.sample_fps", "sampling": "data.sampling", "max_frames": "data.max_frames",
+                     "max_visual_tokens": "data.max_visual_tokens"}
+
+
+def command_line_keys() -> set[str]:
+    """The top-level keys this process's Hydra command line sets (empty outside Hydra)."""
+    return {o.lstrip("+~").split("=", 1)[0] for o in hydra_overrides()}
+
+
+def settings_in_force(cfg: EvaluateConfig, loaded: LoadedModel, command_line: Iterable[str]) -> tuple[EvaluateConfig, dict]:
+    """``cfg`` with each setting of :data:`FROM_TRAINING_RUN` resolved, and {setting: where it came from}:
+
+    - ``command line``: named in ``command_line``, whatever its value;
+    - ``config``: a value other than the default (a config file, or a caller outside Hydra);
+    - ``checkpoint: <key>``: a ``train.py`` checkpoint's own evaluation setting (its held-out
+      evaluation ran with it);
+    - ``checkpoint``: the frame count a folder records (a release folder keeps the other defaults);
+    - ``default``: :class:`EvaluateConfig`'s.
+    """
+    command_line = set(command_line)
+    defaults = {f.name: f.default for f in dataclasses.fields(EvaluateConfig)}
+    values, sources = {}, {}
+    for name, key in FROM_TRAINING_RUN.items():
+        value = getattr(cfg, name)
+        if name in command_line and value is not None:
+            source = "command line"
+        elif value != defaults[name]:
+            source = "config"
+        elif loaded.run_config is not None:
+            value, source = functools.reduce(getattr, key.split("."), loaded.run_config), f"checkpoint: {key}"
+        elif name == "frames":
+            value, source = loaded.frames, "checkpoint"
+        else:
+            source = "default"
+        values[name], sources[name] = value, source
+    return dataclasses.replace(cfg, **values), sources
+
+
 def evaluate(cfg) -> dict:
     """``evaluate.py``: every configured benchmark of one checkpoint -> ``results.json`` and ``results.md``."""
     cfg: EvaluateConfig = to_evaluate_config(cfg)
@@ -307,7 +353,12 @@ def evaluate(cfg) -> dict:
 
     loaded = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
     model, tokenizer, template = loaded.model.to(device).eval(), loaded.tokenizer, loaded.prompt_template
-    frames = cfg.frames or loaded.frames
+    cfg, sources = settings_in_force(cfg, loaded, command_line_keys())
+    if rank == 0:
+        width = max(len(str(getattr(cfg, name))) for name in sources)
+        print_summary({name: f"{str(getattr(cfg, name)):<{width}}  ({source})" for name, source in sources.items()},
+                      title="evaluation settings")
+    frames = cfg.frames
     stab = model.stab_cfg
     pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps,
                              sampling=sampling_rule(cfg, stab, frames))
@@ -321,6 +372,8 @@ def evaluate(cfg) -> dict:
     results = {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": frames,
                "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template.name,
                             "tokenization": template.tokenization},
+               "settings": {name: {"value": getattr(cfg, name), "from": source}
+                            for name, source in sources.items()},
                "git_commit": git_commit(), "benchmarks": {}}
     judges_used, samples = {}, []
     for name, bcfg in cfg.benchmark.items():
