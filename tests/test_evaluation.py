@@ -381,6 +381,40 @@ def _evaluate_synthetic(checkpoint, run_dir, *overrides):
                             config_name="evaluate"))
 
 
+def test_a_rerun_with_other_decoding_settings_generates_again_and_keeps_the_old_answers_aside(tiny_checkpoint, tmp_path,
+                                                                                              caplog):
+    """Saved predictions are resumed only under the settings that made them: a rerun into the same
+    folder with another max_new_tokens moves them to superseded/, says what changed, and writes
+    what a fresh run with the new settings writes."""
+    folder = tmp_path / "eval" / "synthetic"
+    _evaluate_synthetic(tiny_checkpoint, tmp_path / "eval", "max_new_tokens=12")
+    long_answers = (folder / "predictions.jsonl").read_text()
+    with caplog.at_level("WARNING", logger="panda.evaluation.run"):
+        again = _evaluate_synthetic(tiny_checkpoint, tmp_path / "eval", "max_new_tokens=2")
+    fresh = _evaluate_synthetic(tiny_checkpoint, tmp_path / "fresh", "max_new_tokens=2")
+    short_answers = (tmp_path / "fresh" / "synthetic" / "predictions.jsonl").read_text()
+    assert short_answers != long_answers  # the setting changes the answers of this checkpoint
+    assert (folder / "predictions.jsonl").read_text() == short_answers
+    assert again["benchmarks"]["synthetic"]["generated_now"] == fresh["benchmarks"]["synthetic"]["num_questions"] == 8
+    assert again["benchmarks"]["synthetic"] == fresh["benchmarks"]["synthetic"]
+    assert "max 2 new tokens" in (tmp_path / "eval" / "results.md").read_text()
+    (aside,) = (folder / "superseded").iterdir()
+    assert (aside / "predictions.jsonl").read_text() == long_answers
+    assert json.loads((aside / "generation.json").read_text())["max_new_tokens"] == 12
+    (notice,) = [r.getMessage() for r in caplog.records if "superseded" in r.getMessage()]
+    assert "max_new_tokens 12 -> 2" in notice and str(aside) in notice and "\n" not in notice
+    # the same settings again: resumed, nothing generated, nothing moved
+    assert _evaluate_synthetic(tiny_checkpoint, tmp_path / "eval", "max_new_tokens=2")["benchmarks"]["synthetic"]["generated_now"] == 0
+    assert len(list((folder / "superseded").iterdir())) == 1
+    # predictions without a record of their settings (an older panda's, or put there by hand) are kept, with a warning
+    (folder / "generation.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="panda.evaluation.run"):
+        kept = _evaluate_synthetic(tiny_checkpoint, tmp_path / "eval", "max_new_tokens=2")["benchmarks"]["synthetic"]
+    assert kept["generated_now"] == 0 and any("record no settings" in r.getMessage() for r in caplog.records)
+    assert json.loads((folder / "generation.json").read_text())["max_new_tokens"] == 2
+
+
 def _settings_shown(stdout: str) -> dict[str, str]:
     """The ``evaluation settings`` block evaluate prints: setting -> the rest of its line, spaces collapsed."""
     block = stdout.split("== evaluation settings ==\n", 1)[1].split("\n\n", 1)[0]

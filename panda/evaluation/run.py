@@ -5,6 +5,10 @@ Per benchmark, in ``run_dir/<benchmark>/``:
 - ``predictions.jsonl`` — one line per generation, keyed by ``uid``; written batch by batch, so
   an interrupted run resumes without regenerating finished questions. A video that is missing
   or unreadable gets an ``error`` line instead (retried on resume, reported, never dropped).
+- ``generation.json`` — the settings the predictions were made under (:func:`generation_settings`):
+  a run resumes them only under the same settings; under others they move to
+  ``superseded/<date>_<time>/`` (with a warning naming what changed) and are generated again
+  (:func:`keep_predictions_of`).
 - ``judgements.jsonl`` — one line per judge request: verdict, score, or the failure reason.
 
 Settings a ``train.py`` checkpoint records for its own held-out evaluation (``max_new_tokens``,
@@ -24,7 +28,9 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
+from datetime import datetime
 from typing import Iterable
 
 import torch
@@ -64,6 +70,65 @@ def read_predictions(folder: str) -> dict[str, dict]:
                 if "prediction" in row or row["uid"] not in rows:
                     rows[row["uid"]] = row
     return rows
+
+
+GENERATION_FILE = "generation.json"
+# what generation writes into a benchmark's folder (judgements and choices follow from the predictions)
+GENERATED_FILES = ("predictions*.jsonl", "choices.jsonl", "judgements.jsonl", GENERATION_FILE)
+
+
+def checkpoint_identity(path: str) -> dict:
+    """Which weights: the checkpoint's path, its size and when it last changed (of a folder: all
+    its files' size, the newest change), so a checkpoint overwritten in place is another one."""
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    stats = [os.stat(f) for f in files]
+    return {"checkpoint": os.path.abspath(path), "checkpoint_bytes": sum(st.st_size for st in stats),
+            "checkpoint_modified": datetime.fromtimestamp(max(st.st_mtime for st in stats)).isoformat()}
+
+
+def generation_settings(cfg: EvaluateConfig, template: ChatFormat) -> dict:
+    """Everything that shapes a prediction, as ``generation.json`` keeps it: the weights, the frames
+    and how they are sampled, the prompt template, the decoding. Batch size, workers and the
+    attention kernel are left out: they change the speed, not what greedy decoding answers."""
+    sampling = {"sampling": str(cfg.sampling), "sample_fps": cfg.sample_fps}
+    if str(cfg.sampling) != "release":
+        sampling["max_frames"] = cfg.max_frames
+    if str(cfg.sampling) == "budget":
+        sampling["max_visual_tokens"] = cfg.max_visual_tokens
+    return {**checkpoint_identity(cfg.checkpoint), "frames": cfg.frames, **sampling, "template": template.name,
+            "tokenization": str(template.tokenization), "greedy": True, "max_new_tokens": cfg.max_new_tokens,
+            "dtype": cfg.dtype}
+
+
+def keep_predictions_of(folder: str, settings: dict) -> None:
+    """Make ``folder``'s saved predictions those of ``settings``: ones made under other settings
+    move to ``folder/superseded/<time>/`` with a one-line warning naming what differs, so they are
+    generated again; then ``generation.json`` records ``settings``. Predictions without a record
+    (an older panda's, or put there by hand) are kept as made under ``settings``, with a warning."""
+    os.makedirs(folder, exist_ok=True)
+    record = os.path.join(folder, GENERATION_FILE)
+    saved = None
+    if os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            saved = json.load(f)
+    if saved == settings:
+        return
+    made = sorted({p for pattern in GENERATED_FILES for p in glob.glob(os.path.join(folder, pattern))})
+    name = os.path.basename(folder)
+    if saved is None and made:
+        log.warning("%s: the saved predictions record no settings (an older panda's, or put there by hand): resuming "
+                    "them as made under these; move them away to generate them again", name)
+    elif saved is not None and any(p != record for p in made):
+        aside = os.path.join(folder, "superseded", datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f"))
+        os.makedirs(aside)
+        for path in made:
+            shutil.move(path, aside)
+        changed = ", ".join(f"{k} {saved.get(k, '–')} -> {settings.get(k, '–')}"
+                            for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k))
+        log.warning("%s: the saved predictions were made under other settings (%s): generating them again; "
+                    "the old ones are superseded, in %s", name, changed, aside)
+    with open(record, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
 
 
 def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeline: FramePipeline,
@@ -375,10 +440,15 @@ def evaluate(cfg) -> dict:
                "settings": {name: {"value": getattr(cfg, name), "from": source}
                             for name, source in sources.items()},
                "git_commit": git_commit(), "benchmarks": {}}
+    settings = generation_settings(cfg, template)
     judges_used, samples = {}, []
     for name, bcfg in cfg.benchmark.items():
         bench = load_benchmark(benchmark_config(name, bcfg, loaded.run_config, cfg.checkpoint))
         folder = os.path.join(run_dir, name)
+        if rank == 0:
+            keep_predictions_of(folder, settings)
+        if world > 1:  # no rank resumes predictions before rank 0 has set aside those of other settings
+            torch.distributed.barrier()
         generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, cfg.batch_size,
                                          cfg.max_new_tokens, cfg.num_workers, rank, world)
         if world > 1:
