@@ -101,6 +101,37 @@ def test_variant_plot_without_the_baseline_says_so_and_frames_plot_covers_every_
     assert legends[1] == ["no_fsra", "no_gstra"]  # one line per variant that ran at several frame counts
 
 
+def test_bars_show_their_value_a_zero_stays_visible_and_a_missing_one_reads_n_a(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from panda.experiments import collect
+
+    multirun = tmp_path / "multirun"
+    _job(multirun, 0, "ablation/full", 0, 4, 0.5)
+    _job(multirun, 1, "ablation/no_fsra", 0, 4, 0.0)  # a real zero
+    _job(multirun, 2, "ablation/no_gstra", 0, 4, error="out of memory")  # no value at all
+    summary = collect.summarise(collect.collect_runs(str(multirun)))
+    fig = collect.variant_figure(summary)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["0.50", "0.00", "n/a"]  # full, no_fsra, no_gstra
+    assert ax.get_title() == "ablations at 4 frames"  # one frame count: not "by frame count"
+    plt.close(fig)
+    _job(multirun, 3, "ablation/full", 0, 8, 0.7)
+    fig = collect.variant_figure(collect.summarise(collect.collect_runs(str(multirun))))
+    assert fig.axes[0].get_title() == "ablations by frame count"
+    plt.close(fig)
+
+    rows = [{"variant": "full", "frames": 4, "status": "ok", "accuracy": 0.5, "accuracy_motion": 0.0, "accuracy_detail": 0.7},
+            {"variant": "no_lste", "frames": 4, "status": "ok", "accuracy": 0.3, "accuracy_motion": 0.4}]
+    fig = collect.kind_figure(collect.summarise(rows))
+    ax = fig.axes[0]
+    # per kind (motion, detail), one bar per variant (full, no_lste): no_lste reports no detail accuracy
+    assert [t.get_text() for t in ax.texts] == ["0.00", "0.40", "0.70", "n/a"]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[:3] == [0.0, 0.4, 0.7] and heights[3] != heights[3]  # no bar (NaN) where there is no value
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("experiment", STUDY)
 def test_every_experiment_of_the_study_composes(experiment):
     cfg = compose([f"experiment={experiment}", "seed=2", "data.root=data_cache/synthetic_direction", "data.synthetic.kinds=[direction]"])

@@ -16,7 +16,8 @@ Reads only local files (``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``sum
   note that the sweep lacks it) and ``accuracy_by_frames.png`` (one line per variant run at several
   frame counts) — means, with ±1 std error bars only where there are several seeds; and, when the
   runs report accuracy per question kind, ``accuracy_by_kind.png`` (one bar per kind and variant,
-  95% intervals).
+  95% intervals). Each bar is labelled with its mean, so a 0.0 bar shows; where no run gave a value
+  there is no bar and the label reads n/a.
 """
 
 from __future__ import annotations
@@ -236,12 +237,12 @@ BASELINE = "full"  # the variant the ablations are compared with (experiment=abl
 
 
 def bar_groups(summary: list[dict], metric: str = "accuracy") -> list[tuple]:
-    """What ``accuracy_by_variant.png`` draws: ``[(frames, [(variant, mean, std or None), ...],
-    baseline mean or None), ...]``, one group per frame count, the baseline variant first."""
-    done = [s for s in summary if s[f"{metric}_mean"] is not None]
-    variants = sorted({s["variant"] for s in done}, key=lambda v: (v != BASELINE, v))
-    frame_counts = sorted({s["frames"] for s in done}, key=lambda f: (f is None, f or 0))
-    by_key = {(s["variant"], s["frames"]): s for s in done}
+    """What ``accuracy_by_variant.png`` draws: ``[(frames, [(variant, mean or None, std or None), ...],
+    baseline mean or None), ...]``, one group per frame count, the baseline variant first; a variant
+    whose runs at that count all failed (or do not report ``metric``) has mean None."""
+    variants = sorted({s["variant"] for s in summary}, key=lambda v: (v != BASELINE, v))
+    frame_counts = sorted({s["frames"] for s in summary}, key=lambda f: (f is None, f or 0))
+    by_key = {(s["variant"], s["frames"]): s for s in summary}
     return [(f, [(v, by_key[(v, f)][f"{metric}_mean"], by_key[(v, f)][f"{metric}_std"]) for v in variants if (v, f) in by_key],
              by_key[(BASELINE, f)][f"{metric}_mean"] if (BASELINE, f) in by_key else None) for f in frame_counts]
 
@@ -256,11 +257,20 @@ def frame_lines(summary: list[dict], metric: str = "accuracy") -> dict[str, list
     return {v: pts for v, pts in sorted(lines.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])) if len(pts) > 1}
 
 
-def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: float | None = None) -> list[str]:
-    """``accuracy_by_variant.png``: one group of bars per frame count, one bar per variant (error
-    bars only where there are several runs), the baseline variant's mean as a dashed line in each
-    group (or a note when the sweep has none); ``accuracy_by_frames.png``: one line per variant
-    that ran at several frame counts. Legends sit outside the axes."""
+def value_label(mean: float | None) -> str:
+    """What a bar says of itself: its mean (a 0.0 bar has no height to see), or n/a where no run
+    reported one (no bar is drawn there)."""
+    return "n/a" if mean is None else f"{mean:.2f}"
+
+
+def _draw_bars(ax, xs: list[float], means: list[float | None], width: float, **style) -> None:
+    """Bars of ``means`` at ``xs``, each labelled with :func:`value_label` upwards from the axis."""
+    ax.bar(xs, [math.nan if m is None else m for m in means], width, **style)
+    for x, mean in zip(xs, means):
+        ax.text(x, 0.01, value_label(mean), ha="center", va="bottom", rotation=90, fontsize=7)
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -268,10 +278,23 @@ def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: fl
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover
         raise SystemExit("plots need matplotlib: pip install -e '.[dev]'") from exc
-    written = []
-    groups, lines = bar_groups(summary, metric), frame_lines(summary, metric)
-    variants = list(dict.fromkeys(v for _, bars, _ in groups for v, _, _ in bars))
-    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    return plt
+
+
+def _variant_colours(summary: list[dict], metric: str) -> dict:
+    """One colour per variant, the same in the variant and the frames plot."""
+    cmap = _pyplot().get_cmap("tab10")
+    variants = list(dict.fromkeys(v for _, bars, _ in bar_groups(summary, metric) for v, _, _ in bars))
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def variant_figure(summary: list[dict], metric: str = "accuracy", chance: float | None = None):
+    """The figure of ``accuracy_by_variant.png`` (see :func:`plot`); None when no run reports ``metric``."""
+    groups = bar_groups(summary, metric)
+    if all(mean is None for _, bars, _ in groups for _, mean, _ in bars):
+        return None
+    plt = _pyplot()
+    colours = _variant_colours(summary, metric)
     labelled: set[str] = set()
 
     def label(name: str) -> str | None:  # each legend entry once
@@ -280,53 +303,75 @@ def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: fl
         labelled.add(name)
         return name
 
-    if groups:
-        width = 0.8 / max(1, max(len(bars) for _, bars, _ in groups))
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * sum(len(b) for _, b, _ in groups) + 3), 3.8))
-        for g, (frames, bars, baseline) in enumerate(groups):
-            for k, (v, mean, std) in enumerate(bars):
-                x = g - 0.4 + width * (k + 0.5)
-                ax.bar(x, mean, width * 0.9, color=colours[v], label=label(v))
-                if std is not None:
-                    ax.errorbar(x, mean, yerr=std, color="black", capsize=3, lw=1)
-            if baseline is not None:
-                ax.hlines(baseline, g - 0.45, g + 0.45, colors="black", linestyles="--", lw=1,
-                          label=label(f"baseline ({BASELINE})"))
-        if chance is not None:
-            ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
-        ax.set_xticks(range(len(groups)), [f"{f} frames" for f, _, _ in groups])
-        ax.set_ylabel(f"held-out {metric}\n(mean; ± std where several seeds)")
-        ax.set_ylim(0, 1)
-        title = "ablations by frame count"
-        if all(baseline is None for _, _, baseline in groups):
-            title += f"\n(no baseline: experiment=ablation/{BASELINE} is not in this sweep)"
-        ax.set_title(title, fontsize=10)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # outside: covers no bar
-        fig.tight_layout()
-        path = os.path.join(out_dir, "accuracy_by_variant.png")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    if lines:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for v, pts in lines.items():
-            ax.errorbar([f for f, _, _ in pts], [m for _, m, _ in pts], yerr=[sd or 0.0 for _, _, sd in pts],
-                        marker="o", capsize=4, color=colours.get(v), label=v)
-        if chance is not None:
-            ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
-        ticks = sorted({f for pts in lines.values() for f, _, _ in pts})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(f) for f in ticks])
-        ax.set_xlabel("frames per video")
-        ax.set_ylabel(f"held-out {metric}")
-        ax.set_ylim(0, 1)
-        ax.set_title("by frame count (variants run at several)", fontsize=10)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "accuracy_by_frames.png")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+    width = 0.8 / max(len(bars) for _, bars, _ in groups)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * sum(len(b) for _, b, _ in groups) + 3), 3.8))
+    for g, (frames, bars, baseline) in enumerate(groups):
+        for k, (v, mean, std) in enumerate(bars):
+            x = g - 0.4 + width * (k + 0.5)
+            _draw_bars(ax, [x], [mean], width * 0.9, color=colours[v], label=label(v))
+            if std is not None:
+                ax.errorbar(x, mean, yerr=std, color="black", capsize=3, lw=1)
+        if baseline is not None:
+            ax.hlines(baseline, g - 0.45, g + 0.45, colors="black", linestyles="--", lw=1,
+                      label=label(f"baseline ({BASELINE})"))
+    if chance is not None:
+        ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
+    ax.set_xticks(range(len(groups)), [f"{f} frames" for f, _, _ in groups])
+    ax.set_xlim(-0.5, len(groups) - 0.5)  # an n/a slot draws no bar, so autoscaling would not keep it in view
+    ax.set_ylabel(f"held-out {metric}\n(mean; ± std where several seeds)")
+    ax.set_ylim(0, 1)
+    title = "ablations by frame count" if len(groups) > 1 else f"ablations at {groups[0][0]} frames"
+    if all(baseline is None for _, _, baseline in groups):
+        title += f"\n(no baseline: experiment=ablation/{BASELINE} is not in this sweep)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # outside: covers no bar
+    fig.tight_layout()
+    return fig
+
+
+def frames_figure(summary: list[dict], metric: str = "accuracy", chance: float | None = None):
+    """The figure of ``accuracy_by_frames.png`` (see :func:`plot`); None when no variant ran at
+    several frame counts."""
+    lines = frame_lines(summary, metric)
+    if not lines:
+        return None
+    plt = _pyplot()
+    colours = _variant_colours(summary, metric)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for v, pts in lines.items():
+        ax.errorbar([f for f, _, _ in pts], [m for _, m, _ in pts], yerr=[sd or 0.0 for _, _, sd in pts],
+                    marker="o", capsize=4, color=colours.get(v), label=v)
+    if chance is not None:
+        ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
+    ticks = sorted({f for pts in lines.values() for f, _, _ in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(f) for f in ticks])
+    ax.set_xlabel("frames per video")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_ylim(0, 1)
+    ax.set_title("by frame count (variants run at several)", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: str) -> str:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot(summary: list[dict], out_dir: str, metric: str = "accuracy", chance: float | None = None) -> list[str]:
+    """``accuracy_by_variant.png``: one group of bars per frame count (the title names the count
+    when there is one), one bar per variant labelled with its mean, or n/a where every run failed
+    (error bars only where there are several runs), the baseline variant's mean as a dashed line
+    in each group (or a note when the sweep has none); ``accuracy_by_frames.png``: one line per
+    variant that ran at several frame counts. Legends sit outside the axes."""
+    written = []
+    for fig, name in ((variant_figure(summary, metric, chance), "accuracy_by_variant.png"),
+                      (frames_figure(summary, metric, chance), "accuracy_by_frames.png")):
+        if fig is not None:
+            written.append(_save(fig, os.path.join(out_dir, name)))
     return written
 
 
@@ -341,27 +386,22 @@ def kind_plot_frames(summary: list[dict]) -> int | None:
     return max(base_frames, key=lambda f: (variants_at[f], f or 0))
 
 
-def plot_kinds(summary: list[dict], out_dir: str, chance: float | None = None) -> str | None:
-    """``accuracy_by_kind.png``: at the frame count that holds the most variants beside the baseline
-    (:func:`kind_plot_frames`), one group per variant, one bar per question kind, 95% intervals over
-    seeds as error bars. None when the runs report no per-kind accuracy."""
+def kind_figure(summary: list[dict], chance: float | None = None):
+    """The figure of ``accuracy_by_kind.png`` (see :func:`plot_kinds`); None when the runs report no
+    per-kind accuracy or the baseline never ran."""
     kinds = [m for m in _metrics_present(summary) if m != "accuracy"]
     frames = kind_plot_frames(summary)
     if not kinds or frames is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [s for s in summary if s["frames"] == frames and s["accuracy_mean"] is not None]
     rows.sort(key=lambda s: (s["variant"] != BASELINE, s["variant"]))
     width = 0.8 / len(kinds)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
     for k, m in enumerate(kinds):
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(rows))]
-        means = [s[f"{m}_mean"] or 0.0 for s in rows]
-        ax.bar(xs, means, width * 0.9, label=m.replace("accuracy_", ""), color=plt.get_cmap("tab10")(k))
+        _draw_bars(ax, xs, [s[f"{m}_mean"] for s in rows], width * 0.9, label=m.replace("accuracy_", ""),
+                   color=plt.get_cmap("tab10")(k))
         for x, s in zip(xs, rows):
             if s[f"{m}_ci95"]:
                 lo, hi = max(0.0, s[f"{m}_ci95"][0]), min(1.0, s[f"{m}_ci95"][1])
@@ -370,15 +410,22 @@ def plot_kinds(summary: list[dict], out_dir: str, chance: float | None = None) -
     if chance is not None:
         ax.axhline(chance, ls=":", c="grey", lw=1, label=f"chance {chance:.2f}")
     ax.set_xticks(range(len(rows)), [s["variant"] for s in rows], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(rows) - 0.5)  # an n/a slot draws no bar, so autoscaling would not keep it in view
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out accuracy\n(mean, 95% interval over seeds)")
     ax.set_title(f"per question kind, {frames} frames", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    path = os.path.join(out_dir, "accuracy_by_kind.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_kinds(summary: list[dict], out_dir: str, chance: float | None = None) -> str | None:
+    """``accuracy_by_kind.png``: at the frame count that holds the most variants beside the baseline
+    (:func:`kind_plot_frames`), one group per variant, one bar per question kind labelled with its
+    mean (n/a where the variant's runs report none), 95% intervals over seeds as error bars. None
+    when the runs report no per-kind accuracy."""
+    fig = kind_figure(summary, chance)
+    return None if fig is None else _save(fig, os.path.join(out_dir, "accuracy_by_kind.png"))
 
 
 def main(argv=None) -> int:
