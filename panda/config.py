@@ -240,6 +240,10 @@ class DataConfig:
     packing: bool = False
     pack_length: Optional[int] = None
     on_bad_record: OnBadRecord = OnBadRecord.skip  # skip (count + list in rejects) | raise
+    # training stops (exit 2, naming the reasons and the key to fix) when more than this share of the samples
+    # read so far in an epoch were skipped (missing or undecodable videos, over-long conversations), checked on
+    # every logging step and at each epoch's end; an epoch with every sample skipped always stops, even at 1.0
+    max_skipped_fraction: float = 0.5
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
     fraction_seed: int = 0
     # streaming: set -> train on prepared litdata shards instead of train_records + video_root
@@ -529,6 +533,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"data.shards: weights must be > 0, got {weights}")
     if cfg.data.pack_length is not None and cfg.data.pack_length < 1:
         raise ValueError(f"data.pack_length={cfg.data.pack_length} must be >= 1 (or null: the longest sample of each micro-batch)")
+    if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
+        raise ValueError(f"data.max_skipped_fraction={cfg.data.max_skipped_fraction} must be in [0, 1] (1.0: stop only "
+                         "when a whole epoch is skipped)")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ValueError(f"data.fraction={cfg.data.fraction} must be in (0, 1]")
     if not (cfg.stage.train_stab or cfg.stage.train_projector or cfg.stage.train_llm):

@@ -29,8 +29,9 @@ class RecordError(PandaError):
 class SampleError(PandaError):
     """A record could not be turned into a training sample (e.g. too long, no supervised token)."""
 
-    def __init__(self, record_id, video, reason: str):
+    def __init__(self, record_id, video, reason: str, code: str = "unusable_sample"):
         self.record_id = record_id
         self.video = video
         self.reason = reason
+        self.code = code  # short reject code: too_long, unusable_sample
         super().__init__(f"sample {record_id!r} ({video}): {reason}")

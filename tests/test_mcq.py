@@ -84,7 +84,9 @@ def mcq_checkpoint(synthetic_root, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("mcq_tok") / "tokenizer")
     train_tokenizer(texts, folder, 400)
     run = tmp_path_factory.mktemp("mcq_run")
-    return train_tiny(synthetic_root, run, "trainer.max_steps=1", "evaluate=false", f"llm.tokenizer={folder}")["checkpoint"]
+    # spans: the release's label arithmetic rejects text with <unk> tokens (this tokenizer lacks some synthetic words)
+    return train_tiny(synthetic_root, run, "trainer.max_steps=1", "evaluate=false", f"llm.tokenizer={folder}",
+                      "model.tokenization=spans")["checkpoint"]
 
 
 def test_egoschema_and_videomme_end_to_end(mcq_checkpoint, mcq_root, tmp_path):

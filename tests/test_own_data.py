@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import compose, run_cli, tiny_overrides, train_tiny
+from panda.training.callbacks import SkippedDataError
 
 
 @pytest.mark.slow
@@ -58,11 +59,56 @@ def test_text_the_tokenizer_cannot_read_is_warned_about_once(synthetic_root, tmp
     train_tiny(str(root), tmp_path / "run", "trainer.max_steps=3", "evaluate=false", "model.tokenization=spans")
     warnings = [r.getMessage() for r in caplog.records if "unknown token" in r.getMessage()]
     assert len(warnings) == 1 and "llm.pretrained" in warnings[0]
-    # release: <unk> is the pad id, so the release's label arithmetic rejects each sample, saying why
+    # release: <unk> is the pad id, so the release's label arithmetic rejects each sample, saying why,
+    # and a run that trained on nothing stops instead of saving a checkpoint
     caplog.clear()
-    train_tiny(str(root), tmp_path / "run2", "trainer.max_steps=3", "evaluate=false")
+    with pytest.raises(SkippedDataError, match=r"(?s)12 of the 12 training samples read in epoch 0 were skipped \(unusable_sample 12\): every sample.*the tokenizer cannot read part"):
+        train_tiny(str(root), tmp_path / "run2", "trainer.max_steps=3", "evaluate=false")
     skipped = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
     assert skipped and all("the tokenizer cannot read part of this text" in m for m in skipped)
+    assert not (tmp_path / "run2" / "checkpoints" / "last.ckpt").exists()
+
+
+def _without_videos(synthetic_root, tmp_path, share: float):
+    """A copy of the dataset with the first ``share`` of its training videos deleted."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    videos = sorted((root / "train" / "synthetic").iterdir())
+    for video in videos[: round(share * len(videos))]:
+        video.unlink()
+    return root
+
+
+def test_a_run_whose_videos_are_all_missing_stops_naming_data_video_root(synthetic_root, tmp_path):
+    """The own-data command without data.video_root: every video is missing. The run must not exit 0
+    with a checkpoint of a model that trained on nothing."""
+    with pytest.raises(SkippedDataError) as err:
+        train_tiny(synthetic_root, tmp_path / "run", "trainer.max_epochs=1", "data.video_root=elsewhere", "evaluate=false")
+    message = str(err.value)
+    total = sum(1 for _ in json.load(open(os.path.join(synthetic_root, "train", "train_json", "synthetic_train.json"))))
+    assert message.startswith(f"{total} of the {total} training samples read in epoch 0 were skipped (missing {total}): every sample")
+    assert "fix: data.video_root" in message and f"it is now {os.path.join(synthetic_root, 'elsewhere')}" in message
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_run_stops_when_more_than_max_skipped_fraction_is_skipped(synthetic_root, tmp_path):
+    root = _without_videos(synthetic_root, tmp_path, 0.6)
+    with pytest.raises(SkippedDataError, match=r"(?s)\(missing \d+\): more than data\.max_skipped_fraction=0\.5.*\n  missing: e\.g\. .*file not found"):
+        train_tiny(str(root), tmp_path / "strict", "trainer.max_epochs=1", "evaluate=false")
+    summary = train_tiny(str(root), tmp_path / "lenient", "trainer.max_epochs=1", "evaluate=false",
+                         "data.max_skipped_fraction=0.9")  # the researcher accepts the loss: it trains on the rest
+    assert 0 < summary["train/skipped_samples"] and summary["train/steps"] >= 1
+    assert (tmp_path / "lenient" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_the_all_skipped_run_exits_2_from_the_command_line(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["train.py", *tiny_overrides(synthetic_root), "data.video_root=elsewhere", "trainer.max_epochs=1",
+                    "evaluate=false", f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.py: error: " in proc.stderr and "were skipped (missing" in proc.stderr and "fix: data.video_root" in proc.stderr
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / "summary.json").exists()
 
 
 def test_real_data_without_a_root_names_the_folder_it_needs():

@@ -514,7 +514,7 @@ def _tokenize_spans(tokenizer, template, turns, frames, max_length, visual_token
         if length <= max_length:
             break
     else:
-        raise SampleError(record_id, video, f"too long: first turn needs {length} tokens > max_length={max_length}")
+        raise SampleError(record_id, video, f"too long: first turn needs {length} tokens > max_length={max_length}", code="too_long")
     labels = span_labels(ids, offsets, spans)
     if all(label == IGNORE_INDEX for label in labels):
         raise SampleError(record_id, video, "no supervised token after tokenisation")

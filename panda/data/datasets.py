@@ -98,7 +98,7 @@ class ConversationDataset(Dataset):
                 self.max_length, self.visual_tokens_per_frame, rec.id, path,
             )
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
-            return {"error": {"id": rec.id, "path": path, "reason": exc.reason}}
+            return {"error": {"id": rec.id, "path": path, "reason": exc.reason, "code": exc.code}}
         return {"id": rec.id, "input_ids": tok.input_ids, "labels": tok.labels, **frames}
 
 

@@ -231,7 +231,8 @@ class ShardDataset(Dataset):
                     # sharing the cache evicts or re-downloads it): reopen the reader and read again, once
                     self._streams[j] = None
                     continue
-                return {"error": {"id": f"{entry}/{k}", "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}"}}
+                return {"error": {"id": f"{entry}/{k}", "path": entry, "reason": f"unreadable shard entry: {type(exc).__name__}: {exc}",
+                                  "code": "unreadable_entry"}}
         name = f"{entry} ({meta.get('video')})"
         try:
             spec = self.frame_specs[j]
@@ -248,5 +249,5 @@ class ShardDataset(Dataset):
                 self.max_length, self.visual_tokens_per_frame, rec["id"], name,
             )
         except (VideoDecodeError, SampleError) as exc:  # counted and logged by the training loop
-            return {"error": {"id": rec["id"], "path": name, "reason": exc.reason}}
+            return {"error": {"id": rec["id"], "path": name, "reason": exc.reason, "code": exc.code}}
         return {"id": rec["id"], "input_ids": tok.input_ids, "labels": tok.labels, **frames}

@@ -14,6 +14,7 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from panda.errors import PandaError
 from panda.models.adapters import adapter_parameters
 
 COMPLETE_MARKER = "complete.json"
@@ -134,6 +135,88 @@ class GracefulInterrupt(Callback):
         if self._previous is not None and not self.requested:
             signal.signal(signal.SIGINT, self._previous)
         self._previous = None
+
+
+# what to change for each skip reason (the ``code`` of a skipped sample)
+SKIP_FIXES = {
+    "missing": "data.video_root (the folder the records' \"video\" paths are relative to, under data.root)",
+    "too_long": "model.max_length (or shorter conversations)",
+    "empty_file": "the data: re-download the empty files",
+}
+
+
+class SkippedDataError(PandaError):
+    """Too many training samples were skipped for the run to mean anything."""
+
+
+class SkippedSamplesGuard(Callback):
+    """Stops a run whose skipped share of an epoch's samples passes ``data.max_skipped_fraction``
+    (and always one in which a whole epoch was skipped): a run that trains on nothing, or on a
+    fraction of its data, must not end with exit code 0 and a checkpoint.
+
+    Counts come from the collator (``batch["skipped"]``, host-side lists: no device sync); they are
+    checked on logging steps and at each epoch's end, summed over ranks there so every rank stops
+    together. The message names the reason counts, an example file and the key to fix."""
+
+    def __init__(self, max_fraction: float, every_n_steps: int, video_root: str | None = None, min_samples: int = 64):
+        self.max_fraction, self.every_n_steps, self.video_root = max_fraction, max(1, every_n_steps), video_root
+        self.min_samples = min_samples  # mid-epoch checks wait for this many samples (summed over ranks)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seen, self.skipped = 0, 0
+        self.reasons: collections.Counter = collections.Counter()
+        self.examples: dict[str, dict] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        misses = batch.get("skipped", []) if isinstance(batch, dict) else []
+        self.seen += len(misses) + len(batch.get("ids", []))
+        self.skipped += len(misses)
+        for miss in misses:
+            code = miss.get("code", "unusable_sample")
+            self.reasons[code] += 1
+            self.examples.setdefault(code, miss)
+        if (batch_idx + 1) % self.every_n_steps == 0:
+            self._check(trainer, pl_module, "step")
+
+    def on_train_epoch_end(self, trainer, pl_module):  # also when a step limit ends the run inside an epoch
+        self._check(trainer, pl_module, "epoch")
+
+    def _check(self, trainer, pl_module, when: str) -> None:
+        """``when``: ``step`` (a logging step: waits for ``min_samples``) or ``epoch`` (its end, or the
+        run's: an epoch in which every sample was skipped always stops)."""
+        seen, skipped = self.seen, self.skipped
+        if trainer.world_size > 1:  # one small collective on a logging step: every rank decides alike
+            counts = torch.tensor([seen, skipped], dtype=torch.float64, device=pl_module.device)  # NCCL: on the GPU
+            total = trainer.strategy.reduce(counts, reduce_op="sum")
+            seen, skipped = int(total[0]), int(total[1])
+        if not seen or not skipped:
+            return
+        everything = when == "epoch" and skipped == seen
+        over = skipped / seen > self.max_fraction and (when == "epoch" or seen >= self.min_samples)
+        if everything or over:
+            raise SkippedDataError(self.message(trainer, seen, skipped, everything))
+
+    def message(self, trainer, seen: int, skipped: int, everything: bool) -> str:
+        reasons = ", ".join(f"{code} {n}" for code, n in self.reasons.most_common())
+        limit = "every sample" if everything else f"more than data.max_skipped_fraction={self.max_fraction}"
+        lines = [f"{skipped} of the {seen} training samples read in epoch {trainer.current_epoch} were skipped "
+                 f"({reasons}{' on this rank' if trainer.world_size > 1 else ''}): {limit}; stopped without saving "
+                 "a checkpoint"]
+        for code, _ in self.reasons.most_common(3):
+            example = self.examples[code]
+            lines.append(f"{code}: e.g. {example['path']}: {example['reason']}")
+            fix = SKIP_FIXES.get(code)
+            if code == "missing" and self.video_root:
+                fix = f"{fix}; it is now {self.video_root}"
+            lines.append(f"  fix: {fix}" if fix else "  fix: as the reason says (every skipped sample is logged as "
+                                                        "'skipped sample ...')")
+        lines.append("to train on what is left anyway, raise data.max_skipped_fraction (1.0 stops only on a fully "
+                     "skipped epoch)")
+        return "\n  ".join(lines)
 
 
 class ThroughputMonitor(Callback):

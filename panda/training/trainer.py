@@ -26,6 +26,7 @@ from panda.training.callbacks import (
     LossTracker,
     MarkedCheckpoint,
     NormStatisticsSync,
+    SkippedSamplesGuard,
     ThroughputMonitor,
     read_marker,
 )
@@ -225,8 +226,10 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: str, flops=None) -> tuple[list, 
     tracker, interrupt = LossTracker(), GracefulInterrupt()
     checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1)
+    video_root = None if cfg.data.shards else os.path.abspath(os.path.join(cfg.data.root, cfg.data.video_root))
     callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(flops, peak_tflops(cfg) if flops else None),
-                 LearningRateLogger(), GradNormLogger()]
+                 LearningRateLogger(), GradNormLogger(),
+                 SkippedSamplesGuard(cfg.data.max_skipped_fraction, cfg.trainer.log_every_n_steps, video_root)]
     if cfg.trainer.strategy == "fsdp":
         callbacks += [NormStatisticsSync(), FSDPAudit()]
     return callbacks, tracker, interrupt
