@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from panda.data.synthetic import SyntheticConfig
 from panda.models.distill import DistillConfig
@@ -404,7 +405,33 @@ class Derived:
     tokenizer: Optional[str] = None
 
 
+REQUIRED_HINTS = {
+    "llm.pretrained": "a local Hugging Face folder of the LLM (config.json, weights, tokenizer files)",
+}
+
+
+class RequiredValue(ValueError):
+    """A ``${required:KEY}`` value that was not given."""
+
+
+def _required(key: str) -> None:
+    """``${required:KEY}`` in a config file: a value the user must give (``???`` cannot say so on a
+    key whose schema default is None, since merging ``???`` keeps the default)."""
+    choice = ""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        group = key.split(".")[0]
+        option = HydraConfig.get().runtime.choices.get(group)
+        choice = f"{group}={option} " if option else ""
+    except ValueError:
+        pass
+    raise RequiredValue(f"{choice}needs {key}=PATH: {REQUIRED_HINTS.get(key, 'set it on the command line')}")
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required)
     cs = ConfigStore.instance()
     cs.store(name="panda_train", node=TrainConfig)
     cs.store(name="panda_evaluate", node=EvaluateConfig)
@@ -423,7 +450,13 @@ def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
                                  "`python -m panda.data.prepare` (or an object-store URL such as s3://bucket/shards)")
             raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/DATA_ROOT: the folder the record files "
                              "(data.train_records) and videos (data.video_root) are relative to")
-        cfg = OmegaConf.to_object(cfg)
+        try:
+            cfg = OmegaConf.to_object(cfg)
+        except InterpolationResolutionError as exc:  # a ${required:KEY} left unset: its own message, not OmegaConf's
+            cause = exc
+            while cause is not None and not isinstance(cause, RequiredValue):
+                cause = cause.__cause__ or cause.__context__
+            raise (cause or ValueError(str(exc))) from None
     validate(cfg)
     return cfg
 
@@ -457,6 +490,24 @@ def check_known_keys(cfg: DictConfig) -> None:
     unknown = unknown_keys(cfg)
     if unknown:
         raise unknown_keys_error(unknown)
+
+
+def check_llm_folders(cfg: TrainConfig) -> None:
+    """Before a run builds anything: ``llm.pretrained`` / ``llm.tokenizer`` name folders on this
+    machine (not in :func:`validate`: a checkpoint's config is read elsewhere, without them)."""
+    import os
+
+    from panda.errors import ConfigError
+
+    for key in ("pretrained", "tokenizer"):
+        path = getattr(cfg.llm, key)
+        if path and not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"llm.{key}={path}: no such folder; set llm.{key} to a local Hugging Face folder "
+                              + ("(config.json, weights, tokenizer files)" if key == "pretrained" else
+                                 "(tokenizer.json or tokenizer.model, tokenizer_config.json)"))
+    if cfg.llm.pretrained and not os.path.isfile(os.path.join(os.path.expanduser(cfg.llm.pretrained), "config.json")):
+        raise ConfigError(f"llm.pretrained={cfg.llm.pretrained} holds no config.json: it is not a Hugging Face model "
+                          "folder (point llm.pretrained at the folder with config.json and the weights)")
 
 
 def to_evaluate_config(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
@@ -511,6 +562,10 @@ def validate(cfg: TrainConfig) -> None:
         if name == CHAT and cfg.model.tokenization != Tokenization.spans:
             raise ValueError(f"model.{key}=chat (the tokenizer's own chat template) supervises by character spans; "
                              f"add model.tokenization=spans (model.tokenization=release is the Vicuna release's rule)")
+    if cfg.llm.adapter != Adapter.none and not cfg.stage.train_llm:
+        raise ValueError(f"llm.adapter={cfg.llm.adapter}: stage {cfg.stage.name!r} does not train the LLM "
+                         "(stage.train_llm=false), so its adapters would never train; drop llm.adapter for this stage "
+                         "(the stages that train the LLM: stage=pretrain, stage=finetune, stage=scratch)")
     if cfg.llm.adapter != Adapter.none:
         from panda.models.adapters import check_adapter
 

@@ -5,6 +5,10 @@ class PandaError(Exception):
     """Base class of every error panda raises on purpose."""
 
 
+class ConfigError(PandaError, ValueError):
+    """A setting that cannot work here (e.g. a folder it names does not exist); the message names the key."""
+
+
 class VideoDecodeError(PandaError):
     """A video could not be opened or decoded (missing, empty, truncated, unsupported codec)."""
 

@@ -56,12 +56,7 @@ def run_name(name: str) -> str:
 
 def run_dir_of(cfg, default: str = "outputs/run") -> str:
     """The run directory: Hydra's output dir under Hydra, else ``cfg.run_dir`` (or ``default``)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.output_dir
-    except ValueError:  # not under Hydra (e.g. called from Python)
-        return os.path.abspath(getattr(cfg, "run_dir", None) or default)
+    return hydra_run_dir() or os.path.abspath(getattr(cfg, "run_dir", None) or default)
 
 
 def resume_command(run_dir: str) -> str:
@@ -73,26 +68,49 @@ def resume_command(run_dir: str) -> str:
     return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])
 
 
-def exit_on_config_error(entry: str, exc: Exception, kind: str = "config error") -> None:
-    """A config that cannot run: one line on stderr, exit code 2, and no run folder left behind
-    (Hydra makes it before the job starts; it is removed when it holds only Hydra's own files)."""
-    import shutil
-    import sys
+# what a run writes into its folder before it has anything to keep (no checkpoint, no summary.json)
+_SCAFFOLDING = (".hydra", "tokenizer", "csv", "wandb", "samples", "heldout", "checkpoints", "rejects.jsonl")
 
+
+def discard_run_dir(run_dir: str | None) -> bool:
+    """Remove a run folder that holds nothing to keep: no checkpoint and no ``summary.json``, only
+    what Hydra and panda write at start (``.hydra/``, the log, the tokenizer copy, empty logger
+    folders). Anything else in it (a user's own file) keeps the folder. Empty parents up to the
+    working directory (``outputs/<name>/``) go too. True when it was removed."""
+    import shutil
+
+    if not run_dir or not os.path.isdir(run_dir):
+        return False
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if os.path.exists(os.path.join(run_dir, "summary.json")) or (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        return False
+    if any(name not in _SCAFFOLDING and not name.endswith(".log") for name in os.listdir(run_dir)):
+        return False
+    shutil.rmtree(run_dir)
+    parent, stop = os.path.dirname(os.path.abspath(run_dir)), os.path.abspath(os.getcwd())
+    while parent.startswith(stop + os.sep) and not os.listdir(parent):
+        os.rmdir(parent)
+        parent = os.path.dirname(parent)
+    return True
+
+
+def hydra_run_dir() -> str | None:
+    """The folder Hydra made for this job (None outside Hydra)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        run_dir = HydraConfig.get().runtime.output_dir
+        return HydraConfig.get().runtime.output_dir
     except ValueError:
-        run_dir = None
-    if run_dir and os.path.isdir(run_dir):
-        own = [os.path.join(base, f) for base, _, files in os.walk(run_dir) for f in files]
-        if all("/.hydra/" in p or (p.endswith(".log") and os.path.getsize(p) == 0) for p in own):
-            shutil.rmtree(run_dir)
-            parent, stop = os.path.dirname(run_dir), os.path.abspath(os.getcwd())
-            while parent.startswith(stop + os.sep) and not os.listdir(parent):  # empty outputs/<name>/ too
-                os.rmdir(parent)
-                parent = os.path.dirname(parent)
+        return None
+
+
+def exit_on_config_error(entry: str, exc: Exception, kind: str = "config error") -> None:
+    """A config that cannot run: one line on stderr, exit code 2, and no run folder left behind
+    (Hydra makes it before the job starts; it goes again unless it holds a checkpoint or a summary)."""
+    import sys
+
+    logging.shutdown()  # close the job's log file before its folder goes
+    discard_run_dir(hydra_run_dir())
     print(f"{entry}: {kind}: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -273,6 +273,50 @@ def test_misspelt_experiment_exits_2_naming_the_closest_and_trains_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []  # no run or sweep folder
 
 
+@pytest.mark.parametrize("preset", ["local", "qwen2_5", "llama3", "mistral"])
+def test_an_llm_preset_without_its_folder_names_llm_pretrained(preset):
+    with pytest.raises(ValueError, match=r"^needs llm\.pretrained=PATH: a local Hugging Face folder"):
+        validate(compose([f"llm={preset}"]))
+    assert validate(compose([f"llm={preset}", "llm.pretrained=/m/x"])).llm.pretrained == "/m/x"
+
+
+def test_a_wrong_llm_folder_names_llm_pretrained(synthetic_root, tmp_path):
+    from panda.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^llm\.pretrained=/nope: no such folder; set llm\.pretrained"):
+        train(compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["llm=local", "llm.pretrained=/nope"]))
+    with pytest.raises(ConfigError, match=r"holds no config\.json: it is not a Hugging Face model folder"):
+        train(compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["llm=local", f"llm.pretrained={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"^llm\.tokenizer=/nope: no such folder"):
+        train(compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["llm.tokenizer=/nope"]))
+
+
+def test_adapters_on_a_stage_that_freezes_the_llm_are_refused():
+    with pytest.raises(ValueError, match=r"llm\.adapter=lora: stage 'prealign' does not train the LLM"):
+        validate(compose(["stage=prealign", "llm.adapter=lora"]))
+    assert validate(compose(["stage=finetune", "llm.adapter=lora"])).llm.adapter == "lora"
+
+
+@pytest.mark.slow
+def test_refused_runs_leave_no_run_folder(synthetic_root, tmp_path):
+    """Refused at composition, at the start of train(), or with nothing left to train: outputs/ stays
+    as it was (the finished run keeps its folder; the call that found it finished makes none)."""
+    from conftest import REPO
+
+    train_py = os.path.join(REPO, "train.py")
+    for refused in (["llm=qwen2_5"], ["llm=local", "llm.pretrained=/nope"], ["stage=prealign", "llm.adapter=lora"]):
+        proc = run_cli([train_py, *tiny_overrides(synthetic_root), *refused], check=False, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.count("\n") == 1 and "llm." in proc.stderr  # one line naming the key
+        assert list(tmp_path.iterdir()) == [], refused
+    common = [*tiny_overrides(synthetic_root), "name=finished", "trainer.max_steps=1", "evaluate=false"]
+    run_cli([train_py, *common], cwd=tmp_path)
+    (first,) = (tmp_path / "outputs" / "finished").iterdir()
+    proc = run_cli([train_py, *common, "resume=auto"], cwd=tmp_path)
+    assert "there is nothing left to train" in proc.stdout
+    assert list((tmp_path / "outputs" / "finished").iterdir()) == [first]
+
+
 def test_evaluate_without_a_checkpoint_names_the_key():
     from panda.config import to_evaluate_config
 

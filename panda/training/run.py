@@ -14,7 +14,8 @@ import lightning as L
 import torch
 
 from panda.build import build_datamodule, build_model, build_tokenizer, frame_pipeline
-from panda.config import FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, distill_active, to_plain, to_train_config
+from panda.config import (FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, check_llm_folders, distill_active,
+                          to_plain, to_train_config)
 from panda.data.conversation import get_template
 from panda.data.prepare import prepare_rejected_records
 from panda.data.synthetic import generate
@@ -26,7 +27,7 @@ from panda.loading import read_checkpoint_meta
 from panda.models.checkpoints import export_release, model_meta
 from panda.models.flops import BatchFlops, stab_forward_flops, teacher_forward_flops
 from panda.models.teachers import build_teacher
-from panda.runs import experiment_choice, git_commit, print_summary, resume_command, run_dir_of
+from panda.runs import discard_run_dir, experiment_choice, git_commit, hydra_run_dir, print_summary, resume_command, run_dir_of
 from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_complete
 from panda.training.module import PandaModule
 from panda.training.monitor import HeldOutMonitor
@@ -72,9 +73,12 @@ def train(cfg) -> dict:
     """Train (and evaluate) as ``cfg`` says. Returns the summary that is also written to ``summary.json``."""
     start = time.time()
     cfg = to_train_config(cfg)
+    check_llm_folders(cfg)
     check_multirun_launch(cfg)
     run_dir, resume_from, checkpoint = locate_run(cfg)
     if checkpoint is not None and nothing_left(cfg, checkpoint["global_step"], checkpoint["epoch"]):
+        if hydra_run_dir() not in (None, run_dir):  # the folder Hydra made for this call holds nothing
+            discard_run_dir(hydra_run_dir())
         return report_finished(cfg, run_dir, checkpoint)
     session = setup(cfg, run_dir, resume_from, checkpoint)
     status, summary = "failed", {}
