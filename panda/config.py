@@ -158,6 +158,9 @@ class BenchmarkConfig:
     layout: Optional[str] = None  # egoschema | videomme
     questions: Optional[str] = None  # egoschema: questions.json; videomme: test-*.parquet (or .json / .jsonl)
     answers: Optional[str] = None  # egoschema: subset_answers.json (only questions with an answer are scored)
+    # mcq: an answer the parser cannot read is decided by the option letter the model ranks highest at the
+    # answer's first position; false: it chose no option and counts as wrong (a tokenizer without distinct letters)
+    loglikelihood: bool = True
 
 
 @dataclass

@@ -19,6 +19,7 @@ ALLOWED = {
     "panda.models": {"panda.models"},
     "panda.data": {"panda.data"},
     "panda.config": {"panda.config", "panda.models", "panda.data"},
+    "panda.overrides": {"panda.overrides", "panda.config", "panda.models", "panda.data", "panda.runs"},  # CLI checks
     "panda.build": {"panda.build", "panda.loading", "panda.config", "panda.models", "panda.data"},
     "panda.loading": {"panda.build", "panda.loading", "panda.config", "panda.models", "panda.data"},
     "panda.evaluation": {"panda.evaluation", "panda.build", "panda.loading", "panda.config", "panda.models", "panda.data",

@@ -121,3 +121,23 @@ def test_egoschema_and_videomme_end_to_end(mcq_checkpoint, mcq_root, tmp_path):
     assert again["benchmarks"]["videomme"]["generated_now"] == 0
     assert again["benchmarks"]["videomme"]["accuracy"] == mme["accuracy"]
     assert len((run_dir / "videomme" / "choices.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_tokenizer_without_distinct_letters_stops_before_generating_and_says_what_to_use(tiny_checkpoint, mcq_root,
+                                                                                         tmp_path):
+    """The synthetic default's tokenizer has no capital letters: the log-likelihood fallback cannot rank
+    A-E. The run says so before any answer is generated and names the way on; taking it, every answer
+    the parser cannot read counts as wrong."""
+    from panda.evaluation.mcq import AmbiguousOptionLetters
+    from panda.evaluation.run import evaluate
+
+    common = [f"checkpoint={tiny_checkpoint}", "num_workers=0", "max_new_tokens=3", "benchmark=[egoschema]",
+              f"benchmark.egoschema.root={mcq_root / 'EgoSchema'}"]
+    with pytest.raises(AmbiguousOptionLetters, match=r"benchmark\.egoschema\.loglikelihood=false to count such answers as wrong"):
+        evaluate(compose(common + [f"run_dir={tmp_path / 'a'}"], config_name="evaluate"))
+    assert not (tmp_path / "a" / "egoschema" / "predictions.jsonl").exists()  # nothing generated in vain
+    ego = evaluate(compose(common + [f"run_dir={tmp_path / 'b'}", "benchmark.egoschema.loglikelihood=false"],
+                           config_name="evaluate"))["benchmarks"]["egoschema"]
+    assert ego["judged"] == 2 and ego["decided_by_loglikelihood"] == 0
+    assert ego["decided_by_none"] + ego["decided_by_parser"] == 2 and ego["decided_by_none"] >= 1
+    assert ego["accuracy"] <= ego["decided_by_parser"] / 2  # an answer naming no option is never right

@@ -234,6 +234,7 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
 # ---------------------------------------------------------------------------- multiple choice
 
 OPTION_LETTERS = "ABCDEFGH"
+NO_OPTION = "(no option)"  # judged against a letter: never equal (an empty string would normalise like "A", an article)
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # Published Video-Panda numbers for Table 11 are not in shared/design: none are printed until they are
 PUBLISHED_MCQ: dict[str, float] = {}
@@ -356,8 +357,9 @@ class MultipleChoiceBenchmark(Benchmark):
         out = []
         for m in self.mcq:
             if m.uid in self.choices:
-                picked = self.choices[m.uid]["choice"]
-                out.append((m.uid, "qa", JudgeTask("qa", m.question, OPTION_LETTERS[m.answer], OPTION_LETTERS[picked])))
+                picked = self.choices[m.uid]["choice"]  # None: no option (loglikelihood=false), judged wrong
+                out.append((m.uid, "qa", JudgeTask("qa", m.question, OPTION_LETTERS[m.answer],
+                                                   NO_OPTION if picked is None else OPTION_LETTERS[picked])))
         return out
 
     def question_types(self) -> dict[str, str]:
@@ -379,4 +381,5 @@ class MultipleChoiceBenchmark(Benchmark):
         decided = [c["decided_by"] for c in self.choices.values()]
         out["decided_by_parser"] = decided.count("parser")
         out["decided_by_loglikelihood"] = decided.count("loglikelihood")
+        out["decided_by_none"] = decided.count("none")
         return out

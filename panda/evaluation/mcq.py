@@ -2,7 +2,8 @@
 
 The strict parser (:func:`panda.evaluation.benchmarks.parse_choice`) reads the generated answer;
 where it names no option, the model decides by log-likelihood: the option letter it ranks highest
-at the first position of its answer (one forward pass over the video and the prompt). Each
+at the first position of its answer (one forward pass over the video and the prompt); with
+``benchmark.<name>.loglikelihood=false`` such an answer chose no option and counts as wrong. Each
 item's choice and the path that decided it go to ``<benchmark>/choices.jsonl``; a re-run reuses them.
 """
 
@@ -15,19 +16,33 @@ import os
 import torch
 
 from panda.data.datasets import find_video
+from panda.errors import PandaError
 from panda.evaluation.benchmarks import OPTION_LETTERS, MultipleChoiceBenchmark, parse_choice
 from panda.evaluation.qa import encode_question, sequence_logits
 
 log = logging.getLogger(__name__)
 
 
-def letter_token_ids(tokenizer, count: int) -> list[int]:
+class AmbiguousOptionLetters(PandaError):
+    """The tokenizer gives several option letters the same first token."""
+
+
+def letter_token_ids(tokenizer, count: int, benchmark: str = "mcq") -> list[int]:
     """The token each option letter starts an answer with (``▁A`` for a SentencePiece LLaMA)."""
     ids = [tokenizer(OPTION_LETTERS[i], add_special_tokens=False)["input_ids"][0] for i in range(count)]
     if len(set(ids)) != count:
-        raise ValueError(f"the tokenizer maps the option letters {OPTION_LETTERS[:count]} to the tokens {ids}: "
-                         "log-likelihood cannot tell them apart")
+        raise AmbiguousOptionLetters(
+            f"benchmark {benchmark}: the tokenizer maps the option letters {OPTION_LETTERS[:count]} to the tokens {ids}, "
+            "so an answer the parser cannot read cannot be decided by the letter the model ranks highest. Evaluate a "
+            "checkpoint whose tokenizer has the capital letters (an LLM's own, e.g. Vicuna's or Qwen's; the synthetic "
+            f"default's has none), or set benchmark.{benchmark}.loglikelihood=false to count such answers as wrong")
     return ids
+
+
+def check_letter_tokens(bench: MultipleChoiceBenchmark, tokenizer) -> None:
+    """Before any answer is generated: the log-likelihood fallback can tell this benchmark's letters apart."""
+    if bench.cfg.loglikelihood and bench.mcq:
+        letter_token_ids(tokenizer, max(len(m.options) for m in bench.mcq), bench.cfg.name)
 
 
 @torch.no_grad()
@@ -64,8 +79,11 @@ def resolve_choices(bench: MultipleChoiceBenchmark, folder: str, rows: dict[str,
                 video = find_video(bench.video_dir, item.video)
                 if video is None:
                     continue
-                choice = rank_options(model, tokenizer, template, pipeline, video, gen.question, len(item.options))
-                decided_by = "loglikelihood"
+                if bench.cfg.loglikelihood:
+                    choice = rank_options(model, tokenizer, template, pipeline, video, gen.question, len(item.options))
+                    decided_by = "loglikelihood"
+                else:  # benchmark.<name>.loglikelihood=false: an answer naming no option is wrong
+                    decided_by = "none"
             choices[item.uid] = {"uid": item.uid, "choice": choice, "decided_by": decided_by,
                                  "prediction": row["prediction"]}
             f.write(json.dumps(choices[item.uid]) + "\n")

@@ -44,7 +44,7 @@ from panda.data.records import QAItem
 from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark,
                                          MultipleChoiceBenchmark, load_benchmark)
 from panda.evaluation.judge import build_judge
-from panda.evaluation.mcq import resolve_choices
+from panda.evaluation.mcq import check_letter_tokens, resolve_choices
 from panda.evaluation.qa import generate_answers
 from panda.loading import LoadedModel, load_model
 from panda.runs import git_commit, hydra_overrides, print_summary, run_dir_of, wandb_offline
@@ -248,7 +248,7 @@ def markdown_table(results: dict) -> str:
                                                f"{interval(mcq[n].get('accuracy_ci95'), 1, 100)}" for n in names) + " |",
                   "| Video-Panda (published) | " + " | ".join("–" for _ in names) + " |", "",
                   "Decided by: " + "; ".join(f"`{n}` parser {mcq[n]['decided_by_parser']}, log-likelihood "
-                                             f"{mcq[n]['decided_by_loglikelihood']}" for n in names), ""]
+                                             f"{mcq[n]['decided_by_loglikelihood']}, none {mcq[n]['decided_by_none']}" for n in names), ""]
         for n in names:
             splits = sorted(k[len("accuracy_duration="):] for k in mcq[n] if k.startswith("accuracy_duration=")
                             and not k.endswith("_ci95"))
@@ -444,6 +444,8 @@ def evaluate(cfg) -> dict:
     judges_used, samples = {}, []
     for name, bcfg in cfg.benchmark.items():
         bench = load_benchmark(benchmark_config(name, bcfg, loaded.run_config, cfg.checkpoint))
+        if isinstance(bench, MultipleChoiceBenchmark):  # before generating: the fallback can tell the letters apart
+            check_letter_tokens(bench, tokenizer)
         folder = os.path.join(run_dir, name)
         if rank == 0:
             keep_predictions_of(folder, settings)
