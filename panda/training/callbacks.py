@@ -214,8 +214,9 @@ class SkippedSamplesGuard(Callback):
                 fix = f"{fix}; it is now {self.video_root}"
             lines.append(f"  fix: {fix}" if fix else "  fix: as the reason says (every skipped sample is logged as "
                                                         "'skipped sample ...')")
-        lines.append("to train on what is left anyway, raise data.max_skipped_fraction (1.0 stops only on a fully "
-                     "skipped epoch)")
+        if not everything:
+            lines.append("to train on what is left anyway, raise data.max_skipped_fraction (1.0 stops only on a fully "
+                         "skipped epoch)")
         return "\n  ".join(lines)
 
 
