@@ -5,7 +5,7 @@ Examples::
     python train.py                                   # tiny STAB + tiny LLaMA on generated videos
     python train.py experiment=ablation/no_fsra       # one ablation
     python train.py --multirun experiment=ablation/no_fsra,ablation/no_gstra frames=4,8
-    python train.py hydra.run.dir=outputs/x ckpt_path=last   # resume the run in outputs/x
+    python train.py hydra.run.dir=outputs/x resume=last      # resume the run in outputs/x
 """
 
 import sys

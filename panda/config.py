@@ -327,7 +327,7 @@ class InitConfig:
     ``eve``: an EVE-7B-Pretrain folder — its LLM, plus the STAB parts it shares (patch, frame-query
     and row embeddings, LSD, FSRA), the projector and the distillation head; the rest of STAB is
     fresh. ``release``: a Video-Panda release folder or a folder exported by panda (a previous
-    stage). ``checkpoint``: a panda Lightning ``.ckpt`` (weights only; use ``ckpt_path`` to resume).
+    stage). ``checkpoint``: a panda Lightning ``.ckpt`` (weights only; ``resume=PATH`` resumes a run).
     With ``eve``/``release`` the LLM's architecture comes from the folder, not from ``llm.*`` sizes.
     """
 
@@ -355,8 +355,9 @@ class TrainConfig:
     # of a paper table sets its own, so its stages chain among themselves)
     recipe: str = "videopanda_7b"
     export_final: bool = False  # write run_dir/final: a release-format folder the next stage can start from
-    ckpt_path: Optional[str] = None  # resume: a .ckpt path, or "last" (this run dir's last checkpoint)
-    resume: str = "none"  # auto: continue from the newest complete checkpoint of this run (same name)
+    # continue a run (model, optimiser, scheduler, step, data position): none | last (this run dir's last
+    # checkpoint) | auto (the newest complete checkpoint of this run's name under runs_root) | PATH (a .ckpt)
+    resume: str = "none"
     evaluate: bool = True  # held-out QA after training
     max_new_tokens: int = 16
     run_dir: Optional[str] = None  # outside Hydra (called from Python): where the run writes; under Hydra, hydra.run.dir

@@ -107,6 +107,7 @@ def run_config_of(ckpt: dict, path: str) -> tuple[TrainConfig, Derived]:
     for (group, key), name in _LEGACY_DERIVED.items():
         if key in raw.get(group, {}):
             derived.setdefault(name, raw[group].pop(key))
+    raw.pop("ckpt_path", None)  # checkpoints written before resume= took a path kept it beside resume
     if "derived" not in hparams and raw.get("teacher", {}).get("kind", "none") != "none":
         derived.setdefault("teacher_width", raw["teacher"].get("width"))
     return to_train_config(raw), Derived(**derived)

@@ -98,6 +98,11 @@ def _unknown_group_choice(group: str, choice: str, options: list[str]) -> str:
     return f"{group}={choice}: there is no config {choice!r} in group {group!r} (conf/{group}/{choice}.yaml); {hint}"
 
 
+# keys an older panda had, and what says it now
+RENAMED = {"ckpt_path": "resume (resume=last continues this run dir, resume=PATH a checkpoint, resume=auto the "
+                        "newest checkpoint of this run's name)"}
+
+
 def _unwrap(tp):
     """``Optional[X]`` -> ``X``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -164,6 +169,8 @@ def check_overrides(overrides: list[str], schema: type, config_name: str = "trai
             if groups.is_group(name):
                 options = groups.options(name)
                 problems += [_unknown_group_choice(name, c, options) for c in _choices(override) if c not in options]
+            elif name in RENAMED:
+                problems.append(f"{name} is now {RENAMED[name]}")
             elif not override.is_delete():
                 unknown += [k for k in [unknown_key(name, schema)] if k]
     finally:

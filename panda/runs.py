@@ -41,7 +41,7 @@ def hydra_overrides() -> list[str]:
 
 
 # overrides that say where a run lives or how it logs, not what it trains: left out of its name
-_NOT_IN_NAME = ("hydra.", "run_dir=", "runs_root=", "data.root=", "logger", "ckpt_path=", "resume=", "experiment=",
+_NOT_IN_NAME = ("hydra.", "run_dir=", "runs_root=", "data.root=", "logger", "resume=", "experiment=",
                 "trainer.enable_progress_bar=",
                 "data.num_workers=", "data.eval_", "data.synthetic=")
 
@@ -61,11 +61,11 @@ def run_dir_of(cfg, default: str = "outputs/run") -> str:
 
 def resume_command(run_dir: str) -> str:
     """The ``train.py`` command line that continues the run in ``run_dir`` from its last checkpoint:
-    this run's own overrides (under Hydra) with the run dir fixed and ``ckpt_path=last``."""
+    this run's own overrides (under Hydra) with the run dir fixed and ``resume=last``."""
     import shlex
 
-    keep = [o for o in hydra_overrides() if not o.lstrip("+~").startswith(("ckpt_path=", "resume=", "hydra.run.dir=", "run_dir="))]
-    return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])
+    keep = [o for o in hydra_overrides() if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir=", "run_dir="))]
+    return " ".join(["python", "train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run_dir}"), "resume=last"])
 
 
 # what a run writes into its folder before it has anything to keep (no checkpoint, no summary.json)

@@ -186,7 +186,7 @@ def _train(root, run_dir, *extra):
 def test_lora_trains_only_adapters_and_the_vision_side_and_resumes_exactly(synthetic_root, tmp_path):
     straight = _train(synthetic_root, tmp_path / "straight", "trainer.max_steps=4")
     _train(synthetic_root, tmp_path / "split", "trainer.max_steps=2")
-    resumed = _train(synthetic_root, tmp_path / "split", "trainer.max_steps=4", "ckpt_path=last")
+    resumed = _train(synthetic_root, tmp_path / "split", "trainer.max_steps=4", "resume=last")
     a = torch.load(straight["checkpoint"], map_location="cpu", weights_only=False)
     b = torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)
     sa, sb = a["state_dict"], b["state_dict"]

@@ -289,7 +289,7 @@ def test_mid_epoch_resume_on_shards_matches_an_uninterrupted_run(synthetic_shard
     straight = train(shard_overrides(synthetic_root, synthetic_shards, tmp_path / "straight", "trainer.max_steps=9", *common))
     train(shard_overrides(synthetic_root, synthetic_shards, tmp_path / "split", "trainer.max_steps=3", *common))
     resumed = train(shard_overrides(synthetic_root, synthetic_shards, tmp_path / "split", "trainer.max_steps=9",
-                                    "ckpt_path=last", *common))
+                                    "resume=last", *common))
     assert [s for s, _ in resumed["train/loss_by_step"]] == list(range(1, 10))
     assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -318,7 +318,7 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_matches_an_uninterrupte
     ckpt = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)
     per_epoch = len(straight["train/loss_by_step"]) // 3
     assert ckpt["VideoDataModule"] == {"epoch": 0, "batches_done": per_epoch} == {"epoch": 0, "batches_done": split["train/steps"]}
-    resumed = run(tmp_path / "split", *rest, "ckpt_path=last")
+    resumed = run(tmp_path / "split", *rest, "resume=last")
     assert per_epoch >= 2 and len(resumed["train/loss_by_step"]) == 3 * per_epoch  # no batch dropped
     assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]
 
@@ -335,7 +335,7 @@ def test_ddp_resume_from_an_end_of_epoch_checkpoint_on_shards_matches_an_uninter
 
     straight = run(tmp_path / "straight", "trainer.max_epochs=3")
     first = run(tmp_path / "split", "trainer.max_epochs=1")
-    resumed = run(tmp_path / "split", "trainer.max_epochs=3", "ckpt_path=last")
+    resumed = run(tmp_path / "split", "trainer.max_epochs=3", "resume=last")
     assert first["train/steps"] >= 2 and len(straight["train/loss_by_step"]) == 3 * first["train/steps"]
     assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]
 

@@ -114,7 +114,7 @@ def test_packing_resumes_exactly_and_cuts_the_padding_of_a_run(synthetic_root, t
     plain = train_tiny(synthetic_root, tmp_path / "plain", "trainer.max_steps=4", *common)
     straight = train_tiny(synthetic_root, tmp_path / "straight", "trainer.max_steps=4", *packing, *common)
     train_tiny(synthetic_root, tmp_path / "split", "trainer.max_steps=2", *packing, *common)
-    resumed = train_tiny(synthetic_root, tmp_path / "split", "trainer.max_steps=4", *packing, "ckpt_path=last",
+    resumed = train_tiny(synthetic_root, tmp_path / "split", "trainer.max_steps=4", *packing, "resume=last",
                          *common)
     a = torch.load(straight["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
     b = torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]

@@ -65,7 +65,7 @@ def test_a_resumed_run_keeps_its_metrics_log_and_loss_history(synthetic_root, tm
     common = ["trainer.max_epochs=5", "trainer.checkpoint_every_n_steps=1000", "stage.schedule=constant", "stage.warmup_ratio=0"]
     straight = _train(synthetic_root, tmp_path / "straight", "trainer.max_steps=8", *common)
     _train(synthetic_root, tmp_path / "split", "trainer.max_steps=3", *common)
-    resumed = _train(synthetic_root, tmp_path / "split", "trainer.max_steps=8", "ckpt_path=last", *common)
+    resumed = _train(synthetic_root, tmp_path / "split", "trainer.max_steps=8", "resume=last", *common)
     assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]  # the history came back with the checkpoint
     assert resumed["train/loss_first"] == straight["train/loss_first"]
     assert _logged_steps(tmp_path / "split") == _logged_steps(tmp_path / "straight") == list(range(8))  # appended, no gap
@@ -114,9 +114,28 @@ def test_ctrl_c_saves_a_complete_checkpoint_and_prints_the_command_that_resumes(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["train/steps"] == marker["step"]
     command = shlex.split(out.split("Resume with:\n", 1)[1].splitlines()[0])
-    assert command[:2] == ["python", "train.py"] and "ckpt_path=last" in command and f"hydra.run.dir={run_dir}" in command
+    assert command[:2] == ["python", "train.py"] and "resume=last" in command and f"hydra.run.dir={run_dir}" in command
     # the printed command, with a step limit a few steps on, continues the same run
     limit = marker["step"] + 3
     run_cli(["train.py", *(f"trainer.max_steps={limit}" if a == "trainer.max_steps=2000" else a for a in command[2:])])
     final = json.loads((run_dir / "summary.json").read_text())
     assert [s for s, _ in final["train/loss_by_step"]] == list(range(1, limit + 1)) and "status" not in final
+
+
+def test_resume_takes_last_a_path_or_auto_and_names_the_old_key(synthetic_root, tmp_path):
+    """One key resumes: resume=last (this run dir), resume=PATH (a checkpoint), resume=auto; the old
+    ckpt_path names its replacement."""
+    from panda.config import TrainConfig
+    from panda.errors import ConfigError
+    from panda.overrides import check_overrides
+
+    common = ["trainer.max_epochs=5", "stage.schedule=constant", "stage.warmup_ratio=0"]
+    straight = _train(synthetic_root, tmp_path / "straight", "trainer.max_steps=6", *common)
+    _train(synthetic_root, tmp_path / "first", "trainer.max_steps=4", *common)
+    from_path = _train(synthetic_root, tmp_path / "second", "trainer.max_steps=6", *common,
+                       f"resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert from_path["train/loss_by_step"] == straight["train/loss_by_step"]
+    with pytest.raises(ConfigError, match=r"resume=last: .*last\.ckpt does not exist"):
+        _train(synthetic_root, tmp_path / "never_ran", "trainer.max_steps=6", "resume=last")
+    with pytest.raises(ValueError, match=r"ckpt_path is now resume \(resume=last continues this run dir"):
+        check_overrides(["ckpt_path=last"], TrainConfig)

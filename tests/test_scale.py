@@ -64,7 +64,7 @@ def test_resume_in_a_new_process_group_continues_the_loss_trajectory(synthetic_r
         common.append("data.num_workers=2")
     _train([*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'straight'}"])
     _train([*common, "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'split'}"])
-    _train([*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'split'}", "ckpt_path=last"])
+    _train([*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'split'}", "resume=last"])
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())["train/loss_by_step"]
     resumed = json.loads((tmp_path / "split" / "summary.json").read_text())["train/loss_by_step"]
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]  # steps 1-3 from the checkpoint, 4-6 trained after the resume

@@ -27,8 +27,8 @@ def test_resume_restores_step_optimizer_and_schedule(synthetic_root, tmp_path):
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     first = torch.load(ckpt, weights_only=False)
     assert first["global_step"] == 4
-    # ckpt_path=last: the newest checkpoint of this run directory
-    run(synthetic_root, tmp_path, "trainer.max_steps=7", "trainer.max_epochs=5", "evaluate=false", "ckpt_path=last")
+    # resume=last: the newest checkpoint of this run directory
+    run(synthetic_root, tmp_path, "trainer.max_steps=7", "trainer.max_epochs=5", "evaluate=false", "resume=last")
     second = torch.load(ckpt, weights_only=False)
     assert second["global_step"] == 7
     assert second["lr_schedulers"][0]["last_epoch"] == 7
@@ -103,7 +103,7 @@ def test_mid_epoch_resume_continues_with_exactly_the_batches_of_an_uninterrupted
               "stage.schedule=constant", "stage.warmup_ratio=0"]
     straight = run(synthetic_root, tmp_path / "straight", "trainer.max_steps=16", *common)
     run(synthetic_root, tmp_path / "split", "trainer.max_steps=5", *common)
-    resumed = run(synthetic_root, tmp_path / "split", "trainer.max_steps=16", *common, "ckpt_path=last")
+    resumed = run(synthetic_root, tmp_path / "split", "trainer.max_steps=16", *common, "resume=last")
     assert [s for s, _ in resumed["train/loss_by_step"]] == list(range(1, 17))  # the history before the resume came back
     assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]  # same batches, same losses
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)

@@ -20,6 +20,7 @@ from panda.data.conversation import get_template
 from panda.data.prepare import prepare_rejected_records
 from panda.data.synthetic import generate
 from panda.data.tokenizer import save_tokenizer
+from panda.errors import ConfigError
 from panda.evaluation.benchmarks import load_benchmark
 from panda.evaluation.judge import build_judge
 from panda.evaluation.run import run_benchmark, scalar_metrics
@@ -102,16 +103,19 @@ def train(cfg) -> dict:
 
 
 def locate_run(cfg: TrainConfig) -> tuple[str, str | None, dict | None]:
-    """(run directory, checkpoint to resume from, its contents but the tensors): ``ckpt_path``
-    (``last``: this run dir's), or with ``resume=auto`` the newest complete checkpoint of this run's
-    name, in the run directory it belongs to — refused when that run's config differs in more than
-    its step limits."""
+    """(run directory, checkpoint to resume from, its contents but the tensors), as ``resume`` says:
+    ``none``; ``last`` (this run dir's last checkpoint); a checkpoint's path; or ``auto``, the newest
+    complete checkpoint of this run's name, in the run directory it belongs to — refused when that
+    run's config differs in more than its step limits."""
     run_dir = run_dir_of(cfg)
     if cfg.resume == "none":
-        path = os.path.join(run_dir, "checkpoints", "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
-        return run_dir, path, read_checkpoint_meta(path) if path else None
+        return run_dir, None, None
     if cfg.resume != "auto":
-        raise ValueError(f"resume={cfg.resume!r}: use none or auto (ckpt_path=PATH resumes from a given checkpoint)")
+        path = os.path.join(run_dir, "checkpoints", "last.ckpt") if cfg.resume == "last" else cfg.resume
+        if not os.path.exists(path):
+            raise ConfigError(f"resume={cfg.resume}: {path} does not exist (resume=last continues the run in "
+                              "hydra.run.dir; resume=auto finds this run's newest checkpoint; resume=PATH a .ckpt)")
+        return run_dir, path, read_checkpoint_meta(path)
     marker = find_resume_checkpoint(os.path.abspath(cfg.runs_root), cfg.name, run_dir)
     if marker is None:
         log.info("resume=auto: no complete checkpoint of %r yet; starting fresh", cfg.name)

@@ -102,7 +102,8 @@ def find_resume_checkpoint(runs_root: str, name: str, run_dir: str) -> dict | No
     return max((m for m in markers if m is not None), key=lambda m: m["time"], default=None)
 
 
-# what may change when a run is resumed: its limits and where things are
+# what may change when a run is resumed: its limits and where things are (ckpt_path: the key that named
+# the checkpoint to resume before resume took a path; older checkpoints hold it)
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "resume", "ckpt_path", "run_dir", "runs_root",
                      "trainer.enable_progress_bar")
 
