@@ -273,7 +273,7 @@ def test_misspelt_experiment_exits_2_naming_the_closest_and_trains_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []  # no run or sweep folder
 
 
-@pytest.mark.parametrize("preset", ["local", "qwen2_5", "llama3", "mistral"])
+@pytest.mark.parametrize("preset", ["local", "chat", "qwen2_5", "llama3", "mistral"])
 def test_an_llm_preset_without_its_folder_names_llm_pretrained(preset):
     with pytest.raises(ValueError, match=r"^needs llm\.pretrained=PATH: a local Hugging Face folder"):
         validate(compose([f"llm={preset}"]))
@@ -289,6 +289,18 @@ def test_a_wrong_llm_folder_names_llm_pretrained(synthetic_root, tmp_path):
         train(compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["llm=local", f"llm.pretrained={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"^llm\.tokenizer=/nope: no such folder"):
         train(compose(tiny_overrides(synthetic_root, str(tmp_path)) + ["llm.tokenizer=/nope"]))
+
+
+def test_the_chat_llm_presets_are_one_preset_that_selects_the_chat_format():
+    """llm=chat picks model=chat (the tokenizer's chat_template, span labels); the family names are
+    the same preset, and no llm preset writes outside its own group or depends on the defaults order."""
+    composed = {preset: compose([f"llm={preset}", "llm.pretrained=/m"]) for preset in ("chat", "qwen2_5", "llama3", "mistral")}
+    assert all(c == composed["chat"] for c in composed.values())
+    assert (composed["chat"].model.template, composed["chat"].model.eval_template, composed["chat"].model.tokenization) == (
+        "chat", "chat", "spans")
+    assert compose(["llm=local", "llm.pretrained=/m"]).model == compose([]).model  # the release's Vicuna format
+    for path in glob.glob(os.path.join(CONF, "llm", "*.yaml")):
+        assert "@package _global_" not in open(path).read(), path
 
 
 def test_adapters_on_a_stage_that_freezes_the_llm_are_refused():
