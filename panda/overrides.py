@@ -6,7 +6,9 @@ one-line message (exit code 2) instead of silently changing what a run is:
   check an ``optional`` group skipped a missing file, and a sweep trained the baseline under the
   ablation's name;
 - a key that is not in the typed schema (``trainer.max_step=5``, ``+trainer.max_step=5``) names the
-  closest key, instead of Hydra's "To append to your config use +..." (which then fails anyway).
+  closest key, instead of Hydra's "To append to your config use +..." (which then fails anyway);
+- a key the group's choice sets (``logger.kind``: ``logger=csv logger.kind=wandb`` said two things)
+  and a key that was renamed (``ckpt_path`` is ``resume``) say what to write instead.
 
 ``train.py``, ``evaluate.py`` and ``python -m panda.plan`` run :func:`check_overrides` on their
 arguments; the same group options are what Hydra itself would find (its own search path, including
@@ -103,6 +105,10 @@ RENAMED = {"ckpt_path": "resume (resume=last continues this run dir, resume=PATH
                         "newest checkpoint of this run's name)"}
 
 
+# keys that a group's choice sets: said once, by choosing the group's option (logger=wandb), never beside it
+CHOSEN_BY_GROUP = {"logger.kind": "logger", "teacher.kind": "teacher", "judge.kind": "judge"}
+
+
 def _unwrap(tp):
     """``Optional[X]`` -> ``X``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -169,6 +175,10 @@ def check_overrides(overrides: list[str], schema: type, config_name: str = "trai
             if groups.is_group(name):
                 options = groups.options(name)
                 problems += [_unknown_group_choice(name, c, options) for c in _choices(override) if c not in options]
+            elif name.lstrip("+") in CHOSEN_BY_GROUP:
+                group = CHOSEN_BY_GROUP[name.lstrip("+")]
+                problems.append(f"{name} is set by the {group} group: choose {group}=<option> instead "
+                                f"(the options: {', '.join(groups.options(group))})")
             elif name in RENAMED:
                 problems.append(f"{name} is now {RENAMED[name]}")
             elif not override.is_delete():

@@ -70,7 +70,7 @@ def tiny_overrides(root: str, run_dir: str | None = None) -> list[str]:
         "llm.intermediate_size=64",
         "stab.width=32",
         "trainer.enable_progress_bar=false",
-        "logger.kind=none",
+        "logger=none",
     ] + ([f"run_dir={run_dir}"] if run_dir is not None else [])
 
 

@@ -43,7 +43,7 @@ def test_a_new_mix_of_aspect_ratios_compiles_nothing_new():
 
 @pytest.mark.slow
 def test_compiled_parts_train_under_fsdp2_over_two_processes(synthetic_root, tmp_path):
-    overrides = [o for o in tiny_overrides(synthetic_root) if not o.startswith("logger.kind")]
+    overrides = [o for o in tiny_overrides(synthetic_root) if not o.startswith("logger=")]
     proc = run_cli(["train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=none",
                     "evaluate=false", "trainer.max_steps=3", "model.compile=true", "model.compile_backend=aot_eager",
                     f"hydra.run.dir={tmp_path}", *overrides])

@@ -159,7 +159,7 @@ def test_wandb_run_a_lab_would_use(synthetic_root, tmp_path):
     training, whose images also land in the run folder."""
     run_dir = tmp_path / "run"
     run_cli(["train.py", "experiment=ablation/no_fsra", "seed=3", *tiny_overrides(synthetic_root), "logger=wandb",
-             "logger.kind=wandb", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "logger.val_every_n_steps=2",
+             "trainer.max_steps=4", "trainer.log_every_n_steps=1", "logger.val_every_n_steps=2",
              "logger.val_loss_items=4", "logger.table_items=2", f"hydra.run.dir={run_dir}"],
             env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""})
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -183,7 +183,7 @@ def test_wandb_run_a_lab_would_use(synthetic_root, tmp_path):
 def test_ddp_trains_with_two_cpu_processes(synthetic_root, tmp_path):
     run_dir = tmp_path / "ddp"
     result = run_cli(["train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
-                      f"hydra.run.dir={run_dir}", *tiny_overrides(synthetic_root), "logger=csv", "logger.kind=csv"])
+                      f"hydra.run.dir={run_dir}", *tiny_overrides(synthetic_root), "logger=csv"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train/steps"] == 3 and summary["eval/num_questions"] == 6
     assert "distributed_backend=gloo" in result.stderr + result.stdout
@@ -242,6 +242,17 @@ def test_a_misspelt_key_names_the_closest_key(overrides, schema, message):
 
     with pytest.raises(ValueError, match=message):
         check_overrides(overrides, {"train": TrainConfig, "evaluate": EvaluateConfig}[schema], schema)
+
+
+@pytest.mark.parametrize("override, group", [("logger.kind=wandb", "logger"), ("teacher.kind=hf_vision", "teacher")])
+def test_the_kind_of_a_logger_or_teacher_is_its_group_choice(override, group):
+    from panda.config import EvaluateConfig, TrainConfig
+    from panda.overrides import check_overrides
+
+    with pytest.raises(ValueError, match=rf"{group}\.kind is set by the {group} group: choose {group}=<option>"):
+        check_overrides([f"{group}=none", override], TrainConfig)
+    with pytest.raises(ValueError, match=r"judge\.kind is set by the judge group: .*exact_match, openai"):
+        check_overrides(["judge.kind=openai"], EvaluateConfig, "evaluate")
 
 
 def test_real_overrides_pass_the_command_line_check():
@@ -341,7 +352,7 @@ def test_validation_loss_and_samples_are_logged_once_per_interval(synthetic_root
 
     from conftest import train_tiny
 
-    train_tiny(synthetic_root, tmp_path, "logger.kind=csv", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+    train_tiny(synthetic_root, tmp_path, "logger=csv", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
                "logger.val_every_n_steps=2", "logger.val_loss_items=4", "logger.table_items=1", "evaluate=false")
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]

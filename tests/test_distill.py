@@ -173,7 +173,7 @@ def test_training_with_a_teacher_logs_both_losses_and_trains_the_head(synthetic_
     run_dir = str(tmp_path / "run")
     cfg = compose(tiny_overrides(synthetic_root, run_dir) + [
         "teacher=tiny_languagebind", "distill.layer_stride=1", "distill.heads=4", "trainer.max_steps=3",
-        "trainer.log_every_n_steps=1", "logger.kind=csv", "evaluate=false",
+        "trainer.log_every_n_steps=1", "logger=csv", "evaluate=false",
     ])
     summary = train(cfg)
     assert summary["params/distill_head"] > 0 and summary["trainable/distill_head"] == summary["params/distill_head"]

@@ -13,7 +13,7 @@ def readme_row(name: str) -> str:
 
 
 def test_metrics_csv_has_the_cadence_the_readme_gives_and_the_summary_every_step(synthetic_root, tmp_path):
-    summary = train_tiny(synthetic_root, tmp_path, "logger.kind=csv", "trainer.max_steps=7",
+    summary = train_tiny(synthetic_root, tmp_path, "logger=csv", "trainer.max_steps=7",
                          "trainer.log_every_n_steps=3", "logger.val_every_n_steps=0", "evaluate=false")
     with open(tmp_path / "csv" / "metrics.csv") as f:
         logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]

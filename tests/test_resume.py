@@ -15,7 +15,7 @@ from conftest import compose, tiny_overrides
 def _train(root, run_dir, *extra):
     from panda.training.run import train
 
-    return train(compose(tiny_overrides(root, str(run_dir)) + ["evaluate=false", "logger=csv", "logger.kind=csv",
+    return train(compose(tiny_overrides(root, str(run_dir)) + ["evaluate=false", "logger=csv",
                                                                "trainer.log_every_n_steps=1", *extra]))
 
 

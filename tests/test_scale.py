@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def _overrides(root):
-    return [o for o in tiny_overrides(root) if not o.startswith("logger.kind")]
+    return [o for o in tiny_overrides(root) if not o.startswith("logger=")]
 
 
 def _train(args):

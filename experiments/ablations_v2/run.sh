@@ -16,6 +16,6 @@ $PY experiments/ablations_v2/probe.py --multirun hydra/launcher=joblib hydra.lau
   'experiment=ablation/full,ablation/no_fsra,ablation/no_gstra,ablation/no_lste,ablation/no_temporal,ablation/no_row_tokens,ablation/lsd_avgpool,ablation/lsd_before_lste,ablation/perceiver,ablation/half_res_no_lsd,frames/f1,frames/f2,frames/f8,frames/f16' \
   data.root=$DATA data.synthetic.version=2 'data.synthetic.kinds=[direction]' \
   data.synthetic.train_videos=800 data.synthetic.train_motion_scale=1.0 data.synthetic.question_mix.colour=1.0 \
-  trainer.max_steps=$STEPS trainer.enable_progress_bar=false trainer.cpu_threads=1 logger.kind=none \
+  trainer.max_steps=$STEPS trainer.enable_progress_bar=false trainer.cpu_threads=1 logger=none \
   hydra.sweep.dir=experiments/ablations_v2/multirun
 $PY -m panda.experiments.collect experiments/ablations_v2/multirun --out experiments/ablations_v2 --chance 0.25

@@ -16,6 +16,6 @@ $PY experiments/ablations_v2/probe.py --multirun hydra/launcher=joblib hydra.lau
   'experiment=ablation/full,ablation/no_fsra,ablation/no_gstra,ablation/no_temporal' \
   data.root=$DATA data.synthetic.version=2 'data.synthetic.kinds=[order]' \
   data.synthetic.train_videos=800 data.synthetic.train_motion_scale=1.0 data.synthetic.question_mix.colour=1.0 stage.lr=2e-3 \
-  trainer.max_steps=$STEPS trainer.enable_progress_bar=false trainer.cpu_threads=1 logger.kind=none \
+  trainer.max_steps=$STEPS trainer.enable_progress_bar=false trainer.cpu_threads=1 logger=none \
   hydra.sweep.dir=experiments/ablations_v2/multirun_order
 $PY -m panda.experiments.collect experiments/ablations_v2/multirun_order --out experiments/ablations_v2/order --chance 0.25

@@ -14,13 +14,13 @@ $PY -c "from panda.data.synthetic import SyntheticConfig, generate; generate(Syn
 $PY train.py --multirun hydra/launcher=joblib hydra.launcher.n_jobs=2 \
   seed=0,1 \
   'experiment=ablation/no_lste,ablation/no_temporal,frames/f1,ablation/no_gstra,ablation/no_fsra' \
-  data.root=$DATA trainer.enable_progress_bar=false trainer.cpu_threads=1 logger.kind=csv \
+  data.root=$DATA trainer.enable_progress_bar=false trainer.cpu_threads=1 logger=csv \
   trainer.checkpoint_every_n_steps=100000 \
   hydra.sweep.dir=experiments/default_v2/multirun
 # the reference row: the full model with the same seeds and settings, beside the ablations
 $PY train.py --multirun hydra/launcher=joblib hydra.launcher.n_jobs=2 \
   seed=0,1 experiment=ablation/full \
-  data.root=$DATA trainer.enable_progress_bar=false trainer.cpu_threads=1 logger.kind=csv \
+  data.root=$DATA trainer.enable_progress_bar=false trainer.cpu_threads=1 logger=csv \
   trainer.checkpoint_every_n_steps=100000 \
   hydra.sweep.dir=experiments/default_v2/multirun 'hydra.sweep.subdir=full_seed${seed}'
 $PY -m panda.experiments.collect experiments/default_v2/multirun --out experiments/default_v2 --chance 0.25
