@@ -1,5 +1,6 @@
 """Config -> model and tokenizer, in one place: training, evaluation, chat and export all build
-through here (:mod:`panda.loading` adds the weights of any checkpoint kind)."""
+through here (:mod:`panda.loading`, which imports this module and never the other way round, adds
+the weights of any checkpoint kind)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from panda.data.datamodule import VideoDataModule
 from panda.data.datasets import FramePipeline
 from panda.data.tokenizer import load_tokenizer
 from panda.models.adapters import apply_adapter, quantization_config
-from panda.models.checkpoints import apply_eve_state, apply_release_state, empty_llm_from_config, load_llm_from_folder, read_weights
+from panda.models.checkpoints import (apply_eve_state, apply_release_state, empty_llm_from_config, load_llm_from_folder,
+                                     load_weights_from_ckpt, read_weights)
 from panda.models.video_lm import VideoLanguageModel, build_llm
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,6 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
     elif initialise and init.kind == "eve":
         apply_eve_state(model, state, source=init.path)
     elif initialise and init.kind == "checkpoint":
-        from panda.loading import load_weights_from_ckpt
-
         load_weights_from_ckpt(model, init.path)
     if str(llm_cfg.adapter) != "none":  # after the init weights: adapters start at zero on top of them
         if str(llm_cfg.adapter) == "qlora" and init.kind in FOLDER_INITS:

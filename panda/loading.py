@@ -1,7 +1,8 @@
 """Any checkpoint kind -> a ready model: a ``train.py`` ``.ckpt`` (one file, or the folder of a
 sharded FSDP checkpoint), a folder panda exported (``run_dir/final``), or a Video-Panda release
 folder. Evaluation, chat and export load through :func:`load_model`; training's
-``init.kind=checkpoint`` through :func:`load_weights_from_ckpt`."""
+``init.kind=checkpoint`` through :func:`~panda.models.checkpoints.load_weights_from_ckpt`, which
+:mod:`panda.build` calls. This module builds through :mod:`panda.build`, never the other way round."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from panda.config import Derived, TrainConfig, to_train_config
 from panda.constants import RELEASE_EVAL_TEMPLATE, RELEASE_FRAMES
 from panda.data.conversation import ChatFormat, get_template
 from panda.data.tokenizer import load_tokenizer
-from panda.models.checkpoints import NotACheckpointError, load_release, read_meta
+from panda.models.checkpoints import (NotACheckpointError, load_release, load_weights_from_ckpt, read_lightning_checkpoint,
+                                     read_meta)
 from panda.models.video_lm import VideoLanguageModel
 
 log = logging.getLogger(__name__)
@@ -42,22 +44,6 @@ class LoadedModel:
         return get_template(self.eval_template, self.tokenization, self.tokenizer)
 
 
-def read_lightning_checkpoint(path: str) -> dict:
-    """A ``train.py`` checkpoint as one dict: a single ``.ckpt`` file, or the folder of a sharded
-    (FSDP, distributed) checkpoint, consolidated in memory without a process group."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (a train.py run keeps it at RUN_DIR/checkpoints/last.ckpt)")
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, ".metadata")):
-            raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
-        from pathlib import Path
-
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        return _load_distributed_checkpoint(Path(path))
-    return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
-
-
 def read_checkpoint_meta(path: str) -> dict:
     """Everything of a ``train.py`` checkpoint but the tensors' data: step, epoch, config, loop and
     callback states (``meta.pt`` of a sharded checkpoint, or a single file memory-mapped)."""
@@ -69,27 +55,6 @@ def read_checkpoint_meta(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-
-
-def load_weights_from_ckpt(model: VideoLanguageModel, path: str, ckpt: dict | None = None) -> None:
-    """Weights of a panda Lightning checkpoint into ``model`` (optimiser state is not restored)."""
-    if ckpt is None:
-        ckpt = read_lightning_checkpoint(path)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    if any(".lora_" in k for k in state) and not any(".lora_" in k for k in model.state_dict()):
-        raise KeyError(f"{path} holds LoRA adapters (llm.adapter=lora) and this model has none: export the checkpoint "
-                       f"first, which merges them into the LLM (python -m panda.export {path} --out DIR), then start "
-                       f"from init.kind=release init.path=DIR")
-    if model.distill_head is None and any(k.startswith("distill_head.") for k in state):
-        log.info("%s: skipping its distillation head (this run has no teacher)", path)
-        state = {k: v for k, v in state.items() if not k.startswith("distill_head.")}
-    head_fresh = model.distill_head is not None and not any(k.startswith("distill_head.") for k in state)
-    result = model.load_state_dict(state, strict=not head_fresh)
-    if head_fresh:
-        log.warning("%s has no distillation head; the head starts fresh", path)
-    bad = [k for k in result.missing_keys if not k.startswith("distill_head.")] + list(result.unexpected_keys)
-    if bad:
-        raise KeyError(f"{path} does not match the model: {bad[:20]}")
 
 
 # keys that checkpoints written before the Derived split kept inside the config

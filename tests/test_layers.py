@@ -1,7 +1,10 @@
-"""The package's layers point one way (architecture.md): each layer, imported alone in a fresh
-interpreter, pulls in no panda module of a layer above it."""
+"""The package's layers point one way: each layer, imported alone in a fresh interpreter, pulls in
+no panda module of a layer above it; and no import statement of a layer, at module level or inside
+a function, names a panda module above it (a deferred import is a dependency all the same)."""
 
+import ast
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -20,7 +23,7 @@ ALLOWED = {
     "panda.data": {"panda.data"},
     "panda.config": {"panda.config", "panda.models", "panda.data"},
     "panda.overrides": {"panda.overrides", "panda.config", "panda.models", "panda.data", "panda.runs"},  # CLI checks
-    "panda.build": {"panda.build", "panda.loading", "panda.config", "panda.models", "panda.data"},
+    "panda.build": {"panda.build", "panda.config", "panda.models", "panda.data"},  # panda.loading builds through it
     "panda.loading": {"panda.build", "panda.loading", "panda.config", "panda.models", "panda.data"},
     "panda.evaluation": {"panda.evaluation", "panda.build", "panda.loading", "panda.config", "panda.models", "panda.data",
                          "panda.runs"},
@@ -69,3 +72,61 @@ def test_a_layer_imports_nothing_above_it(layer, imports_by_layer):
     assert isinstance(imported, list), f"importing {layer} failed: {imported}"
     above = [m for m in imported if m != "panda" and not any(m == a or m.startswith(a + ".") for a in allowed)]
     assert not above, f"{layer} pulls in {above}"
+
+
+def source_files(layer: str) -> list[str]:
+    """The files of a layer: every ``.py`` file of a package (subpackages too), or the module's file."""
+    module = __import__(layer, fromlist=["_"])
+    if not hasattr(module, "__path__"):
+        return [module.__file__]
+    return sorted(os.path.join(folder, name) for root in module.__path__ for folder, _, names in os.walk(root)
+                  for name in names if name.endswith(".py"))
+
+
+def module_of(path: str) -> str:
+    parts = os.path.relpath(os.path.splitext(path)[0], os.path.dirname(os.path.dirname(panda.__file__))).split(os.sep)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def panda_imports(path: str) -> list[tuple[str, int]]:
+    """(panda module, line) for every import statement of ``path``, wherever it stands: module
+    level, inside a function, under a condition. ``from panda import x`` names ``panda.x``; relative
+    imports are resolved against the file's package."""
+    module = module_of(path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base == "panda":
+                found += [(f"panda.{alias.name}", node.lineno) for alias in node.names]
+            else:
+                found.append((base, node.lineno))
+    return [(name, line) for name, line in found if name.startswith("panda.")]
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_no_import_statement_of_a_layer_names_a_module_above_it(layer):
+    allowed = BASE | ALLOWED[layer] | {layer}
+    above = [f"{os.path.relpath(path, os.path.dirname(panda.__path__[0]))}:{line} imports {name}"
+             for path in source_files(layer) for name, line in panda_imports(path)
+             if not any(name == a or name.startswith(a + ".") for a in allowed)]
+    assert not above, "\n".join(above)
+
+
+def test_no_two_layers_may_import_each_other():
+    both_ways = sorted({tuple(sorted((a, b))) for a in ALLOWED for b in ALLOWED[a] - {a} if a in ALLOWED.get(b, ())})
+    assert not both_ways, f"these layers may import each other: {both_ways}"
+
+
+def test_function_level_imports_are_seen(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("import os\n\ndef f():\n    from panda.loading import load_model\n    import panda.build\n"
+                    "    if True:\n        from panda import training\n")
+    names = [name for name, _ in panda_imports(str(path))]
+    assert names == ["panda.loading", "panda.build", "panda.training"]

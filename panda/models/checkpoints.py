@@ -186,6 +186,44 @@ def read_meta(folder: str) -> dict:
         return json.load(f)
 
 
+def read_lightning_checkpoint(path: str) -> dict:
+    """A ``train.py`` checkpoint as one dict: a single ``.ckpt`` file, or the folder of a sharded
+    (FSDP, distributed) checkpoint, consolidated in memory without a process group."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (a train.py run keeps it at RUN_DIR/checkpoints/last.ckpt)")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
+        from pathlib import Path
+
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(Path(path))
+    return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
+
+
+def load_weights_from_ckpt(model: nn.Module, path: str, ckpt: dict | None = None) -> None:
+    """Weights of a panda Lightning checkpoint into ``model`` (a ``VideoLanguageModel``; optimiser
+    state is not restored)."""
+    if ckpt is None:
+        ckpt = read_lightning_checkpoint(path)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if any(".lora_" in k for k in state) and not any(".lora_" in k for k in model.state_dict()):
+        raise KeyError(f"{path} holds LoRA adapters (llm.adapter=lora) and this model has none: export the checkpoint "
+                       f"first, which merges them into the LLM (python -m panda.export {path} --out DIR), then start "
+                       f"from init.kind=release init.path=DIR")
+    if model.distill_head is None and any(k.startswith("distill_head.") for k in state):
+        log.info("%s: skipping its distillation head (this run has no teacher)", path)
+        state = {k: v for k, v in state.items() if not k.startswith("distill_head.")}
+    head_fresh = model.distill_head is not None and not any(k.startswith("distill_head.") for k in state)
+    result = model.load_state_dict(state, strict=not head_fresh)
+    if head_fresh:
+        log.warning("%s has no distillation head; the head starts fresh", path)
+    bad = [k for k in result.missing_keys if not k.startswith("distill_head.")] + list(result.unexpected_keys)
+    if bad:
+        raise KeyError(f"{path} does not match the model: {bad[:20]}")
+
+
 def empty_llm_from_config(config, dtype: torch.dtype, model_class=None) -> nn.Module:
     """A causal LM of ``config`` (of ``model_class`` when given, else the class transformers maps
     the config to) whose weights are allocated but not randomly initialised (they are loaded next;
