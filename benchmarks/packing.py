@@ -23,7 +23,6 @@ weights. It prints the losses (equal), the real tokens per second and the ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -31,9 +30,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from panda.models.packing import padded_share, plan_rows  # noqa: E402
+from panda.models.packing import padded_share, plan_rows
 
 ASPECTS = [("16:9", 360, 640, 0.60), ("4:3", 480, 640, 0.20), ("square", 480, 480, 0.10), ("9:16", 640, 360, 0.10)]
 FRAMES = 8

@@ -26,9 +26,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from panda.constants import IMAGE_PLACEHOLDER_ID  # noqa: E402
+from panda.constants import IMAGE_PLACEHOLDER_ID
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
 VOCAB = 8192

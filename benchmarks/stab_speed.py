@@ -18,9 +18,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from stab_reference import looped_stab_forward  # this folder's per-frame reference
+
 from panda.data.frames import preprocess_frames
 from panda.models.stab import STAB, STABConfig, build_projector
-from panda.models.stab_reference import looped_stab_forward
 
 
 def make_batch(videos: int, frames: int, resolution: int, patch: int, height: int = 360, width: int = 640):

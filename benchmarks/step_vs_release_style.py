@@ -6,7 +6,7 @@ one process on this CPU, with equal weights and equal losses.
 The sizes are those of the throughput issue: release STAB, 8 frames, 2 videos (one square, one
 16:9), a LLaMA 384 wide with 8 layers and a 32K vocabulary, distillation on, forward + backward.
 
-- **release-style.** STAB looped per video, chunk and frame (``panda/models/stab_reference.py``,
+- **release-style.** STAB looped per video, chunk and frame (``benchmarks/stab_reference.py``,
   with gradients), the batch padded to its longest sample, and the LM head and cross-entropy over
   every position (the LLM's own ``labels=`` loss).
 - **panda.** Batched STAB, the LM head at the supervised positions only, padded; then packed into
@@ -26,8 +26,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this folder's modules, also when imported from elsewhere
 
 from stab_speed import make_batch  # noqa: E402
 
@@ -69,7 +68,7 @@ def inputs(frames: int, text=(40, 30), supervised: int = 11):
 
 def release_style(model, ids, attn, labels, pixels, mask, teacher):
     """The release's computation: per-frame STAB, padded batch, LM head on every position."""
-    from panda.models.stab_reference import looped_stab_forward
+    from stab_reference import looped_stab_forward
     from panda.models.stab import VisualTokens
     from panda.models.video_lm import splice_visual_tokens
     from panda.models.distill import distillation_loss

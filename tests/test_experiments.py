@@ -2,6 +2,7 @@
 every experiment config of the ablation study composes."""
 
 import csv
+import importlib.util
 import json
 import os
 
@@ -212,7 +213,13 @@ def test_intervals_and_permutation_p_values_against_the_full_model():
 def test_stab_probe_trains_and_scores_each_question_type_through_the_real_decode(synthetic_root, tmp_path):
     """The ablations_v2 harness: STAB + reader on the real mp4 files; summary.json in collect's format."""
     from panda.config import to_train_config
-    from panda.experiments.stab_probe import question_kind, run_probe
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "ablations_v2",
+                        "stab_probe.py")
+    spec = importlib.util.spec_from_file_location("stab_probe", path)  # the study's own module, not part of panda
+    stab_probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stab_probe)
+    question_kind, run_probe = stab_probe.question_kind, stab_probe.run_probe
 
     cfg = to_train_config(compose([f"data.root={synthetic_root}", "data.synthetic=null", "stab.width=32",
                                    "trainer.max_steps=3", "data.batch_size=4", "data.eval_batch_size=8",

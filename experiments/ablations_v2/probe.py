@@ -1,22 +1,17 @@
-"""STAB + a per-kind reader on the synthetic benchmark (panda/experiments/stab_probe.py), composed
+"""STAB + a per-kind reader on the synthetic benchmark (``stab_probe.py`` beside this file), composed
 from the same Hydra configs as train.py: experiment=ablation/..., frames/..., stab.*, seed, ...
 
     python experiments/ablations_v2/probe.py experiment=ablation/no_lste seed=1 data.root=DIR trainer.max_steps=700
     python experiments/ablations_v2/probe.py ... +probe_kinds=[direction]   # one question kind only
 """
 
-import os
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from stab_probe import run_probe  # this folder's module (the script's folder is on sys.path)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-from panda.config import register_configs, to_train_config  # noqa: E402
-from panda.experiments.stab_probe import run_probe  # noqa: E402
-from panda.runs import exit_on_config_error  # noqa: E402
+from panda.config import register_configs, to_train_config
+from panda.runs import exit_on_config_error
 
 register_configs()
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study of experiments/ablations_v2/README.md, exactly as it was run: 14 variants x 5 seeds =
-# 70 runs of STAB + a reader (panda/experiments/stab_probe.py) on the v2 synthetic benchmark's
+# 70 runs of STAB + a reader (experiments/ablations_v2/stab_probe.py) on the v2 synthetic benchmark's
 # direction questions, 2 at a time (joblib). Seeds are the outer loop, so a sweep cut short still
 # holds whole seeds.
 set -euo pipefail

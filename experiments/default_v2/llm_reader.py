@@ -5,7 +5,7 @@ direction questions every 200 steps:
 - ``llama``: the tiny LLaMA's layers (the default's sizes: hidden 64, 2 layers, 4 heads, MLP 256,
   init std ``--init``) behind the default's projector. A learned query token follows the video's
   visual tokens (left-padded), and a 4-way linear head reads the last position;
-- ``kind``: the attention reader of the v2 study (``panda/experiments/stab_probe.py``);
+- ``kind``: the attention reader of the v2 study (``experiments/ablations_v2/stab_probe.py``);
 - ``mean``: a linear head on the mean visual token.
 
 STAB, frame decoding, sampling and preprocessing are the study's (``load_split``: decord, the
@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+# the v2 study's probe (its reader, data loading and packing) lives with that study
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ablations_v2"))
+
+from stab_probe import KindReader, _normalise, load_split, video_packing  # noqa: E402
 
 from panda.data.synthetic import ANSWERS, SyntheticConfig, generate  # noqa: E402
-from panda.experiments.stab_probe import KindReader, _normalise, load_split, video_packing  # noqa: E402
-from panda.training.module import lr_lambda  # noqa: E402
 from panda.models.stab import STAB, STABConfig, build_projector  # noqa: E402
+from panda.training.module import lr_lambda  # noqa: E402
 
 FRAMES = 4
 CLASSES = ANSWERS["direction"]

@@ -1,8 +1,9 @@
 """A straightforward per-video, per-frame STAB forward, as the official code is written.
 
 It reuses :class:`~panda.models.stab.STAB`'s submodules but loops over videos, chunks and
-frames in Python. It is the parity reference for the batched forward (tests) and the baseline
-of ``benchmarks/stab_speed.py``. Use :meth:`STAB.forward` for real work.
+frames in Python. It is the parity reference for the batched forward (``tests/test_stab.py``)
+and the baseline of ``stab_speed.py`` and ``step_vs_release_style.py`` here; it is not part of
+the ``panda`` package. Use :meth:`STAB.forward` for real work.
 """
 
 from __future__ import annotations
