@@ -17,34 +17,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from panda.choices import Choice
+from panda.data.budget import Sampling
+from panda.data.conversation import Tokenization
+from panda.data.records import OnBadRecord
 from panda.data.synthetic import SyntheticConfig
+from panda.data.video import VideoBackend
 from panda.models.distill import DistillConfig
 from panda.models.stab import STABConfig
 from panda.models.teachers import TeacherConfig, check_teacher_config
 
-
-class Choice(str, Enum):
-    """A config choice: compares equal to its string value and prints as it."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class Tokenization(Choice):
-    """How a conversation becomes ids and labels (panda/data/conversation.py)."""
-
-    release = "release"  # the released weights' ids, round-arithmetic labels, cut at max_length
-    spans = "spans"  # panda's offsets-based labels; over-long conversations drop trailing turns
+# Each choice is one Choice (panda/choices.py), owned by the layer that acts on it: Tokenization,
+# Sampling, VideoBackend and OnBadRecord by the data layer, LSDKind and DistillLoss by the model layer;
+# the choices below are the run's own.
 
 
 class LoggerKind(Choice):
@@ -56,23 +47,6 @@ class LoggerKind(Choice):
 class Schedule(Choice):
     cosine = "cosine"
     constant = "constant"
-
-
-# ``raise`` is a Python keyword, so this choice is built with the functional API
-OnBadRecord = Choice("OnBadRecord", {"skip": "skip", "raise": "raise"}, module=__name__, qualname="OnBadRecord")
-
-
-class VideoBackend(Choice):
-    auto = "auto"  # decord, then PyAV for what decord cannot decode (e.g. AV1)
-    decord = "decord"
-    pyav = "pyav"
-    torchcodec = "torchcodec"  # optional extra (panda[torchcodec]) over the system's FFmpeg libraries
-
-
-class Sampling(Choice):
-    release = "release"  # `frames` per video, the release's way (stab.md §0.1)
-    fps = "fps"  # frames at data.sample_fps over the whole video, at most data.max_frames
-    budget = "budget"  # as many frames as fit data.max_visual_tokens (from the video's aspect ratio)
 
 
 class Strategy(Choice):

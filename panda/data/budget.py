@@ -19,15 +19,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from panda.choices import Choice
 from panda.data.frames import frame_geometry
 from panda.data.video import sample_frame_indices
 
-SAMPLING_MODES = ("release", "fps", "budget")
+
+class Sampling(Choice):
+    """How many frames a video gets (``data.sampling``; the module docstring)."""
+
+    release = "release"  # `frames` per video, the release's way
+    fps = "fps"  # frames at sample_fps over the whole video, at most max_frames
+    budget = "budget"  # as many frames as fit max_visual_tokens (from the video's aspect ratio)
 
 
 @dataclass(frozen=True)
 class SamplingRule:
-    mode: str = "release"
+    mode: Sampling = Sampling.release
     frames: int = 8  # release: the count
     sample_fps: float = 1.0
     max_frames: int = 64  # fps / budget: the cap
@@ -43,8 +50,7 @@ class SamplingRule:
     resampled_side: int = 0  # stab.lsd=perceiver: every frame is this square grid of tokens
 
     def __post_init__(self):
-        if self.mode not in SAMPLING_MODES:
-            raise ValueError(f"data.sampling={self.mode!r}: use one of {', '.join(SAMPLING_MODES)}")
+        object.__setattr__(self, "mode", Sampling.parse(self.mode, "data.sampling"))
         if self.mode == "release":
             return
         if self.max_frames < self.chunk_size:

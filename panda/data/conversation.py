@@ -36,10 +36,16 @@ from typing import Union
 
 import torch
 
+from panda.choices import Choice
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN  # noqa: F401 (re-exported)
 from panda.errors import SampleError
 
-TOKENIZATIONS = ("release", "spans")
+
+class Tokenization(Choice):
+    """How a conversation becomes ids and labels (``model.tokenization``; the module docstring)."""
+
+    release = "release"  # the released weights' ids, round-arithmetic labels, cut at max_length
+    spans = "spans"  # panda's offsets-based labels; over-long conversations drop trailing turns
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class ConversationTemplate:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "  # after the system text and after a user message
     sep2: str = "</s>"  # after an assistant answer
-    tokenization: str = "release"  # see the module docstring
+    tokenization: Tokenization = Tokenization.release  # see the module docstring
 
     def render(self, turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
         """Text of the conversation and the character spans to supervise (answers + ``sep2``).
@@ -116,7 +122,7 @@ class ChatTemplateFormat:
     """
 
     name = "chat"
-    tokenization = "spans"
+    tokenization = Tokenization.spans
     _MARK = re.compile("\x02([QA])(\\d+)\x03")
 
     def __init__(self, tokenizer, system: str | None = None):
@@ -234,9 +240,7 @@ def get_template(name: str, tokenization: str | None = None, tokenizer=None):
         raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES) + [CHAT]}")
     if tokenization is None:
         return TEMPLATES[name]
-    if tokenization not in TOKENIZATIONS:
-        raise ValueError(f"unknown tokenization {tokenization!r}; choose one of {list(TOKENIZATIONS)}")
-    return replace(TEMPLATES[name], tokenization=tokenization)
+    return replace(TEMPLATES[name], tokenization=Tokenization.parse(tokenization, "model.tokenization"))
 
 
 def expand_video_token(text: str, frames: int) -> str:

@@ -14,7 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from panda.choices import Choice
 from panda.errors import RecordError
+
+# ``data.on_bad_record``: a malformed record is skipped (counted, listed in the rejects) or stops the read.
+# ``raise`` is a Python keyword, so this choice is built with the functional API
+OnBadRecord = Choice("OnBadRecord", {"skip": "skip", "raise": "raise"}, module=__name__, qualname="OnBadRecord")
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +162,7 @@ class RecordReader:
     and its reason; ids must be unique across all files read by one reader."""
 
     def __init__(self, on_error: str = "skip"):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be skip or raise, got {on_error!r}")
-        self.on_error = on_error
+        self.on_error = OnBadRecord.parse(on_error, "on_error")
         self.seen: set[str] = set()
 
     def classify(self, raw, path: str, index: int) -> VideoRecord:

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from panda.choices import Choice
 from panda.errors import VideoDecodeError
 
 log = logging.getLogger(__name__)
@@ -198,14 +199,30 @@ class VideoFileTruncated(ValueError):
     """The stream ends long before the frame count its header gives."""
 
 
+class VideoBackend(Choice):
+    """What decodes videos (``data.video_backend``)."""
+
+    auto = "auto"  # decord, then PyAV for what decord cannot decode (e.g. AV1)
+    decord = "decord"
+    pyav = "pyav"
+    torchcodec = "torchcodec"  # optional extra (panda[torchcodec]) over the system's FFmpeg libraries
+
+
 DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav, "torchcodec": _decode_torchcodec}
-BACKEND_ORDER = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",), "torchcodec": ("torchcodec",)}
+BACKEND_ORDER = {VideoBackend.auto: ("decord", "pyav"), VideoBackend.decord: ("decord",), VideoBackend.pyav: ("pyav",),
+                 VideoBackend.torchcodec: ("torchcodec",)}
+
+
+def _backend(backend: str) -> VideoBackend:
+    try:
+        return VideoBackend(backend)
+    except ValueError:
+        raise ValueError(f"unknown video backend {backend!r}; use {', '.join(VideoBackend)}") from None
 
 
 def check_backend(backend: str) -> None:
     """Raise ``ValueError`` naming the fix when ``backend`` cannot decode on this machine."""
-    if backend not in BACKEND_ORDER:
-        raise ValueError(f"unknown video backend {backend!r}; use {', '.join(BACKEND_ORDER)}")
+    backend = _backend(backend)
     if backend == "torchcodec":
         problem = torchcodec_available()
         if problem:
@@ -230,9 +247,7 @@ def decode_video(source: VideoSource, frames: int, sample_fps: float = 1.0, back
     else:
         path = source = os.fspath(source)
         _check_file(path)
-    order = BACKEND_ORDER.get(backend)
-    if order is None:
-        raise ValueError(f"unknown video backend {backend!r}; use {', '.join(BACKEND_ORDER)}")
+    order = BACKEND_ORDER[_backend(backend)]
     errors, code = [], "undecodable"
     for name in order:
         try:

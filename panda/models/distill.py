@@ -18,24 +18,20 @@ teacher's patch grid differ, the finer one is average-pooled to the coarser.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-class DistillLoss(str, Enum):
-    """``distill.loss``: compares equal to (and prints as) its string value."""
+from panda.choices import Choice
+
+
+class DistillLoss(Choice):
+    """``distill.loss``: how a prediction is compared with the teacher's features."""
 
     cosine = "cosine"  # the release
     mse = "mse"
     off = "off"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-DISTILL_LOSSES = tuple(m.value for m in DistillLoss)
 
 
 @dataclass
@@ -116,7 +112,7 @@ def frame_distillation_losses(pred: torch.Tensor, teacher: torch.Tensor, loss: s
         return 1 - F.cosine_similarity(pred, teacher, dim=-1).mean(1)
     if loss == "mse":
         return (pred - teacher).pow(2).mean((1, 2))
-    raise ValueError(f"distill.loss={loss!r}: use one of {DISTILL_LOSSES}")
+    raise ValueError(f"distill.loss={loss!r}: use one of {', '.join(DistillLoss)}")
 
 
 def distillation_loss(

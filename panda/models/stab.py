@@ -26,6 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from panda.choices import Choice
+
+
+class LSDKind(Choice):
+    """How a frame's patches become its tokens (``stab.lsd``; paper Tables 4 and 9)."""
+
+    attention = "attention"  # LSD: learned attention in s×s windows (the release)
+    avgpool = "avgpool"  # s×s average pooling
+    none = "none"  # every patch is a token (pair with half the resolution, stab.ratio=1: Table 9's "w/o LSD")
+    perceiver = "perceiver"  # a Perceiver Resampler: (grid/s)² learned latents per frame (Table 9's "w/o LSD (PR)")
+
 
 @dataclass
 class STABConfig:
@@ -45,19 +56,14 @@ class STABConfig:
     use_gstra: bool = True
     use_fsra: bool = True
     row_tokens: bool = True
-    # how a frame's patches become its tokens (paper Tables 4 and 9):
-    #   "attention": LSD (learned attention in s×s windows, released); "avgpool": s×s average pooling;
-    #   "none": every patch is a token (no downsampling; pair with half the resolution, stab.ratio=1:
-    #   Table 9's "half resolution w/o LSD"); "perceiver": a Perceiver Resampler, a fixed set of
-    #   (grid/s)² learned latents per frame cross-attending to its valid patches (Table 9's "w/o LSD (PR)")
-    lsd: str = "attention"
+    # how a frame's patches become its tokens (LSDKind): attention (LSD, released) | avgpool | none | perceiver
+    lsd: LSDKind = LSDKind.attention
     lsd_before_lste: bool = False
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"stab.width={self.width} must be divisible by stab.heads={self.heads}")
-        if self.lsd not in LSD_KINDS:
-            raise ValueError(f"stab.lsd must be one of {', '.join(LSD_KINDS)}, got {self.lsd!r}")
+        LSDKind.parse(self.lsd, "stab.lsd")  # a STABConfig built in Python; a composed config failed at composition
         if self.resolution % (self.patch_size * self.ratio):
             raise ValueError(
                 f"stab.resolution={self.resolution} must be a multiple of patch_size*ratio="
@@ -103,9 +109,6 @@ class STABConfig:
         """Visual tokens of a square frame (the most any frame can have): 273 at release sizes."""
         side = self.resolution // self.patch_size
         return self.tokens_per_frame(*self.spatial_grid(side, side))
-
-
-LSD_KINDS = ("attention", "avgpool", "none", "perceiver")
 
 
 @dataclass
