@@ -37,13 +37,10 @@ FRAMES = 8
 
 
 def visual_tokens(height: int, width: int, frames: int = FRAMES) -> int:
-    from panda.data.budget import sampling_rule
+    from panda.data.budget import SamplingConfig, sampling_rule
     from panda.models.stab import STABConfig
 
-    class _Data:
-        sampling, sample_fps = "release", 1.0
-
-    return frames * sampling_rule(_Data(), STABConfig(), frames).tokens_per_frame(height, width)
+    return frames * sampling_rule(SamplingConfig(), STABConfig(), frames).tokens_per_frame(height, width)
 
 
 def text_lengths(rng, records: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from panda.choices import Choice
-from panda.data.budget import Sampling
+from panda.data.budget import SamplingConfig
 from panda.data.conversation import Tokenization
 from panda.data.records import OnBadRecord
 from panda.data.synthetic import SyntheticConfig
@@ -195,7 +195,11 @@ class ShardSourceConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SamplingConfig):
+    """``data``: what trains and how it is read. The frame sampling keys (``data.sampling``,
+    ``data.sample_fps``, ``data.max_frames``, ``data.max_visual_tokens``) are
+    :class:`panda.data.budget.SamplingConfig`'s."""
+
     name: str = "synthetic"
     root: str = MISSING  # DATA_ROOT; other paths below are relative to it (each data config sets or requires it)
     synthetic: Optional[SyntheticConfig] = None  # set: generate the demo dataset under ``root``
@@ -206,11 +210,6 @@ class DataConfig:
     batch_size: int = 16
     eval_batch_size: int = 64
     num_workers: Optional[int] = None  # loader workers per process; None: cores per process - 1 (at most 8)
-    sample_fps: float = 1.0
-    # long videos (panda/data/budget.py): release | fps | budget; counts are whole STAB chunks
-    sampling: Sampling = Sampling.release
-    max_frames: int = 64  # fps / budget: at most this many frames per video
-    max_visual_tokens: int = 4096  # budget: visual tokens per video (a 16:9 frame: 154 at release sizes, square: 273)
     video_backend: VideoBackend = VideoBackend.auto
     # pack each micro-batch's samples (text + visual tokens) into fewer rows, no attention between them
     # (panda/models/packing.py): same loss, less padding. pack_length: positions per row (None: the
@@ -338,8 +337,9 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
-    """``evaluate.py``: benchmarks (a dict, composed from ``conf/benchmark``), judge, decoding."""
+class EvaluateConfig(SamplingConfig):
+    """``evaluate.py``: benchmarks (a dict, composed from ``conf/benchmark``), judge, decoding; frame
+    sampling (``sampling``, ``sample_fps``, ``max_frames``, ``max_visual_tokens``) as ``data.*``'s."""
 
     checkpoint: str = MISSING  # a train.py .ckpt, a panda export folder, or a Video-Panda release folder
     benchmark: Dict[str, BenchmarkConfig] = field(default_factory=dict)
@@ -350,10 +350,6 @@ class EvaluateConfig:
     batch_size: int = 8
     max_new_tokens: int = 1024  # the release's limit; generation stops at </s>
     num_workers: Optional[int] = None  # None: cores per process - 1 (at most 8)
-    sample_fps: float = 1.0
-    sampling: Sampling = Sampling.release  # long videos: fps | budget (as data.sampling; panda/data/budget.py)
-    max_frames: int = 64
-    max_visual_tokens: int = 4096
     device: str = "auto"  # auto: cuda:LOCAL_RANK when there is a GPU, else cpu
     dtype: str = "float32"
     attn_implementation: str = "sdpa"

@@ -129,3 +129,32 @@ def test_the_planner_plans_the_most_a_video_can_get():
     assert p_budget.visual_tokens == 128 and p_release.visual_tokens == 4 * 21
     assert p_budget.sequence == release.model.max_length - 16 + 128
     assert any("data.sampling=budget" in n for n in p_budget.notes)
+
+
+def test_one_sampling_dataclass_for_training_evaluate_py_and_lmms_eval():
+    """The sampling keys are SamplingConfig's, declared once: data.* of training, evaluate.py's top-level
+    keys and lmms-eval's model_args make the same rule."""
+    import dataclasses
+
+    pytest.importorskip("lmms_eval")
+    from panda.config import DataConfig, EvaluateConfig, to_evaluate_config
+    from panda.data.budget import Sampling, SamplingConfig, sampling_rule
+    from panda.evaluation import lmms
+
+    names = [f.name for f in dataclasses.fields(SamplingConfig)]
+    assert names == ["sampling", "sample_fps", "max_frames", "max_visual_tokens"]
+    for schema in (DataConfig, EvaluateConfig):  # inherited, never declared again
+        assert issubclass(schema, SamplingConfig)
+        assert all(schema.__dataclass_fields__[n] is SamplingConfig.__dataclass_fields__[n] for n in names)
+    assert not hasattr(lmms, "_Sampling")
+    train = to_train_config(compose(["data.root=/x", "data.synthetic=null", "data.sampling=budget",
+                                     "data.max_visual_tokens=128", "data.max_frames=16"]))
+    evaluate = to_evaluate_config(compose(["checkpoint=/c", "sampling=budget", "max_visual_tokens=128", "max_frames=16"],
+                                          config_name="evaluate"))
+    model_args = lmms.sampling_config({"sampling": "budget", "max_visual_tokens": "128", "max_frames": "16", "device": "cpu"})
+    assert type(model_args) is SamplingConfig and model_args.sampling is Sampling.budget
+    rules = {sampling_rule(s, train.stab, 4) for s in (train.data, evaluate, model_args)}
+    assert len(rules) == 1 and next(iter(rules)).max_visual_tokens == 128
+    assert lmms.sampling_config({}) == SamplingConfig()  # lmms-eval's defaults are evaluate.py's
+    with pytest.raises(ValueError, match=r"^sampling='random': use one of release, fps, budget$"):
+        lmms.sampling_config({"sampling": "random"})

@@ -129,7 +129,7 @@ def test_prepared_shards_group_batches_by_text_plus_visual_tokens(tmp_path, make
     video sizes ``prepare`` stores, so a micro-batch holds videos of one shape."""
     import json as _json
 
-    from panda.data.budget import sampling_rule
+    from panda.data.budget import SamplingConfig, sampling_rule
     from panda.data.prepare import PrepareOptions, prepare
     from panda.data.sampling import EpochBatchSampler, SourceSpec
     from panda.data.shards import ShardSource
@@ -153,10 +153,7 @@ def test_prepared_shards_group_batches_by_text_plus_visual_tokens(tmp_path, make
     assert source.videos is not None and len(source.videos) == 8
     stab = STABConfig(width=32, heads=4, resolution=112, dropout=0.0)
 
-    class _Data:
-        sampling, sample_fps = "release", 1.0
-
-    rule = sampling_rule(_Data(), stab, 4)
+    rule = sampling_rule(SamplingConfig(), stab, 4)
     full = source.llm_lengths(rule, 4)
     for i, (height, width, *_rest) in enumerate(source.videos):
         assert full[i] == source.lengths[i] + 4 * rule.tokens_per_frame(height, width)

@@ -32,6 +32,18 @@ class Sampling(Choice):
     budget = "budget"  # as many frames as fit max_visual_tokens (from the video's aspect ratio)
 
 
+@dataclass
+class SamplingConfig:
+    """The frame sampling settings, declared once: training's ``data.*`` (``DataConfig``),
+    ``evaluate.py``'s top-level keys (``EvaluateConfig``) and lmms-eval's ``model_args`` all are one."""
+
+    # long videos: release | fps | budget; counts are whole STAB chunks
+    sampling: Sampling = Sampling.release
+    sample_fps: float = 1.0  # candidate frames per second of video (every round(fps / sample_fps)-th frame)
+    max_frames: int = 64  # fps / budget: at most this many frames per video
+    max_visual_tokens: int = 4096  # budget: visual tokens per video (a 16:9 frame: 154 at release sizes, square: 273)
+
+
 @dataclass(frozen=True)
 class SamplingRule:
     mode: Sampling = Sampling.release
@@ -108,10 +120,9 @@ class SamplingRule:
         return decoded * self.tokens_per_frame(height, width) + (count - decoded) * self.square_tokens()
 
 
-def sampling_rule(data, stab, frames: int) -> SamplingRule:
-    """The rule of a run: ``data`` a DataConfig (or anything with ``sampling``, ``sample_fps``,
-    ``max_frames``, ``max_visual_tokens``), ``stab`` its STABConfig, ``frames`` the release count."""
-    return SamplingRule(str(getattr(data, "sampling", "release")), frames, data.sample_fps,
-                        getattr(data, "max_frames", 64), getattr(data, "max_visual_tokens", 0), stab.chunk_size,
-                        stab.resolution, stab.patch_size, stab.ratio, stab.window, stab.has_context_token,
+def sampling_rule(sampling: SamplingConfig, stab, frames: int) -> SamplingRule:
+    """The rule of a run: ``sampling`` its sampling settings (a ``DataConfig`` or ``EvaluateConfig`` is
+    one), ``stab`` its STABConfig, ``frames`` the release count."""
+    return SamplingRule(sampling.sampling, frames, sampling.sample_fps, sampling.max_frames, sampling.max_visual_tokens,
+                        stab.chunk_size, stab.resolution, stab.patch_size, stab.ratio, stab.window, stab.has_context_token,
                         stab.row_tokens, stab.resampled_side)

@@ -9,18 +9,21 @@ so the same question gets the same answer. ``rank``/``world_size`` come from the
 environment (``RANK``/``WORLD_SIZE``), as lmms-eval splits requests across processes itself.
 
 ``model_args`` (strings, as lmms-eval passes them): ``pretrained`` (required), ``device`` (auto),
-``dtype`` (float32), ``frames`` (the checkpoint's), ``max_new_tokens`` (1024), ``sampling``
-(release | fps | budget), ``max_frames``, ``max_visual_tokens``, ``attn_implementation`` (sdpa).
+``dtype`` (float32), ``frames`` (the checkpoint's), ``max_new_tokens`` (1024), ``attn_implementation``
+(sdpa), and the frame sampling keys of ``evaluate.py`` with their defaults (:class:`SamplingConfig`):
+``sampling`` (release | fps | budget), ``sample_fps``, ``max_frames``, ``max_visual_tokens``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 from lmms_eval.api.model import lmms
 
-from panda.data.budget import sampling_rule
+from panda.choices import Choice
+from panda.data.budget import SamplingConfig, sampling_rule
 from panda.data.conversation import stop_token_ids
 from panda.data.datasets import FramePipeline
 from panda.evaluation.qa import encode_question, sequence_logits
@@ -33,17 +36,24 @@ def manifest():
     return ModelManifest(model_id="panda", simple_class_path="panda.evaluation.lmms.PandaLMM")
 
 
-class _Sampling:  # what sampling_rule reads, from model_args
-    def __init__(self, sampling: str, sample_fps: float, max_frames: int, max_visual_tokens: int):
-        self.sampling, self.sample_fps, self.max_frames, self.max_visual_tokens = sampling, sample_fps, max_frames, max_visual_tokens
+def sampling_config(model_args: dict) -> SamplingConfig:
+    """The :class:`SamplingConfig` of lmms-eval's ``model_args``: each sampling key given is converted to its
+    field's type (an unknown ``sampling`` fails naming the key); the others keep their defaults."""
+    defaults, values = SamplingConfig(), {}
+    for f in dataclasses.fields(SamplingConfig):
+        value = model_args.get(f.name)
+        if value in (None, "", "None"):
+            continue
+        kind = type(getattr(defaults, f.name))
+        values[f.name] = kind.parse(value, f.name) if issubclass(kind, Choice) else kind(value)
+    return SamplingConfig(**values)
 
 
 class PandaLMM(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "float32", frames=None,
-                 max_new_tokens=1024, sampling: str = "release", max_frames=64, max_visual_tokens=4096,
-                 sample_fps=1.0, attn_implementation: str = "sdpa", batch_size=1, **unused) -> None:
+                 max_new_tokens=1024, attn_implementation: str = "sdpa", batch_size=1, **model_args) -> None:
         super().__init__()
         from panda.loading import load_model
 
@@ -58,10 +68,9 @@ class PandaLMM(lmms):
         self.frames = int(frames) if frames not in (None, "", "None") else loaded.frames
         self.max_new_tokens = int(max_new_tokens)
         stab = self.model.stab_cfg
-        rule = sampling_rule(_Sampling(str(sampling), float(sample_fps), int(max_frames), int(max_visual_tokens)), stab,
-                             self.frames)
-        self.pipeline = FramePipeline(self.frames, stab.resolution, stab.patch_size, stab.ratio, float(sample_fps),
-                                      sampling=rule)
+        self.sampling = sampling_config(model_args)
+        self.pipeline = FramePipeline(self.frames, stab.resolution, stab.patch_size, stab.ratio, self.sampling.sample_fps,
+                                      sampling=sampling_rule(self.sampling, stab, self.frames))
 
     # ------------------------------------------------------------------ inputs
     def _video(self, doc_to_visual, doc_id, task, split) -> str:
