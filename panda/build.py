@@ -73,7 +73,7 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
         llm = empty_llm_from_config(config, getattr(torch, llm_cfg.dtype))
     else:
         llm = build_llm(
-            len(tokenizer),
+            tokenizer,  # its size, and a built LLaMA's BOS/EOS/pad ids
             pretrained=llm_cfg.pretrained,
             hidden_size=llm_cfg.hidden_size,
             layers=llm_cfg.layers,

@@ -110,7 +110,7 @@ def tiny_video_lm(tokenizer, teacher_width=None, seed=0, layers=2, stab_width=32
     from panda.models.video_lm import VideoLanguageModel, build_llm
 
     torch.manual_seed(seed)
-    llm = build_llm(len(tokenizer), hidden_size=32, layers=layers, heads=4, intermediate_size=64)
+    llm = build_llm(tokenizer, hidden_size=32, layers=layers, heads=4, intermediate_size=64)
     stab = STABConfig(width=stab_width, heads=4, resolution=112, dropout=0.0)
     distill = DistillConfig(layer_stride=1, heads=4) if teacher_width else None
     return VideoLanguageModel(stab, llm, distill=distill, teacher_width=teacher_width).eval()

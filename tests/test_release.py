@@ -253,7 +253,7 @@ def test_the_release_head_reads_every_fourth_layer_whatever_the_depth(tokenizer,
     from panda.models.video_lm import VideoLanguageModel, build_llm
 
     torch.manual_seed(4)
-    llm = build_llm(len(tokenizer), hidden_size=32, layers=layers, heads=4, intermediate_size=64)
+    llm = build_llm(tokenizer, hidden_size=32, layers=layers, heads=4, intermediate_size=64)
     source = VideoLanguageModel(STABConfig(width=32, heads=4, resolution=112, dropout=0.0), llm,
                                 distill=DistillConfig(layer_stride=4, heads=4), teacher_width=16).eval()
     folder = write_release_folder(source, str(tmp_path / "release"), tokenizer)
@@ -268,7 +268,7 @@ def test_a_head_that_stride_four_cannot_explain_is_an_error_naming_both_numbers(
     from panda.models.distill import DistillConfig
     from panda.models.video_lm import VideoLanguageModel, build_llm
 
-    llm = build_llm(len(tokenizer), hidden_size=32, layers=4, heads=4, intermediate_size=64)
+    llm = build_llm(tokenizer, hidden_size=32, layers=4, heads=4, intermediate_size=64)
     source = VideoLanguageModel(STABConfig(width=32, heads=4, resolution=112, dropout=0.0), llm,
                                 distill=DistillConfig(layer_stride=2, heads=4), teacher_width=16)  # 3 layers: 4, 2, 0
     folder = write_release_folder(source, str(tmp_path / "release"), tokenizer)

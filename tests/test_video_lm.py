@@ -115,7 +115,7 @@ def test_any_local_hugging_face_causal_lm_folder_loads(tmp_path, tokenizer):
 
     # a non-LLaMA architecture, saved locally: the video LM wraps it the same way
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
-    llm = build_llm(len(tokenizer), pretrained=str(tmp_path / "gpt2"), attn_implementation="eager")
+    llm = build_llm(tokenizer, pretrained=str(tmp_path / "gpt2"), attn_implementation="eager")
     model = VideoLanguageModel(STABConfig(width=32, patch_size=7, heads=4, chunk_size=2, resolution=56), llm).eval()
     batch = Collator(tokenizer.pad_token_id)([_sample(tokenizer, "What colour?", 64, 48, 0)])
     out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
@@ -137,3 +137,52 @@ def test_padded_fraction_all_counts_visual_and_text_positions(tokenizer):
     assert out.positions.tolist() == alone and alone[0] > alone[1]  # the square frame has more tokens
     assert out.padded_positions == 2 * max(alone)
     assert abs(out.padded_fraction_all - (1 - sum(alone) / (2 * max(alone)))) < 1e-9 and out.padded_fraction_all > 0
+
+
+def _word_tokenizer():
+    """A tokenizer whose special ids are not LLaMA's 1/2/0."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["a", "b", "<pad>", "<s>", "</s>", "c"])}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")),
+                                   bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_a_built_llm_takes_its_special_ids_from_the_tokenizer():
+    tok = _word_tokenizer()
+    llm = build_llm(tok, hidden_size=32, layers=1, heads=4)
+    assert llm.config.vocab_size == 6
+    assert (llm.config.bos_token_id, llm.config.eos_token_id, llm.config.pad_token_id) == (3, 4, 2)
+    assert (llm.generation_config.bos_token_id, llm.generation_config.eos_token_id) == (3, 4)
+    assert llm.get_input_embeddings().padding_idx == 2
+    plain = build_llm(6, hidden_size=32, layers=1, heads=4)  # a vocabulary size alone: LLaMA's ids
+    assert (plain.config.bos_token_id, plain.config.eos_token_id, plain.config.pad_token_id) == (1, 2, 0)
+
+
+def test_the_run_builds_its_llm_with_its_tokenizers_ids_and_the_synthetic_default_is_unchanged(tokenizer):
+    """panda.build passes the run's tokenizer; the synthetic tokenizer's ids are LLaMA's 1/2/0, so the
+    default run's LLM is the one it always was."""
+    from conftest import compose
+    from panda.build import build_model
+    from panda.config import to_train_config
+
+    cfg = to_train_config(compose())
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    default = build_model(cfg, tokenizer).llm.config
+    assert (default.bos_token_id, default.eos_token_id, default.pad_token_id) == (1, 2, 0)
+    other = build_model(cfg, _word_tokenizer()).llm.config
+    assert (other.bos_token_id, other.eos_token_id, other.pad_token_id) == (3, 4, 2)
+
+
+def test_build_llm_defaults_are_llm_configs():
+    """One default per size: what build_llm builds unasked is what llm.* says."""
+    import inspect
+
+    from panda.config import LLMConfig
+
+    llm_cfg = LLMConfig()
+    same = {"hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "initializer_range",
+              "attn_implementation", "dtype"}
+    defaults = {n: p.default for n, p in inspect.signature(build_llm).parameters.items() if n in same}
+    assert defaults == {n: getattr(llm_cfg, n) for n in same}

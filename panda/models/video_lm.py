@@ -275,14 +275,26 @@ class VideoLanguageModel(nn.Module):
         }
 
 
+# a built LLM's special ids when only a vocabulary size is given: LLaMA's (and the synthetic tokenizer's)
+LLAMA_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def special_ids(tokenizer) -> dict:
+    """The BOS/EOS/pad ids a built LLM's config takes from ``tokenizer`` (a vocabulary size: LLaMA's)."""
+    if isinstance(tokenizer, int):
+        return dict(LLAMA_SPECIAL_IDS)
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
 def build_llm(
-    tokenizer_vocab: int,
+    tokenizer,
     pretrained: str | None = None,
     hidden_size: int = 64,
     layers: int = 2,
     heads: int = 4,
     kv_heads: int | None = None,
-    intermediate_size: int = 128,
+    intermediate_size: int = 256,
     max_position_embeddings: int = 4096,
     attn_implementation: str = "sdpa",
     dtype: str = "float32",
@@ -290,9 +302,15 @@ def build_llm(
     quantization=None,
 ) -> nn.Module:
     """A Hugging Face causal LM: ``from_pretrained`` of a local folder (4-bit with ``quantization``,
-    a ``BitsAndBytesConfig``), or a LLaMA built from sizes."""
+    a ``BitsAndBytesConfig``), or a LLaMA built from sizes (the defaults are ``LLMConfig``'s).
+
+    ``tokenizer``: the tokenizer the LLM reads — its size is the vocabulary, and a built LLaMA's
+    BOS/EOS/pad ids are its ids — or just a vocabulary size (a built LLaMA then has LLaMA's ids:
+    BOS 1, EOS 2, pad 0). The pad id is the embedding's ``padding_idx``: that row starts at zero
+    and gets no gradient."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    tokenizer_vocab = tokenizer if isinstance(tokenizer, int) else len(tokenizer)
     torch_dtype = getattr(torch, dtype)
     if quantization is not None and not pretrained:
         raise ValueError("llm.adapter=qlora loads a pretrained LLM in 4 bits: set llm.pretrained=FOLDER")
@@ -311,9 +329,7 @@ def build_llm(
         num_key_value_heads=kv_heads or heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **special_ids(tokenizer),
         tie_word_embeddings=False,
         initializer_range=initializer_range,
     )
