@@ -41,9 +41,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from panda.errors import PandaError
 from panda.models.flops import llm_forward_flops, teacher_forward_flops  # noqa: F401 (re-exported)
 
 GIB = 1024**3
+# what a config the planner cannot plan raises: a setting it refuses (ValueError, PandaError) or a file
+# it names that cannot be read (OSError); anything else is a bug in panda and keeps its traceback
+UNPLANNABLE = (PandaError, ValueError, OSError)
 
 
 @dataclass(frozen=True)
@@ -430,7 +434,7 @@ def check_gpu_plan(cfg) -> str | None:
     free, total = torch.cuda.mem_get_info(0)
     try:
         p = plan(cfg, gpu="cpu", usable_gib=free / GIB)
-    except Exception as exc:  # the plan needs what a run has anyway; when it cannot be made, train and see
+    except UNPLANNABLE as exc:  # the plan needs what a run has anyway; when it cannot be made, train and see
         print(f"panda.plan: no memory check ({exc})", file=sys.stderr)
         return None
     name = torch.cuda.get_device_name(0)
@@ -481,6 +485,9 @@ PLAN_KEYS = ("gpu", "mfu", "llm_preset", "samples", "text_tokens", "supervised_t
 
 
 def main(argv=None) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from panda.config import register_configs, to_train_config
     from panda.runs import exit_on_config_error
 
@@ -503,7 +510,7 @@ def main(argv=None) -> int:
                       int(opts["samples"]) if "samples" in opts else None,
                       int(opts["text_tokens"]) if "text_tokens" in opts else None,
                       supervised_tokens=int(opts["supervised_tokens"]) if "supervised_tokens" in opts else None)
-    except Exception as exc:  # a config that cannot be planned: one line, exit 2
+    except (*UNPLANNABLE, HydraException, OmegaConfBaseException) as exc:  # cannot be composed or planned: one line, exit 2
         exit_on_config_error("panda.plan", exc)
     print(json.dumps(dataclasses.asdict(result), indent=2) if as_json else render(result))
     return 0 if result.fits in (None, True) else 1

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, compose
+from conftest import REPO, compose, run_cli
 
 from panda.config import to_train_config
 from panda.plan import llm_forward_flops, main, plan
@@ -43,6 +43,26 @@ def test_the_cli_prints_a_verdict_and_json_and_fails_when_it_does_not_fit(capsys
     assert main(args + ["trainer=gpu", "trainer.devices=4", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is False and out["fix"].startswith("trainer=fsdp") and out["strategy"] == "ddp"
+
+
+def test_a_config_the_planner_refuses_is_one_line_and_exit_2():
+    proc = run_cli(["-m", "panda.plan", "experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, "llm_preset=vicuna-7b",
+                    "gpu=h100_40g"], check=False)
+    assert proc.returncode == 2 and "panda.plan: config error: gpu=h100_40g: use one of" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_bug_in_the_planner_keeps_its_traceback(monkeypatch):
+    """Only what a config can cause (ValueError, PandaError, OSError, Hydra/OmegaConf errors) is a
+    config error; a bug is not reported as one."""
+    import panda.plan
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug inside the planner")
+
+    monkeypatch.setattr(panda.plan, "units_of", broken)
+    with pytest.raises(TypeError, match="a bug inside the planner"):
+        main(["experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, "llm_preset=vicuna-7b"])
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -121,6 +141,27 @@ def test_train_py_on_a_gpu_too_small_stops_before_building_with_the_fix(monkeypa
     assert problem and "Small GPU 24GB has 22.0 GiB free" in problem and "cheapest fix: " in problem
     assert "trainer.plan_check=false" in problem
     assert check_gpu_plan(dataclasses_replace_trainer(cfg, plan_check=False)) is None
+
+
+def test_the_gpu_check_skips_a_config_it_cannot_plan_but_not_a_bug(monkeypatch, capsys):
+    """The stand-in 24 GiB card of the test above. An LLM folder that is not on this machine: no
+    plan, the check says so and the run goes on. A bug in the planner: its traceback."""
+    import panda.plan
+    from panda.plan import check_gpu_plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=0: (22 * 2**30, 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: "Small GPU 24GB")
+    cfg = recipe("stage2_pretrain", "trainer=gpu", "trainer.devices=1", "trainer.num_nodes=1")  # init.path: not here
+    assert check_gpu_plan(cfg) is None
+    assert "panda.plan: no memory check (the LLM's folder" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug inside the planner")
+
+    monkeypatch.setattr(panda.plan, "llm_config", broken)
+    with pytest.raises(KeyError, match="a bug inside the planner"):
+        check_gpu_plan(cfg)
 
 
 def dataclasses_replace_trainer(cfg, **changes):
