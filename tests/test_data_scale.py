@@ -141,6 +141,53 @@ def test_a_prepare_that_fails_before_finishing_a_part_leaves_the_output_as_it_fo
     assert prepare(dataclasses.replace(failing, chunk_bytes="64MB"))["kept"] == 2
 
 
+def two_video_job(tmp_path, make_video, **kw):
+    (tmp_path / "videos").mkdir()
+    make_video("videos/a.mp4")
+    make_video("videos/b.mp4", seed=1)
+    turns = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A circle."}]
+    records = tmp_path / "valley_.json"
+    records.write_text(json.dumps([{"id": v, "video": f"{v}.mp4", "conversations": turns} for v in ("a", "b")]))
+    return PrepareOptions(records=[str(records)], video_root=str(tmp_path / "videos"), output=str(tmp_path / "out"),
+                          frames=4, progress=False, **kw)
+
+
+def test_a_bug_while_preparing_stops_the_job_instead_of_rejecting_the_video(tmp_path, make_video, monkeypatch):
+    """Only what a video can cause (it does not decode, or cannot be read) is a reject; a bug in
+    panda stops the job with its own traceback and leaves the output as it found it."""
+    from panda.data import prepare as module
+
+    opts = two_video_job(tmp_path, make_video)
+    made = module.make_sample
+
+    def unreadable_b(video, records, opts):
+        if video == "b.mp4":
+            raise PermissionError(13, "Permission denied", video)
+        return made(video, records, opts)
+
+    monkeypatch.setattr(module, "make_sample", unreadable_b)
+    stats = prepare(opts)
+    assert stats["kept"] == 1 and stats["rejected_by_reason"] == {"unreadable": 1}
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert reject["id"] == "b" and "cannot read the file: PermissionError" in reject["reason"]
+
+    def bug(turns, tokenizer_path):
+        raise KeyError("a bug in panda")
+
+    monkeypatch.setattr(module, "text_length", bug)
+    again = dataclasses.replace(opts, output=str(tmp_path / "again"))
+    with pytest.raises(KeyError, match="a bug in panda"):
+        prepare(again)
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_tokenizer_that_does_not_load_is_the_jobs_error(tmp_path, make_video):
+    opts = two_video_job(tmp_path, make_video, tokenizer=str(tmp_path / "no_tokenizer_here"))
+    with pytest.raises(PrepareError, match="--tokenizer .*no_tokenizer_here: no tokenizer loads from it"):
+        prepare(opts)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 # --- streaming ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

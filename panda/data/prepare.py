@@ -228,7 +228,7 @@ def _prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: 
     result = PartResult(part)
     for video, records in videos:
         path = os.path.join(opts.video_root, video)
-        try:
+        try:  # a video that does not decode or read is rejected with its reason; anything else is a bug: it stops the job
             sample, meta, nbytes = make_sample(video, records, opts)
         except VideoDecodeError as exc:
             reason = exc.reason
@@ -237,9 +237,9 @@ def _prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: 
                           "check --video-root")
             result.rejects += [{"id": r.id, "path": path, "code": exc.code, "reason": reason, "source": r.source}
                                for r in records]
-        except Exception as exc:  # a bug or an exotic file: reject it, name it, keep going
-            reason = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-            result.rejects += [{"id": r.id, "path": path, "code": "undecodable", "reason": reason, "source": r.source}
+        except OSError as exc:  # the file decoded but cannot be read back (gone meanwhile, permissions)
+            reason = f"cannot read the file: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            result.rejects += [{"id": r.id, "path": path, "code": "unreadable", "reason": reason, "source": r.source}
                                for r in records]
         else:
             writer.add_item(len(result.kept), sample)
@@ -380,6 +380,12 @@ def prepare(opts: PrepareOptions) -> dict:
         raise PrepareError(f"--backend {opts.backend}: {exc}") from exc
     if opts.store not in ("video", "frames"):
         raise PrepareError(f"--store {opts.store}: use video or frames")
+    if opts.tokenizer:  # read once here: a tokenizer that cannot load is the job's error, not every video's
+        try:
+            text_length([("",)], opts.tokenizer)
+        except (OSError, ValueError) as exc:
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PrepareError(f"--tokenizer {opts.tokenizer}: no tokenizer loads from it ({said})") from exc
     if opts.store == "frames":
         from panda.data.frames import frame_geometry
 
