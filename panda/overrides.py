@@ -7,6 +7,8 @@ one-line message (exit code 2) instead of silently changing what a run is:
   ablation's name;
 - a key that is not in the typed schema (``trainer.max_step=5``, ``+trainer.max_step=5``) names the
   closest key, instead of Hydra's "To append to your config use +..." (which then fails anyway);
+- a value that is none of a choice key's options (``stab.lsd=maxpool``: the key's type is a
+  :class:`panda.choices.Choice`) names the options;
 - a key the group's choice sets (``logger.kind``: ``logger=csv logger.kind=wandb`` said two things)
   and a key that was renamed (``ckpt_path`` is ``resume``) say what to write instead.
 
@@ -141,6 +143,33 @@ def unknown_key(key: str, schema: type) -> str | None:
     return None
 
 
+def key_type(key: str, schema: type):
+    """The schema's type of ``key`` (``Optional`` unwrapped), or None below a free-form value."""
+    node = schema
+    for part in key.split("."):
+        node = _unwrap(node)
+        if typing.get_origin(node) in (dict, typing.Dict):
+            node = typing.get_args(node)[1] if typing.get_args(node) else Any
+            continue
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return _unwrap(node)
+
+
+def _unknown_choice(key: str, override, schema: type) -> list[str]:
+    """``stab.lsd=maxpool``: a value that is none of a choice key's options, naming them (what Hydra would
+    refuse at composition, said in one line)."""
+    from panda.choices import Choice
+
+    kind = key_type(key, schema)
+    if not (isinstance(kind, type) and issubclass(kind, Choice)):
+        return []
+    options = [m.value for m in kind]
+    return [f"{key}={value}: use one of {', '.join(options)}" for value in _choices(override)
+            if value not in options and "${" not in value]
+
+
 def hydra_overrides(argv: list[str]) -> tuple[list[str], str | None]:
     """The overrides of a Hydra command line (flags such as ``--multirun`` and ``--cfg job`` left
     out) and its ``--config-dir``, parsed by Hydra's own argument parser."""
@@ -182,7 +211,9 @@ def check_overrides(overrides: list[str], schema: type, config_name: str = "trai
             elif name in RENAMED:
                 problems.append(f"{name} is now {RENAMED[name]}")
             elif not override.is_delete():
-                unknown += [k for k in [unknown_key(name, schema)] if k]
+                missing = unknown_key(name.lstrip("+"), schema)
+                unknown += [missing] if missing else []
+                problems += [] if missing else _unknown_choice(name.lstrip("+"), override, schema)
     finally:
         groups.close()
     if unknown:

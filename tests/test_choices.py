@@ -84,3 +84,29 @@ def test_a_composed_choice_is_its_enum_and_a_python_built_one_is_checked():
     with pytest.raises(ValueError, match=r"^model\.tokenization='bpe': use one of release, spans$"):
         get_template("vicuna_v1", "bpe")
     assert get_template("vicuna_v1", "spans").tokenization is Tokenization.spans
+
+
+@pytest.mark.parametrize("override, schema", [
+    ("stab.lsd=maxpool", "train"), ("model.tokenization=bpe", "train"), ("data.sampling=random", "train"),
+    ("data.video_backend=opencv", "train"), ("distill.loss=kl", "train"), ("stage.schedule=linear", "train"),
+    ("sampling=random", "evaluate"),
+])
+def test_an_unknown_choice_on_the_command_line_is_one_line_naming_the_options(override, schema):
+    """Checked before Hydra composes (train.py, evaluate.py and panda.plan exit 2 with this line)."""
+    from panda.overrides import check_overrides
+
+    key, value = override.split("=")
+    options = ", ".join(m.value for m in choice_fields({"train": TrainConfig, "evaluate": EvaluateConfig}[schema])[key])
+    with pytest.raises(ValueError, match=f"^{key}={value}: use one of {options}$"):
+        check_overrides([override], {"train": TrainConfig, "evaluate": EvaluateConfig}[schema], schema)
+    check_overrides([f"{key}={options.split(', ')[-1]}"], {"train": TrainConfig, "evaluate": EvaluateConfig}[schema], schema)
+
+
+@pytest.mark.slow
+def test_train_py_refuses_an_unknown_choice_with_exit_2(tmp_path):
+    from conftest import REPO, run_cli
+
+    proc = run_cli([os.path.join(REPO, "train.py"), "stab.lsd=maxpool"], check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == ("train.py: config error: stab.lsd=maxpool: use one of attention, "
+                                                    "avgpool, none, perceiver\n")
+    assert list(tmp_path.iterdir()) == []
