@@ -30,18 +30,13 @@ from panda.data.records import OnBadRecord
 from panda.data.synthetic import SyntheticConfig
 from panda.data.video import VideoBackend
 from panda.models.distill import DistillConfig
-from panda.models.stab import STABConfig
+from panda.models.stab import PROJECTORS, STABConfig
 from panda.models.teachers import TeacherConfig, check_teacher_config
+from panda.registry import import_plugins
 
 # Each choice is one Choice (panda/choices.py), owned by the layer that acts on it: Tokenization,
 # Sampling, VideoBackend and OnBadRecord by the data layer, LSDKind and DistillLoss by the model layer;
 # the choices below are the run's own.
-
-
-class LoggerKind(Choice):
-    csv = "csv"
-    wandb = "wandb"
-    none = "none"
 
 
 class Schedule(Choice):
@@ -70,11 +65,6 @@ class InitKind(Choice):
     checkpoint = "checkpoint"
 
 
-class JudgeKind(Choice):
-    exact_match = "exact_match"  # offline
-    openai = "openai"  # any OpenAI-compatible chat API
-
-
 FOLDER_INITS = (InitKind.eve, InitKind.release)  # inits whose folder also holds the LLM (and its tokenizer)
 
 
@@ -92,7 +82,7 @@ class FSDPConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: JudgeKind = JudgeKind.exact_match
+    kind: str = "exact_match"  # a registered judge (panda.evaluation.judge.JUDGES): exact_match (offline) | openai
     # the exact model id, recorded in the results and the judge fingerprint. The paper's gpt-3.5-turbo
     # was shut down on 2026-10-23: the default is a dated snapshot (conf/judge/ has the presets)
     model: str = "gpt-4.1-mini-2025-04-14"
@@ -126,7 +116,7 @@ class BenchmarkConfig:
     temporal: Optional[str] = None
     consistency: Optional[str] = None
     video_dir: Optional[str] = None  # vcgbench: the videos
-    judge: Optional[JudgeKind] = None  # None: the run's judge; exact_match forces the offline judge
+    judge: Optional[str] = None  # None: the run's judge; a registered judge kind (exact_match: the offline one)
     limit: Optional[int] = None  # first N questions only
     # mcq (multiple choice: EgoSchema, Video-MME): the release layout, its question/answer files
     layout: Optional[str] = None  # egoschema | videomme
@@ -281,7 +271,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.csv
+    kind: str = "csv"  # a registered logger (panda.training.trainer.LOGGERS): csv | wandb | none
     project: str = "panda"
     group: Optional[str] = None
     offline: Optional[bool] = None  # wandb: None = offline unless an API key is configured
@@ -334,6 +324,9 @@ class TrainConfig:
     evaluate: bool = True  # held-out QA after training
     max_new_tokens: int = 16
     run_dir: Optional[str] = None  # outside Hydra (called from Python): where the run writes; under Hydra, hydra.run.dir
+    # your own modules, imported before the config is checked: their @REGISTRY.register(...) parts (a projector,
+    # teacher, judge, logger, benchmark kind) become names the config can use (panda/registry.py)
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -355,6 +348,7 @@ class EvaluateConfig(SamplingConfig):
     attn_implementation: str = "sdpa"
     samples: int = 16  # rows per benchmark in the wandb samples table
     run_dir: Optional[str] = None  # outside Hydra: where results go; under Hydra, hydra.run.dir
+    plugins: list[str] = field(default_factory=list)  # your own modules with registered parts (as in train.py)
 
 
 @dataclass(frozen=True)
@@ -431,6 +425,7 @@ def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
             while cause is not None and not isinstance(cause, RequiredValue):
                 cause = cause.__cause__ or cause.__context__
             raise (cause or ValueError(str(exc))) from None
+    import_plugins(cfg.plugins)  # their registered parts are names the checks below accept
     validate(cfg)
     return cfg
 
@@ -490,7 +485,9 @@ def to_evaluate_config(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
     check_known_keys(cfg)
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("evaluate.py needs checkpoint=PATH (a train.py .ckpt, a panda export folder or a release folder)")
-    return OmegaConf.to_object(cfg)
+    cfg = OmegaConf.to_object(cfg)
+    import_plugins(cfg.plugins)
+    return cfg
 
 
 def to_plain(cfg) -> dict:
@@ -507,6 +504,7 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need more than types (unknown choices already failed at composition); each
     raises ``ValueError`` naming the key and the fix."""
     cfg.stab.validate()
+    PROJECTORS[cfg.model.projector]  # a registered projector (else: the names there are, and how to add one)
     from panda.data.budget import sampling_rule
 
     sampling_rule(cfg.data, cfg.stab, cfg.frames)  # data.sampling's limits against STAB's chunk and token sizes

@@ -9,8 +9,8 @@ Each benchmark kind is one :class:`Benchmark` subclass registered under its ``ki
   and context), temporal questions (temporal) and consistency pairs (two phrasings, both answered,
   judged together against the one reference).
 
-Adding a kind = one subclass decorated with ``@register_benchmark("kind")`` (``load``,
-``judge_tasks``, ``summarise``) + one yaml in ``conf/benchmark/`` setting ``kind``.
+Adding a kind = one subclass decorated with ``@BENCHMARKS.register("kind")`` (``load``,
+``judge_tasks``, ``summarise``) + one yaml in a benchmark config folder setting ``kind``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from panda.config import BenchmarkConfig
 from panda.data.records import QAItem, load_qa
 from panda.errors import RecordError
 from panda.evaluation.judge import JudgeTask
+from panda.registry import Registry
 
 VCG_CRITERIA = ("correctness", "detail", "context", "temporal", "consistency")
 
@@ -42,15 +43,8 @@ class GenItem:
     question: str
 
 
-BENCHMARKS: dict[str, type["Benchmark"]] = {}
-
-
-def register_benchmark(kind: str):
-    def add(cls):
-        BENCHMARKS[kind] = cls
-        return cls
-
-    return add
+BENCHMARKS: Registry[type["Benchmark"]] = Registry("benchmark kind", "benchmark.<name>.kind",
+                                                   "panda.evaluation.benchmarks.BENCHMARKS")
 
 
 @dataclass
@@ -108,7 +102,7 @@ def _qa_summary(verdicts) -> dict:
             "judged": len(verdicts)}
 
 
-@register_benchmark("qa")
+@BENCHMARKS.register("qa")
 @dataclass
 class QABenchmark(Benchmark):
     qa: list[QAItem] = field(default_factory=list)  # the references and question types
@@ -161,7 +155,7 @@ def _read_list(path: str, keys: tuple[str, ...]) -> list[dict]:
     return data
 
 
-@register_benchmark("vcgbench")
+@BENCHMARKS.register("vcgbench")
 @dataclass
 class VCGBenchmark(Benchmark):
     vcg: dict = field(default_factory=dict)  # {"generic": [...], "temporal": [...], "consistency": [...]}
@@ -225,7 +219,8 @@ class VCGBenchmark(Benchmark):
 def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
     """The benchmark ``cfg`` names, its files read and checked."""
     if cfg.kind not in BENCHMARKS:
-        raise ValueError(f"benchmark {cfg.name}: kind={cfg.kind!r}; use one of {sorted(BENCHMARKS)}")
+        raise ValueError(f"benchmark {cfg.name}: kind={cfg.kind!r}; use one of {BENCHMARKS.names()} (or register "
+                         "one: @BENCHMARKS.register, panda.evaluation.benchmarks, in a module listed in plugins=[...])")
     if not cfg.root:
         raise ValueError(f"benchmark {cfg.name}: set benchmark.{cfg.name}.root=/path/to/eval/DATA_ROOT")
     return BENCHMARKS[cfg.kind].load(cfg, os.path.abspath(cfg.root))
@@ -331,7 +326,7 @@ def _load_videomme(cfg: BenchmarkConfig, root: str) -> tuple[list[MCQItem], str]
 MCQ_LAYOUTS = {"egoschema": _load_egoschema, "videomme": _load_videomme}
 
 
-@register_benchmark("mcq")
+@BENCHMARKS.register("mcq")
 @dataclass
 class MultipleChoiceBenchmark(Benchmark):
     """Video multiple choice (the paper's Table 11: EgoSchema, Video-MME). The model answers the

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from panda.config import JudgeConfig
 from panda.errors import PandaError
 from panda.evaluation.qa import exact_match
+from panda.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +225,20 @@ class JudgeCache:
                        (key, model, version, task, json.dumps(data), time.time()))
 
 
+# The judges (``judge=`` / ``judge.kind``): each a class built from the JudgeConfig, with ``model``,
+# ``prompt_version``, ``api_calls``, ``served_models``, ``cache`` and ``judge_all(tasks, desc) -> [Verdict]``.
+# Adding one = a class decorated with @JUDGES.register("kind") + one yaml in a judge config folder.
+JUDGES: Registry[type] = Registry("judge", "judge.kind", "panda.evaluation.judge.JUDGES")
+
+
+@JUDGES.register("exact_match")
 class ExactMatchJudge:
     """Offline: normalised exact match. ``yes``/5 on a match, ``no``/0 otherwise (qa tasks only)."""
 
     model = "exact_match"
     prompt_version = "exact_match"
 
-    def __init__(self):
+    def __init__(self, cfg: JudgeConfig | None = None):
         self.api_calls = 0
         self.served_models: set[str] = set()
         self.cache = JudgeCache(None)
@@ -250,6 +258,7 @@ class _TransportFailure(Exception):
     """The request could not be completed (retries exhausted, or a status retrying cannot fix)."""
 
 
+@JUDGES.register("openai")
 class OpenAIJudge:
     """An LLM judge behind any OpenAI-compatible ``/chat/completions`` endpoint."""
 
@@ -377,8 +386,5 @@ class OpenAIJudge:
 
 
 def build_judge(cfg: JudgeConfig):
-    if cfg.kind == "exact_match":
-        return ExactMatchJudge()
-    if cfg.kind == "openai":
-        return OpenAIJudge(cfg)
-    raise ValueError(f"judge.kind={cfg.kind!r}: use exact_match or openai")
+    """The judge registered as ``cfg.kind``."""
+    return JUDGES[cfg.kind](cfg)

@@ -35,7 +35,7 @@ from typing import Iterable
 
 import torch
 
-from panda.config import BenchmarkConfig, EvaluateConfig, JudgeKind, to_evaluate_config
+from panda.config import BenchmarkConfig, EvaluateConfig, to_evaluate_config
 from panda.data.conversation import ChatFormat, stop_token_ids
 from panda.data.budget import sampling_rule
 from panda.data.datamodule import make_loader
@@ -43,7 +43,7 @@ from panda.data.datasets import FramePipeline, QADataset, find_video
 from panda.data.records import QAItem
 from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark,
                                          MultipleChoiceBenchmark, load_benchmark)
-from panda.evaluation.judge import build_judge
+from panda.evaluation.judge import JUDGES, build_judge
 from panda.evaluation.mcq import check_letter_tokens, resolve_choices
 from panda.evaluation.qa import generate_answers
 from panda.loading import LoadedModel, load_model
@@ -405,6 +405,8 @@ def settings_in_force(cfg: EvaluateConfig, loaded: LoadedModel, command_line: It
 def evaluate(cfg) -> dict:
     """``evaluate.py``: every configured benchmark of one checkpoint -> ``results.json`` and ``results.md``."""
     cfg: EvaluateConfig = to_evaluate_config(cfg)
+    for kind in {cfg.judge.kind, *(b.judge for b in cfg.benchmark.values() if b.judge)}:
+        JUDGES[kind]  # every judge this run names is registered, before any answer is generated
     start = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -459,7 +461,7 @@ def evaluate(cfg) -> dict:
             continue
         kind = bcfg.judge or cfg.judge.kind
         if kind not in judges_used:
-            judges_used[kind] = build_judge(dataclasses.replace(cfg.judge, kind=JudgeKind(kind)))
+            judges_used[kind] = build_judge(dataclasses.replace(cfg.judge, kind=kind))
         rows = merge_predictions(bench, folder)
         if isinstance(bench, MultipleChoiceBenchmark):  # the option each answer chose (the model breaks ties)
             resolve_choices(bench, folder, rows, model, tokenizer, template, pipeline)

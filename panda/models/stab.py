@@ -20,6 +20,7 @@ Stages, in the paper's terms:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from panda.choices import Choice
+from panda.registry import Registry
 
 
 class LSDKind(Choice):
@@ -526,15 +528,30 @@ class STAB(nn.Module):
         return VisualTokens(tokens, torch.tensor(lengths, device=device).view(batch, frames), grids, content)
 
 
+# The vision-to-LLM projectors (``model.projector``): each a function (STAB width, LLM width) -> module.
+PROJECTORS: Registry[Callable[[int, int], nn.Module]] = Registry("projector", "model.projector",
+                                                                 "panda.models.stab.PROJECTORS")
+
+
+def _gelu_mlp(depth: int) -> Callable[[int, int], nn.Module]:
+    def build(in_dim: int, out_dim: int) -> nn.Module:
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        return nn.Sequential(*layers)
+
+    build.__qualname__ = f"gelu_mlp_{depth}"
+    return build
+
+
+PROJECTORS.register("linear")(_gelu_mlp(1))
+PROJECTORS.register("mlp2x_gelu")(_gelu_mlp(2))  # the release: Linear -> GELU -> Linear
+PROJECTORS.register("mlp3x_gelu")(_gelu_mlp(3))
+
+
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """The vision-to-LLM projector. ``mlp2x_gelu`` (release): Linear -> GELU -> Linear."""
-    match = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}
-    if kind not in match:
-        raise ValueError(f"unknown projector {kind!r}; choose one of {sorted(match)}")
-    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-    for _ in range(match[kind] - 1):
-        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-    return nn.Sequential(*layers)
+    """The vision-to-LLM projector registered as ``kind``."""
+    return PROJECTORS[kind](in_dim, out_dim)
 
 
 def count_parameters(module: nn.Module | None, trainable_only: bool = False) -> int:

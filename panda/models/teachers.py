@@ -29,6 +29,7 @@ from torch import nn
 
 from panda.constants import CLIP_MEAN, CLIP_STD
 from panda.models.distill import TeacherFeatures
+from panda.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -189,33 +190,19 @@ def _hidden_index(layer: int, layers: int) -> int:
 
 
 # ---------------------------------------------------------------------------- the registry
-# Adding a teacher = one FrozenTeacher subclass decorated with @register_teacher("kind") (its
-# check_config and from_config) + one yaml in conf/teacher/ setting ``kind``.
-TEACHERS: dict[str, type[FrozenTeacher]] = {}
-
-
-def register_teacher(kind: str):
-    def add(cls: type[FrozenTeacher]) -> type[FrozenTeacher]:
-        TEACHERS[kind] = cls
-        return cls
-
-    return add
-
-
-def teacher_kinds() -> tuple[str, ...]:
-    return ("none", *TEACHERS)
+# Adding a teacher = one FrozenTeacher subclass decorated with @TEACHERS.register("kind") (its
+# check_config and from_config) + one yaml in a teacher config folder setting ``kind``.
+TEACHERS: Registry[type[FrozenTeacher]] = Registry("teacher", "teacher.kind", "panda.models.teachers.TEACHERS")
 
 
 def check_teacher_config(cfg: TeacherConfig) -> None:
     """``ValueError`` naming the key and the fix when ``cfg`` cannot build its teacher."""
     if cfg.kind == "none":
         return
-    if cfg.kind not in TEACHERS:
-        raise ValueError(f"teacher.kind={cfg.kind!r}: use one of {teacher_kinds()} (or pick a file in conf/teacher)")
     TEACHERS[cfg.kind].check_config(cfg)
 
 
-@register_teacher("languagebind_video")
+@TEACHERS.register("languagebind_video")
 class LanguageBindVideoTeacher(FrozenTeacher):
     """LanguageBind-Video (ViT-L/14 with temporal attention).
 
@@ -279,7 +266,7 @@ class LanguageBindVideoTeacher(FrozenTeacher):
         return x[:, 1:].reshape(n, g, g, d)  # drop CLS
 
 
-@register_teacher("hf_vision")
+@TEACHERS.register("hf_vision")
 class HFVisionTeacher(FrozenTeacher):
     """A Hugging Face vision model (CLIP / SigLIP / DINOv2 …) from a local folder."""
 
