@@ -11,11 +11,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from panda import check_torchvision
 from panda.config import EvaluateConfig, register_configs, to_evaluate_config
 from panda.errors import PandaError
 from panda.overrides import check_command_line
 from panda.runs import exit_on_config_error
-from panda.evaluation.run import evaluate, nothing_judged, shortfall
+
+check_torchvision()  # before Lightning is imported: a broken torchvision would take it down unexplained
+from panda.evaluation.run import evaluate, nothing_judged, shortfall  # noqa: E402
 
 register_configs()
 

@@ -13,12 +13,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from panda import check_torchvision
 from panda.config import TrainConfig, register_configs, to_train_config
 from panda.errors import PandaError
 from panda.overrides import check_command_line
 from panda.plan import check_gpu_plan
 from panda.runs import exit_on_config_error
-from panda.training.run import train
+
+check_torchvision()  # before Lightning is imported: a broken torchvision would take it down unexplained
+from panda.training.run import train  # noqa: E402
 
 register_configs()
 

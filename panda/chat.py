@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from panda import check_torchvision
 from panda.data.conversation import ChatFormat, get_template, stop_token_ids, tokenize_prompt
 from panda.data.datasets import FramePipeline
 from panda.errors import PandaError
@@ -65,6 +66,7 @@ def answer(model, tokenizer, video: str, question: str, frames: int, template: C
 
 
 def main(argv=None) -> int:
+    check_torchvision()  # a .ckpt builds through Lightning's data module: explain a broken torchvision first
     parser = argparse.ArgumentParser(prog="python -m panda.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("question")
     parser.add_argument("--checkpoint", required=True, help="release folder, panda export folder, or train.py .ckpt")

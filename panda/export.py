@@ -22,12 +22,14 @@ import argparse
 import os
 import sys
 
+from panda import check_torchvision
 from panda.data.tokenizer import save_tokenizer
 from panda.models.adapters import has_adapter, merge_lora, save_adapter
 from panda.models.checkpoints import export_release, export_trainable, model_meta
 
 
 def main(argv=None) -> int:
+    check_torchvision()  # a .ckpt builds through Lightning's data module: explain a broken torchvision first
     parser = argparse.ArgumentParser(prog="python -m panda.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
     parser.add_argument("--out", required=True, help="output folder (or .safetensors file with --trainable-only)")

@@ -488,8 +488,11 @@ def main(argv=None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from panda import check_torchvision
     from panda.config import register_configs, to_train_config
     from panda.runs import exit_on_config_error
+
+    check_torchvision()  # the plan imports Lightning (panda.training.trainer): explain a broken torchvision first
 
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv

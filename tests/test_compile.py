@@ -41,6 +41,27 @@ def test_a_new_mix_of_aspect_ratios_compiles_nothing_new():
     assert compiled_graphs() == warm
 
 
+def test_sizes_equal_in_the_first_batch_do_not_share_a_symbol_and_the_process_setting_stays():
+    """Without duck shaping inside the compiled parts, two sizes that happen to be equal in the first
+    call and differ in the next compile nothing new; outside them torch's own setting is untouched."""
+    import torch.fx.experimental._config as fx_config
+    from torch import nn
+
+    class Pair(nn.Module):
+        def forward(self, x, y):
+            return x.sum() * y.shape[0] + y.sum() * x.shape[0]
+
+    model = nn.Module()
+    model.stab, model.projector = nn.Module(), Pair()
+    with fx_config.patch(use_duck_shape=True):  # torch's default, whatever ran before in this process
+        assert compile_model(model, "eager") == ["projector"]
+        model.projector(torch.ones(3), torch.ones(3))
+        warm = compiled_graphs()
+        model.projector(torch.ones(3), torch.ones(5))
+        assert compiled_graphs() == warm
+        assert fx_config.use_duck_shape is True
+
+
 @pytest.mark.slow
 def test_compiled_parts_train_under_fsdp2_over_two_processes(synthetic_root, tmp_path):
     overrides = [o for o in tiny_overrides(synthetic_root) if not o.startswith("logger=")]

@@ -22,27 +22,39 @@ STAB_PARTS = ("patch_embed", "lste", "gstra", "lsd.attend", "resampler", "fsra",
 def compile_model(model: nn.Module, backend: str = "inductor", llm_layers: bool = False) -> list[str]:
     """Compile ``model``'s parts in place (``nn.Module.compile``, dynamic shapes); returns their names.
 
-    Duck shaping is turned off for the process (``torch.fx.experimental._config.use_duck_shape``):
+    Each part compiles without duck shaping (``torch.fx.experimental._config.use_duck_shape``):
     otherwise two sizes that happen to be equal in the first batch (say, frames and windows) share a
-    symbol, and the next batch where they differ compiles again."""
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.use_duck_shape = False
+    symbol, and the next batch where they differ compiles again. The setting holds only while a
+    compiled part runs (where dynamo traces it); the process's own value is left as it was."""
     names = []
     for name in STAB_PARTS:
         module = model.stab
         for part in name.split("."):
             module = getattr(module, part, None) if module is not None else None
         if module is not None:
-            module.compile(backend=backend, dynamic=True)
+            _compile(module, backend)
             names.append(f"stab.{name}")
-    model.projector.compile(backend=backend, dynamic=True)
+    _compile(model.projector, backend)
     names.append("projector")
     if llm_layers:
         for i, layer in enumerate(decoder_layers(model.llm)):
-            layer.compile(backend=backend, dynamic=True)
+            _compile(layer, backend)
         names.append(f"llm decoder layers x{i + 1}")
     return names
+
+
+def _compile(module: nn.Module, backend: str) -> None:
+    """``module.compile`` with dynamic shapes, its compiled call run without duck shaping."""
+    import torch.fx.experimental._config as fx_config
+
+    module.compile(backend=backend, dynamic=True)
+    compiled = module._compiled_call_impl  # what nn.Module.compile installs: torch.compile(module._call_impl)
+
+    def call(*args, **kwargs):
+        with fx_config.patch(use_duck_shape=False):  # read when dynamo (re)traces the part, inside this call
+            return compiled(*args, **kwargs)
+
+    module._compiled_call_impl = call
 
 
 def compiled_graphs() -> int:

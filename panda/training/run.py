@@ -40,6 +40,7 @@ from panda.training.trainer import (
     config_differences,
     find_resume_checkpoint,
     nothing_left,
+    quiet_lightning,
     resolve_accumulation,
 )
 
@@ -70,6 +71,7 @@ class Session:
         return os.path.join(self.run_dir, "checkpoints")
 
 
+@quiet_lightning()  # Lightning's noise that does not apply to panda runs, for this run only
 def train(cfg) -> dict:
     """Train (and evaluate) as ``cfg`` says. Returns the summary that is also written to ``summary.json``."""
     start = time.time()

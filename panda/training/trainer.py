@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import logging
@@ -34,11 +35,14 @@ from panda.training.monitor import GradNormLogger
 
 log = logging.getLogger(__name__)
 
-# Lightning cannot see that the data module restores the loader position itself (EpochBatchSampler
-# + VideoDataModule.state_dict); its mid-epoch warning does not apply to panda runs
-warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-# a Lightning-internal deprecation (its own pytree helper), repeated on every run: nothing a user can act on
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+QUIET_WARNINGS = (
+    # Lightning cannot see that the data module restores the loader position itself (EpochBatchSampler
+    # + VideoDataModule.state_dict); its mid-epoch warning does not apply to panda runs
+    ".*your dataloader is not resumable.*",
+    # a Lightning-internal deprecation (its own pytree helper), repeated on every run: nothing a user can act on
+    r".*isinstance\(treespec, LeafSpec\).*",
+)
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 class _QuietLightning(logging.Filter):
@@ -51,8 +55,23 @@ class _QuietLightning(logging.Filter):
         return not any(n in message for n in self.NOISE)
 
 
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-    logging.getLogger(_name).addFilter(_QuietLightning())
+@contextlib.contextmanager
+def quiet_lightning():
+    """While a run lasts: Lightning's warnings that do not apply to panda runs are ignored
+    (:data:`QUIET_WARNINGS`) and its tips and notices stay off the console. On exit the warning
+    filters are as they were and the log filter is gone; importing this module sets neither."""
+    quiet = _QuietLightning()
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    with warnings.catch_warnings():
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(quiet)
 
 
 def count_devices(devices, accelerator: str) -> int:
