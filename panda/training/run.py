@@ -33,6 +33,7 @@ from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_comple
 from panda.training.module import PandaModule
 from panda.training.monitor import HeldOutMonitor
 from panda.training.trainer import (
+    LOGGERS,
     build_callbacks,
     build_logger,
     build_trainer,
@@ -77,6 +78,7 @@ def train(cfg) -> dict:
     start = time.time()
     cfg = to_train_config(cfg)
     check_llm_folders(cfg)
+    LOGGERS[cfg.logger.kind]  # a registered logger (a logger yaml of your own may name another), before any folder
     check_multirun_launch(cfg)
     run_dir, resume_from, checkpoint = locate_run(cfg)
     if checkpoint is not None and nothing_left(cfg, checkpoint["global_step"], checkpoint["epoch"]):

@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import warnings
+from typing import Callable
 
 import lightning as L
 import torch
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from panda.config import Derived, TrainConfig, to_plain
+from panda.registry import Registry
 from panda.runs import git_commit, hydra_overrides, run_name, wandb_offline
 from panda.training.callbacks import (
     COMPLETE_MARKER,
@@ -210,14 +212,30 @@ class RunCSVLogger(CSVLogger):
         return super().experiment
 
 
+# The loggers (``logger=`` / ``logger.kind``): each a function (run config, run dir, parameter counts,
+# the step a resumed run continues from) -> a Lightning logger, or False for none. Adding one = a
+# function decorated with @LOGGERS.register("kind") + one yaml in a logger config folder.
+LOGGERS: Registry[Callable] = Registry("logger", "logger.kind", "panda.training.trainer.LOGGERS")
+
+
 def build_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_step: int | None = None):
-    """CSV (default; a resumed run appends), wandb (offline unless a key is configured; one wandb run
-    per panda run, continued on resume) or none."""
-    kind = cfg.logger.kind
-    if kind == "none":
-        return False
-    if kind == "csv":
-        return RunCSVLogger(run_dir, resume_step)
+    """The logger registered as ``logger.kind``: csv (default; a resumed run appends), wandb (offline
+    unless a key is configured; one wandb run per panda run, continued on resume) or none."""
+    return LOGGERS[cfg.logger.kind](cfg, run_dir, parameter_counts, resume_step)
+
+
+@LOGGERS.register("none")
+def no_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_step: int | None = None):
+    return False
+
+
+@LOGGERS.register("csv")
+def csv_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_step: int | None = None):
+    return RunCSVLogger(run_dir, resume_step)
+
+
+@LOGGERS.register("wandb")
+def wandb_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_step: int | None = None):
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
