@@ -24,10 +24,6 @@ TRAIN_GROUPS = ("stab", "model", "llm", "data", "stage", "trainer", "teacher", "
 TRAINERS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONF, "trainer", "*.yaml")))
 FILES = sorted(os.path.relpath(p, CONF) for p in glob.glob(os.path.join(CONF, "**", "*.yaml"), recursive=True))
 
-# presets that still restate defaults: expected to fail until those values go (then drop them from this set)
-RESTATED = {"llm/from_init.yaml", "llm/local.yaml", "llm/tiny_llama.yaml", "logger/wandb.yaml", "teacher/hf_vision.yaml",
-            "teacher/languagebind_video.yaml", "teacher/none.yaml", "judge/exact_match.yaml", "judge/openai.yaml",
-            "judge/qwen3_8b_vllm.yaml"}
 
 
 def contexts(path: str, hardware: bool = False) -> list[tuple[str, list[str]]]:
@@ -177,8 +173,7 @@ def restated(conf_copy: str, path: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason="restates its schema's defaults"))
-                                  if p in RESTATED else p for p in FILES])
+@pytest.mark.parametrize("path", FILES)
 def test_a_config_file_sets_no_value_it_would_inherit(conf_copy, path):
     """An experiment over the default, a group option over the schema, a variant over every recipe
     stage: each value must change the composed config (a comment may say what a default is)."""
