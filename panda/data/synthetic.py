@@ -281,44 +281,85 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     """Generate the dataset under ``root`` unless it is already there. Returns the absolute root."""
     root = os.path.abspath(root)
     cfg.validate()
-    # the generator's version: a data root made by an older generator (a tokenizer with an <image>
-    # entry and no newline) is made again
-    # the mix entries that thin an asked kind: the rest change no record, so the same data has one
-    # stamp however the mix is spelled ({} in Python, colour=1.0 from Hydra, a kind the run does not ask)
-    thinning = {k: f for k, f in cfg.question_mix.items() if k in cfg.kinds and f < 1}
-    stamp = {**json.loads(json.dumps(asdict(cfg))), "question_mix": thinning, "generator": GENERATOR_VERSION}
+    thinning = _thinning(cfg)
+    stamp = _stamp(cfg, thinning)
     if _is_done(root, stamp):
         return root
     if os.path.exists(root):
         log.warning("%s holds a synthetic dataset made with other settings; regenerating", root)
     tmp = f"{root}.tmp{os.getpid()}"  # concurrent runs (a --multirun sweep) each write their own
     shutil.rmtree(tmp, ignore_errors=True)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # one stream, drawn in this order: training clips, then held-out clips
+    records = _write_train_split(cfg, rng, thinning, tmp)
+    questions = _write_eval_split(cfg, rng, tmp)
+    _write_tokenizer(cfg, tmp)
+    with open(os.path.join(tmp, "DONE"), "w") as f:
+        json.dump(stamp, f)
+    if not _move_into_place(tmp, root, stamp):
+        return root
+    log.info("synthetic dataset: %d train records, %d eval questions under %s", len(records), len(questions), root)
+    return root
+
+
+def _thinning(cfg: SyntheticConfig) -> dict[str, float]:
+    """The entries of ``question_mix`` that thin a kind the run asks (a fraction below 1): the rest
+    change no record."""
+    return {k: f for k, f in cfg.question_mix.items() if k in cfg.kinds and f < 1}
+
+
+def _stamp(cfg: SyntheticConfig, thinning: dict[str, float]) -> dict:
+    """What ``ROOT/DONE`` records: the settings and the generator's version (a data root made by an
+    older generator, a tokenizer with an <image> entry and no newline, is made again). The mix is
+    recorded as its ``thinning`` entries, so the same data has one stamp however the mix is spelled
+    ({} in Python, colour=1.0 from Hydra, a kind the run does not ask)."""
+    return {**json.loads(json.dumps(asdict(cfg))), "question_mix": thinning, "generator": GENERATOR_VERSION}
+
+
+def _write_train_split(cfg: SyntheticConfig, rng, thinning: dict[str, float], tmp: str) -> list[dict]:
+    """The training clips (``train/synthetic/NNNNN.mp4``) and their records
+    (``train/train_json/synthetic_train.json``) under ``tmp``; returns the records."""
     records = []
     for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
         scale = rng.uniform(1.0, cfg.train_motion_scale) if cfg.version == 2 else 1.0  # v1: its original random stream
         frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, scale, cfg.camera_pan)
         rel = f"synthetic/{i:05d}.mp4"
         write_video(os.path.join(tmp, "train", rel), frames, cfg.fps)
-        kinds = list(cfg.kinds)
-        rng.shuffle(kinds)
-        if thinning:  # drawn only when a mix thins an asked kind, so the random stream without one is as it was
-            asked = [k for k in kinds if rng.random() < thinning.get(k, 1.0)]
-            kinds = asked or [max(kinds, key=lambda k: thinning.get(k, 1.0))]  # every video is asked something
-        # Valley-style one-turn records (one per question kind), or one Video-ChatGPT-style multi-turn record
-        groups = [kinds] if rng.random() < cfg.multi_turn_fraction else [[k] for k in kinds]
-        for g, group in enumerate(groups):
-            conv = []
-            for j, kind in enumerate(group):
-                q = _question(kind, rng, cfg.phrasings)
-                if j == 0:
-                    q = f"{q}\n<video>" if rng.random() < 0.3 else f"<video>\n{q}"  # <video> first or last
-                conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answers[kind]}]
-            records.append({"id": f"synthetic_{i:05d}_{g}", "video": rel, "conversations": conv})
+        for g, group in enumerate(_question_groups(cfg, rng, thinning)):
+            records.append({"id": f"synthetic_{i:05d}_{g}", "video": rel,
+                            "conversations": _conversation(group, answers, cfg, rng)})
     os.makedirs(os.path.join(tmp, "train", "train_json"), exist_ok=True)
     with open(os.path.join(tmp, "train", "train_json", "synthetic_train.json"), "w") as f:
         json.dump(records, f, indent=1)
+    return records
 
+
+def _question_groups(cfg: SyntheticConfig, rng, thinning: dict[str, float]) -> list[list[str]]:
+    """The question kinds one training video is asked, in a random order, grouped into records:
+    Valley-style one-turn records (one per kind), or one Video-ChatGPT-style multi-turn record."""
+    kinds = list(cfg.kinds)
+    rng.shuffle(kinds)
+    if thinning:  # drawn only when a mix thins an asked kind, so the random stream without one is as it was
+        asked = [k for k in kinds if rng.random() < thinning.get(k, 1.0)]
+        kinds = asked or [max(kinds, key=lambda k: thinning.get(k, 1.0))]  # every video is asked something
+    return [kinds] if rng.random() < cfg.multi_turn_fraction else [[k] for k in kinds]
+
+
+def _conversation(group: list[str], answers: dict[str, str], cfg: SyntheticConfig, rng) -> list[dict]:
+    """One record's turns: a question of each kind in ``group`` and its answer; ``<video>`` goes
+    before or after the first question."""
+    conv = []
+    for j, kind in enumerate(group):
+        q = _question(kind, rng, cfg.phrasings)
+        if j == 0:
+            q = f"{q}\n<video>" if rng.random() < 0.3 else f"<video>\n{q}"  # <video> first or last
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answers[kind]}]
+    return conv
+
+
+def _write_eval_split(cfg: SyntheticConfig, rng, tmp: str) -> list[dict]:
+    """The held-out benchmark under ``tmp/eval/Synthetic_Zero_Shot_QA``: ``videos/eval_NNNNN.mp4``
+    (the benchmark's travel: no motion scale), ``test_q.json`` and ``test_a.json`` with one question
+    of every asked kind per video; returns the questions."""
     qa_dir = os.path.join(tmp, "eval", "Synthetic_Zero_Shot_QA")
     questions, answers_out = [], []
     for i in tqdm(range(cfg.eval_videos), desc="synthetic eval videos", leave=False):
@@ -334,7 +375,12 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
         json.dump(questions, f, indent=1)
     with open(os.path.join(qa_dir, "test_a.json"), "w") as f:
         json.dump(answers_out, f, indent=1)
+    return questions
 
+
+def _write_tokenizer(cfg: SyntheticConfig, tmp: str) -> None:
+    """A BPE tokenizer (``tmp/tokenizer``) trained on the templates' system prompts, every question
+    phrasing of the version's kinds and every answer."""
     from panda.data.conversation import TEMPLATES
     from panda.data.tokenizer import train_tokenizer
 
@@ -342,11 +388,14 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
     texts += [v for kind in KINDS[cfg.version] for v in QUESTIONS[kind]]  # v1: the tokenizer of its study
     texts += list(COLOURS) + list(SHAPES) + list(DIRECTIONS) + (list(QUADRANTS) if cfg.version == 2 else [])
     train_tokenizer(texts * 4, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
-    with open(os.path.join(tmp, "DONE"), "w") as f:
-        json.dump(stamp, f)
+
+
+def _move_into_place(tmp: str, root: str, stamp: dict) -> bool:
+    """Move the finished dataset ``tmp`` to ``root``. False when another process finished the same
+    dataset first (same settings, same seed: same data): its copy stays and ``tmp`` goes."""
     if _is_done(root, stamp):  # another process finished first: same seed, same data
         shutil.rmtree(tmp, ignore_errors=True)
-        return root
+        return False
     shutil.rmtree(root, ignore_errors=True)
     try:
         os.replace(tmp, root)
@@ -354,6 +403,5 @@ def generate(cfg: SyntheticConfig, root: str) -> str:
         if not _is_done(root, stamp):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    log.info("synthetic dataset: %d train records, %d eval questions under %s", len(records), len(questions), root)
-    return root
+        return False
+    return True
