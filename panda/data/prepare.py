@@ -367,35 +367,7 @@ def _merge(opts: PrepareOptions, parts: list[PartResult]) -> tuple[int, int]:
 def prepare(opts: PrepareOptions) -> dict:
     """Run the whole job; returns the stats written to ``OUT/stats.json``."""
     start = time.perf_counter()
-    for path in opts.records:
-        if not os.path.isfile(path):
-            raise PrepareError(f"--records {path}: file not found")
-    if not os.path.isdir(opts.video_root):
-        raise PrepareError(f"--video-root {opts.video_root}: not a folder")
-    if opts.part_size < 1 or opts.workers < 1:
-        raise PrepareError("--part-size and --workers must be at least 1")
-    try:
-        check_backend(opts.backend)
-    except ValueError as exc:
-        raise PrepareError(f"--backend {opts.backend}: {exc}") from exc
-    if opts.store not in ("video", "frames"):
-        raise PrepareError(f"--store {opts.store}: use video or frames")
-    if opts.tokenizer:  # read once here: a tokenizer that cannot load is the job's error, not every video's
-        try:
-            text_length([("",)], opts.tokenizer)
-        except (OSError, ValueError) as exc:
-            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PrepareError(f"--tokenizer {opts.tokenizer}: no tokenizer loads from it ({said})") from exc
-    if opts.store == "frames":
-        from panda.data.frames import frame_geometry
-
-        try:
-            opts.frame_store()
-            frame_geometry(1, 1, opts.resolution, opts.patch_size, opts.ratio)
-            if opts.teacher_resolution:
-                frame_geometry(1, 1, opts.teacher_resolution, 14, 1)
-        except ValueError as exc:
-            raise PrepareError(f"--store frames: {exc}") from exc
+    _check_options(opts)
     plan = _check_output(opts)
     records, record_rejects = read_all_records(opts)  # JSON that does not parse stops the job before it writes
     created = not os.path.isdir(opts.output)
@@ -409,36 +381,118 @@ def prepare(opts: PrepareOptions) -> dict:
         raise
 
 
+def _check_options(opts: PrepareOptions) -> None:
+    """Refuse options the job cannot run with (:class:`PrepareError`), before anything is read or written."""
+    for path in opts.records:
+        if not os.path.isfile(path):
+            raise PrepareError(f"--records {path}: file not found")
+    if not os.path.isdir(opts.video_root):
+        raise PrepareError(f"--video-root {opts.video_root}: not a folder")
+    if opts.part_size < 1 or opts.workers < 1:
+        raise PrepareError("--part-size and --workers must be at least 1")
+    try:
+        check_backend(opts.backend)
+    except ValueError as exc:
+        raise PrepareError(f"--backend {opts.backend}: {exc}") from exc
+    if opts.store not in ("video", "frames"):
+        raise PrepareError(f"--store {opts.store}: use video or frames")
+    if opts.tokenizer:
+        _check_tokenizer(opts.tokenizer)
+    if opts.store == "frames":
+        _check_frame_store(opts)
+
+
+def _check_tokenizer(path: str) -> None:
+    """Load the ``--tokenizer`` once, here: one that cannot load is the job's error, not every video's."""
+    try:
+        text_length([("",)], path)
+    except (OSError, ValueError) as exc:
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrepareError(f"--tokenizer {path}: no tokenizer loads from it ({said})") from exc
+
+
+def _check_frame_store(opts: PrepareOptions) -> None:
+    """``--store frames``: the frame encoding, and the geometry the frames (and the teacher's copy) are resized to."""
+    from panda.data.frames import frame_geometry
+
+    try:
+        opts.frame_store()
+        frame_geometry(1, 1, opts.resolution, opts.patch_size, opts.ratio)
+        if opts.teacher_resolution:
+            frame_geometry(1, 1, opts.teacher_resolution, 14, 1)
+    except ValueError as exc:
+        raise PrepareError(f"--store frames: {exc}") from exc
+
+
 def _write_shards(opts: PrepareOptions, records: list[VideoRecord], record_rejects: list[dict], start: float) -> dict:
-    by_video: dict[str, list[VideoRecord]] = {}
-    for rec in records:  # each video is validated and stored once, with all its records
-        by_video.setdefault(rec.video, []).append(rec)
-    videos = list(by_video.items())
+    """Validate and write every part not finished yet, merge the parts into one litdata dataset, and
+    write ``OUT/rejects.jsonl``, ``OUT/panda_index.json`` and ``OUT/stats.json``; returns the stats."""
+    videos = _group_by_video(records)
     log.info("%d records on %d videos read (%d rejected as records) from %s", len(records), len(videos),
              len(record_rejects), opts.records)
     parts = [(p, videos[i: i + opts.part_size]) for p, i in enumerate(range(0, len(videos), opts.part_size))]
+    reused = _reused_parts(opts, parts) if opts.resume else {}
+    todo = [(p, recs) for p, recs in parts if p not in reused]
+    results = _finish_parts(opts, parts, reused, todo, len(videos))
+    rejects = record_rejects + [r for res in results for r in res.rejects]
+    _write_rejects(opts.output, rejects)
+    num_entries, shard_bytes = _merge(opts, results)
+    kept_ids = _write_index(opts, results, num_entries)
+    stats = _stats(opts, records_seen=len(records) + len(record_rejects), videos_seen=len(videos), parts=len(parts),
+                   todo=todo, results=results, rejects=rejects, kept_ids=kept_ids, num_entries=num_entries,
+                   shard_bytes=shard_bytes, start=start)
+    _write_json(os.path.join(opts.output, "stats.json"), stats)
+    log.info("kept %d of %d records (%s); shards %.1f MB from %.1f MB of video", len(kept_ids), stats["records_seen"],
+             ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items()) or "no rejects",
+             shard_bytes / 1e6, stats["source_bytes"] / 1e6)
+    return stats
+
+
+def _group_by_video(records: list[VideoRecord]) -> list[tuple[str, list[VideoRecord]]]:
+    """(video, its records) in the order videos first appear: each video is validated and stored
+    once, with all its records."""
+    by_video: dict[str, list[VideoRecord]] = {}
+    for rec in records:
+        by_video.setdefault(rec.video, []).append(rec)
+    return list(by_video.items())
+
+
+def _reused_parts(opts: PrepareOptions, parts: list[tuple[int, list]]) -> dict[int, PartResult]:
+    """``--resume``: the results of the parts an earlier run finished (each ``.parts/<part>.json``), by part."""
     finished: dict[int, PartResult] = {}
-    if opts.resume:
-        for part, _ in parts:
-            done_path = _part_paths(opts.output, part)[0]
-            if os.path.exists(done_path):
-                with open(done_path, encoding="utf-8") as f:
-                    finished[part] = PartResult(**json.load(f))
-    todo = [(p, recs) for p, recs in parts if p not in finished]
-    bar = _progress_bar(len(videos), opts.progress)
+    for part, _ in parts:
+        done_path = _part_paths(opts.output, part)[0]
+        if os.path.exists(done_path):
+            with open(done_path, encoding="utf-8") as f:
+                finished[part] = PartResult(**json.load(f))
+    return finished
+
+
+def _finish_parts(opts: PrepareOptions, parts: list[tuple[int, list]], reused: dict[int, PartResult],
+                  todo: list[tuple[int, list]], total_videos: int) -> list[PartResult]:
+    """Every part's result, in part order: the ``reused`` ones as they are, the ``todo`` ones
+    prepared now, under a progress bar over all ``total_videos``."""
+    finished = dict(reused)
+    bar = _progress_bar(total_videos, opts.progress)
     bar.update(sum(len(recs) for p, recs in parts if p in finished))
     if finished:
         log.info("--resume: %d of %d parts already written, %d to go", len(finished), len(parts), len(todo))
     for res in _run_parts(todo, opts, bar):
         finished[res.part] = res
     bar.close()
-    results = [finished[p] for p, _ in parts]
-    video_rejects = [r for res in results for r in res.rejects]
-    rejects = record_rejects + video_rejects
-    with open(os.path.join(opts.output, "rejects.jsonl"), "w", encoding="utf-8") as f:
+    return [finished[p] for p, _ in parts]
+
+
+def _write_rejects(output: str, rejects: list[dict]) -> None:
+    """``OUT/rejects.jsonl``: one line per rejected record."""
+    with open(os.path.join(output, "rejects.jsonl"), "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    num_entries, shard_bytes = _merge(opts, results)
+
+
+def _write_index(opts: PrepareOptions, results: list[PartResult], num_entries: int) -> list[str]:
+    """``OUT/panda_index.json``, for the sampler: per kept record, its [entry, record within the
+    entry], text length and video [height, width, frames, fps]. Returns the kept record ids, in order."""
     entries = [k for res in results for k in res.kept]
     record_entries = [[e, k] for e, entry in enumerate(entries) for k in range(len(entry["ids"]))]
     kept_ids = [rid for entry in entries for rid in entry["ids"]]
@@ -450,6 +504,14 @@ def _write_shards(opts: PrepareOptions, records: list[VideoRecord], record_rejec
         "length_unit": "tokens" if opts.tokenizer else "characters",
         "frames_validated": opts.frames, "sample_fps": opts.sample_fps,
         "store": opts.store, "frame_store": opts.frame_store().to_dict() if opts.store == "frames" else None})
+    return kept_ids
+
+
+def _stats(opts: PrepareOptions, *, records_seen: int, videos_seen: int, parts: int, todo: list[tuple[int, list]],
+           results: list[PartResult], rejects: list[dict], kept_ids: list[str], num_entries: int, shard_bytes: int,
+           start: float) -> dict:
+    """What ``OUT/stats.json`` says of the job: counts, rejects by code, decoders used, bytes
+    (source videos and shards), parts reused, speed, and a digest of the kept ids."""
     by_code: dict[str, int] = {}
     for r in rejects:
         by_code[r["code"]] = by_code.get(r["code"], 0) + 1
@@ -459,23 +521,18 @@ def _write_shards(opts: PrepareOptions, records: list[VideoRecord], record_rejec
             backends[k] = backends.get(k, 0) + v
     seconds = time.perf_counter() - start
     source_bytes = sum(res.source_bytes for res in results)
-    stats = {
-        "records_seen": len(records) + len(record_rejects), "kept": len(kept_ids), "rejected": len(rejects),
-        "videos_seen": len(videos), "videos_kept": num_entries,
+    return {
+        "records_seen": records_seen, "kept": len(kept_ids), "rejected": len(rejects),
+        "videos_seen": videos_seen, "videos_kept": num_entries,
         "rejected_by_reason": dict(sorted(by_code.items())), "decoded_with": backends,
         "source_bytes": source_bytes, "shard_bytes": shard_bytes,
         "shard_to_source": round(shard_bytes / source_bytes, 4) if source_bytes else None,
-        "parts": len(parts), "parts_reused": len(parts) - len(todo), "workers": opts.workers,
+        "parts": parts, "parts_reused": parts - len(todo), "workers": opts.workers,
         "seconds": round(seconds, 2), "videos_per_second": round(sum(len(v) for _, v in todo) / seconds, 2) if todo else None,
         "records": opts.records, "frames_validated": opts.frames, "store": opts.store,
         "shard_bytes_per_video": round(shard_bytes / num_entries) if num_entries else None,
         "id_digest": hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()[:16],
     }
-    _write_json(os.path.join(opts.output, "stats.json"), stats)
-    log.info("kept %d of %d records (%s); shards %.1f MB from %.1f MB of video", len(kept_ids), stats["records_seen"],
-             ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items()) or "no rejects",
-             shard_bytes / 1e6, source_bytes / 1e6)
-    return stats
 
 
 def prepare_rejected_records(folders: list[str]) -> int | None:
