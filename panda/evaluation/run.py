@@ -405,102 +405,210 @@ def settings_in_force(cfg: EvaluateConfig, loaded: LoadedModel, command_line: It
 def evaluate(cfg) -> dict:
     """``evaluate.py``: every configured benchmark of one checkpoint -> ``results.json`` and ``results.md``."""
     cfg: EvaluateConfig = to_evaluate_config(cfg)
-    for kind in {cfg.judge.kind, *(b.judge for b in cfg.benchmark.values() if b.judge)}:
-        JUDGES[kind]  # every judge this run names is registered, before any answer is generated
+    _check_judges_registered(cfg)
     start = time.time()
+    rank, world = _join_ranks()
+    device = _device_of(cfg)
+    if not cfg.benchmark:
+        raise ValueError("no benchmark selected: add benchmark=[synthetic] (or msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa, vcgbench)")
+    loaded = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
+    model = loaded.model.to(device).eval()
+    cfg, sources = settings_in_force(cfg, loaded, command_line_keys())
+    if rank == 0:
+        _print_settings(cfg, sources)
+    pipeline = _frame_pipeline(cfg, model.stab_cfg)
+    session = _Session(cfg, loaded.run_config, model, loaded.tokenizer, loaded.prompt_template, pipeline,
+                       _shared_run_dir(cfg, world), rank, world)
+    results = _results_header(cfg, session.template, sources)
+    settings = generation_settings(cfg, session.template)
+    samples = []
+    for name, bcfg in cfg.benchmark.items():
+        outcome = _evaluate_benchmark(session, name, bcfg, settings)
+        if outcome is not None:  # rank 0
+            results["benchmarks"][name], benchmark_samples = outcome
+            samples += benchmark_samples
+    _leave_ranks(world)
+    if rank != 0:
+        return {}
+    results["judge"] = _judge_summary(cfg, session.judges)
+    results["time/eval_s"] = round(time.time() - start, 2)
+    _write_results(session.run_dir, results)
+    if cfg.logger.kind == "wandb":
+        _log_samples_to_wandb(cfg, results, samples, session.run_dir)
+    _print_results(results)
+    return results
+
+
+@dataclasses.dataclass
+class _Session:
+    """What every benchmark of one :func:`evaluate` shares."""
+
+    cfg: EvaluateConfig  # with the settings in force
+    run_config: object  # the train.py run's config a checkpoint keeps (None for a release folder)
+    model: torch.nn.Module  # on the device, in eval mode
+    tokenizer: object
+    template: ChatFormat
+    pipeline: FramePipeline
+    run_dir: str
+    rank: int
+    world: int  # processes: each generates a slice of every benchmark, rank 0 merges and judges
+    judges: dict = dataclasses.field(default_factory=dict)  # judge kind -> judge, built when first needed (rank 0)
+
+
+def _check_judges_registered(cfg: EvaluateConfig) -> None:
+    """Every judge this run names is registered, before any answer is generated."""
+    for kind in {cfg.judge.kind, *(b.judge for b in cfg.benchmark.values() if b.judge)}:
+        JUDGES[kind]
+
+
+def _join_ranks() -> tuple[int, int]:
+    """(rank, world) of this process: torchrun's ``RANK`` and ``WORLD_SIZE`` (0, 1 without); with
+    several processes, the process group is joined (NCCL with CUDA, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def _device_of(cfg: EvaluateConfig) -> str:
+    """``cfg.device``; ``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is there, else the CPU."""
     device = cfg.device
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if not cfg.benchmark:
-        raise ValueError("no benchmark selected: add benchmark=[synthetic] (or msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa, vcgbench)")
+    return device
 
-    loaded = load_model(cfg.checkpoint, cfg.dtype, cfg.attn_implementation)
-    model, tokenizer, template = loaded.model.to(device).eval(), loaded.tokenizer, loaded.prompt_template
-    cfg, sources = settings_in_force(cfg, loaded, command_line_keys())
-    if rank == 0:
-        width = max(len(str(getattr(cfg, name))) for name in sources)
-        print_summary({name: f"{str(getattr(cfg, name)):<{width}}  ({source})" for name, source in sources.items()},
-                      title="evaluation settings")
+
+def _print_settings(cfg: EvaluateConfig, sources: dict) -> None:
+    """The ``evaluation settings`` block: each setting in force and where it came from."""
+    width = max(len(str(getattr(cfg, name))) for name in sources)
+    print_summary({name: f"{str(getattr(cfg, name)):<{width}}  ({source})" for name, source in sources.items()},
+                  title="evaluation settings")
+
+
+def _frame_pipeline(cfg: EvaluateConfig, stab) -> FramePipeline:
+    """How a benchmark video becomes the model's frames: ``cfg``'s frames and sampling, ``stab``'s geometry."""
     frames = cfg.frames
-    stab = model.stab_cfg
-    pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps,
-                             sampling=sampling_rule(cfg, stab, frames))
+    return FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, cfg.sample_fps,
+                         sampling=sampling_rule(cfg, stab, frames))
+
+
+def _shared_run_dir(cfg: EvaluateConfig, world: int) -> str:
+    """The run folder, made: rank 0's on every rank."""
     run_dir = run_dir_of(cfg)
     if world > 1:  # ranks may have started a second apart: all write where rank 0 writes
         shared = [run_dir]
         torch.distributed.broadcast_object_list(shared, src=0)
         run_dir = shared[0]
     os.makedirs(run_dir, exist_ok=True)
+    return run_dir
 
-    results = {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": frames,
-               "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template.name,
-                            "tokenization": template.tokenization},
-               "settings": {name: {"value": getattr(cfg, name), "from": source}
-                            for name, source in sources.items()},
-               "git_commit": git_commit(), "benchmarks": {}}
-    settings = generation_settings(cfg, template)
-    judges_used, samples = {}, []
-    for name, bcfg in cfg.benchmark.items():
-        bench = load_benchmark(benchmark_config(name, bcfg, loaded.run_config, cfg.checkpoint))
-        if isinstance(bench, MultipleChoiceBenchmark):  # before generating: the fallback can tell the letters apart
-            check_letter_tokens(bench, tokenizer)
-        folder = os.path.join(run_dir, name)
-        if rank == 0:
-            keep_predictions_of(folder, settings)
-        if world > 1:  # no rank resumes predictions before rank 0 has set aside those of other settings
-            torch.distributed.barrier()
-        generated = generate_predictions(model, tokenizer, bench, folder, pipeline, template, cfg.batch_size,
-                                         cfg.max_new_tokens, cfg.num_workers, rank, world)
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            continue
-        kind = bcfg.judge or cfg.judge.kind
-        if kind not in judges_used:
-            judges_used[kind] = build_judge(dataclasses.replace(cfg.judge, kind=kind))
-        rows = merge_predictions(bench, folder)
-        if isinstance(bench, MultipleChoiceBenchmark):  # the option each answer chose (the model breaks ties)
-            resolve_choices(bench, folder, rows, model, tokenizer, template, pipeline)
-        res, judged = judge_benchmark(bench, folder, rows, judges_used[kind])
-        res["generated_now"] = generated
-        results["benchmarks"][name] = res
-        log.info("%s: %s", name, scalar_metrics(res))
-        for g, _, t, v in judged[: cfg.samples]:
-            item = next((it for it in bench.items if it.uid == g or it.uid.startswith(g + "/")), None)
-            samples.append({"benchmark": name, "id": g, "question": t.question, "reference": t.reference,
-                            "prediction": t.prediction, "verdict": v.pred if v.ok else f"failed: {v.reason}", "score": v.score,
-                            "video": item.video if item else None, "video_dir": bench.video_dir})
+
+def _results_header(cfg: EvaluateConfig, template: ChatFormat, sources: dict) -> dict:
+    """``results.json`` before any benchmark: the checkpoint, frames, decoding, each setting in
+    force and where it came from, the code's commit; ``benchmarks`` still empty."""
+    return {"checkpoint": os.path.abspath(cfg.checkpoint), "frames": cfg.frames,
+            "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "template": template.name,
+                         "tokenization": template.tokenization},
+            "settings": {name: {"value": getattr(cfg, name), "from": source}
+                         for name, source in sources.items()},
+            "git_commit": git_commit(), "benchmarks": {}}
+
+
+def _evaluate_benchmark(s: _Session, name: str, bcfg: BenchmarkConfig, settings: dict) -> tuple[dict, list[dict]] | None:
+    """One benchmark: every rank generates its slice of what is missing, then rank 0 judges it all.
+    Returns (its metrics, its samples for the wandb table) on rank 0, None on the others."""
+    bench = load_benchmark(benchmark_config(name, bcfg, s.run_config, s.cfg.checkpoint))
+    if isinstance(bench, MultipleChoiceBenchmark):  # before generating: the fallback can tell the letters apart
+        check_letter_tokens(bench, s.tokenizer)
+    folder = os.path.join(s.run_dir, name)
+    generated = _generate_slice(s, bench, folder, settings)
+    if s.rank != 0:
+        return None
+    res, judged = _merge_and_judge(s, bench, folder, bcfg.judge or s.cfg.judge.kind)
+    res["generated_now"] = generated
+    log.info("%s: %s", name, scalar_metrics(res))
+    return res, _samples_of(name, bench, judged, s.cfg.samples)
+
+
+def _generate_slice(s: _Session, bench: Benchmark, folder: str, settings: dict) -> int:
+    """This rank's slice of what ``folder`` lacks, generated under ``settings`` (rank 0 first sets
+    aside predictions made under others); returns how many generations ran."""
+    if s.rank == 0:
+        keep_predictions_of(folder, settings)
+    if s.world > 1:  # no rank resumes predictions before rank 0 has set aside those of other settings
+        torch.distributed.barrier()
+    generated = generate_predictions(s.model, s.tokenizer, bench, folder, s.pipeline, s.template, s.cfg.batch_size,
+                                     s.cfg.max_new_tokens, s.cfg.num_workers, s.rank, s.world)
+    if s.world > 1:
+        torch.distributed.barrier()
+    return generated
+
+
+def _merge_and_judge(s: _Session, bench: Benchmark, folder: str, kind: str) -> tuple[dict, list]:
+    """Rank 0: the ranks' predictions merged, the option each multiple-choice answer chose, then the
+    judge of ``kind`` (built on first use) over them (:func:`judge_benchmark`)."""
+    if kind not in s.judges:
+        s.judges[kind] = build_judge(dataclasses.replace(s.cfg.judge, kind=kind))
+    rows = merge_predictions(bench, folder)
+    if isinstance(bench, MultipleChoiceBenchmark):  # the option each answer chose (the model breaks ties)
+        resolve_choices(bench, folder, rows, s.model, s.tokenizer, s.template, s.pipeline)
+    return judge_benchmark(bench, folder, rows, s.judges[kind])
+
+
+def _samples_of(name: str, bench: Benchmark, judged: list, count: int) -> list[dict]:
+    """The first ``count`` judged answers of a benchmark, as rows of the samples table (the video to
+    draw a frame strip of, if the judged id names one)."""
+    samples = []
+    for g, _, t, v in judged[:count]:
+        item = next((it for it in bench.items if it.uid == g or it.uid.startswith(g + "/")), None)
+        samples.append({"benchmark": name, "id": g, "question": t.question, "reference": t.reference,
+                        "prediction": t.prediction, "verdict": v.pred if v.ok else f"failed: {v.reason}", "score": v.score,
+                        "video": item.video if item else None, "video_dir": bench.video_dir})
+    return samples
+
+
+def _leave_ranks(world: int) -> None:
+    """With several processes: wait for all, then leave the process group."""
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    if rank != 0:
-        return {}
-    main_judge = judges_used.get(cfg.judge.kind) or next(iter(judges_used.values()))
-    results["judge"] = {
+
+
+def _judge_summary(cfg: EvaluateConfig, judges: dict) -> dict:
+    """``results.json``'s ``judge``: the main judge (``cfg.judge.kind``, else the first used) and
+    what all of them served, called and found in their caches."""
+    main_judge = judges.get(cfg.judge.kind) or next(iter(judges.values()))
+    return {
         "kind": str(cfg.judge.kind), "model": main_judge.model, "base_url": cfg.judge.base_url,
-        "served_models": sorted(set().union(*(j.served_models for j in judges_used.values()))),
+        "served_models": sorted(set().union(*(j.served_models for j in judges.values()))),
         "prompt_version": main_judge.prompt_version,
         # model, revision, prompt version, decoding settings, schema: what the verdict cache is keyed by
         "fingerprint": getattr(main_judge, "fingerprint", None),
         "fingerprint_id": getattr(main_judge, "fingerprint_id", None),
-        "api_calls": sum(j.api_calls for j in judges_used.values()),
-        "cache_hits": sum(j.cache.hits for j in judges_used.values()),
+        "api_calls": sum(j.api_calls for j in judges.values()),
+        "cache_hits": sum(j.cache.hits for j in judges.values()),
     }
-    results["time/eval_s"] = round(time.time() - start, 2)
+
+
+def _write_results(run_dir: str, results: dict) -> None:
+    """``run_dir/results.json`` and ``run_dir/results.md`` (:func:`markdown_table`)."""
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write(markdown_table(results))
-    if cfg.logger.kind == "wandb":
-        for s in samples:
-            path = find_video(s["video_dir"], s["video"]) if s["video"] else None
-            s["strip"] = frame_strip(path) if path else None
-        log_to_wandb(cfg, results, samples, run_dir)
+
+
+def _log_samples_to_wandb(cfg, results: dict, samples: list[dict], run_dir: str) -> None:
+    """Each sample's frame strip (None when its video is not found), then :func:`log_to_wandb`."""
+    for s in samples:
+        path = find_video(s["video_dir"], s["video"]) if s["video"] else None
+        s["strip"] = frame_strip(path) if path else None
+    log_to_wandb(cfg, results, samples, run_dir)
+
+
+def _print_results(results: dict) -> None:
+    """The ``panda evaluation`` summary: every benchmark's scalar metrics and the judge."""
     print_summary({k: v for b, r in results["benchmarks"].items() for k, v in scalar_metrics(r, f"{b}/").items()}
                   | {"judge": results["judge"]["model"], "judge/api_calls": results["judge"]["api_calls"]},
                   title="panda evaluation")
-    return results
