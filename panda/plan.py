@@ -277,19 +277,99 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     ``supervised_tokens``: answer tokens per sample, where the LM head runs (default every text
     position after the frames: an upper bound); ``usable_gib``: memory per rank to judge against
     (default the ``gpu``'s)."""
-    from panda.config import distill_active
-    from panda.training.trainer import count_devices, resolve_accumulation
-
-    frames = planned_frames(cfg)
-    if frames != cfg.frames:  # data.sampling fps / budget: plan the most frames a video can get
-        cfg = dataclasses.replace(cfg, frames=frames)
-    if gpu not in GPUS:
-        raise ValueError(f"gpu={gpu}: use one of {sorted(GPUS)}")
-    device = GPUS[gpu]
+    cfg = _with_planned_frames(cfg)
+    device = _gpu(gpu)
     config = llm_config(cfg, llm_preset)
     if vocab is not None:
         config.vocab_size = vocab
     model = meta_model(cfg, config)
+    layout = _layout(cfg, gpu)
+    units = units_of(model, dtype_bytes(cfg.llm.dtype))
+    trains = _what_trains(cfg, units)
+    teacher_params = _teacher_params(cfg)
+    mem = _static_memory(cfg, units, layout, teacher_params)  # term -> bytes per rank
+    batch = _micro_batch(cfg, text_tokens, supervised_tokens)
+    mem |= _activation_memory(cfg, config, model, layout, batch, trains)
+    phases = _phase_bytes(mem)
+    # backward frees the activations layer by layer as it fills the gradients: the two never peak together
+    peak = phases["persistent"] + max(phases["activations"], phases["gradients"])
+    result = Plan(gpu, layout.strategy, layout.world, layout.shard, batch.videos, batch.sequence, batch.visual,
+                  {k: v / GIB for k, v in mem.items()}, peak / GIB,
+                  device.memory_gib if usable_gib is None else usable_gib, mfu=mfu,
+                  phases={k: v / GIB for k, v in phases.items()},
+                  params={u.name: u.params for u in units} | {"teacher": teacher_params},
+                  flops_per_sample=_flops_per_sample(cfg, config, batch, trains),
+                  global_batch=_global_batch(cfg, layout.world), samples=_training_samples(cfg, samples))
+    _judge_fit(result, cfg, layout, mem)
+    _time_steps(result, device)
+    result.notes = _notes(cfg, units, trains, batch, text_tokens)
+    return result
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a run spreads over its ranks and what it computes in."""
+
+    world: int  # ranks in all
+    fsdp: bool
+    shard: int  # ranks a unit is sharded over (1 = replicated)
+    mixed: bool  # trainer.precision bf16 / 16: autocast
+    compute_bytes: int  # ``c``: bytes per activation element (FSDP2: its param_dtype, when below fp32)
+    checkpointing: bool  # activation checkpointing per decoder layer (model. or trainer.fsdp.)
+
+    @property
+    def strategy(self) -> str:
+        return "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "single")
+
+
+@dataclass(frozen=True)
+class _Trains:
+    """Which parts of the model get gradients (a LoRA-adapted part counts: its adapters train)."""
+
+    llm_layers: bool  # a decoder layer
+    llm: bool  # any part of the LLM
+    vision: bool  # STAB, the projector or the distillation head
+    lora: bool  # llm.adapter: the LLM's own weights stay frozen
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """The micro-batch the plan is for: ``data.batch_size`` videos of the longest sample."""
+
+    videos: int  # B
+    visual: int  # visual tokens per sample (under data.sampling=budget, at most the budget)
+    sequence: int  # S: LLM positions per sample, text + visual tokens
+    supervised: int  # positions per sample where the LM head runs (answer tokens)
+    stab_bytes: int  # what STAB saves for backward, all B videos (measured in fp32)
+    stab_flops: float  # STAB's forward FLOPs, all B videos
+
+    @property
+    def tokens(self) -> int:
+        """T = B·S: LLM positions of the micro-batch."""
+        return self.videos * self.sequence
+
+
+def _with_planned_frames(cfg):
+    """``cfg`` with the most frames a video can get (:func:`planned_frames`): under data.sampling
+    fps / budget the plan is for those."""
+    frames = planned_frames(cfg)
+    if frames != cfg.frames:
+        cfg = dataclasses.replace(cfg, frames=frames)
+    return cfg
+
+
+def _gpu(name: str) -> GPU:
+    """The :data:`GPUS` entry ``gpu=`` names (a ValueError naming the choices for another)."""
+    if name not in GPUS:
+        raise ValueError(f"gpu={name}: use one of {sorted(GPUS)}")
+    return GPUS[name]
+
+
+def _layout(cfg, gpu: str) -> _Layout:
+    """Ranks, sharding and compute dtype of ``cfg.trainer`` on ``gpu``: a GPU plan with
+    ``trainer.devices`` not a positive count assumes 8 GPUs a node; a CPU plan counts as training does."""
+    from panda.training.trainer import count_devices
+
     t = cfg.trainer
     per_node = count_devices(t.devices, t.accelerator) if gpu == "cpu" or t.accelerator == "cpu" else (
         t.devices if isinstance(t.devices, int) and t.devices > 0 else 8)
@@ -298,48 +378,80 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     shard = (per_node if t.fsdp.hybrid_shard else world) if fsdp else 1
     mixed = str(t.precision).startswith(("bf16", "16"))
     c = 2 if mixed else 4
-    llm_bytes = dtype_bytes(cfg.llm.dtype)
-    units = units_of(model, llm_bytes)
-    mem: dict[str, float] = {}
+    if fsdp:
+        compute = dtype_bytes(t.fsdp.param_dtype)
+        c = compute if compute < 4 else c
+    checkpointing = cfg.model.gradient_checkpointing or (fsdp and t.fsdp.activation_checkpointing)
+    return _Layout(world, fsdp, shard, mixed, c, checkpointing)
 
+
+def _what_trains(cfg, units: list[Unit]) -> _Trains:
+    """Which parts get gradients, from the stage's units."""
+    return _Trains(llm_layers=any(u.trainable for u in units if u.name.startswith("llm.layer")),
+                   llm=any(u.trainable for u in units if u.name.startswith("llm.")),
+                   vision=any(u.trainable for u in units if u.name == "vision.trainable"),
+                   lora=str(cfg.llm.adapter) != "none")
+
+
+def _teacher_params(cfg) -> int:
+    """Parameters of the frozen teacher (0 without distillation): per layer up to the one it reads
+    (width ``w``), attention ``4·w²``, MLP ``2·w·I``, temporal embedding ``frames·w`` and temporal
+    attention ``4·w²``; plus the patch embedding ``3·p²·w``."""
+    from panda.config import distill_active
+
+    if not distill_active(cfg):
+        return 0
+    from panda.models.teachers import _hidden_index
+
+    tc = cfg.teacher
+    depth = _hidden_index(tc.feature_layer, tc.layers)
+    return depth * (4 * tc.width * tc.width + 2 * tc.width * tc.intermediate_size + tc.num_frames * tc.width
+                    + 4 * tc.width * tc.width) + tc.width * 3 * tc.patch_size ** 2
+
+
+def _static_memory(cfg, units: list[Unit], layout: _Layout, teacher_params: int) -> dict[str, float]:
+    """Bytes per rank of the weights and what training keeps for them (the module docstring's
+    **static**): FSDP2 shards parameters, gradients and AdamW's two moments over ``layout.shard``
+    ranks (none stay on the GPU under cpu_offload) and holds the largest unit unsharded twice; DDP
+    replicates them, with gradient buckets beside the gradients and, under mixed precision,
+    autocast's bf16 weight copies; then the frozen teacher."""
+    from panda.config import distill_active
+
+    t = cfg.trainer
     trainable = [u for u in units if u.trainable]
     param_bytes = sum(u.params * u.dtype_bytes for u in units)
     grad_bytes = sum(u.trained * u.dtype_bytes for u in trainable)
     adam_bytes = sum(2 * u.trained * u.dtype_bytes for u in trainable)
-    offload = fsdp and t.fsdp.cpu_offload
-    if fsdp:
-        mem["parameters (sharded)"] = 0 if offload else param_bytes / shard
-        mem["gradients (sharded)"] = 0 if offload else grad_bytes / shard
-        mem["AdamW states (sharded)"] = 0 if offload else adam_bytes / shard
+    mem: dict[str, float] = {}
+    if layout.fsdp:
+        offload = t.fsdp.cpu_offload
+        mem["parameters (sharded)"] = 0 if offload else param_bytes / layout.shard
+        mem["gradients (sharded)"] = 0 if offload else grad_bytes / layout.shard
+        mem["AdamW states (sharded)"] = 0 if offload else adam_bytes / layout.shard
         compute, reduce = dtype_bytes(t.fsdp.param_dtype), dtype_bytes(t.fsdp.reduce_dtype)
         largest = max(units, key=lambda u: u.params)
         largest_trained = max((u.trained for u in trainable), default=0)
-        if shard > 1:
+        if layout.shard > 1:
             mem["all-gathered units (2 x largest)"] = 2 * largest.params * compute
             mem["unsharded gradient of a unit"] = largest_trained * reduce
-        c = compute if compute < 4 else c
     else:
         mem["parameters"] = param_bytes
         mem["gradients"] = grad_bytes
         mem["AdamW states"] = adam_bytes
-        if world > 1:
+        if layout.world > 1:
             mem["DDP gradient buckets"] = grad_bytes
-        if mixed:  # autocast keeps a bf16 copy of every fp32-stored weight it casts (the embedding is not cast)
+        if layout.mixed:  # autocast keeps a bf16 copy of every fp32-stored weight it casts (the embedding is not cast)
             mem["autocast bf16 weight copies"] = sum(u.params for u in units if u.name != "llm.embed" and u.dtype_bytes == 4) * 2
-    teacher_params = 0
     if distill_active(cfg):
-        from panda.models.teachers import _hidden_index
+        mem["frozen teacher"] = teacher_params * dtype_bytes(cfg.teacher.dtype)
+    return mem
 
-        tc = cfg.teacher
-        depth = _hidden_index(tc.feature_layer, tc.layers)
-        teacher_params = depth * (4 * tc.width * tc.width + 2 * tc.width * tc.intermediate_size + tc.num_frames * tc.width
-                                  + 4 * tc.width * tc.width) + tc.width * 3 * tc.patch_size ** 2
-        mem["frozen teacher"] = teacher_params * dtype_bytes(tc.dtype)
 
-    # activations of one micro-batch
+def _micro_batch(cfg, text_tokens: int | None, supervised_tokens: int | None) -> _MicroBatch:
+    """The longest micro-batch: ``text_tokens`` text positions (default ``model.max_length``), and
+    the visual tokens STAB makes of the planned frames (measured: :func:`stab_measure`)."""
     B = cfg.data.batch_size
-    stab_bytes, stab_flops_batch, visual = stab_measure(cfg, B)
-    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    stab_bytes, stab_flops, visual = stab_measure(cfg, B)
     if str(cfg.data.sampling) == "budget":
         visual = min(visual, cfg.data.max_visual_tokens)  # the LLM never gets more than the budget
     text = text_tokens if text_tokens is not None else cfg.model.max_length
@@ -347,82 +459,120 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
         S = text - cfg.frames + visual  # each frame's placeholder position becomes its visual tokens
     else:
         S = text
-    T = B * S
-    layer = llm_layer_bytes_per_token(config, c, trains=any(u.trainable for u in units if u.name.startswith("llm.layer")))
-    ckpt = cfg.model.gradient_checkpointing or (fsdp and t.fsdp.activation_checkpointing)
-    llm_trains = any(u.trainable for u in units if u.name.startswith("llm."))
-    stab_trains = any(u.trainable for u in units if u.name == "vision.trainable")
-    needs_llm_grads = llm_trains or stab_trains
     supervised = supervised_tokens if supervised_tokens is not None else text - cfg.frames
-    if needs_llm_grads:
-        mem["LLM activations"] = (L * c * D + layer) * T if ckpt else L * layer * T
-        mem["logits + loss (supervised positions)"] = (c + 8) * V * B * supervised
+    return _MicroBatch(B, visual, S, supervised, stab_bytes, stab_flops)
+
+
+def _activation_memory(cfg, config, model, layout: _Layout, batch: _MicroBatch, trains: _Trains) -> dict[str, float]:
+    """Bytes per rank the forward of one micro-batch keeps for backward, and backward's buffers
+    (the module docstring's **activations**); ``c`` bytes per element, ``T`` positions, width ``D``."""
+    from panda.config import distill_active
+
+    c, B, T = layout.compute_bytes, batch.videos, batch.tokens
+    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    layer = llm_layer_bytes_per_token(config, c, trains=trains.llm_layers)
+    mem: dict[str, float] = {}
+    if trains.llm or trains.vision:  # gradients flow back through the LLM: to its weights, or on to STAB
+        mem["LLM activations"] = (L * c * D + layer) * T if layout.checkpointing else L * layer * T
+        mem["logits + loss (supervised positions)"] = (c + 8) * V * B * batch.supervised
         mem["backward buffers (one layer)"] = 2 * c * (D + config.intermediate_size) * T
     else:
         mem["LLM activations"] = 0
     mem["embeddings + splice"] = 2 * c * D * T
     if model.distill_head is not None and distill_active(cfg):
         picked = len(model.distill_head.layers)
-        vis_tokens = B * visual
+        vis_tokens = B * batch.visual
         mem["distillation head inputs"] = picked * vis_tokens * (c * D * 2 + c * cfg.teacher.width * 2)
-    mem["STAB + projector activations"] = stab_bytes * (c / 4) + B * visual * c * (cfg.stab.width + 2 * D)
-    # backward frees the activations layer by layer as it fills the gradients: the two never peak together
-    phases = {k: phase_of(k) for k in mem}
-    persistent = sum(v for k, v in mem.items() if phases[k] == "persistent")
-    activations = sum(v for k, v in mem.items() if phases[k] == "activations")
-    gradients = sum(v for k, v in mem.items() if phases[k] == "gradients")
-    peak = persistent + max(activations, gradients)
+    mem["STAB + projector activations"] = batch.stab_bytes * (c / 4) + B * batch.visual * c * (cfg.stab.width + 2 * D)
+    return mem
 
-    # FLOPs per sample
-    llm_fwd = llm_forward_flops(config, S, S, 1, head_tokens=supervised)  # the LM head runs where labels are
-    stab_fwd = stab_flops_batch / B + 2 * visual * (cfg.stab.width * D + D * D)  # + the projector's two linears
+
+def _phase_bytes(mem: dict[str, float]) -> dict[str, float]:
+    """Bytes per rank alive in each phase (:func:`phase_of`): persistent, activations, gradients."""
+    phases = {k: phase_of(k) for k in mem}
+    return {phase: sum(v for k, v in mem.items() if phases[k] == phase)
+            for phase in ("persistent", "activations", "gradients")}
+
+
+def _flops_per_sample(cfg, config, batch: _MicroBatch, trains: _Trains) -> dict[str, float]:
+    """Model FLOPs per sample, by part: the forwards, the backwards of what trains or passes
+    gradients on (twice a forward for trained weights, once for input gradients only), the teacher."""
+    from panda.config import distill_active
+
+    D = config.hidden_size
+    # the LM head runs where labels are
+    llm_fwd = llm_forward_flops(config, batch.sequence, batch.sequence, 1, head_tokens=batch.supervised)
+    stab_fwd = batch.stab_flops / batch.videos + 2 * batch.visual * (cfg.stab.width * D + D * D)  # + the projector's two linears
     flops = {"LLM forward": llm_fwd, "STAB + projector forward": stab_fwd}
-    lora = str(cfg.llm.adapter) != "none"
-    if llm_trains and lora:  # input gradients through every layer; the adapters' own weight gradients are tiny
+    if trains.llm and trains.lora:  # input gradients through every layer; the adapters' own weight gradients are tiny
         flops["LLM backward (input gradients + adapters)"] = llm_fwd
-    elif llm_trains:
+    elif trains.llm:
         flops["LLM backward"] = 2 * llm_fwd
-    elif stab_trains:
+    elif trains.vision:
         flops["LLM backward (input gradients only)"] = llm_fwd
-    if stab_trains:
+    if trains.vision:
         flops["STAB + projector backward"] = 2 * stab_fwd
     if distill_active(cfg):
         flops["teacher forward"] = teacher_forward_flops(cfg.teacher, cfg.frames)
-    per_sample = sum(flops.values())
+    return flops
+
+
+def _global_batch(cfg, world: int) -> int:
+    """Samples per optimiser step: micro-batch x ranks x accumulation (when the accumulation does
+    not resolve, ``trainer.global_batch_size``, else one micro-batch per rank)."""
+    from panda.training.trainer import resolve_accumulation
+
+    B = cfg.data.batch_size
     try:
-        global_batch = B * world * resolve_accumulation(cfg)
+        return B * world * resolve_accumulation(cfg)
     except ValueError:
-        global_batch = t.global_batch_size or B * world
-    n_samples = samples
-    if n_samples is None and cfg.data.name in DATA_SAMPLES:
-        n_samples = int(DATA_SAMPLES[cfg.data.name] * cfg.data.fraction)
-    usable = device.memory_gib if usable_gib is None else usable_gib
-    result = Plan(gpu, "fsdp" if fsdp else ("ddp" if world > 1 else "single"), world, shard, B, S, visual,
-                  {k: v / GIB for k, v in mem.items()}, peak / GIB, usable, mfu=mfu,
-                  phases={"persistent": persistent / GIB, "activations": activations / GIB, "gradients": gradients / GIB},
-                  params={u.name: u.params for u in units} | {"teacher": teacher_params},
-                  flops_per_sample=flops, global_batch=global_batch, samples=n_samples)
-    if usable:
-        result.margin_gib = usable - result.peak_gib
+        return cfg.trainer.global_batch_size or B * world
+
+
+def _training_samples(cfg, samples: int | None) -> int | None:
+    """The stage's training samples: ``samples=``, else the data config's (:data:`DATA_SAMPLES`)
+    times ``data.fraction``; None when neither is known."""
+    if samples is None and cfg.data.name in DATA_SAMPLES:
+        return int(DATA_SAMPLES[cfg.data.name] * cfg.data.fraction)
+    return samples
+
+
+def _judge_fit(result: Plan, cfg, layout: _Layout, mem: dict[str, float]) -> None:
+    """The verdict against the usable memory (none when it is 0, as on ``gpu=cpu``): the margin,
+    whether the peak fits, and when it does not, the cheapest fix."""
+    if result.usable_gib:
+        result.margin_gib = result.usable_gib - result.peak_gib
         result.fits = result.margin_gib > 0
         if not result.fits:
-            result.fix = cheapest_fix(cfg, fsdp, ckpt, mem)
+            result.fix = cheapest_fix(cfg, layout.fsdp, layout.checkpointing, mem)
+
+
+def _time_steps(result: Plan, device: GPU) -> None:
+    """Seconds per optimiser step at the assumed MFU and, with a sample count, hours for the stage
+    (none on a device without a bf16 peak)."""
     if device.bf16_tflops:
-        result.step_s = per_sample * global_batch / (world * device.bf16_tflops * 1e12 * mfu)
-        if n_samples:
-            result.stage_h = math.ceil(n_samples / global_batch) * result.step_s / 3600
-    if lora:
+        per_sample = sum(result.flops_per_sample.values())
+        result.step_s = per_sample * result.global_batch / (result.world * device.bf16_tflops * 1e12 * result.mfu)
+        if result.samples:
+            result.stage_h = math.ceil(result.samples / result.global_batch) * result.step_s / 3600
+
+
+def _notes(cfg, units: list[Unit], trains: _Trains, batch: _MicroBatch, text_tokens: int | None) -> list[str]:
+    """What a reader of the plan should know: the adapters that train under LoRA, which sample the
+    sequence is, the frames planned for under data.sampling fps / budget."""
+    notes = []
+    if trains.lora:
         adapters = sum(u.trained for u in units if u.name.startswith("llm."))
-        result.notes.append(f"llm.adapter={cfg.llm.adapter}: {adapters:,} adapter parameters train (rank {cfg.llm.lora.rank}); "
-                            f"the LLM's own {sum(u.params for u in units if u.name.startswith('llm.')) - adapters:,} get no "
-                            f"gradients or AdamW states")
+        notes.append(f"llm.adapter={cfg.llm.adapter}: {adapters:,} adapter parameters train (rank {cfg.llm.lora.rank}); "
+                     f"the LLM's own {sum(u.params for u in units if u.name.startswith('llm.')) - adapters:,} get no "
+                     f"gradients or AdamW states")
     if text_tokens is None:
-        result.notes.append(f"sequence = the longest sample: model.max_length={cfg.model.max_length} text positions "
-                            f"+ {cfg.frames} frames x {visual // cfg.frames} visual tokens")
+        notes.append(f"sequence = the longest sample: model.max_length={cfg.model.max_length} text positions "
+                     f"+ {cfg.frames} frames x {batch.visual // cfg.frames} visual tokens")
     if str(cfg.data.sampling) != "release":
-        result.notes.append(f"data.sampling={cfg.data.sampling}: planned for the most a video can get, {cfg.frames} frames "
-                            f"through STAB and {visual} visual tokens for the LLM")
-    return result
+        notes.append(f"data.sampling={cfg.data.sampling}: planned for the most a video can get, {cfg.frames} frames "
+                     f"through STAB and {batch.visual} visual tokens for the LLM")
+    return notes
 
 
 def check_gpu_plan(cfg) -> str | None:
