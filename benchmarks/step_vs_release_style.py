@@ -34,6 +34,7 @@ from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID  # noqa: E402
 
 
 def build(frames: int):
+    from panda.compat import is_batch_norm
     from panda.models.distill import DistillConfig
     from panda.models.stab import STABConfig
     from panda.models.video_lm import VideoLanguageModel, build_llm
@@ -43,7 +44,7 @@ def build(frames: int):
     model = VideoLanguageModel(STABConfig(chunk_size=min(4, frames), dropout=0.0), llm,
                                distill=DistillConfig(), teacher_width=1024).train()
     for m in model.modules():  # batch norm in eval: per-video (looped) and per-batch statistics would differ
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if is_batch_norm(m):
             m.eval()
     return model
 

@@ -68,8 +68,7 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
     elif derived.llm_config:  # rebuilding a run whose LLM came from a folder: same architecture, no init
         from transformers import AutoConfig
 
-        config = AutoConfig.for_model(**derived.llm_config)
-        config._attn_implementation = llm_cfg.attn_implementation
+        config = AutoConfig.for_model(**derived.llm_config | {"attn_implementation": llm_cfg.attn_implementation})
         llm = empty_llm_from_config(config, getattr(torch, llm_cfg.dtype))
     else:
         llm = build_llm(

@@ -443,8 +443,10 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
             close = difflib.get_close_matches(str(key), names, n=1)
             found.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue  # nothing to look into (an interpolation's target is checked where it stands)
+        child = node[key]  # neither missing nor an interpolation: read as it is, None for a None node
+        if isinstance(child, DictConfig):
             found += unknown_keys(child, f"{prefix}{key}.")
     return found
 

@@ -173,9 +173,9 @@ def _unknown_choice(key: str, override, schema: type) -> list[str]:
 def hydra_overrides(argv: list[str]) -> tuple[list[str], str | None]:
     """The overrides of a Hydra command line (flags such as ``--multirun`` and ``--cfg job`` left
     out) and its ``--config-dir``, parsed by Hydra's own argument parser."""
-    from hydra._internal.utils import get_args_parser
+    from panda.compat import hydra_args_parser
 
-    args, _ = get_args_parser().parse_known_args(argv)
+    args, _ = hydra_args_parser().parse_known_args(argv)
     return list(args.overrides), args.config_dir
 
 

@@ -197,14 +197,10 @@ def _classic_chunk_layout():
     with an empty body, and its reader of remote sources (``s3://``, ``local:``...) then reads
     0-byte items (``struct.error: unpack_from requires a buffer of at least 8 bytes``). The footer
     is written only where ``litdata.streaming.item_loader`` sees pyarrow: hide it while writing."""
-    from litdata.streaming import item_loader
+    from panda.compat import litdata_without_pyarrow
 
-    saved = item_loader._PYARROW_AVAILABLE
-    item_loader._PYARROW_AVAILABLE = False
-    try:
+    with litdata_without_pyarrow():
         yield
-    finally:
-        item_loader._PYARROW_AVAILABLE = saved
 
 
 def prepare_part(part: int, videos: list[tuple[str, list[VideoRecord]]], opts: PrepareOptions) -> PartResult:

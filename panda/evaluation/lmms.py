@@ -23,6 +23,7 @@ import torch
 from lmms_eval.api.model import lmms
 
 from panda.choices import Choice
+from panda.compat import set_lmms_process
 from panda.data.budget import SamplingConfig, sampling_rule
 from panda.data.conversation import stop_token_ids
 from panda.data.datasets import FramePipeline
@@ -57,8 +58,7 @@ class PandaLMM(lmms):
         super().__init__()
         from panda.loading import load_model
 
-        self._rank = int(os.environ.get("RANK", "0"))
-        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        set_lmms_process(self, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
         if device == "auto":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         loaded = load_model(pretrained, dtype, attn_implementation)

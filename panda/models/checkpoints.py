@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from panda.compat import load_distributed_checkpoint, model_from_config
+
 log = logging.getLogger(__name__)
 
 RELEASE_STAB_PREFIX = "model.video_tower."
@@ -194,11 +196,7 @@ def read_lightning_checkpoint(path: str) -> dict:
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise NotACheckpointError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
-        from pathlib import Path
-
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        return _load_distributed_checkpoint(Path(path))
+        return load_distributed_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold the config dict
 
 
@@ -236,7 +234,7 @@ def empty_llm_from_config(config, dtype: torch.dtype, model_class=None) -> nn.Mo
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         if model_class is not None:
-            return model_class._from_config(config, dtype=dtype)
+            return model_from_config(model_class, config, dtype)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -260,18 +258,18 @@ def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str
         raw = json.load(f)
     model_class = None
     if raw.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, attn_implementation=attn_implementation)
     else:
-        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")})
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
+                             | {"attn_implementation": attn_implementation})
         model_class = LlamaForCausalLM
         log.info("%s: model_type %r is not a transformers causal LM; reading it as LLaMA", folder, raw.get("model_type"))
     torch_dtype = getattr(torch, dtype) if dtype else getattr(config, "dtype", None) or torch.float32
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
-    config._attn_implementation = attn_implementation
     llm = empty_llm_from_config(config, torch_dtype, model_class)  # every tensor is overwritten below
     own = llm.state_dict()
-    tied = set(getattr(llm, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    tied = set(llm.get_expanded_tied_weights_keys()) if getattr(config, "tie_word_embeddings", False) else set()
     mine = {k: v for k, v in state.items() if k in own}
     missing = [k for k in own if k not in mine and k not in tied]
     if missing:

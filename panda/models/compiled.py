@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from panda.compat import compiled_graph_count, no_duck_shape, wrap_compiled_call
 from panda.models.llm_parts import decoder_layers
 
 STAB_PARTS = ("patch_embed", "lste", "gstra", "lsd.attend", "resampler", "fsra", "fusion_proj")
@@ -45,20 +46,18 @@ def compile_model(model: nn.Module, backend: str = "inductor", llm_layers: bool 
 
 def _compile(module: nn.Module, backend: str) -> None:
     """``module.compile`` with dynamic shapes, its compiled call run without duck shaping."""
-    import torch.fx.experimental._config as fx_config
-
     module.compile(backend=backend, dynamic=True)
-    compiled = module._compiled_call_impl  # what nn.Module.compile installs: torch.compile(module._call_impl)
 
-    def call(*args, **kwargs):
-        with fx_config.patch(use_duck_shape=False):  # read when dynamo (re)traces the part, inside this call
-            return compiled(*args, **kwargs)
+    def without_duck_shape(compiled):
+        def call(*args, **kwargs):
+            with no_duck_shape():  # read when dynamo (re)traces the part, inside this call
+                return compiled(*args, **kwargs)
 
-    module._compiled_call_impl = call
+        return call
+
+    wrap_compiled_call(module, without_duck_shape)
 
 
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (a recompile adds one)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    return compiled_graph_count()

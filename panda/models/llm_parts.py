@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from panda.compat import no_split_modules
+
 # where older or unusual models keep their layers, tried when _no_split_modules names nothing found
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
 
 
 def decoder_layer_classes(llm: nn.Module) -> set[str]:
     """Class names of the LLM's decoder layers, from ``_no_split_modules``."""
-    return set(getattr(llm, "_no_split_modules", None) or [])
+    return no_split_modules(llm)
 
 
 def is_decoder_layer(module: nn.Module, classes: set[str]) -> bool:

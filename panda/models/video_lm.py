@@ -332,6 +332,6 @@ def build_llm(
         **special_ids(tokenizer),
         tie_word_embeddings=False,
         initializer_range=initializer_range,
+        attn_implementation=attn_implementation,
     )
-    config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config).to(torch_dtype)

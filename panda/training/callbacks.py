@@ -12,8 +12,9 @@ import threading
 import time
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
+from panda.compat import is_batch_norm, model_checkpoint_base
 from panda.errors import PandaError
 from panda.models.adapters import adapter_parameters
 
@@ -47,12 +48,11 @@ def read_marker(checkpoints_dir: str) -> dict | None:
     return info if os.path.exists(info["path"]) else None
 
 
-class MarkedCheckpoint(ModelCheckpoint):
+class MarkedCheckpoint(model_checkpoint_base()):
     """ModelCheckpoint that names each checkpoint complete only once it is fully on disk, so
     ``resume=auto`` never picks a checkpoint a killed job left half-written."""
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
+    def checkpoint_written(self, trainer, filepath: str) -> None:
         mark_complete(trainer, filepath)
 
 
@@ -274,7 +274,7 @@ class NormStatisticsSync(Callback):
         import torch.distributed as dist
 
         for module in pl_module.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            if is_batch_norm(module) and module.running_mean is not None:
                 for buf in (module.running_mean, module.running_var):
                     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                     buf.div_(trainer.world_size)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from panda.build import enable_activation_checkpointing
+from panda.compat import is_batch_norm
 from panda.config import FSDPConfig
 from panda.models.llm_parts import decoder_layers, llm_tail
 
@@ -63,7 +64,7 @@ def shard_model(model: nn.Module, mesh, cfg: FSDPConfig) -> int:
                                          output_dtype=_dtype(cfg.param_dtype))
         for module in vision:
             for sub in module.modules():
-                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                if is_batch_norm(sub):
                     fully_shard(sub, **{**kwargs, "mp_policy": bn_policy})
                     units += 1
     groups: dict[bool, list[nn.Module]] = {}

@@ -14,10 +14,11 @@ from typing import Callable
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from panda.compat import csv_writer_base, set_logger_experiment
 from panda.config import Derived, TrainConfig, to_plain
 from panda.registry import Registry
 from panda.runs import git_commit, hydra_overrides, run_name, wandb_offline
@@ -174,7 +175,7 @@ def check_multirun_launch(cfg: TrainConfig) -> None:
         )
 
 
-class _ResumedCSVWriter(ExperimentWriter):
+class _ResumedCSVWriter(csv_writer_base()):
     """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run keeps the rows
     logged before its checkpoint (``step`` < ``resume_step``) and appends after them."""
 
@@ -182,14 +183,15 @@ class _ResumedCSVWriter(ExperimentWriter):
         self.resume_step = resume_step
         super().__init__(log_dir)
 
-    def _check_log_dir_exists(self) -> None:
-        if not self._fs.isfile(self.metrics_file_path):
+    def existing_metrics(self) -> None:
+        fs = get_filesystem(self.log_dir)  # the writer's own filesystem
+        if not fs.isfile(self.metrics_file_path):
             return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+        with fs.open(self.metrics_file_path, "r", newline="") as f:
             reader = csv.DictReader(f)
             keys = list(reader.fieldnames or [])
             rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.resume_step]
-        with self._fs.open(self.metrics_file_path, "w", newline="") as f:  # rows of steps the run will redo go
+        with fs.open(self.metrics_file_path, "w", newline="") as f:  # rows of steps the run will redo go
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
@@ -206,10 +208,14 @@ class RunCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        if self._experiment is None and self.resume_step is not None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ResumedCSVWriter(self.log_dir, self.resume_step)
+        if self.resume_step is not None:
+            set_logger_experiment(self, self.resumed_writer)
         return super().experiment
+
+    def resumed_writer(self) -> _ResumedCSVWriter:
+        """The writer of a resumed run (made once, on first use)."""
+        get_filesystem(self.root_dir).makedirs(self.root_dir, exist_ok=True)
+        return _ResumedCSVWriter(self.log_dir, self.resume_step)
 
 
 # The loggers (``logger=`` / ``logger.kind``): each a function (run config, run dir, parameter counts,
