@@ -119,10 +119,11 @@ def _unwrap(tp):
     return tp
 
 
-def unknown_key(key: str, schema: type) -> str | None:
-    """``key`` with the closest known key when ``schema`` lacks it (``trainer.max_step (did you mean
-    trainer.max_steps?)``), else None.
-    Free-form parts (a ``dict``, ``Any``, a list) accept every key below them."""
+def schema_key(key: str, schema: type) -> tuple[Any, str | None]:
+    """Walk ``schema`` along ``key`` (dotted): (the key's type, ``Optional`` unwrapped, or None below a
+    free-form value such as a ``dict``, ``Any`` or a list, which accepts every key; the key with the
+    closest known one when the schema lacks it, ``trainer.max_step (did you mean trainer.max_steps?)``,
+    else None)."""
     node, done = schema, []
     for part in key.split("."):
         node = _unwrap(node)
@@ -131,38 +132,22 @@ def unknown_key(key: str, schema: type) -> str | None:
             done.append(part)
             continue
         if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-            return None  # below a free-form value: Hydra and the schema's types judge it
-        hints = typing.get_type_hints(node)
+            return None, None  # below a free-form value: Hydra and the schema's types judge it
         names = [f.name for f in dataclasses.fields(node)]
         if part not in names:
             prefix = ".".join(done + [""]) if done else ""
             close = difflib.get_close_matches(part, names, n=1)
-            return key + (f" (did you mean {prefix}{close[0]}?)" if close else "")
-        node = hints[part]
+            return None, key + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+        node = typing.get_type_hints(node)[part]
         done.append(part)
-    return None
+    return _unwrap(node), None
 
 
-def key_type(key: str, schema: type):
-    """The schema's type of ``key`` (``Optional`` unwrapped), or None below a free-form value."""
-    node = schema
-    for part in key.split("."):
-        node = _unwrap(node)
-        if typing.get_origin(node) in (dict, typing.Dict):
-            node = typing.get_args(node)[1] if typing.get_args(node) else Any
-            continue
-        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-            return None
-        node = typing.get_type_hints(node).get(part)
-    return _unwrap(node)
-
-
-def _unknown_choice(key: str, override, schema: type) -> list[str]:
-    """``stab.lsd=maxpool``: a value that is none of a choice key's options, naming them (what Hydra would
-    refuse at composition, said in one line)."""
+def _unknown_choice(key: str, kind, override) -> list[str]:
+    """``stab.lsd=maxpool``: a value that is none of a choice key's options (``kind``, the key's type),
+    naming them (what Hydra would refuse at composition, said in one line)."""
     from panda.choices import Choice
 
-    kind = key_type(key, schema)
     if not (isinstance(kind, type) and issubclass(kind, Choice)):
         return []
     options = [m.value for m in kind]
@@ -204,16 +189,16 @@ def check_overrides(overrides: list[str], schema: type, config_name: str = "trai
             if groups.is_group(name):
                 options = groups.options(name)
                 problems += [_unknown_group_choice(name, c, options) for c in _choices(override) if c not in options]
-            elif name.lstrip("+") in CHOSEN_BY_GROUP:
-                group = CHOSEN_BY_GROUP[name.lstrip("+")]
+            elif name in CHOSEN_BY_GROUP:
+                group = CHOSEN_BY_GROUP[name]
                 problems.append(f"{name} is set by the {group} group: choose {group}=<option> instead "
                                 f"(the options: {', '.join(groups.options(group))})")
             elif name in RENAMED:
                 problems.append(f"{name} is now {RENAMED[name]}")
             elif not override.is_delete():
-                missing = unknown_key(name.lstrip("+"), schema)
+                kind, missing = schema_key(name, schema)
                 unknown += [missing] if missing else []
-                problems += [] if missing else _unknown_choice(name.lstrip("+"), override, schema)
+                problems += _unknown_choice(name, kind, override)
     finally:
         groups.close()
     if unknown:
