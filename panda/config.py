@@ -74,7 +74,7 @@ class FSDPConfig:
 
     param_dtype: Optional[str] = "bfloat16"  # compute dtype of the unsharded parameters; None = as stored
     reduce_dtype: Optional[str] = "float32"  # gradient reduce-scatter dtype
-    cpu_offload: bool = False
+    cpu_offload: bool = False  # keep parameter shards in host memory between uses (needs a CUDA GPU)
     activation_checkpointing: bool = True  # non-reentrant, per decoder layer
     hybrid_shard: bool = False  # shard inside a node, replicate across trainer.num_nodes
     distributed_checkpoint: bool = True  # sharded checkpoints (no full gather on rank 0)
@@ -89,17 +89,17 @@ class JudgeConfig:
     revision: Optional[str] = None  # an open-weights judge's Hub revision (commit) the server was started with
     base_url: Optional[str] = None  # None = the OpenAI API; e.g. http://127.0.0.1:8000/v1 for a local server
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from config
-    temperature: float = 0.0
+    temperature: float = 0.0  # sampling temperature of the judge (0: its most likely reply)
     seed: Optional[int] = 0  # sent with every request (servers that honour it sample reproducibly)
     # send a JSON schema as the OpenAI-standard response_format (vLLM, SGLang and llama.cpp servers honour it
     # too): the reply is constrained to {"pred": "yes"|"no", "score": 0..5} and cannot be unparseable
     structured_output: bool = True
-    max_tokens: int = 64
-    timeout_s: float = 30.0
-    max_retries: int = 6
+    max_tokens: int = 64  # longest judge reply, in tokens
+    timeout_s: float = 30.0  # per request; a timeout is retried
+    max_retries: int = 6  # retries of a request after a timeout, 429 or 5xx
     backoff_s: float = 1.0  # first retry waits up to this long; doubles each time (full jitter)
-    backoff_max_s: float = 30.0
-    concurrency: int = 8
+    backoff_max_s: float = 30.0  # the longest wait between retries
+    concurrency: int = 8  # requests in flight at once
     cache: Optional[str] = "~/.cache/panda/judge_cache.sqlite"  # None: no cache
     prompt_file: Optional[str] = None  # JSON {"version": ..., "prompts": {task: {system, user}}}
     extra: dict = field(default_factory=dict)  # extra request fields (e.g. seed)
@@ -107,14 +107,14 @@ class JudgeConfig:
 
 @dataclass
 class BenchmarkConfig:
-    name: str = "synthetic"
+    name: str = "synthetic"  # the benchmark's name in results and messages (the key it is chosen under)
     kind: str = "qa"  # a registered benchmark kind (panda/evaluation/benchmarks.py): qa | vcgbench
     root: Optional[str] = None  # the evaluation DATA_ROOT; paths below are relative to it
     from_checkpoint: bool = False  # qa: use the data root and held-out split stored in a train.py checkpoint
     qa_dir: Optional[str] = None  # qa: folder with test_q.json, test_a.json, videos/
     generic: Optional[str] = None  # vcgbench files
-    temporal: Optional[str] = None
-    consistency: Optional[str] = None
+    temporal: Optional[str] = None  # vcgbench: temporal questions
+    consistency: Optional[str] = None  # vcgbench: consistency questions (pairs of phrasings)
     video_dir: Optional[str] = None  # vcgbench: the videos
     judge: Optional[str] = None  # None: the run's judge; a registered judge kind (exact_match: the offline one)
     limit: Optional[int] = None  # first N questions only
@@ -131,9 +131,9 @@ class BenchmarkConfig:
 class LoRAConfig:
     """``llm.lora``: the adapters of ``llm.adapter=lora|qlora`` (peft's ``LoraConfig``)."""
 
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    rank: int = 16  # r: the adapters' inner width
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # dropout on each adapter's input
     # attention and MLP projections of LLaMA, Qwen, Mistral (and most HF decoders); names are matched
     # against the end of each linear layer's name inside the LLM
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
@@ -146,21 +146,21 @@ class LLMConfig:
 
     pretrained: Optional[str] = None  # local HF folder; None builds a random LLaMA from the sizes below
     tokenizer: Optional[str] = None  # local tokenizer folder; None: the dataset's (synthetic) or ``pretrained``
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: Optional[int] = None
-    intermediate_size: int = 256
+    hidden_size: int = 64  # built LLMs only (the sizes below too)
+    layers: int = 2  # decoder layers
+    heads: int = 4  # attention heads
+    kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None = heads
+    intermediate_size: int = 256  # MLP hidden width
     initializer_range: float = 0.02  # std of the random init (built LLMs only)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU, needs the [gpu] extra)
-    dtype: str = "float32"
+    dtype: str = "float32"  # dtype the LLM's parameters are stored in (bfloat16: a frozen LLM in stage 1)
     adapter: Adapter = Adapter.none  # lora | qlora: train adapters instead of the LLM's weights (stages that train the LLM)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
 class ModelConfig:
-    projector: str = "mlp2x_gelu"
+    projector: str = "mlp2x_gelu"  # a registered projector (PROJECTORS): linear | mlp2x_gelu (the release) | mlp3x_gelu
     template: str = "vicuna_v1"  # conversation format for training: vicuna_v1, or chat (the tokenizer's chat_template)
     eval_template: str = "vicuna_v1_eval"  # the release evaluated with the "curious human" variant
     tokenization: Tokenization = Tokenization.release  # release: exactly the released model's ids and labels
@@ -172,15 +172,15 @@ class ModelConfig:
     # aspect-ratio mix; panda/models/compiled.py); compile_llm_layers adds each LLM decoder layer
     compile: bool = False
     compile_backend: str = "inductor"  # inductor (needs a C++ compiler on CPU), aot_eager, eager, ...
-    compile_llm_layers: bool = False
+    compile_llm_layers: bool = False  # with compile: also each LLM decoder layer
 
 
 @dataclass
 class ShardSourceConfig:
     """One prepared shard folder (``python -m panda.data.prepare --output``), local or an object-store URL."""
 
-    name: str = MISSING
-    path: str = MISSING
+    name: str = MISSING  # the source's name in logs and messages
+    path: str = MISSING  # the folder or URL (s3://, gs://, ...) prepare wrote
     weight: Optional[float] = None  # share of each epoch's samples; None on every source = all samples once
 
 
@@ -190,29 +190,30 @@ class DataConfig(SamplingConfig):
     ``data.sample_fps``, ``data.max_frames``, ``data.max_visual_tokens``) are
     :class:`panda.data.budget.SamplingConfig`'s."""
 
-    name: str = "synthetic"
+    name: str = "synthetic"  # the dataset's name (messages; panda.plan reads its sample count from it)
     root: str = MISSING  # DATA_ROOT; other paths below are relative to it (each data config sets or requires it)
     synthetic: Optional[SyntheticConfig] = None  # set: generate the demo dataset under ``root``
+    # record files (JSON lists in the Valley / Video-ChatGPT format), relative to root
     train_records: list[str] = field(default_factory=lambda: ["train/train_json/synthetic_train.json"])
-    video_root: str = "train"
+    video_root: str = "train"  # the folder the records' video paths are relative to (relative to root)
     eval_qa: Optional[str] = "eval/Synthetic_Zero_Shot_QA"  # folder with test_q.json, test_a.json, videos/
     eval_limit: Optional[int] = None  # evaluate on the first N questions only
-    batch_size: int = 16
-    eval_batch_size: int = 64
+    batch_size: int = 16  # samples per micro-batch and process
+    eval_batch_size: int = 64  # questions per generation batch of the held-out evaluation
     num_workers: Optional[int] = None  # loader workers per process; None: cores per process - 1 (at most 8)
     video_backend: VideoBackend = VideoBackend.auto
     # pack each micro-batch's samples (text + visual tokens) into fewer rows, no attention between them
     # (panda/models/packing.py): same loss, less padding. pack_length: positions per row (None: the
     # micro-batch's longest sample, so no row is wider than unpacked; larger pays off with flash-attn)
     packing: bool = False
-    pack_length: Optional[int] = None
+    pack_length: Optional[int] = None  # positions per packed row (see packing)
     on_bad_record: OnBadRecord = OnBadRecord.skip  # skip (count + list in rejects) | raise
     # training stops (exit 2, naming the reasons and the key to fix) when more than this share of the samples
     # read so far in an epoch were skipped (missing or undecodable videos, over-long conversations), checked on
     # every logging step and at each epoch's end; an epoch with every sample skipped always stops, even at 1.0
     max_skipped_fraction: float = 0.5
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
-    fraction_seed: int = 0
+    fraction_seed: int = 0  # seed of the subset fraction picks
     # streaming: set -> train on prepared litdata shards instead of train_records + video_root
     shards: list[ShardSourceConfig] = field(default_factory=list)
     cache_dir: Optional[str] = None  # local cache of remote chunks (default ~/.cache/panda/shards)
@@ -226,17 +227,17 @@ class DataConfig(SamplingConfig):
 class StageConfig:
     """A training stage: what trains and how fast (training.md §3)."""
 
-    name: str = "scratch"
-    train_stab: bool = True
-    train_projector: bool = True
-    train_llm: bool = True
+    name: str = "scratch"  # the stage's name in logs and the run summary
+    train_stab: bool = True  # false: STAB is frozen
+    train_projector: bool = True  # false: the projector is frozen
+    train_llm: bool = True  # false: the LLM is frozen (stage 1)
     lr: float = 4e-5  # LLM learning rate
     vision_lr: Optional[float] = None  # STAB + projector; None = ``lr``
     weight_decay: float = 0.0  # never applied to norms, biases and embeddings-like 1-D parameters
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_ratio: float = 0.03
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's
+    warmup_ratio: float = 0.03  # linear warmup over this share of the optimiser steps
     schedule: Schedule = Schedule.cosine
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine: the learning rate decays to this share of its peak
 
 
 @dataclass
@@ -247,40 +248,40 @@ class TrainerConfig:
     # on a CUDA machine, plan the run (python -m panda.plan) against the GPU's free memory before building
     # the model, and stop with the planner's fix when it cannot fit; false skips the check
     plan_check: bool = True
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
+    accelerator: str = "cpu"  # Lightning's: cpu | gpu | auto
+    devices: Any = 1  # processes (devices) per node: a number or auto
+    num_nodes: int = 1  # machines
     strategy: Strategy = Strategy.auto  # fsdp: FSDP2 via ModelParallelStrategy, settings in trainer.fsdp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    precision: str = "32-true"
-    max_epochs: int = 1
-    max_steps: int = -1
-    gradient_clip_val: Optional[float] = 1.0
-    accumulate_grad_batches: int = 1
+    precision: str = "32-true"  # Lightning's: 32-true | bf16-mixed | ...
+    max_epochs: int = 1  # the data config sets the synthetic default's (20)
+    max_steps: int = -1  # optimiser steps; -1: no limit (max_epochs decides)
+    gradient_clip_val: Optional[float] = 1.0  # clip the gradient norm to this; None: no clipping
+    accumulate_grad_batches: int = 1  # ignored when global_batch_size is set (accumulation is derived)
     # the one batch knob of a recipe: accumulation = global / (data.batch_size × devices × num_nodes)
     global_batch_size: Optional[int] = None
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 200
-    limit_train_batches: Optional[Any] = None
-    fast_dev_run: Any = False
-    overfit_batches: Any = 0.0
-    deterministic: bool = False
-    enable_progress_bar: bool = True
+    log_every_n_steps: int = 10  # metrics (csv/metrics.csv, wandb) every N optimiser steps
+    checkpoint_every_n_steps: int = 200  # conf/train.yaml sets 500 for every run
+    limit_train_batches: Optional[Any] = None  # Lightning's: batches per epoch (int) or share (float)
+    fast_dev_run: Any = False  # Lightning's: run N batches, no checkpoint (debug=fast_dev_run)
+    overfit_batches: Any = 0.0  # Lightning's: train on these batches only (debug=overfit)
+    deterministic: bool = False  # Lightning's: deterministic algorithms only
+    enable_progress_bar: bool = True  # the progress bar on the terminal
     cpu_threads: Optional[int] = None  # torch intra-op threads in the training process; None = torch's default
 
 
 @dataclass
 class LoggerConfig:
     kind: str = "csv"  # a registered logger (panda.training.trainer.LOGGERS): csv | wandb | none
-    project: str = "panda"
-    group: Optional[str] = None
+    project: str = "panda"  # wandb project
+    group: Optional[str] = None  # wandb group (one per study)
     offline: Optional[bool] = None  # wandb: None = offline unless an API key is configured
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # wandb tags
     # every N optimiser steps, with a held-out split (data.eval_qa): val/loss on its first val_loss_items
     # questions, and greedy answers to the first table_items in samples/ (and a wandb table); 0: off
     val_every_n_steps: int = 200
-    val_loss_items: int = 16
-    table_items: int = 4
+    val_loss_items: int = 16  # held-out questions in val/loss
+    table_items: int = 4  # held-out questions answered in samples/
 
 
 @dataclass
@@ -294,15 +295,15 @@ class InitConfig:
     With ``eve``/``release`` the LLM's architecture comes from the folder, not from ``llm.*`` sizes.
     """
 
-    kind: InitKind = InitKind.none
-    path: Optional[str] = None
+    kind: InitKind = InitKind.none  # none: random init (or llm.pretrained)
+    path: Optional[str] = None  # the folder (eve, release) or .ckpt (checkpoint)
 
 
 @dataclass
 class TrainConfig:
     frames: int = 4  # frames per video: data, STAB and prompts all read this one key
-    seed: int = 42
-    name: str = "default"
+    seed: int = 42  # seeds everything (Lightning seed_everything, loader workers too)
+    name: str = "default"  # the run's name: run dirs are runs_root/name/<date>; resume=auto looks for it
     stab: STABConfig = field(default_factory=STABConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -322,7 +323,7 @@ class TrainConfig:
     # checkpoint) | auto (the newest complete checkpoint of this run's name under runs_root) | PATH (a .ckpt)
     resume: str = "none"
     evaluate: bool = True  # held-out QA after training
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # answer length limit of the held-out evaluation
     run_dir: Optional[str] = None  # outside Hydra (called from Python): where the run writes; under Hydra, hydra.run.dir
     # your own modules, imported before the config is checked: their @REGISTRY.register(...) parts (a projector,
     # teacher, judge, logger, benchmark kind) become names the config can use (panda/registry.py)
@@ -335,17 +336,17 @@ class EvaluateConfig(SamplingConfig):
     sampling (``sampling``, ``sample_fps``, ``max_frames``, ``max_visual_tokens``) as ``data.*``'s."""
 
     checkpoint: str = MISSING  # a train.py .ckpt, a panda export folder, or a Video-Panda release folder
-    benchmark: Dict[str, BenchmarkConfig] = field(default_factory=dict)
+    benchmark: Dict[str, BenchmarkConfig] = field(default_factory=dict)  # name -> benchmark (benchmark=[a,b])
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
-    name: str = "evaluate"
+    name: str = "evaluate"  # the run's name (wandb)
     frames: Optional[int] = None  # None: the checkpoint's (8 for the release)
-    batch_size: int = 8
+    batch_size: int = 8  # questions per generation batch
     max_new_tokens: int = 1024  # the release's limit; generation stops at </s>
     num_workers: Optional[int] = None  # None: cores per process - 1 (at most 8)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when there is a GPU, else cpu
-    dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    dtype: str = "float32"  # the dtype the model generates in
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     samples: int = 16  # rows per benchmark in the wandb samples table
     run_dir: Optional[str] = None  # outside Hydra: where results go; under Hydra, hydra.run.dir
     plugins: list[str] = field(default_factory=list)  # your own modules with registered parts (as in train.py)
