@@ -16,9 +16,12 @@ if ! ldconfig -p 2>/dev/null | grep 'libavcodec\.so\.59' >/dev/null; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install --upgrade --quiet pip
-.venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+.venv/bin/pip install --quiet -c constraints.txt -e ".[dev,lmms]"
 # litdata and friends may pull a CUDA-only torchvision that breaks `import lightning`; panda needs none
 .venv/bin/pip uninstall --yes --quiet torchvision 2>/dev/null || true
-# panda as an lmms-eval model: lmms-eval without its dependencies (its latex2sympy2 pins an antlr4 that
-# breaks Hydra); the imports its model API needs come with panda's [lmms] extra (in [dev])
+# panda as an lmms-eval model (`lmms-eval eval --model panda`, docs/lmms-eval.md). lmms-eval without its
+# dependencies: they cannot all be installed next to panda (its latex2sympy2 pins antlr4 4.7.2, Hydra needs
+# 4.9; it pins wandb==0.25.0 and av<16) and most are for other models (timm, sentence-transformers, opencv,
+# yt-dlp, a torchvision that breaks a CPU torch). What its model API and its `eval` command import comes
+# with panda's [lmms] extra above, with the pins that work (filelock<4)
 .venv/bin/pip install --quiet --no-deps "lmms-eval==0.7.3"
