@@ -12,9 +12,10 @@ one-line message (exit code 2) instead of silently changing what a run is:
 - a key the group's choice sets (``logger.kind``: ``logger=csv logger.kind=wandb`` said two things)
   and a key that was renamed (``ckpt_path`` is ``resume``) say what to write instead.
 
-``train.py``, ``evaluate.py`` and ``python -m panda.plan`` run :func:`check_overrides` on their
-arguments; the same group options are what Hydra itself would find (its own search path, including
-``hydra.searchpath=[...]`` and ``--config-dir``).
+``panda train`` (``train.py``), ``panda evaluate`` (``evaluate.py``) and ``panda plan`` run
+:func:`check_overrides` on their arguments; the same group options are what Hydra itself would find
+(its own search path: panda's config folder, :func:`panda.paths.config_dir`, and a user's folders
+given by ``--config-dir`` or ``hydra.searchpath=[...]``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import typing
 from typing import Any, Iterable
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+from panda.paths import config_dir as panda_config_dir
 
 
 def _choices(override) -> list[str]:
@@ -164,10 +165,27 @@ def hydra_overrides(argv: list[str]) -> tuple[list[str], str | None]:
     return list(args.overrides), args.config_dir
 
 
-def check_overrides(overrides: list[str], schema: type, config_name: str = "train", config_dir: str = CONF_DIR,
+def searchpath_override(overrides: list[str], extra_dirs: Iterable[str] = ()) -> list[str]:
+    """One ``hydra.searchpath=[...]`` override (none when there is nothing to add) with every folder a
+    command line adds to panda's: ``--config-dir`` (``extra_dirs``) and its own ``hydra.searchpath``
+    (Hydra reads both; of two ``hydra.searchpath`` overrides its loader would read only the last)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    dirs = ["file://" + os.path.abspath(d) for d in extra_dirs]
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.key_or_group == "hydra.searchpath" and not override.is_delete():
+            value = override.value()
+            dirs += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    quoted = ("'" + d.replace("'", "\\'") + "'" for d in dirs)
+    return [f"hydra.searchpath=[{','.join(quoted)}]"] if dirs else []
+
+
+def check_overrides(overrides: list[str], schema: type, config_name: str = "train", config_dir: str | None = None,
                     extra_dirs: Iterable[str] = ()) -> None:
     """Raise ``ValueError`` (one message listing every problem) when an override names a group
-    option that does not exist or a key the schema lacks. ``hydra.*`` overrides are Hydra's own."""
+    option that does not exist or a key the schema lacks. ``hydra.*`` overrides are Hydra's own.
+    The options are those of ``config_dir`` (panda's own by default) and of the folders a user adds:
+    ``extra_dirs`` (``--config-dir``) and ``hydra.searchpath=[...]`` among the overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -177,9 +195,7 @@ def check_overrides(overrides: list[str], schema: type, config_name: str = "trai
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:  # not an override at all (e.g. a missing '='): Hydra's own message says where
         raise ValueError(str(exc).strip()) from None
-    searchpath = [o for o in overrides if o.lstrip("+~").startswith("hydra.searchpath")]
-    searchpath += [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in extra_dirs)}]"] if extra_dirs else []
-    groups = _Groups(config_dir, config_name, searchpath)
+    groups = _Groups(config_dir or panda_config_dir(), config_name, searchpath_override(overrides, extra_dirs))
     problems, unknown = [], []
     try:
         for override in parsed:

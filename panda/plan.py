@@ -1,8 +1,9 @@
 """Memory, FLOPs and time of a training run, before it runs.
 
-    python -m panda.plan experiment=videopanda_7b/stage2_pretrain trainer.devices=4 trainer.num_nodes=16 gpu=h100_80g
+    panda plan experiment=videopanda_7b/stage2_pretrain trainer.devices=4 trainer.num_nodes=16 gpu=h100_80g
 
-Takes the overrides ``train.py`` takes, plus ``gpu=`` (a100_80g | h100_80g | h200 | cpu), ``mfu=``
+(``python -m panda.plan ...`` is the same.) Takes the overrides ``panda train`` takes (and its
+``--config-dir DIR``), plus ``gpu=`` (a100_80g | h100_80g | h200 | cpu), ``mfu=``
 (assumed model-FLOPs utilisation, default 0.4), ``llm_preset=vicuna-7b`` (the LLM's shape when
 ``init.path`` is not on this machine), ``samples=`` (training samples; default from the data) and
 ``--json``. The model is built on the meta device (no weights, no memory), so a 7B plans in
@@ -645,19 +646,27 @@ def main(argv=None) -> int:
     check_torchvision()  # the plan imports Lightning (panda.training.trainer): explain a broken torchvision first
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
+        return 0
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
-    opts = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in argv if k.split("=", 1)[0] in PLAN_KEYS}
-    overrides = [a for a in argv if a.split("=", 1)[0] not in PLAN_KEYS]
     try:
         from hydra import compose, initialize_config_dir
 
         from panda.config import TrainConfig
-        from panda.overrides import CONF_DIR, check_overrides
+        from panda.overrides import check_overrides, hydra_overrides, searchpath_override
+        from panda.paths import config_dir
 
+        argv, user_dir = hydra_overrides(argv)  # --config-dir DIR: a config folder of the user's, as train takes it
+        opts = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in argv if k.split("=", 1)[0] in PLAN_KEYS}
+        overrides = [a for a in argv if a.split("=", 1)[0] not in PLAN_KEYS]
+        extra_dirs = [user_dir] if user_dir else []
         register_configs()
-        check_overrides(overrides, TrainConfig)  # a misspelt experiment must not plan the default model
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_overrides(overrides, TrainConfig, extra_dirs=extra_dirs)  # a misspelt experiment must not plan the default model
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.searchpath")]
+        overrides += searchpath_override(argv, extra_dirs)
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = to_train_config(compose(config_name="train", overrides=overrides))
         result = plan(cfg, opts.get("gpu", "h100_80g"), float(opts.get("mfu", 0.4)), opts.get("llm_preset"),
                       int(opts["samples"]) if "samples" in opts else None,

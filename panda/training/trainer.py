@@ -258,7 +258,9 @@ def wandb_logger(cfg: TrainConfig, run_dir: str, parameter_counts: dict, resume_
         with open(id_file, "w") as f:
             f.write(run_id)
     # logged once, with what made the run: the command line, its overrides and the commit
-    provenance = {"command": " ".join(map(shlex.quote, sys.argv)), "overrides": hydra_overrides(), "git_commit": git_commit()}
+    # (sys.argv[0] unquoted: ``panda train`` names the command in one word of argv, panda/cli.py)
+    provenance = {"command": " ".join([sys.argv[0], *map(shlex.quote, sys.argv[1:])]), "overrides": hydra_overrides(),
+                  "git_commit": git_commit()}
     return WandbLogger(id=run_id, resume="allow", project=cfg.logger.project, group=cfg.logger.group,
                        name=run_name(cfg.name), tags=list(cfg.logger.tags), save_dir=run_dir, offline=offline,
                        config=to_plain(cfg) | parameter_counts | provenance)
