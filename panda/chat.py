@@ -3,7 +3,8 @@
     python -m panda.chat --checkpoint DIR_OR_CKPT --video FILE "What is happening?"
 
 ``--checkpoint`` is a Video-Panda release folder, a folder panda exported (``run_dir/final``), or a
-``.ckpt`` written by ``train.py``. The prompt uses the evaluation template (training.md §2) and
+``.ckpt`` written by ``train.py``. The prompt uses the evaluation template
+(docs/recipe-reference.md, "Conversation templates") and
 decoding is greedy unless ``--temperature`` is set.
 """
 

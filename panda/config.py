@@ -225,7 +225,7 @@ class DataConfig(SamplingConfig):
 
 @dataclass
 class StageConfig:
-    """A training stage: what trains and how fast (training.md §3)."""
+    """A training stage: what trains and how fast (docs/recipe-reference.md, "Training stages")."""
 
     name: str = "scratch"  # the stage's name in logs and the run summary
     train_stab: bool = True  # false: STAB is frozen
@@ -286,7 +286,7 @@ class LoggerConfig:
 
 @dataclass
 class InitConfig:
-    """Where the weights of a run start from (training.md §3).
+    """Where the weights of a run start from (docs/recipe-reference.md, "Training stages").
 
     ``eve``: an EVE-7B-Pretrain folder — its LLM, plus the STAB parts it shares (patch, frame-query
     and row embeddings, LSD, FSRA), the projector and the distillation head; the rest of STAB is

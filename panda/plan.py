@@ -71,7 +71,7 @@ LLM_PRESETS = {
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
 
-# training samples of the data configs (training.md §1, §3), before data.fraction
+# training samples of the data configs (docs/recipe-reference.md, "On-disk layout"), before data.fraction
 DATA_SAMPLES = {"valley": 702_000, "videochatgpt": 100_000, "valley+videochatgpt": 802_000}
 
 

@@ -1,6 +1,6 @@
 """How many frames a video gets, and which (``data.sampling``).
 
-- ``release`` (default): ``frames`` per video, the release's way (stab.md §0.1).
+- ``release`` (default): ``frames`` per video, the release's way (docs/model-reference.md, "Frame sampling").
 - ``fps``: frames at ``sample_fps`` over the whole video, at most ``max_frames``.
 - ``budget``: as many frames as fit ``max_visual_tokens`` given the video's aspect ratio (a 16:9
   frame costs 154 visual tokens at release sizes, a square one 273), at most ``max_frames``.
@@ -52,7 +52,7 @@ class SamplingRule:
     max_frames: int = 64  # fps / budget: the cap
     max_visual_tokens: int = 0  # budget
     chunk_size: int = 4  # STAB's stab.chunk_size
-    # STAB's token rule (stab.md §3): what one frame of a given size costs
+    # STAB's token rule (docs/model-reference.md, "Tokens per frame"): what one frame of a given size costs
     resolution: int = 448
     patch_size: int = 14
     ratio: int = 2

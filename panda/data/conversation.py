@@ -1,4 +1,5 @@
-"""Conversation templates, frame placeholders, tokenisation and label masks (training.md §2).
+"""Conversation templates, frame placeholders, tokenisation and label masks
+(docs/recipe-reference.md, "From a record to tokens").
 
 Two ways to turn a conversation into ids and labels, named by ``model.tokenization``:
 

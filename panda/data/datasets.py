@@ -59,7 +59,7 @@ class FramePipeline:
         ``backend``: the decoder prepare found to work (``pyav`` skips a decord attempt that fails).
 
         Returns ``pixels`` (F, 3, R, R), ``frame_mask`` (F, R, R); with a teacher also ``teacher_pixels``
-        and ``teacher_mask`` at the teacher's resolution (ratio 1: stab.md §0)."""
+        and ``teacher_mask`` at the teacher's resolution (ratio 1: docs/model-reference.md, "The teacher's copy")."""
         use = "pyav" if self.backend == "auto" and backend == "pyav" else self.backend
         picker = self.sampling.pick if self.varies else None
         decoded = decode_video(source, self.frames, self.sample_fps, use, name=name, picker=picker)

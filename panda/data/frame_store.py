@@ -1,13 +1,13 @@
 """Frames stored once (``python -m panda.data.prepare --store frames``).
 
-The release samples frames deterministically (stab.md §0.1: 1 fps candidates, ``linspace``
-picks), so the frames a sample trains on never change between epochs. A frame store keeps them
-already sampled and resized to the region they fill on the canvas (``resize_frames``: uint8, the
-same pixels the decode path computes), one image per frame, plus the teacher's copy at its own
-resolution when distillation needs it. Training then reads a few small images instead of
-decoding the video; the price is that the store is tied to ``frames``, ``sample_fps`` and the
-STAB geometry (``resolution``, ``patch_size``, ``ratio``): another setting needs a re-prepare,
-and :func:`check_frame_store` says so before training starts.
+The release samples frames deterministically (1 fps candidates, ``linspace`` picks:
+docs/model-reference.md, "Frame sampling"), so the frames a sample trains on never change between
+epochs. A frame store keeps them already sampled and resized to the region they fill on the canvas
+(``resize_frames``: uint8, the same pixels the decode path computes), one image per frame, plus
+the teacher's copy at its own resolution when distillation needs it. Training then reads a few
+small images instead of decoding the video; the price is that the store is tied to ``frames``,
+``sample_fps`` and the STAB geometry (``resolution``, ``patch_size``, ``ratio``): another setting
+needs a re-prepare, and :func:`check_frame_store` says so before training starts.
 
 Formats: ``png`` (lossless: the stored pixels equal the decoded ones exactly) or ``jpeg`` at a
 stated quality (smaller; ``benchmarks/data_pipeline.py`` prints the pixel difference per quality).

@@ -1,4 +1,4 @@
-"""Resize, pad, mask and normalise sampled frames (stab.md §0.2–0.3).
+"""Resize, pad, mask and normalise sampled frames (docs/model-reference.md, "Input frames").
 
 The long side becomes ``resolution``; the short side is rounded *up* to whole teacher patches
 (``ceil(base · short/long / patch)`` of them, ``base = resolution / ratio``) and scaled by

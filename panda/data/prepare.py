@@ -69,7 +69,8 @@ class PrepareOptions:
     frames: int = 8  # the frames training samples (8 in the release); these are test-decoded
     sample_fps: float = 1.0
     # fewer frames in the file than this: reject. Default 1: like the release, a clip shorter than
-    # ``frames`` is kept and padded at training time (all-zero frames, all-zero mask; stab.md §0.1)
+    # ``frames`` is kept and padded at training time (all-zero frames, all-zero mask;
+    # docs/model-reference.md, "Frame sampling")
     min_frames: int = 1
     max_side: int = 4096  # a longer frame side is rejected (decoding it would stall a loader worker)
     chunk_bytes: str = "64MB"

@@ -1,4 +1,5 @@
-"""Annotation records in the Valley / Video-ChatGPT format (training.md §1) and QA test files.
+"""Annotation records in the Valley / Video-ChatGPT format (docs/recipe-reference.md, "Record format") and QA
+test files.
 
 A record is ``{"id", "video", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
 :func:`normalize_conversation` applies the release's rules: a ``<video>`` that ends the first human
@@ -214,7 +215,7 @@ def load_records(paths: str | os.PathLike | list, on_error: str = "skip") -> tup
 
 @dataclass
 class QAItem:
-    """One open-ended VideoQA question (GPT_Zero_Shot_QA layout, training.md §4)."""
+    """One open-ended VideoQA question (the GPT_Zero_Shot_QA layout: docs/recipe-reference.md, "Open-ended VideoQA")."""
 
     question_id: str
     video: str

@@ -24,7 +24,8 @@ a shape moving on a torus (wrapping around the edges); ``colour``, ``direction``
 default) ``shape``. ``SyntheticConfig``'s own defaults are v1's first-study settings (800 videos,
 no question mix); ``train.py``'s default dataset is the yaml's (v2, README "The synthetic default").
 
-Files are written exactly as real data is laid out (training.md §1 and §4)::
+Files are written exactly as real data is laid out (docs/recipe-reference.md, "On-disk layout"; the held-out
+split as in docs/recipe-reference.md, "Open-ended VideoQA")::
 
     ROOT/train/train_json/synthetic_train.json   Valley / Video-ChatGPT records (1 or several turns)
     ROOT/train/synthetic/NNNNN.mp4               H.264 mp4 files (several aspect ratios)

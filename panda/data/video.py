@@ -1,4 +1,5 @@
-"""Decode a video file and sample frames the way the release does (stab.md §0.1).
+"""Decode a video file and sample frames the way the release does
+(docs/model-reference.md, "Frame sampling").
 
 decord is the primary decoder; PyAV is the fallback (decord's bundled FFmpeg cannot decode AV1,
 and some containers it refuses). TorchCodec (``backend="torchcodec"``, an optional extra that

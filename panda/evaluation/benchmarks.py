@@ -1,4 +1,4 @@
-"""Evaluation benchmarks (training.md §4): what to generate and how to judge it.
+"""Evaluation benchmarks (docs/recipe-reference.md, "Evaluation"): what to generate and how to judge it.
 
 Each benchmark kind is one :class:`Benchmark` subclass registered under its ``kind`` name:
 
@@ -28,7 +28,7 @@ from panda.registry import Registry
 
 VCG_CRITERIA = ("correctness", "detail", "context", "temporal", "consistency")
 
-# Published Video-Panda numbers (training.md §5), for the comparison row of results.md
+# Published Video-Panda numbers (docs/recipe-reference.md, "Published numbers"), for the comparison row of results.md
 PUBLISHED_QA = {"msvd_qa": (64.7, 3.8), "msrvtt_qa": (54.8, 3.4), "tgif_qa": (42.9, 3.2), "activitynet_qa": (40.0, 3.3)}
 PUBLISHED_VCG = {"correctness": 2.74, "detail": 2.47, "context": 3.01, "temporal": 2.26, "consistency": 2.36, "average": 2.57}
 QA_TITLES = {"msvd_qa": "MSVD-QA", "msrvtt_qa": "MSRVTT-QA", "tgif_qa": "TGIF-QA", "activitynet_qa": "ActivityNet-QA"}
@@ -231,7 +231,8 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
 OPTION_LETTERS = "ABCDEFGH"
 NO_OPTION = "(no option)"  # judged against a letter: never equal (an empty string would normalise like "A", an article)
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-# Published Video-Panda numbers for Table 11 are not in shared/design: none are printed until they are
+# The paper's Table 11 numbers (docs/recipe-reference.md, "Table 11: long videos") are not filled in here yet:
+# results.md prints "–" in the published row of the multiple-choice table
 PUBLISHED_MCQ: dict[str, float] = {}
 MCQ_TITLES = {"egoschema": "EgoSchema", "videomme": "Video-MME"}
 

@@ -1,4 +1,4 @@
-"""Judges of open-ended answers (training.md §4): an LLM behind any OpenAI-compatible chat API,
+"""Judges of open-ended answers (docs/recipe-reference.md, "LLM judge"): an LLM behind any OpenAI-compatible chat API,
 or normalised exact match offline.
 
 The LLM judge is pinned, cached and fault tolerant:

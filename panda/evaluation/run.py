@@ -178,8 +178,9 @@ def merge_predictions(bench: Benchmark, folder: str) -> dict[str, dict]:
 
 
 def aggregate(bench: Benchmark, rows: dict[str, dict], judged: list[tuple[str, str, object]]) -> dict:
-    """Metrics of one benchmark from its predictions and verdicts (training.md §4): the counts every
-    benchmark reports, then the benchmark's own (``Benchmark.summarise``) from the verdicts that parsed."""
+    """Metrics of one benchmark from its predictions and verdicts (docs/recipe-reference.md,
+    "Evaluation"): the counts every benchmark reports, then the benchmark's own
+    (``Benchmark.summarise``) from the verdicts that parsed."""
     missing = sorted(uid for uid, row in rows.items() if "prediction" not in row)
     never = [it.uid for it in bench.items if it.uid not in rows]
     failures = [(group, crit, v.reason) for group, crit, v in judged if not v.ok]

@@ -1,4 +1,5 @@
-"""Released weights in and out (stab.md §9), with the key mapping in one place.
+"""Released weights in and out (docs/model-reference.md, "Release checkpoint format"), with the
+key mapping in one place.
 
 The release names STAB's parameters after the code it grew from (``lmhra1``, ``dec``,
 ``local_attention`` ...); panda's names say what each part is. :data:`STAB_KEY_MAP` pairs the
@@ -36,16 +37,17 @@ log = logging.getLogger(__name__)
 RELEASE_STAB_PREFIX = "model.video_tower."
 RELEASE_PROJECTOR_PREFIX = "model.video_projector."
 RELEASE_HEAD_PREFIX = "model.video_tower_compressor."
-# EVE-7B-Pretrain names of the parts STAB shares with EVE (stab.md §9)
+# EVE-7B-Pretrain names of the parts STAB shares with EVE (docs/model-reference.md, "EVE-7B-Pretrain names")
 EVE_STAB_PREFIX = "model.vision_tower."
 EVE_PROJECTOR_PREFIX = "model.mm_projector."
 EVE_HEAD_PREFIX = "model.vision_tower_compressor."
 # Frozen teachers stored inside release checkpoints: never part of the student. The release registers
 # the teacher twice, the second time inside the head (EVE: inside vision_tower_compressor), and a saved
-# folder may carry it under either name (stab.md §9).
+# folder may carry it under either name (docs/model-reference.md, "Keys that are skipped").
 TEACHER_PREFIXES = ("model.video_teacher.", "model.image_teacher.", RELEASE_HEAD_PREFIX + "teacher_layer.",
                     EVE_HEAD_PREFIX + "teacher_layer.")
-RELEASE_HEAD_LAYER_STRIDE = 4  # the release's head reads layers L, L-4, ..., whatever L is (stab.md §7)
+RELEASE_HEAD_LAYER_STRIDE = 4  # the release's head reads layers L, L-4, ..., whatever L is
+# (docs/model-reference.md, "Layers and fusion")
 # The release's image path shares STAB and projector with the video path (same tensors twice).
 IMAGE_ALIAS_PREFIXES = (EVE_STAB_PREFIX, EVE_PROJECTOR_PREFIX, EVE_HEAD_PREFIX)
 # STAB parts EVE has (patch, frame-query and row embeddings, LSD, FSRA), in panda names
@@ -446,7 +448,8 @@ def load_release(path: str, stab_cfg=None, dtype: str | None = None, attn_implem
     loaded by :func:`panda.loading.load_model`).
 
     The STAB config comes from ``stab_cfg``, else the folder's ``panda.json`` (panda exports),
-    else the release values (stab.md) with the width read from the weights. The distillation head
+    else the release values (docs/model-reference.md, "Notation and release sizes") with the width read from
+    the weights. The distillation head
     is built when the folder has one.
     """
     from panda.models.distill import DistillConfig

@@ -1,5 +1,6 @@
-"""The distillation head of Video-Panda (stab.md §7): LLM hidden states at the visual positions
-are mapped into the teacher's feature space and pulled towards the teacher's patch features.
+"""The distillation head of Video-Panda (docs/model-reference.md, "Distillation head"): LLM
+hidden states at the visual positions are mapped into the teacher's feature space and pulled
+towards the teacher's patch features.
 
 Per spatial visual token (context and row tokens removed):
 
@@ -36,7 +37,8 @@ class DistillLoss(Choice):
 
 @dataclass
 class DistillConfig:
-    """Distillation switches (stab.md §7, §8). ``loss=off`` or ``teacher=none`` turns it off."""
+    """Distillation switches (docs/model-reference.md, "Distillation head"). ``loss=off`` or
+    ``teacher=none`` turns it off."""
 
     loss: DistillLoss = DistillLoss.cosine
     weight: float = 1.0  # added to the LM loss with this weight (1 in the release)

@@ -1,4 +1,4 @@
-"""Frozen vision teachers for distillation (stab.md §7).
+"""Frozen vision teachers for distillation (docs/model-reference.md, "Teachers").
 
 A teacher sees the same sampled frames as STAB, preprocessed its own way (the long side at its
 ``image_size``, whole patches, CLIP normalisation — re-normalised here if the teacher uses other
@@ -206,9 +206,10 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
 class LanguageBindVideoTeacher(FrozenTeacher):
     """LanguageBind-Video (ViT-L/14 with temporal attention).
 
-    As in the release (stab.md §7), the temporal attention of every layer runs over groups of the
-    checkpoint's ``num_frames`` consecutive frames of one video (all 8 frames of an 8-frame video,
-    temporal embeddings 0-7), not over STAB's chunks; ``teacher.chunk_size`` overrides the group.
+    As in the release (docs/model-reference.md, "Teachers"), the temporal attention of every layer
+    runs over groups of the checkpoint's ``num_frames`` consecutive frames of one video (all 8
+    frames of an 8-frame video, temporal embeddings 0-7), not over STAB's chunks;
+    ``teacher.chunk_size`` overrides the group.
     """
 
     @classmethod

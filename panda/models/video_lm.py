@@ -124,7 +124,7 @@ def supervised_head_supported(llm: nn.Module) -> bool:
 
 class VideoLanguageModel(nn.Module):
     """STAB -> projector -> any Hugging Face causal LM (``llm``), plus the optional distillation
-    head (stab.md §7) that is trained with STAB and read only during training."""
+    head (docs/model-reference.md, "Distillation head") that is trained with STAB and read only during training."""
 
     def __init__(self, stab_cfg: STABConfig, llm: nn.Module, projector: str = "mlp2x_gelu",
                  distill: DistillConfig | None = None, teacher_width: int | None = None):

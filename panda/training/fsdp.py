@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard``) for panda models, applied through Lightning's ``ModelParallelStrategy``.
 
-Sharding units (stab.md, architecture.md): one per LLM decoder layer, the input embedding (panda
+Sharding units (docs/code-layout.md, "FSDP units"): one per LLM decoder layer, the input embedding (panda
 calls it directly to splice visual tokens, so it needs its own hooks), the rest of the LLM (final
 norm, LM head), and the vision side (STAB + projector + distillation head) grouped by whether
 they train, so **frozen and trainable parameters never share a unit** (stage 1 freezes the LLM).

@@ -77,7 +77,7 @@ def start_after_finished_epoch(checkpoint: dict) -> None:
 
 class PandaModule(L.LightningModule):
     """Trains a :class:`VideoLanguageModel` with the LM loss of one stage, plus distillation from a
-    frozen ``teacher`` when one is given (stab.md §7).
+    frozen ``teacher`` when one is given (docs/model-reference.md, "Distillation head").
 
     The teacher is deliberately kept out of the module tree: it is not saved in checkpoints, gets no
     optimiser state, and is never wrapped or sharded by a strategy; it follows the module's device.
