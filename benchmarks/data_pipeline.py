@@ -1,4 +1,4 @@
-"""Data-side numbers for issue 3, measured in one process against baselines run alongside.
+"""Data-side numbers of panda's pipeline, measured in one process against baselines run alongside.
 
 1. Videos/s per loader worker (one process, one thread) for decode + sample 8 frames +
    resize/pad/normalise at 448², on generated textured 640×360 clips (30 s at ≥ 2 Mb/s, and 5 s),
@@ -9,7 +9,7 @@
 2. Padded fraction of tokens with random batches vs panda's length-grouped batches, on generated
    records whose text lengths follow Valley-like (short) and Video-ChatGPT-like (long) answers.
 3. Shard size on disk vs the source videos (``python -m panda.data.prepare``).
-4. Decoders side by side (issue 16): decord, PyAV and TorchCodec, 8 frames sampled the release's
+4. Decoders side by side: decord, PyAV and TorchCodec, 8 frames sampled the release's
    way from 5 s, 30 s and 10 min clips, with 1 and 2 decoder threads, one process; the ratio to decord.
 5. Frames stored once (``prepare --store frames``): videos/s per loader worker reading a stored
    entry vs decoding the shard's video bytes (both to the same training tensors, 30 s clips), the

@@ -1,4 +1,4 @@
-"""``python -m panda.evaluation.agreement`` (issue 15): two judges' verdicts on the same
+"""``python -m panda.evaluation.agreement``: two judges' verdicts on the same
 predictions, compared with numbers computed by hand."""
 
 import json

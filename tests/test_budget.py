@@ -1,4 +1,4 @@
-"""Long videos (issue 16): ``data.sampling`` fps / budget — the token budget is never exceeded and
+"""Long videos: ``data.sampling`` fps / budget — the token budget is never exceeded and
 is filled to within one chunk, chunks stay whole, frames are deterministic, batches mixing frame
 counts give each video exactly what it would get alone, and training and evaluation honour it."""
 
@@ -18,7 +18,8 @@ RELEASE_SIZES = dict(chunk_size=4, resolution=448, patch_size=14, ratio=2)
 @pytest.mark.parametrize("budget", [1092, 2000, 2464, 4096, 9000])
 def test_the_budget_is_never_exceeded_and_filled_to_within_one_chunk(budget):
     rule = SamplingRule("budget", max_frames=64, max_visual_tokens=budget, **RELEASE_SIZES)
-    assert rule.square_tokens() == 273 and rule.tokens_per_frame(720, 1280) == 154  # stab.md: 16 x 16 + 17; 9 x 17 + 1
+    # 16 x 16 + 17 and 9 x 17 + 1 (docs/model-reference.md, "Tokens per frame")
+    assert rule.square_tokens() == 273 and rule.tokens_per_frame(720, 1280) == 154
     sizes = [(720, 1280), (480, 640), (1080, 1080), (1280, 720), (240, 1280)]
     lengths = [(2, 30.0), (7, 25.0), (90, 30.0), (1800, 30.0), (18000, 30.0), (400, 8.0)]
     for (h, w), (n, fps) in itertools.product(sizes, lengths):

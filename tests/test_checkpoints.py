@@ -6,7 +6,7 @@ from torch import nn
 from panda.models.checkpoints import CheckpointKeyError, apply_release_state, panda_to_release
 from panda.models.stab import STAB, STABConfig, build_projector
 
-# shapes straight from stab.md §9 (d = 1024, D = 4096)
+# the release's names and shapes at d = 1024, D = 4096 (docs/model-reference.md, "STAB parameter names")
 RELEASE_SHAPES = {
     "model.video_tower.class_embedding": (1024,),
     "model.video_tower.split_embedding": (1024,),

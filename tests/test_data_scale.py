@@ -396,7 +396,8 @@ def test_a_folder_that_is_not_prepared_is_named_with_the_fix(tmp_path):
 
 def test_a_short_clip_is_kept_and_padded_as_the_release_pads(zoo, tmp_path):
     """A clip with fewer frames than --frames: kept by default and padded at training time with
-    all-zero frames whose mask is zero (stab.md §0.1); --min-frames still filters when asked."""
+    all-zero frames whose mask is zero (docs/model-reference.md, "Frame sampling"); --min-frames
+    still filters when asked."""
     from panda.data.datasets import FramePipeline
     from panda.data.frames import preprocess_frames
     from panda.data.video import decode_video

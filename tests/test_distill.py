@@ -1,4 +1,5 @@
-"""Distillation head (stab.md §7), teachers, and distillation inside a training step."""
+"""Distillation head (docs/model-reference.md, "Distillation head"), teachers, and distillation
+inside a training step."""
 
 import dataclasses
 import json
@@ -97,8 +98,9 @@ def _teacher_folder(folder, num_frames: int) -> str:
 
 @pytest.mark.parametrize("num_frames", [8, 4])
 def test_languagebind_teacher_groups_frames_by_its_checkpoints_num_frames(tmp_path, num_frames):
-    """stab.md §7: the release's teacher attends over the checkpoint's num_frames consecutive
-    frames of one video (all 8 of an 8-frame video), not over STAB's 4-frame chunks."""
+    """The release's teacher (docs/model-reference.md, "Teachers") attends over the checkpoint's
+    num_frames consecutive frames of one video (all 8 of an 8-frame video), not over STAB's 4-frame
+    chunks."""
     teacher = build_teacher(TeacherConfig(kind="languagebind_video", path=_teacher_folder(tmp_path / "lb", num_frames)))
     assert teacher.group == num_frames
     pixels, mask = torch.randn(1, 8, 3, 56, 56), torch.ones(1, 8, 56, 56)
@@ -235,7 +237,7 @@ def test_spatial_index_skips_context_and_row_tokens():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_only_the_hidden_states_the_head_reads_are_kept_with_the_same_loss_and_gradients(family):
-    """The LLM is asked for the picked layers only (issue 13): LLaMA-family models return None for
+    """The LLM is asked for the picked layers only: LLaMA-family models return None for
     the others (so a no-grad pass frees them), and the loss and every gradient equal those of the
     pass that keeps all L + 1 hidden states."""
     from transformers import GPT2Config, GPT2LMHeadModel

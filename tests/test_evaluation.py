@@ -79,7 +79,7 @@ def test_client_errors_fail_at_once_and_transport_failures_are_not_cached(judge_
 
 
 def test_the_judge_is_pinned_structured_and_fingerprinted(judge_cfg):
-    """Issue 15: every request carries temperature 0, the seed and the reply's JSON schema as
+    """Every request carries temperature 0, the seed and the reply's JSON schema as
     response_format; the fingerprint keys the cache, so another revision or seed misses it."""
     from panda.evaluation.judge import SCHEMAS
 
@@ -151,7 +151,7 @@ def test_the_default_judge_presets_name_no_retired_model():
 
 
 def test_bootstrap_intervals_are_seeded_and_match_the_normal_approximation():
-    """Issue 15: every accuracy and score carries a 95% interval. For n answers with accuracy p
+    """Every accuracy and score carries a 95% interval. For n answers with accuracy p
     the bootstrap interval's half-width is close to 1.96 * sqrt(p(1-p)/n)."""
     import math
 

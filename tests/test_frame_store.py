@@ -1,4 +1,4 @@
-"""Frames stored once (``prepare --store frames``, issue 16): the same pixels as decoding (PNG)
+"""Frames stored once (``prepare --store frames``): the same pixels as decoding (PNG)
 or within stated grey levels (JPEG), a clear error for other frame settings, training reads it."""
 
 import json

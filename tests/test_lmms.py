@@ -1,4 +1,4 @@
-"""panda inside lmms-eval (issue 15): found through lmms-eval's own registry (the entry point in
+"""panda inside lmms-eval: found through lmms-eval's own registry (the entry point in
 pyproject.toml), answering hand-built ``Instance`` requests about generated videos with the same
 answers ``evaluate.py`` gives for the same questions."""
 

@@ -1,4 +1,4 @@
-"""The paper's Table 11 natively (issue 15): EgoSchema and Video-MME in their release layouts,
+"""The paper's Table 11 natively: EgoSchema and Video-MME in their release layouts,
 a strict option-letter parser, log-likelihood ranking where the answer names no option, accuracy
 per duration with intervals."""
 

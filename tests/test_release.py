@@ -55,7 +55,7 @@ def test_load_release_reads_sharded_folders_and_reproduces_the_model(source_mode
              "model.video_teacher.video_tower.encoder.layers.0.mlp.fc1.weight": torch.randn(8, 8)}
     folder = write_release_folder(source_model, str(tmp_path / "release"), tokenizer, shards=3, fmt=fmt, extra=extra)
     meta = model_meta(source_model, frames=4)
-    with open(os.path.join(folder, "panda.json"), "w") as f:  # the tiny STAB's sizes (a release folder implies stab.md's)
+    with open(os.path.join(folder, "panda.json"), "w") as f:  # the tiny STAB's sizes (else: the release's)
         json.dump(meta, f)
     model, report = load_release(folder)
     tok = load_tokenizer(folder)
@@ -247,8 +247,8 @@ def _stab_only_meta(folder, model):
 
 @pytest.mark.parametrize("layers, picked", [(4, [4, 0]), (8, [8, 4, 0])])
 def test_the_release_head_reads_every_fourth_layer_whatever_the_depth(tokenizer, tmp_path, layers, picked):
-    """stab.md §7: layers L, L-4, ..., 0. Inferring the smallest stride that fits the head's size
-    would read [4, 1] and [8, 5, 2] here."""
+    """Layers L, L-4, ..., 0 (docs/model-reference.md, "Layers and fusion"). Inferring the
+    smallest stride that fits the head's size would read [4, 1] and [8, 5, 2] here."""
     from panda.models.distill import DistillConfig
     from panda.models.video_lm import VideoLanguageModel, build_llm
 

@@ -1,4 +1,4 @@
-"""Ids and labels exactly as the released model saw them (issue 18 §0, training.md §2).
+"""Ids and labels exactly as the released model saw them (docs/recipe-reference.md, "Token ids").
 
 ``golden/release_ids.json`` was recorded by ``golden/make_release_ids.py`` with transformers
 4.31's slow ``LlamaTokenizer`` (``legacy: false``, as Vicuna v1.5 ships it) on a LLaMA-style

@@ -103,7 +103,7 @@ def test_decord_native_messages_stay_off_the_terminal_and_end_up_in_the_error(tm
 
 
 def test_torchcodec_decodes_every_codec_of_the_zoo_like_pyav_and_names_bad_files(tmp_path):
-    """data.video_backend=torchcodec (issue 16): the same sampled indices and pixels as PyAV (both
+    """data.video_backend=torchcodec: the same sampled indices and pixels as PyAV (both
     are FFmpeg) on H.264, AV1, VP9, HEVC, GIF and variable frame rate, from a path and from bytes;
     damaged files raise the one error type naming the file."""
     from video_zoo import build_zoo

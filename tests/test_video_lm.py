@@ -79,7 +79,7 @@ def test_loss_ignores_visual_and_prompt_positions(tokenizer):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_supervised_only_logits_give_the_llms_own_loss_and_gradients(tokenizer, family):
-    """The LM head runs at supervised positions only (issue 13): the loss and every gradient equal
+    """The LM head runs at supervised positions only: the loss and every gradient equal
     the LLM's own full-logits loss to 1e-6 in fp32."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -124,7 +124,7 @@ def test_any_local_hugging_face_causal_lm_folder_loads(tmp_path, tokenizer):
 
 
 def test_padded_fraction_all_counts_visual_and_text_positions(tokenizer):
-    """A square and a 16:9 video in one batch (issue 20): the LLM pads the shorter sequence, which
+    """A square and a 16:9 video in one batch: the LLM pads the shorter sequence, which
     the text-only padded fraction cannot see; the output counts every sample's real positions."""
     model = _tiny_model(len(tokenizer))
     samples = [_sample(tokenizer, "Which way?", 64, 64, 1), _sample(tokenizer, "Which way?", 64, 36, 2)]

@@ -8,7 +8,7 @@ Not run by the tests (they read the JSON). To regenerate, in a scratch environme
 
 It trains a small LLaMA-style SentencePiece model (BPE, byte fallback, split digits, dummy
 prefix) into ``release_tokenizer/``, then applies the release's data rules, written out here
-step by step from its training and evaluation code (training.md §2):
+step by step from its training and evaluation code (docs/recipe-reference.md, "From a record to tokens"):
 
 1. a human message that ends with ``<video>`` has ``"\\n<video>"`` removed, is stripped and gets
    ``"<video>\\n"`` in front; any other placement is left alone; ``<video>`` -> ``<image>`` x frames;
