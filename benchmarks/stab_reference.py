@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from panda.models.stab import STAB, VisualTokens
 
 
+def frame_tokens(stab: STAB, x: torch.Tensor, video_ctx: torch.Tensor | None) -> torch.Tensor:
+    """One frame's sequence from its (1, h', w', d) spatial tokens: FSRA, α-fusion, row tokens."""
+    _, hh, ww, d = x.shape
+    frame_ctx = stab.fsra(stab.frame_query[None], x.reshape(1, hh * ww, d)) if stab.fsra is not None else None
+    context = stab._fuse(video_ctx, frame_ctx)
+    if stab.row_token is not None:
+        x = torch.cat([x, stab.row_token.expand(1, hh, 1, d)], dim=2)
+    seq = x.reshape(-1, d)
+    return torch.cat([context, seq]) if context is not None else seq
+
+
 @torch.no_grad()
 def looped_stab_forward(stab: STAB, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
     cfg = stab.cfg
@@ -25,7 +36,7 @@ def looped_stab_forward(stab: STAB, pixels: torch.Tensor, mask: torch.Tensor) ->
         x = stab.patch_embed(pixels[b])  # (F, d, g, g)
         valid = F.avg_pool2d(mask[b][:, None], cfg.patch_size)[:, 0] > 0.5
         if downsampled:
-            x = stab.lsd(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            x = stab.reducer.downsample(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             valid = F.avg_pool2d(valid[:, None].float(), s)[:, 0] > 0.5
         video_ctx = [None] * frames
         if stab.temporal and (stab.lste is not None or stab.gstra is not None):
@@ -46,12 +57,13 @@ def looped_stab_forward(stab: STAB, pixels: torch.Tensor, mask: torch.Tensor) ->
             else:
                 top, left, h, w = 0, 0, valid.shape[1] // 2, valid.shape[2] // 2
             crop = x[f, :, top : top + h, left : left + w].permute(1, 2, 0)[None]  # (1, h, w, d)
-            if stab.resampler is not None:  # PR: the latents attend to the valid patches only (a crop, no mask)
-                side = cfg.resampled_side
+            if cfg.fixed_side:  # PR: the latents attend to the valid patches only (a crop, no mask)
+                side = cfg.fixed_side
                 patches = crop.flatten(1, 2) if rows else x[f].flatten(1).T[None]  # a padding frame: every patch
-                latents = stab.resampler(patches, torch.ones(patches.shape[:2], dtype=torch.bool))
-                crop = latents.view(1, side, side, -1)
-            seq = stab._frame_tokens(crop, video_ctx[f], downsampled or stab.resampler is not None)[0]
+                crop = stab.reducer.resample(patches, torch.ones(patches.shape[:2], dtype=torch.bool)).view(1, side, side, -1)
+            elif not downsampled:
+                crop = stab.reducer.downsample(crop)  # (1, h/s, w/s, d)
+            seq = frame_tokens(stab, crop, video_ctx[f])
             tokens.append(seq)
             lengths.append(seq.shape[0])
     return VisualTokens(torch.cat(tokens), torch.tensor(lengths).view(batch, frames))

@@ -35,7 +35,7 @@ from panda.models.teachers import TeacherConfig, check_teacher_config
 from panda.registry import import_plugins
 
 # Each choice is one Choice (panda/choices.py), owned by the layer that acts on it: Tokenization,
-# Sampling, VideoBackend and OnBadRecord by the data layer, LSDKind and DistillLoss by the model layer;
+# Sampling, VideoBackend and OnBadRecord by the data layer, DistillLoss by the model layer;
 # the choices below are the run's own.
 
 
@@ -523,8 +523,8 @@ def validate(cfg: TrainConfig) -> None:
             f"(set stab.chunk_size to a divisor of frames, e.g. stab.chunk_size={cfg.frames})"
         )
     check_teacher_config(cfg.teacher)
-    if cfg.stab.lsd == "perceiver" and distill_active(cfg):
-        raise ValueError("stab.lsd=perceiver: the resampler's latents have no place in the frame, so there is no "
+    if not cfg.stab.reducer.keeps_layout and distill_active(cfg):
+        raise ValueError(f"stab.lsd={cfg.stab.lsd}: its tokens have no place in the frame, so there is no "
                          "teacher patch to distil each into; set teacher=none (or distill.loss=off)")
     if cfg.data.synthetic is not None:
         cfg.data.synthetic.validate()

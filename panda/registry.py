@@ -1,7 +1,8 @@
 """One registry per kind of part, and the one way to add a part: from your own module.
 
 Each kind of part panda builds by name has one :class:`Registry` (``TEACHERS`` in
-:mod:`panda.models.teachers`, ``PROJECTORS`` in :mod:`panda.models.stab`, ``BENCHMARKS`` in
+:mod:`panda.models.teachers`, ``PROJECTORS`` and ``REDUCERS`` (STAB's spatial reducer, ``stab.lsd``)
+in :mod:`panda.models.stab`, ``BENCHMARKS`` in
 :mod:`panda.evaluation.benchmarks`, ``JUDGES`` in :mod:`panda.evaluation.judge`, ``LOGGERS`` in
 :mod:`panda.training.trainer`). Adding a part is one decorated class or function in a module of your
 own, plus (for a group: teacher, judge, logger, benchmark) one YAML that names it::

@@ -19,7 +19,6 @@ OWNED_BELOW = {
     "data.sampling": "panda.data.budget",
     "data.video_backend": "panda.data.video",
     "data.on_bad_record": "panda.data.records",
-    "stab.lsd": "panda.models.stab",
     "distill.loss": "panda.models.distill",
 }
 
@@ -74,20 +73,16 @@ def test_one_enum_base_in_the_package():
 
 def test_a_composed_choice_is_its_enum_and_a_python_built_one_is_checked():
     from panda.data.conversation import Tokenization, get_template
-    from panda.models.stab import LSDKind, STABConfig
 
-    cfg = to_train_config(compose(["stab.lsd=perceiver", "model.tokenization=spans"]))
-    assert cfg.stab.lsd is LSDKind.perceiver and cfg.stab.lsd == "perceiver" and f"{cfg.stab.lsd}" == "perceiver"
-    assert cfg.model.tokenization is Tokenization.spans
-    with pytest.raises(ValueError, match=r"^stab\.lsd='maxpool': use one of attention, avgpool, none, perceiver$"):
-        STABConfig(lsd="maxpool").validate()
+    cfg = to_train_config(compose(["model.tokenization=spans"]))
+    assert cfg.model.tokenization is Tokenization.spans and f"{cfg.model.tokenization}" == "spans"
     with pytest.raises(ValueError, match=r"^model\.tokenization='bpe': use one of release, spans$"):
         get_template("vicuna_v1", "bpe")
     assert get_template("vicuna_v1", "spans").tokenization is Tokenization.spans
 
 
 @pytest.mark.parametrize("override, schema", [
-    ("stab.lsd=maxpool", "train"), ("model.tokenization=bpe", "train"), ("data.sampling=random", "train"),
+    ("model.tokenization=bpe", "train"), ("data.sampling=random", "train"),
     ("data.video_backend=opencv", "train"), ("distill.loss=kl", "train"), ("stage.schedule=linear", "train"),
     ("sampling=random", "evaluate"),
 ])
@@ -106,7 +101,7 @@ def test_an_unknown_choice_on_the_command_line_is_one_line_naming_the_options(ov
 def test_train_py_refuses_an_unknown_choice_with_exit_2(tmp_path):
     from conftest import REPO, run_cli
 
-    proc = run_cli([os.path.join(REPO, "train.py"), "stab.lsd=maxpool"], check=False, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr == ("train.py: config error: stab.lsd=maxpool: use one of attention, "
-                                                    "avgpool, none, perceiver\n")
+    proc = run_cli([os.path.join(REPO, "train.py"), "data.sampling=random"], check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == ("train.py: config error: data.sampling=random: use one of release, "
+                                                    "fps, budget\n")
     assert list(tmp_path.iterdir()) == []

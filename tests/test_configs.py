@@ -118,7 +118,6 @@ def test_every_paper_table_row_composes_on_every_recipe_stage_and_chains_in_its_
     ("init.kind=hub", "init.kind"),
     ("distill.loss=kl", "distill.loss"),
     ("data.on_bad_record=ignore", "data.on_bad_record"),
-    ("stab.lsd=maxpool", "stab.lsd"),
     ("model.tokenization=bpe", "model.tokenization"),
     ("data.sampling=random", "data.sampling"),
     ("data.video_backend=opencv", "data.video_backend"),
@@ -137,6 +136,8 @@ def test_invalid_overrides_fail_naming_the_key(override, message):
     ("+data.synthetic.kind=[colour]", "did you mean data.synthetic.kinds"),
     ("trainer=fsdp trainer.accelerator=cpu trainer.fsdp.cpu_offload=true", "cpu_offload"),
     ("stab.lsd=perceiver teacher=languagebind_video teacher.path=/t", "teacher=none"),  # PR latents have no patch
+    ("stab.lsd=maxpool", r"stab\.lsd='maxpool': no spatial reducer of that name; the registered ones: attention, "
+                         r"avgpool, none, perceiver \(add one with @REDUCERS\.register"),  # a plugin can add one
     ("data.synthetic.kinds=[mark] data.synthetic.version=1", "version 1 asks colour, shape, direction"),
     ("data.synthetic.version=3", "data.synthetic.version=3"),
 ])

@@ -59,7 +59,7 @@ class SamplingRule:
     lsd_window: int = 2  # STAB's window (1 with stab.lsd=none)
     context_token: bool = True
     row_tokens: bool = True
-    resampled_side: int = 0  # stab.lsd=perceiver: every frame is this square grid of tokens
+    fixed_side: int = 0  # a reducer that gives every frame one square grid of tokens (stab.lsd=perceiver): its side
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Sampling.parse(self.mode, "data.sampling"))
@@ -78,8 +78,8 @@ class SamplingRule:
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Visual tokens STAB makes of a ``height × width`` video's frame (the LLM sees these)."""
         geo = frame_geometry(height, width, self.resolution, self.patch_size, self.ratio)
-        rows = self.resampled_side or geo.out_h // self.patch_size // self.lsd_window
-        cols = self.resampled_side or geo.out_w // self.patch_size // self.lsd_window
+        rows = self.fixed_side or geo.out_h // self.patch_size // self.lsd_window
+        cols = self.fixed_side or geo.out_w // self.patch_size // self.lsd_window
         return int(self.context_token) + rows * (cols + int(self.row_tokens))
 
     def square_tokens(self) -> int:
@@ -125,4 +125,4 @@ def sampling_rule(sampling: SamplingConfig, stab, frames: int) -> SamplingRule:
     one), ``stab`` its STABConfig, ``frames`` the release count."""
     return SamplingRule(sampling.sampling, frames, sampling.sample_fps, sampling.max_frames, sampling.max_visual_tokens,
                         stab.chunk_size, stab.resolution, stab.patch_size, stab.ratio, stab.window, stab.has_context_token,
-                        stab.row_tokens, stab.resampled_side)
+                        stab.row_tokens, stab.fixed_side)

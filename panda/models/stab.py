@@ -1,8 +1,8 @@
-"""STAB, the Spatio-Temporal Alignment Block of Video-Panda (stab.md §1–5), batched.
+"""STAB, the Spatio-Temporal Alignment Block of Video-Panda (docs/model-reference.md), batched.
 
-All frames of all videos in a batch go through each stage as one tensor. The only Python loop in
-:meth:`STAB.forward` runs over the distinct crop-box *shapes* in the batch (frames of one video
-share one box), so the number of launched ops does not grow with frames or videos.
+All frames of all videos in a batch go through each stage as one tensor, on one path for every
+ablation switch: no Python loop over videos, frames or frame shapes, so the number of launched ops
+does not grow with any of them.
 
 Stages, in the paper's terms:
 
@@ -12,9 +12,10 @@ Stages, in the paper's terms:
 - **GSTRA** global spatio-temporal relation aggregation: one learned query per chunk attends over
   all of the chunk's tokens (the video context token);
 - dense connection (LSTE output + raw patch embeddings);
-- per frame: crop to the valid box, **LSD** local spatial downsampling (learned attention inside
-  s×s windows), **FSRA** frame-wise spatial relation aggregation (one learned query per frame),
-  α-fusion of the video and frame context tokens, row (split) tokens.
+- per frame: crop to the valid box, the **spatial reducer** (``stab.lsd``: LSD local spatial
+  downsampling, learned attention inside s×s windows, in the release; :data:`REDUCERS` holds the
+  others and takes new ones), **FSRA** frame-wise spatial relation aggregation (one learned query
+  per frame), α-fusion of the video and frame context tokens, row (split) tokens.
 """
 
 from __future__ import annotations
@@ -27,17 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from panda.choices import Choice
 from panda.registry import Registry
-
-
-class LSDKind(Choice):
-    """How a frame's patches become its tokens (``stab.lsd``; paper Tables 4 and 9)."""
-
-    attention = "attention"  # LSD: learned attention in s×s windows (the release)
-    avgpool = "avgpool"  # s×s average pooling
-    none = "none"  # every patch is a token (pair with half the resolution, stab.ratio=1: Table 9's "w/o LSD")
-    perceiver = "perceiver"  # a Perceiver Resampler: (grid/s)² learned latents per frame (Table 9's "w/o LSD (PR)")
 
 
 @dataclass
@@ -53,19 +44,20 @@ class STABConfig:
     ratio: int = 2  # STAB resolution / teacher resolution
     mixer_ratio: float = 1.5  # temporal mixer hidden = int(d / mixer_ratio) (682 in the release)
     dropout: float = 0.5  # GSTRA MLP and fusion projection dropout
-    # ablation switches (stab.md §8); each removes computation and parameters
+    # ablation switches (docs/model-reference.md); each removes computation and parameters
     use_lste: bool = True
     use_gstra: bool = True
     use_fsra: bool = True
     row_tokens: bool = True
-    # how a frame's patches become its tokens (LSDKind): attention (LSD, released) | avgpool | none | perceiver
-    lsd: LSDKind = LSDKind.attention
+    # the spatial reducer, how a frame's patches become its tokens (REDUCERS): attention (LSD, the release) |
+    # avgpool | none (every patch) | perceiver (Table 9's resampler) | one registered from a plugin module
+    lsd: str = "attention"
     lsd_before_lste: bool = False
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"stab.width={self.width} must be divisible by stab.heads={self.heads}")
-        LSDKind.parse(self.lsd, "stab.lsd")  # a STABConfig built in Python; a composed config failed at composition
+        reducer = self.reducer  # a registered spatial reducer (else: the names there are, and how to add one)
         if self.resolution % (self.patch_size * self.ratio):
             raise ValueError(
                 f"stab.resolution={self.resolution} must be a multiple of patch_size*ratio="
@@ -77,26 +69,29 @@ class STABConfig:
                 f"the patch grid ({grid}) and ratio ({self.ratio}) must be compatible with "
                 f"stab.lsd_window={self.lsd_window}"
             )
-        if self.lsd == "perceiver" and self.lsd_before_lste:
-            raise ValueError("stab.lsd=perceiver replaces LSD; stab.lsd_before_lste has no LSD to move")
+        if self.lsd_before_lste and not reducer.on_canvas:
+            raise ValueError(f"stab.lsd={self.lsd} replaces LSD; stab.lsd_before_lste has no LSD to move")
         if self.chunk_size < 1:
             raise ValueError("stab.chunk_size must be >= 1")
 
     @property
-    def window(self) -> int:
-        """The side of the patch windows one spatial token summarises: 1 with stab.lsd=none."""
-        return 1 if self.lsd == "none" else self.lsd_window
+    def reducer(self) -> type[SpatialReducer]:
+        """The spatial reducer class ``stab.lsd`` names."""
+        return REDUCERS[self.lsd]
 
     @property
-    def resampled_side(self) -> int:
-        """stab.lsd=perceiver: every frame's tokens form this square grid (a square frame's LSD grid); else 0."""
-        return self.resolution // self.patch_size // self.lsd_window if self.lsd == "perceiver" else 0
+    def window(self) -> int:
+        """The side of the patch windows one spatial token summarises (1 with stab.lsd=none)."""
+        return self.reducer.window(self)
+
+    @property
+    def fixed_side(self) -> int:
+        """A reducer that gives every frame one square grid of tokens (stab.lsd=perceiver): its side; else 0."""
+        return self.reducer.fixed_side(self)
 
     def spatial_grid(self, patch_rows: int, patch_cols: int) -> tuple[int, int]:
         """(rows, cols) of spatial tokens of a frame whose valid region is ``patch_rows × patch_cols`` patches."""
-        if self.resampled_side:
-            return self.resampled_side, self.resampled_side
-        return patch_rows // self.window, patch_cols // self.window
+        return self.reducer.grid(self, patch_rows, patch_cols)
 
     @property
     def has_context_token(self) -> bool:
@@ -175,38 +170,152 @@ class QueryAttentionPool(nn.Module):
         return query + self.out_proj(attn.reshape(n, d))
 
 
-class LocalSpatialDownsampler(nn.Module):
-    """LSD: each s×s window becomes one token, ``avg + attention over the window`` (or ``avg`` alone)."""
+class SpatialReducer(nn.Module):
+    """How the valid patches of each frame become its spatial tokens (``stab.lsd``; paper Tables 4 and 9).
 
-    def __init__(self, width: int, heads: int, window: int, learned: bool = True):
+    One call: ``reducer(grid, valid, pooled)`` takes every frame's patch grid ``(N, g, g, d)`` (after
+    LSTE/GSTRA) and its validity ``(N, g, g)``, and returns every frame's spatial tokens packed
+    ``(S, d)``, frame after frame, each frame's tokens row-major, with each frame's ``(rows, cols)``.
+    STAB adds the context and row tokens around them. A reducer is registered in :data:`REDUCERS`
+    under the name ``stab.lsd`` takes; its class says, without building it, how many tokens a frame
+    gets (:meth:`window`, :meth:`fixed_side`), which the planner and the token budget count with.
+    """
+
+    attribute = "lsd"  # STAB's attribute for it, hence its state-dict prefix (``lsd.attend.*`` in the release)
+    keeps_layout = True  # each token summarises a place in the frame (distillation matches them to the teacher's)
+    on_canvas = True  # can run on the whole canvas before LSTE (``stab.lsd_before_lste``)
+
+    def __init__(self, cfg: STABConfig):
         super().__init__()
-        self.window = window
-        self.attend = QueryAttentionPool(width, heads) if learned else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (N, h, w, d) -> (N, h/s, w/s, d)
-        n, h, w, d = x.shape
-        s = self.window
-        if h % s or w % s:
-            raise ValueError(f"LSD window {s} does not divide the {h}x{w} patch crop")
-        windows = x.view(n, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, d)
-        return self.pool(windows).view(n, h // s, w // s, d)
+    @classmethod
+    def window(cls, cfg: STABConfig) -> int:
+        """The side of the patch windows one token summarises."""
+        return cfg.lsd_window
+
+    @classmethod
+    def fixed_side(cls, cfg: STABConfig) -> int:
+        """Every frame gets this square grid of tokens, whatever its shape; 0: the grid follows the crop."""
+        return 0
+
+    @classmethod
+    def grid(cls, cfg: STABConfig, patch_rows: int, patch_cols: int) -> tuple[int, int]:
+        """(rows, cols) of the tokens of a frame whose valid region is ``patch_rows × patch_cols`` patches."""
+        side = cls.fixed_side(cfg)
+        if side:
+            return side, side
+        s = cls.window(cfg)
+        return patch_rows // s, patch_cols // s
+
+    def forward(self, grid: torch.Tensor, valid: torch.Tensor, pooled: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        raise NotImplementedError
+
+
+class WindowReducer(SpatialReducer):
+    """A reducer that crops each frame to its valid box and makes one token of each s×s window of
+    patches (:meth:`pool`). Frames of several box shapes go through it at once: one gather of every
+    frame's windows, one :meth:`pool`, a fixed number of ops whatever the shapes."""
+
+    def __init__(self, cfg: STABConfig):
+        super().__init__(cfg)
+        self.side = self.window(cfg)
 
     def pool(self, windows: torch.Tensor) -> torch.Tensor:
         """(W, s*s, d) windows, row-major inside each -> (W, d) tokens."""
+        raise NotImplementedError
+
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """A whole (N, h, w, d) grid of patches -> (N, h/s, w/s, d) (the canvas, or one crop)."""
+        n, h, w, d = x.shape
+        s = self.side
+        if h % s or w % s:
+            raise ValueError(f"LSD window {s} does not divide the {h}x{w} patch crop")
+        # (N, h, w, d) -> (N, h/s, s, w/s, s, d) -> (N, h/s, w/s, s, s, d) -> (N*h/s*w/s, s*s, d)
+        windows = x.view(n, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, d)
+        return self.pool(windows).view(n, h // s, w // s, d)
+
+    def forward(self, grid: torch.Tensor, valid: torch.Tensor, pooled: bool = False):
+        # grid: (N, g, g, d), valid: (N, g, g) -> tokens (S, d), [(rows, cols)] * N; ``pooled``: the grid
+        # already went through downsample (stab.lsd_before_lste), so each patch is a token
+        device, d = grid.device, grid.shape[-1]
+        s = 1 if pooled else self.side
+        box = crop_boxes(valid)  # (N, 4): top, left, h, w; one host sync
+        if ((box[:, 2] % s) | (box[:, 3] % s)).any():
+            shapes = sorted({(int(h), int(w)) for h, w in box[:, 2:]})
+            raise ValueError(f"LSD window {s} does not divide every patch crop: {shapes}")
+        top, left, rows, cols = box[:, 0], box[:, 1], box[:, 2] // s, box[:, 3] // s
+        count = rows * cols  # tokens per frame
+        frame = np.repeat(np.arange(len(box)), count)  # frame of each token
+        k = np.arange(count.sum()) - np.repeat(count.cumsum() - count, count)  # its index within the frame
+        row0, col0 = top[frame] + k // cols[frame] * s, left[frame] + k % cols[frame] * s  # its window's first patch
+        index = torch.from_numpy(np.concatenate([frame, row0, col0])).to(device)  # one copy to the device
+        frame_t, row0_t, col0_t = index.view(3, -1)
+        if s == 1:
+            tokens = grid[frame_t, row0_t, col0_t]  # (S, d)
+        else:
+            step = torch.arange(s, device=device)
+            # (S, s, s, d): every token's window, row-major inside it
+            windows = grid[frame_t[:, None, None], (row0_t[:, None] + step)[:, :, None], (col0_t[:, None] + step)[:, None, :]]
+            tokens = self.pool(windows.reshape(-1, s * s, d))  # (S, d)
+        return tokens, list(zip(rows.tolist(), cols.tolist()))
+
+
+REDUCERS: Registry[type[SpatialReducer]] = Registry("spatial reducer", "stab.lsd", "panda.models.stab.REDUCERS")
+
+
+@REDUCERS.register("attention")
+class LocalSpatialDownsampler(WindowReducer):
+    """LSD, the release: each s×s window becomes ``avg + attention over the window`` (the window
+    average is the query)."""
+
+    def __init__(self, cfg: STABConfig):
+        super().__init__(cfg)
+        self.attend = QueryAttentionPool(cfg.width, cfg.heads)
+
+    def pool(self, windows: torch.Tensor) -> torch.Tensor:
         base = windows.mean(1)
-        return base if self.attend is None else self.attend(base, windows)
+        return self.attend(base, windows)
 
 
-class PerceiverResampler(nn.Module):
-    """Table 9's alternative to LSD: ``latents`` learned queries per frame cross-attend to the frame's
-    valid patches and to themselves (Flamingo's resampler, one layer: attention, then an MLP, each
-    residual). Every frame gets the same number of tokens, whatever its aspect ratio."""
+@REDUCERS.register("avgpool")
+class AveragePool(WindowReducer):
+    """s×s average pooling (Table 4's alternative to LSD); nothing learned."""
 
-    def __init__(self, width: int, heads: int, latents: int):
-        super().__init__()
-        self.heads = heads
-        self.latents = nn.Parameter(torch.randn(latents, width) * width**-0.5)
+    def pool(self, windows: torch.Tensor) -> torch.Tensor:
+        return windows.mean(1)
+
+
+@REDUCERS.register("none")
+class EveryPatch(WindowReducer):
+    """Every patch is a token (Table 9's "w/o LSD": pair it with half the resolution, ``stab.ratio=1``)."""
+
+    @classmethod
+    def window(cls, cfg: STABConfig) -> int:
+        return 1
+
+    def pool(self, windows: torch.Tensor) -> torch.Tensor:
+        return windows.mean(1)  # a 1×1 window: its patch
+
+
+@REDUCERS.register("perceiver")
+class PerceiverResampler(SpatialReducer):
+    """Table 9's "w/o LSD (PR)": K learned latents per frame cross-attend to the frame's valid
+    patches and to themselves (Flamingo's resampler, one layer: attention, then an MLP, each
+    residual). K = the square frame's LSD grid, so every frame gets as many tokens as a square
+    frame under LSD, whatever its aspect ratio."""
+
+    attribute = "resampler"
+    keeps_layout = False  # latents have no place in the frame
+    on_canvas = False
+
+    @classmethod
+    def fixed_side(cls, cfg: STABConfig) -> int:
+        return cfg.resolution // cfg.patch_size // cfg.lsd_window
+
+    def __init__(self, cfg: STABConfig):
+        super().__init__(cfg)
+        width, self.heads, self.side = cfg.width, cfg.heads, self.fixed_side(cfg)
+        self.latents = nn.Parameter(torch.randn(self.side**2, width) * width**-0.5)
         self.norm_latents = nn.LayerNorm(width)
         self.norm_inputs = nn.LayerNorm(width)
         self.q_proj = nn.Linear(width, width, bias=False)
@@ -214,7 +323,7 @@ class PerceiverResampler(nn.Module):
         self.out_proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, patches: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def resample(self, patches: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         # patches: (N, L, d), key_mask: (N, L) bool (True = a valid patch) -> (N, K, d)
         n, length, d = patches.shape
         k_latents, hd = self.latents.shape[0], d // self.heads
@@ -226,6 +335,26 @@ class PerceiverResampler(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, heads, K, hd)
         x = self.latents + self.out_proj(attn.transpose(1, 2).reshape(n, k_latents, d))
         return x + self.mlp(x)
+
+    def forward(self, grid: torch.Tensor, valid: torch.Tensor, pooled: bool = False):
+        # grid: (N, g, g, d), valid: (N, g, g) -> tokens (N*K, d), [(side, side)] * N; no crop, no host sync
+        valid = valid.flatten(1)  # (N, g*g)
+        attend = valid | ~valid.any(1, keepdim=True)  # a padding frame attends everywhere (no empty softmax)
+        latents = self.resample(grid.flatten(1, 2), attend)  # (N, g*g, d) -> (N, K, d)
+        return latents.reshape(-1, latents.shape[-1]), [(self.side, self.side)] * grid.shape[0]
+
+
+def crop_boxes(valid: torch.Tensor) -> np.ndarray:
+    """Bounding box (top, left, h, w) of the valid patches of each frame, (N, 4) on the host; an empty
+    (padding) frame gets the top-left half grid."""
+    n, gh, gw = valid.shape
+    rows, cols = valid.any(2), valid.any(1)  # (N, gh), (N, gw)
+    has = rows.any(1)
+    top, left = rows.float().argmax(1), cols.float().argmax(1)
+    h, w = rows.sum(1), cols.sum(1)
+    fallback = torch.tensor([0, 0, gh // 2, gw // 2], device=valid.device)
+    boxes = torch.stack([top, left, h, w], 1)
+    return torch.where(has[:, None], boxes, fallback).cpu().numpy().astype(np.int64)  # one host sync per batch
 
 
 class LocalSpatioTemporalEncoder(nn.Module):
@@ -316,7 +445,11 @@ class VideoContextAggregator(nn.Module):
 class STAB(nn.Module):
     """Spatio-Temporal Alignment Block: frames + validity masks -> per-frame visual tokens.
 
-    Each frame's sequence is ``[context, row_1, r, row_2, r, ..., row_h', r]`` of width ``d``.
+    Each frame's sequence is ``[context, row_1, r, row_2, r, ..., row_h', r]`` of width ``d``. The
+    forward is one path for every switch: patch embedding, (the spatial reducer on the whole canvas,
+    ``stab.lsd_before_lste``), LSTE and GSTRA on chunks, the spatial reducer on each frame's crop,
+    then :meth:`_assemble` (FSRA, α-fusion, row tokens) — a fixed number of ops whatever the
+    number of frames, videos or frame shapes in the batch.
     """
 
     def __init__(self, cfg: STABConfig):
@@ -328,11 +461,9 @@ class STAB(nn.Module):
         self.temporal = cfg.chunk_size > 1
         self.lste = LocalSpatioTemporalEncoder(d, cfg.mixer_ratio) if self.temporal and cfg.use_lste else None
         self.gstra = VideoContextAggregator(d, cfg.heads, cfg.dropout) if self.temporal and cfg.use_gstra else None
-        if cfg.lsd == "perceiver":
-            self.lsd, self.resampler = None, PerceiverResampler(d, cfg.heads, cfg.resampled_side**2)
-        else:  # "none": 1×1 windows, nothing learned — every patch is its own token
-            self.lsd = LocalSpatialDownsampler(d, cfg.heads, cfg.window, learned=cfg.lsd == "attention")
-            self.resampler = None
+        reducer = cfg.reducer(cfg)
+        self._reducer_name = reducer.attribute  # ``lsd`` (release state-dict names) or ``resampler``
+        setattr(self, reducer.attribute, reducer)
         if cfg.use_fsra:
             self.frame_query = nn.Parameter(torch.randn(d) * d**-0.5)
             self.fsra = QueryAttentionPool(d, cfg.heads)
@@ -347,8 +478,13 @@ class STAB(nn.Module):
         self.row_token = nn.Parameter(torch.randn(d) * d**-0.5) if cfg.row_tokens else None
         self._init_linears()
 
+    @property
+    def reducer(self) -> SpatialReducer:
+        """The spatial reducer (``stab.lsd``), held under its own attribute name."""
+        return getattr(self, self._reducer_name)
+
     def _init_linears(self) -> None:
-        for module in [self.lsd.attend if self.lsd is not None else self.resampler, self.fsra, self.fusion_proj]:
+        for module in [self.reducer, self.fsra, self.fusion_proj]:
             if module is None:
                 continue
             for m in module.modules():
@@ -356,13 +492,6 @@ class STAB(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
-
-    def tokens_per_frame(self, valid_h: int, valid_w: int, downsampled: bool = False) -> int:
-        """Visual tokens of a frame whose valid region is ``valid_h × valid_w`` patches
-        (of the coarse grid when LSD already ran, ``downsampled``)."""
-        if downsampled:
-            return self.cfg.tokens_per_frame(valid_h, valid_w)
-        return self.cfg.tokens_per_frame(*self.cfg.spatial_grid(valid_h, valid_w))
 
     # ------------------------------------------------------------------ stages
     def _temporal(self, x: torch.Tensor, batch: int, frames: int):
@@ -384,19 +513,6 @@ class STAB(nn.Module):
             x = feats.transpose(1, 2).reshape(batch * frames, d, gh, gw)
         return x, video_ctx
 
-    @staticmethod
-    def _boxes(valid: torch.Tensor) -> list[tuple[int, int, int, int]]:
-        """Bounding box (top, left, h, w) of valid patches per frame; empty frames -> top-left half grid."""
-        n, gh, gw = valid.shape
-        rows, cols = valid.any(2), valid.any(1)  # (N, gh), (N, gw)
-        has = rows.any(1)
-        top, left = rows.float().argmax(1), cols.float().argmax(1)
-        h, w = rows.sum(1), cols.sum(1)
-        fallback = torch.tensor([0, 0, gh // 2, gw // 2], device=valid.device)
-        boxes = torch.stack([top, left, h, w], 1)
-        boxes = torch.where(has[:, None], boxes, fallback)
-        return [tuple(b) for b in boxes.tolist()]  # one host sync per batch
-
     def _fuse(self, video_ctx: torch.Tensor | None, frame_ctx: torch.Tensor | None) -> torch.Tensor | None:
         """The context token: ``proj((1 - α) ⊙ g + α ⊙ f)`` of GSTRA's video context g and FSRA's frame
         context f (either alone when the other is ablated); (n, d) or None."""
@@ -407,125 +523,92 @@ class STAB(nn.Module):
         alpha = torch.sigmoid(self.fusion_logit)
         return self.fusion_proj((1 - alpha) * video_ctx + alpha * frame_ctx)
 
-    def _frame_tokens(self, crops: torch.Tensor, video_ctx: torch.Tensor | None, downsampled: bool) -> torch.Tensor:
-        """crops: (n, h, w, d) frames of one box shape -> (n, L, d) token sequences."""
-        x = crops if downsampled else self.lsd(crops)  # (n, h', w', d)
-        n, hh, ww, d = x.shape
+    def _assemble(self, spatial: torch.Tensor, grids: list[tuple[int, int]],
+                  video_ctx: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+        """Every frame's token sequence from its spatial tokens: FSRA over each frame's tokens, α-fusion
+        with GSTRA's video context, a row token after each row.
+        spatial: (S, d) packed frame by frame, row-major -> tokens (total, d), lengths (N,) on the host."""
+        rows, cols = np.asarray(grids, dtype=np.int64).reshape(-1, 2).T  # (N,), (N,)
+        has_context = self.fsra is not None or video_ctx is not None
+        lengths = int(has_context) + rows * (cols + int(self.row_token is not None))
+        if (rows == rows[0]).all() and (cols == cols[0]).all():
+            return self._stack(spatial, int(rows[0]), int(cols[0]), video_ctx), lengths
+        return self._place(spatial, rows, cols, lengths, video_ctx, has_context), lengths
+
+    def _stack(self, spatial: torch.Tensor, rows: int, cols: int, video_ctx: torch.Tensor | None) -> torch.Tensor:
+        """Frames of one grid stack: (N*rows*cols, d) -> (N, rows, cols, d), sequences side by side."""
+        d = spatial.shape[-1]
+        x = spatial.view(-1, rows, cols, d)
+        n = x.shape[0]
         frame_ctx = None
         if self.fsra is not None:
-            frame_ctx = self.fsra(self.frame_query.expand(n, d), x.reshape(n, hh * ww, d))  # (n, d)
+            frame_ctx = self.fsra(self.frame_query.expand(n, d), x.reshape(n, rows * cols, d))  # (n, d)
         context = self._fuse(video_ctx, frame_ctx)
         if self.row_token is not None:
-            # (n, h', w', d) -> (n, h', w'+1, d): a split token after each row
-            x = torch.cat([x, self.row_token.expand(n, hh, 1, d)], dim=2)
+            # (n, rows, cols, d) -> (n, rows, cols + 1, d): a split token after each row
+            x = torch.cat([x, self.row_token.expand(n, rows, 1, d)], dim=2)
         seq = x.reshape(n, -1, d)
         if context is not None:
             seq = torch.cat([context[:, None], seq], dim=1)
-        return seq
+        return seq.reshape(-1, d)  # frames in (b, f) order, each contiguous
 
-    def _mixed_shape_tokens(self, grid, boxes, offsets, video_ctx, downsampled):
-        """Tokens of frames whose crop boxes differ in shape, with a fixed number of ops: one gather of
-        every frame's LSD windows, one LSD call, FSRA over the frames' tokens padded to the largest
-        frame with a key mask, and one placement. The index arithmetic runs on the host (the boxes are
-        there already) and goes to the device in one copy. Returns (tokens (total, d), destinations)."""
-        device, d = grid.device, grid.shape[-1]
-        s = 1 if downsampled else self.cfg.window
-        box = np.asarray(boxes, dtype=np.int64)  # (N, 4): top, left, h, w
-        if ((box[:, 2] % s) | (box[:, 3] % s)).any():
-            raise ValueError(f"LSD window {s} does not divide every patch crop: {sorted({(h, w) for _, _, h, w in boxes})}")
-        top, left, hh, ww = box[:, 0], box[:, 1], box[:, 2] // s, box[:, 3] // s
-        n, count = len(boxes), hh * ww  # spatial tokens per frame
+    def _place(self, spatial, rows, cols, lengths, video_ctx, has_context) -> torch.Tensor:
+        """Frames of several grids (aspect ratios), with a fixed number of ops: FSRA over the frames'
+        tokens padded to the largest frame with a key mask, and one placement (``index_copy``). The index
+        arithmetic runs on the host (the grids are there) and goes to the device in one copy."""
+        device, d = spatial.device, spatial.shape[-1]
+        n, count = len(rows), rows * cols  # spatial tokens per frame
+        offsets = lengths.cumsum() - lengths  # where each frame's sequence begins
         frame = np.repeat(np.arange(n), count)  # frame of each spatial token
         k = np.arange(count.sum()) - np.repeat(count.cumsum() - count, count)  # its index within the frame
-        wr, wc = k // ww[frame], k % ww[frame]
-        has_context = self.fsra is not None or video_ctx is not None
-        first = np.asarray(offsets) + int(has_context)  # where each frame's spatial tokens begin
-        row_width = ww + int(self.row_token is not None)
-        dests = [first[frame] + wr * row_width[frame] + wc]
-        if self.row_token is not None:
-            row_frame = np.repeat(np.arange(n), hh)
-            row = np.arange(hh.sum()) - np.repeat(hh.cumsum() - hh, hh)
-            dests.append(first[row_frame] + row * row_width[row_frame] + ww[row_frame])
+        first, row_width = offsets + int(has_context), cols + int(self.row_token is not None)
+        dests = [first[frame] + k // cols[frame] * row_width[frame] + k % cols[frame]]
+        if self.row_token is not None:  # after the last token of each row
+            row_frame = np.repeat(np.arange(n), rows)
+            row = np.arange(rows.sum()) - np.repeat(rows.cumsum() - rows, rows)
+            dests.append(first[row_frame] + row * row_width[row_frame] + cols[row_frame])
         if has_context:
-            dests.append(np.asarray(offsets))
-        longest = int(count.max())
-        host = np.concatenate([frame, top[frame] + wr * s, left[frame] + wc * s, k, *dests])
-        index = torch.from_numpy(host).to(device)  # one copy to the device
-        T = len(frame)
-        frame_t, r0, c0, k_t = index[:T], index[T:2 * T], index[2 * T:3 * T], index[3 * T:4 * T]
-        if downsampled:
-            spatial = grid[frame_t, r0, c0]  # (T, d)
-        else:
-            step = torch.arange(s, device=device)
-            windows = grid[frame_t[:, None, None], (r0[:, None] + step)[:, :, None], (c0[:, None] + step)[:, None, :]]
-            spatial = self.lsd.pool(windows.reshape(T, s * s, d))  # (T, s, s, d) windows -> (T, d)
+            dests.append(offsets)
+        index = torch.from_numpy(np.concatenate([frame, k, *dests])).to(device)  # one copy to the device
+        used = len(frame)
         context = None
         if self.fsra is not None:
+            longest = int(count.max())
             padded = spatial.new_zeros(n, longest, d)
-            padded[frame_t, k_t] = spatial  # (N, Lmax, d)
+            padded[index[:used], index[used:2 * used]] = spatial  # (N, Lmax, d)
             key_mask = torch.arange(longest, device=device)[None] < torch.from_numpy(count).to(device)[:, None]
             context = self.fsra(self.frame_query.expand(n, d), padded, key_mask)  # (N, d)
         context = self._fuse(video_ctx, context)
         parts = [spatial]
         if self.row_token is not None:
-            parts.append(self.row_token.expand(int(hh.sum()), d))
+            parts.append(self.row_token.expand(int(rows.sum()), d))
         if context is not None:
             parts.append(context)
-        return torch.cat(parts), index[4 * T:]
+        flat = torch.cat(parts)
+        return flat.new_empty(flat.shape).index_copy(0, index[2 * used:], flat)
 
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
         """pixels: (B, F, 3, R, R) normalised; mask: (B, F, R, R) in {0, 1}."""
         if pixels.ndim != 5:
             raise ValueError(f"pixels must be (B, F, 3, R, R), got {tuple(pixels.shape)}")
         batch, frames = pixels.shape[:2]
-        p, s = self.cfg.patch_size, self.cfg.window
         x = self.patch_embed(pixels.flatten(0, 1))  # (B*F, 3, R, R) -> (B*F, d, g, g)
-        valid = F.avg_pool2d(mask.flatten(0, 1)[:, None].to(x.dtype), p)[:, 0] > 0.5  # (B*F, g, g)
+        valid = F.avg_pool2d(mask.flatten(0, 1)[:, None].to(x.dtype), self.cfg.patch_size)[:, 0] > 0.5  # (B*F, g, g)
 
-        downsampled = self.cfg.lsd_before_lste
-        if downsampled:  # ablation: LSD on the full canvas first, LSTE/GSTRA on the coarse grid
-            x = self.lsd(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B*F, d, g/s, g/s)
-            valid = F.avg_pool2d(valid[:, None].to(x.dtype), s)[:, 0] > 0.5
+        pooled = self.cfg.lsd_before_lste
+        if pooled:  # ablation: the reducer on the whole canvas first, LSTE/GSTRA on the coarse grid
+            x = self.reducer.downsample(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B*F, d, g/s, g/s)
+            valid = F.avg_pool2d(valid[:, None].to(x.dtype), self.reducer.side)[:, 0] > 0.5
 
         video_ctx = None
         if self.temporal and (self.lste is not None or self.gstra is not None):
             x, video_ctx = self._temporal(x, batch, frames)
 
         grid = x.permute(0, 2, 3, 1)  # (B*F, d, g, g) -> (B*F, g, g, d)
+        spatial, grids = self.reducer(grid, valid, pooled)  # (S, d), [(rows, cols)] per frame
+        tokens, lengths = self._assemble(spatial, grids, video_ctx)
         content = valid.flatten(1).any(1)  # (B*F,)
-        if self.resampler is not None:  # Table 9's PR: a fixed square grid of latents per frame, no crop
-            n, side = grid.shape[0], self.cfg.resampled_side
-            attend = valid.flatten(1) | ~content[:, None]  # a padding frame attends everywhere (no empty softmax)
-            latents = self.resampler(grid.flatten(1, 2), attend)  # (B*F, g*g, d) -> (B*F, side², d)
-            seq = self._frame_tokens(latents.view(n, side, side, -1), video_ctx, downsampled=True)  # (n, L, d)
-            lengths = torch.full((batch, frames), seq.shape[1], device=x.device)
-            return VisualTokens(seq.reshape(-1, seq.shape[-1]), lengths, [(side, side)] * n, content)
-        boxes = self._boxes(valid)
-        lengths = [self.tokens_per_frame(h, w, downsampled) for _, _, h, w in boxes]
-        step = 1 if downsampled else s
-        grids = [(h // step, w // step) for _, _, h, w in boxes]
-        offsets = [0]
-        for n in lengths[:-1]:
-            offsets.append(offsets[-1] + n)
-        shapes = {(h, w) for _, _, h, w in boxes}
-
-        device = x.device
-        if len(shapes) == 1:  # one crop shape: every frame's crop stacks as it is (fewest ops)
-            (h, w), = shapes
-            frame = torch.arange(len(boxes), device=device)
-            tops = torch.tensor([b[0] for b in boxes], device=device)
-            lefts = torch.tensor([b[1] for b in boxes], device=device)
-            rows = tops[:, None] + torch.arange(h, device=device)  # (n, h)
-            cols = lefts[:, None] + torch.arange(w, device=device)  # (n, w)
-            crops = grid[frame[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, h, w, d)
-            seq = self._frame_tokens(crops, video_ctx, downsampled)  # (n, L, d)
-            starts = torch.tensor(offsets, device=device)
-            dest = (starts[:, None] + torch.arange(seq.shape[1], device=device)).flatten()
-            flat = seq.reshape(-1, seq.shape[-1])
-        else:  # several crop shapes (aspect ratios): every frame's windows at once, not a loop per shape
-            flat, dest = self._mixed_shape_tokens(grid, boxes, offsets, video_ctx, downsampled)
-        tokens = flat.new_empty(flat.shape).index_copy(0, dest, flat)
-        return VisualTokens(tokens, torch.tensor(lengths, device=device).view(batch, frames), grids, content)
+        return VisualTokens(tokens, torch.from_numpy(lengths).to(x.device).view(batch, frames), grids, content)
 
 
 # The vision-to-LLM projectors (``model.projector``): each a function (STAB width, LLM width) -> module.
