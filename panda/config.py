@@ -40,13 +40,13 @@ from panda.registry import import_plugins
 
 
 class Schedule(Choice):
-    cosine = "cosine"
-    constant = "constant"
+    cosine = "cosine"  # warmup, then cosine decay to stage.min_lr_ratio of the peak
+    constant = "constant"  # warmup, then the peak learning rate to the end
 
 
 class Strategy(Choice):
     auto = "auto"  # one process
-    ddp = "ddp"
+    ddp = "ddp"  # data parallel: every rank holds the whole model
     fsdp = "fsdp"  # FSDP2 via ModelParallelStrategy (trainer.fsdp.*)
 
 
@@ -59,10 +59,10 @@ class Adapter(Choice):
 
 
 class InitKind(Choice):
-    none = "none"
-    eve = "eve"
-    release = "release"
-    checkpoint = "checkpoint"
+    none = "none"  # random init (an llm.pretrained folder still brings its LLM weights)
+    eve = "eve"  # an EVE-7B-Pretrain folder: its LLM and the STAB parts it shares
+    release = "release"  # a Video-Panda release folder or a panda export
+    checkpoint = "checkpoint"  # a train.py .ckpt, weights only
 
 
 FOLDER_INITS = (InitKind.eve, InitKind.release)  # inits whose folder also holds the LLM (and its tokenizer)
@@ -108,11 +108,11 @@ class JudgeConfig:
 @dataclass
 class BenchmarkConfig:
     name: str = "synthetic"  # the benchmark's name in results and messages (the key it is chosen under)
-    kind: str = "qa"  # a registered benchmark kind (panda/evaluation/benchmarks.py): qa | vcgbench
+    kind: str = "qa"  # a registered benchmark kind (panda/evaluation/benchmarks.py): qa | vcgbench | mcq
     root: Optional[str] = None  # the evaluation DATA_ROOT; paths below are relative to it
     from_checkpoint: bool = False  # qa: use the data root and held-out split stored in a train.py checkpoint
     qa_dir: Optional[str] = None  # qa: folder with test_q.json, test_a.json, videos/
-    generic: Optional[str] = None  # vcgbench files
+    generic: Optional[str] = None  # vcgbench: generic questions (judged for correctness, detail and context)
     temporal: Optional[str] = None  # vcgbench: temporal questions
     consistency: Optional[str] = None  # vcgbench: consistency questions (pairs of phrasings)
     video_dir: Optional[str] = None  # vcgbench: the videos
