@@ -27,8 +27,7 @@ import sys
 import torch
 
 from panda.constants import IMAGE_PLACEHOLDER_ID
-
-CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+from panda.paths import config_dir
 VOCAB = 8192
 
 
@@ -39,7 +38,7 @@ def compose(overrides):
     from panda.config import register_configs, to_train_config
 
     register_configs()
-    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return to_train_config(hydra_compose(config_name="train", overrides=list(overrides)))
 
 

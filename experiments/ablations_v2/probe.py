@@ -11,12 +11,13 @@ from omegaconf import DictConfig, open_dict
 from stab_probe import run_probe  # this folder's module (the script's folder is on sys.path)
 
 from panda.config import register_configs, to_train_config
+from panda.paths import config_dir
 from panda.runs import exit_on_config_error
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     with open_dict(cfg):
         kinds = cfg.pop("probe_kinds", None)  # +probe_kinds=[direction]: train and score these kinds only
