@@ -1,5 +1,6 @@
 """README.md is the front door: at most 250 lines, its two commands first, its links into docs/
-resolving, every command in it naming options the code has, and its runnable blocks running.
+resolving, its config cheat-sheet naming every group and option of conf/ and only schema keys, every
+command in it naming options the code has, and its runnable blocks running.
 
 A shell block is runnable when the line before its fence is an HTML comment:
 
@@ -149,6 +150,58 @@ def test_the_markers_are_well_formed():
     for block in shell_blocks():
         if block.kind == "expensive" and block.extra:
             assert any((e := entry_point(shlex.split(c))) and e[0] == "train" for c in commands(block.text))
+
+
+def _table(first_header: str) -> list[list[str]]:
+    """The rows (cells) of the README table whose header starts with ``| first_header |``."""
+    lines, rows = readme_lines(), []
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _names(cell: str) -> set[str]:
+    """The backticked names of a cell, brace lists expanded (`a/{b,c}` is a/b and a/c)."""
+    names = set()
+    for token in re.findall(r"`([^`]+)`", cell):
+        m = re.fullmatch(r"([^{]*)\{([^}]*)\}(.*)", token)
+        names |= {m.group(1) + part + m.group(3) for part in m.group(2).split(",")} if m else {token}
+    return names
+
+
+def test_the_cheat_sheet_lists_every_config_group_and_option():
+    conf = os.path.join(REPO, "conf")
+    table = [(_names(cell), {n for n in _names(options) if "=" not in n}) for cell, options in _table("group")]
+    rows = {group: options for names, options in table for group in names}
+    groups = {}
+    for dirpath, _, files in os.walk(conf):
+        group = os.path.relpath(dirpath, conf)
+        top = group.split(os.sep)[0]
+        options = [f[:-5] for f in files if f.endswith(".yaml")]
+        if group == "." or not options:
+            continue
+        name = group.replace(os.sep, "/") if top == "hydra" else top
+        prefix = "/".join(group.split(os.sep)[1:]) if top != "hydra" else ""
+        groups.setdefault(name, set()).update(f"{prefix}/{o}" if prefix else o for o in options)
+    assert set(groups) <= set(rows), f"config groups missing from the cheat-sheet: {sorted(set(groups) - set(rows))}"
+    for group, options in groups.items():
+        assert options <= rows[group], f"{group}: options missing from the cheat-sheet: {sorted(options - rows[group])}"
+    for names, options in table:  # Hydra's own joblib launcher is the one option not in conf/
+        extra = options - set().union(*(groups.get(g, set()) for g in names)) - {"joblib"}
+        assert not extra, f"{sorted(names)}: the cheat-sheet names options conf/ lacks: {sorted(extra)}"
+
+
+def test_the_cheat_sheet_keys_are_schema_keys():
+    from panda.config import TrainConfig
+    from panda.overrides import schema_key
+
+    keys = {name.split("=")[0] for cell, _ in _table("key") for name in _names(cell)}
+    assert len(keys) >= 15
+    for key in keys - {"hydra.run.dir", "logger"}:
+        assert schema_key(key, TrainConfig)[1] is None, f"the cheat-sheet names {key}, which the schema lacks"
 
 
 # ---------------------------------------------------------------------- every command, checked
