@@ -6,6 +6,7 @@ this environment's site-packages on its path. ``.pth`` files inside that folder 
 editable panda of this checkout is not importable there until the wheel is installed."""
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -84,8 +85,9 @@ def installed(tmp_path_factory):
         shutil.copytree(os.path.join(REPO, name), source / name, ignore=skip)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(REPO, name), source / name)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", tmp / "dist", source],
-        cwd=tmp)
+    # with this environment's setuptools when it has one (offline, seconds); else pip fetches the build backend
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet", "-w", tmp / "dist", source], cwd=tmp)
     (wheel,) = glob.glob(str(tmp / "dist" / "panda-*.whl"))
 
     venv = tmp / "venv"
