@@ -123,6 +123,16 @@ def wrap_compiled_call(module, wrap: Callable[[Callable], Callable]) -> None:
     module._compiled_call_impl = wrap(compiled)
 
 
+@functools.cache
+def dispatch_mode_base() -> type:
+    """The base class of a mode that sees every aten operation below autograd (forward and
+    backward). Private: ``torch.utils._python_dispatch.TorchDispatchMode``, where torch's own
+    documentation points (torch has no public alias)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
 def no_duck_shape():
     """A context in which dynamo's symbolic shapes give two equal sizes their own symbols. Private:
     ``torch.fx.experimental._config.use_duck_shape`` (no public switch)."""

@@ -268,6 +268,9 @@ class TrainerConfig:
     deterministic: bool = False  # Lightning's: deterministic algorithms only
     enable_progress_bar: bool = True  # the progress bar on the terminal
     cpu_threads: Optional[int] = None  # torch intra-op threads in the training process; None = torch's default
+    # count the device->host synchronisations of every micro-batch by panda source line (panda/training/syncs.py):
+    # syncs.json in the run directory, a table in the log; slows the step, for audits only
+    audit_syncs: bool = False
 
 
 @dataclass

@@ -180,6 +180,26 @@ def test_transformers_no_split_modules():
 # -------------------------------------------------------------------------------------------- torch
 
 
+def test_torch_dispatch_mode_sees_aten_ops_below_autograd():
+    import torch
+
+    from panda.compat import dispatch_mode_base
+
+    seen = []
+
+    class Record(dispatch_mode_base()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(3, requires_grad=True)
+    with Record():
+        (x * 2).sum().backward()
+        x.detach().nonzero()
+    assert "aten::mul.Tensor" in seen and "aten::nonzero" in seen, f"torch {torch.__version__}: {seen}"
+    assert any(name.startswith("aten::ones_like") or name.startswith("aten::expand") for name in seen)  # backward too
+
+
 def test_torch_batch_norm_base():
     with private("torch", "torch.nn.modules.batchnorm._BatchNorm", "is_batch_norm"):
         for module in (torch.nn.BatchNorm1d(2), torch.nn.BatchNorm2d(2), torch.nn.BatchNorm3d(2),

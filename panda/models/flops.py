@@ -114,10 +114,11 @@ class BatchFlops:
         self.stab_factor = 3 if stage.train_stab else 1
 
     def __call__(self, text: torch.Tensor, visual: torch.Tensor, supervised: torch.Tensor, frames: int) -> float:
-        """``text``, ``visual``, ``supervised``: (B,) counts per sample."""
+        """``text``, ``visual``, ``supervised``: (B,) counts per sample. A 0-d tensor on their device:
+        adding it up reads nothing back from an asynchronous device (panda/training/syncs.py)."""
         seq = (text + visual - frames).double()
         llm = (2 * seq * self.body_params + 2 * supervised.double() * self.head_params
                + 4 * self.layers * seq * seq * self.width)
         per_video = self.stab_factor * self.stab_per_frame * frames + self.teacher_per_frame * frames
-        projector = self.stab_factor * 2.0 * float(visual.sum()) * self.projector_params
-        return float(self.llm_factor * llm.sum() + projector + per_video * len(text))
+        projector = self.stab_factor * 2.0 * visual.sum().double() * self.projector_params
+        return self.llm_factor * llm.sum() + projector + per_video * len(text)

@@ -44,7 +44,7 @@ class STABConfig:
     ratio: int = 2  # STAB resolution / teacher resolution
     mixer_ratio: float = 1.5  # temporal mixer hidden = int(d / mixer_ratio) (682 in the release)
     dropout: float = 0.5  # GSTRA MLP and fusion projection dropout
-    # ablation switches (docs/model-reference.md); each removes computation and parameters
+    # ablation switches (docs/model-reference.md, "Ablation switches"); each removes computation and parameters
     use_lste: bool = True
     use_gstra: bool = True
     use_fsra: bool = True

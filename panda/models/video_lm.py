@@ -104,11 +104,12 @@ class VideoLMOutput:
     target_samples: torch.Tensor | None = None  # (N,) with labels: the sample of each row of ``logits``
 
     @property
-    def padded_fraction_all(self) -> float | None:
-        """The share of the LLM's positions that are padding, visual tokens included."""
+    def padded_fraction_all(self) -> torch.Tensor | None:
+        """The share of the LLM's positions that are padding, visual tokens included (a 0-d tensor on the
+        model's device: read it on logging steps, not every batch)."""
         if self.positions is None or not self.padded_positions:
             return None
-        return 1.0 - float(self.positions.sum()) / self.padded_positions
+        return 1.0 - self.positions.sum().double() / self.padded_positions
 
 
 def supervised_head_supported(llm: nn.Module) -> bool:

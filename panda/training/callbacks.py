@@ -56,26 +56,43 @@ class MarkedCheckpoint(model_checkpoint_base()):
         mark_complete(trainer, filepath)
 
 
+def logs_after(trainer, step: int) -> bool:
+    """Whether Lightning sends the logged metrics to the loggers after optimiser step ``step`` (the
+    ``global_step`` once it is taken): every ``trainer.log_every_n_steps``-th, and when stopping. What
+    is only logged may be computed on these steps alone, where reading a device value costs one wait."""
+    n = trainer.log_every_n_steps
+    return bool(trainer.fast_dev_run) or trainer.should_stop or (n > 0 and step % n == 0)
+
+
 class LossTracker(Callback):
     """The training loss of each optimiser step of this process: ``history`` holds (global step,
     loss) once per step, where the loss is the mean of the step's micro-batch losses as the module
     computed them (not Lightning's copy divided by ``accumulate_grad_batches``); ``final`` is the
     mean of the last ``window`` steps. The history travels in every checkpoint, so a resumed run's
-    summary covers the whole run."""
+    summary covers the whole run. Each step's loss stays a device tensor until the history is read
+    (a checkpoint, the summary): no step waits for the device to hand it back."""
 
     def __init__(self, window: int = 10):
-        self.window = collections.deque(maxlen=window)
-        self.history: list[tuple[int, float]] = []
+        self.window_size = window
+        self._history: list[tuple[int, float]] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 0-d loss tensor), not read yet
         self._micro: list[torch.Tensor] = []
         self._step_seen = None
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        if self._pending:  # one read of every pending step's loss
+            losses = torch.stack([loss for _, loss in self._pending]).tolist()
+            self._history += [(step, loss) for (step, _), loss in zip(self._pending, losses)]
+            self._pending = []
+        return self._history
 
     def state_dict(self) -> dict:
         return {"history": [list(entry) for entry in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = [(int(step), float(loss)) for step, loss in state.get("history", [])]
-        self.window.clear()
-        self.window.extend(loss for _, loss in self.history[-self.window.maxlen:])
+        self._history = [(int(step), float(loss)) for step, loss in state.get("history", [])]
+        self._pending = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._step_seen is None:
@@ -87,18 +104,18 @@ class LossTracker(Callback):
         if trainer.global_step != self._step_seen:  # the optimiser stepped at the end of this batch
             self._step_seen = trainer.global_step
             if self._micro:
-                loss = float(torch.stack(self._micro).float().mean())
-                self.history.append((trainer.global_step, loss))
-                self.window.append(loss)
+                self._pending.append((trainer.global_step, torch.stack(self._micro).float().mean()))
             self._micro = []
 
     @property
     def first(self) -> float | None:
-        return self.history[0][1] if self.history else None
+        history = self.history
+        return history[0][1] if history else None
 
     @property
     def final(self) -> float | None:
-        return sum(self.window) / len(self.window) if self.window else None
+        last = [loss for _, loss in self.history[-self.window_size:]]
+        return sum(last) / len(last) if last else None
 
 
 class GracefulInterrupt(Callback):
@@ -221,41 +238,68 @@ class SkippedSamplesGuard(Callback):
 
 
 class ThroughputMonitor(Callback):
-    """``perf/data_time_s`` (waiting for the loader), ``perf/samples_per_s`` and
-    ``perf/text_tokens_per_s`` (one text token per frame placeholder) of every training batch; with
-    ``flops`` (a :class:`panda.models.flops.BatchFlops`) also ``perf/tflops_per_device`` from the
-    batch's real token counts, and ``perf/mfu`` against ``peak_tflops``."""
+    """``perf/data_time_s`` (waiting for the loader, per batch), ``perf/samples_per_s`` and
+    ``perf/text_tokens_per_s`` (one text token per frame placeholder); with ``flops`` (a
+    :class:`panda.models.flops.BatchFlops`) also ``perf/tflops_per_device`` from the batches' real
+    token counts, and ``perf/mfu`` against ``peak_tflops``.
+
+    The rates are means over the optimiser steps since the previous logging step, timed between
+    two points where the device has finished its queue: on a GPU the host only queues kernels, so a
+    clock around one batch would time their launch, not their work. The counts are added up on the
+    device as the batches pass and read, with one synchronisation, on logging steps only."""
 
     def __init__(self, flops=None, peak_tflops: float | None = None):
-        self._start = None
         self._last_end = None
         self.flops, self.peak_tflops = flops, peak_tflops
+        self._since = None  # when the interval began (the device idle)
+        self._samples = 0  # samples in the interval (host: batch shapes)
+        self._totals: list[torch.Tensor] = []  # per batch: text tokens and (with flops) FLOPs, on the device
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         now = time.perf_counter()
         if self._last_end is not None:
             pl_module.log("perf/data_time_s", now - self._last_end, on_step=True, on_epoch=False)
-        self._start = now
+        if self._since is None:
+            _wait_for_device(pl_module.device)
+            self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._start is not None and "input_ids" in batch:
-            dt = max(now - self._start, 1e-9)
-            pl_module.log("perf/samples_per_s", batch["input_ids"].shape[0] / dt, on_step=True, on_epoch=False)
-            pl_module.log("perf/text_tokens_per_s", float(batch["attention_mask"].sum()) / dt, on_step=True, on_epoch=False)
+        if "input_ids" in batch:
+            self._samples += batch["input_ids"].shape[0]
+            text = batch["attention_mask"].sum().double()
             counts = getattr(pl_module, "last_token_counts", None)
-            if self.flops is not None and counts is not None and counts[1] is not None:
-                tflops = self.flops(*counts) / dt / 1e12
+            has_flops = self.flops is not None and counts is not None and counts[1] is not None
+            self._totals.append(torch.stack([text, self.flops(*counts)]) if has_flops else text[None])
+        if logs_after(trainer, trainer.global_step) and self._totals and self._since is not None:
+            _wait_for_device(pl_module.device)  # the interval's work is done: now the clock is right
+            seconds = max(time.perf_counter() - self._since, 1e-9)
+            width = min(len(t) for t in self._totals)
+            sums = torch.stack([t[:width] for t in self._totals]).sum(0).tolist()  # the one read
+            pl_module.log("perf/samples_per_s", self._samples / seconds, on_step=True, on_epoch=False)
+            pl_module.log("perf/text_tokens_per_s", sums[0] / seconds, on_step=True, on_epoch=False)
+            if width > 1:
+                tflops = sums[1] / seconds / 1e12
                 pl_module.log("perf/tflops_per_device", tflops, on_step=True, on_epoch=False)
                 if self.peak_tflops:
                     pl_module.log("perf/mfu", tflops / self.peak_tflops, on_step=True, on_epoch=False)
-        self._last_end = now
+            self._samples, self._totals = 0, []
+            self._since = time.perf_counter()
+        self._last_end = time.perf_counter()
+
+
+def _wait_for_device(device: torch.device) -> None:
+    """Let an asynchronous device finish what is queued (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class LearningRateLogger(Callback):
-    """``lr/<group>`` of every optimiser parameter group (llm, vision, and their no-decay twins)."""
+    """``lr/<group>`` of every optimiser parameter group (llm, vision, and their no-decay twins), on
+    logging steps."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not logs_after(trainer, trainer.global_step):
+            return
         for i, group in enumerate(trainer.optimizers[0].param_groups):
             pl_module.log(f"lr/{group.get('name', i)}", group["lr"], on_step=True, on_epoch=False)
 

@@ -98,7 +98,8 @@ class PandaModule(L.LightningModule):
         self.trainable = apply_stage(model, cfg.stage)
         self.skipped_samples = 0
         self.padded_fractions: list[float] = []  # per batch: padding share of the text tokens (length grouping cuts it)
-        self.padded_fractions_all: list[float] = []  # per batch: padding share of all LLM positions (visual + text)
+        # per batch: padding share of all LLM positions (visual + text), 0-d tensors read once at the end
+        self.padded_fractions_all: list[torch.Tensor] = []
         self.warned_unknown_tokens = False
 
     # ------------------------------------------------------------------ forward
@@ -169,9 +170,10 @@ class PandaModule(L.LightningModule):
         n = batch["input_ids"].shape[0]
         self.padded_fractions.append(batch["padded_fraction"])
         self.log("data/padded_fraction", batch["padded_fraction"], on_step=True, on_epoch=False, batch_size=1)
-        if out.padded_fraction_all is not None:  # visual + text positions as the LLM sees them
-            self.padded_fractions_all.append(out.padded_fraction_all)
-            self.log("data/padded_fraction_all", out.padded_fraction_all, on_step=True, on_epoch=False, batch_size=1)
+        padded_all = out.padded_fraction_all  # visual + text positions as the LLM sees them
+        if padded_all is not None:  # a tensor: Lightning reads it when it logs, not every batch
+            self.padded_fractions_all.append(padded_all.detach())
+            self.log("data/padded_fraction_all", padded_all.detach(), on_step=True, on_epoch=False, batch_size=1)
         if "unk_fraction" in batch:
             self.log("data/unk_fraction", batch["unk_fraction"], on_step=True, on_epoch=False, batch_size=1)
             if batch["unk_fraction"] > UNKNOWN_TOKENS_WARNING and not self.warned_unknown_tokens:

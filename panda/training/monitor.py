@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from panda.data.conversation import ChatFormat, stop_token_ids, tokenize_prompt
 from panda.data.datamodule import Collator
 from panda.data.datasets import ConversationDataset, FramePipeline, find_video
+from panda.training.callbacks import logs_after
 from panda.data.records import QAItem, VideoRecord, place_video_token
 
 log = logging.getLogger(__name__)
@@ -23,16 +24,19 @@ log = logging.getLogger(__name__)
 
 class GradNormLogger(Callback):
     """``optim/grad_norm``: the L2 norm of all gradients of one optimiser step, before clipping
-    (sharded gradients are reduced to their global norm)."""
+    (sharded gradients are reduced to their global norm), on logging steps: logged as a tensor, so
+    Lightning reads it when it writes the metrics."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not logs_after(trainer, trainer.global_step + 1):  # the step about to be taken
+            return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the shards' contributions
             norm = norm.full_tensor()
-        pl_module.log("optim/grad_norm", float(norm), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("optim/grad_norm", norm.detach(), on_step=True, on_epoch=False, batch_size=1)
 
 
 def frames_strip(pixels: torch.Tensor, mask: torch.Tensor, mean, std) -> np.ndarray:

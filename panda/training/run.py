@@ -235,7 +235,7 @@ def training_results(s: Session) -> dict:
         "train/loss_by_step": [[step, round(loss, 6)] for step, loss in s.tracker.history],
         "train/skipped_samples": s.module.skipped_samples,
         "train/padded_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
-        "train/padded_fraction_all_mean": (sum(s.module.padded_fractions_all) / len(s.module.padded_fractions_all)
+        "train/padded_fraction_all_mean": (float(torch.stack(s.module.padded_fractions_all).double().mean())
                                            if s.module.padded_fractions_all else None),
         "data/rejected_records": len(s.datamodule.rejects),
         "data/prepare_rejected_records": (prepare_rejected_records([src.path for src in s.cfg.data.shards])

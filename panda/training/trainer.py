@@ -278,6 +278,10 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: str, flops=None) -> tuple[list, 
                  SkippedSamplesGuard(cfg.data.max_skipped_fraction, cfg.trainer.log_every_n_steps, video_root)]
     if cfg.trainer.strategy == "fsdp":
         callbacks += [NormStatisticsSync(), FSDPAudit()]
+    if cfg.trainer.audit_syncs:  # last: its count spans the other callbacks' batch hooks too
+        from panda.training.syncs import SyncAudit
+
+        callbacks.append(SyncAudit(os.path.join(os.path.dirname(ckpt_dir), "syncs.json")))
     return callbacks, tracker, interrupt
 
 
