@@ -35,24 +35,24 @@ from panda.registry import Registry
 class STABConfig:
     """Sizes and ablation switches of STAB. Defaults are the released Video-Panda-7B values."""
 
-    width: int = 1024  # d
-    patch_size: int = 14  # p
-    heads: int = 8
-    lsd_window: int = 2  # s
-    chunk_size: int = 4  # T
+    width: int = 1024  # d: the width of every STAB token (the projector maps it to the LLM's)
+    patch_size: int = 14  # p: the side of a patch in pixels (one patch embedding per p×p pixels)
+    heads: int = 8  # attention heads of LSD, FSRA and GSTRA (width must divide by it)
+    lsd_window: int = 2  # s: LSD makes one token of each s×s window of patches
+    chunk_size: int = 4  # T: frames per chunk, each chunk one LSTE volume and one GSTRA context token
     resolution: int = 448  # square canvas side, = ratio × teacher resolution
     ratio: int = 2  # STAB resolution / teacher resolution
     mixer_ratio: float = 1.5  # temporal mixer hidden = int(d / mixer_ratio) (682 in the release)
     dropout: float = 0.5  # GSTRA MLP and fusion projection dropout
     # ablation switches (docs/model-reference.md, "Ablation switches"); each removes computation and parameters
-    use_lste: bool = True
-    use_gstra: bool = True
-    use_fsra: bool = True
-    row_tokens: bool = True
+    use_lste: bool = True  # LSTE: temporal mixer + dynamic position encoding on each chunk
+    use_gstra: bool = True  # GSTRA: one video context token per chunk
+    use_fsra: bool = True  # FSRA: one frame context token per frame
+    row_tokens: bool = True  # a learned split token after each row of a frame's tokens
     # the spatial reducer, how a frame's patches become its tokens (REDUCERS): attention (LSD, the release) |
     # avgpool | none (every patch) | perceiver (Table 9's resampler) | one registered from a plugin module
     lsd: str = "attention"
-    lsd_before_lste: bool = False
+    lsd_before_lste: bool = False  # run the spatial reducer on the whole canvas before LSTE/GSTRA (Table 4)
 
     def validate(self) -> None:
         if self.width % self.heads:
