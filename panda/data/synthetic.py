@@ -22,7 +22,7 @@ Four question kinds, each with 4–6 answers, each needing a different part of S
 **v1** (``data.synthetic.version=1``; the first study's benchmark, ``experiments/ablations_synthetic``):
 a shape moving on a torus (wrapping around the edges); ``colour``, ``direction`` and (off by
 default) ``shape``. ``SyntheticConfig``'s own defaults are v1's first-study settings (800 videos,
-no question mix); ``train.py``'s default dataset is the yaml's (v2, README "The synthetic default").
+no question mix); ``train.py``'s default dataset is the yaml's (v2, docs/getting-started.md, "The synthetic default").
 
 Files are written exactly as real data is laid out (docs/recipe-reference.md, "On-disk layout"; the held-out
 split as in docs/recipe-reference.md, "Open-ended VideoQA")::
