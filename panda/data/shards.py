@@ -79,7 +79,7 @@ def _read_local(path: str, name: str) -> dict:
                 f"{path} holds raw data ({found}), not prepared shards: run `python -m panda.data.prepare "
                 f"--records {records[0] if records else 'RECORDS.json'} --video-root VIDEO_FOLDER --output SHARDS` and "
                 f"set data.root=SHARDS, or train on the raw files with data=json data.root=FOLDER "
-                f"data.train_records=[RECORDS.json] data.video_root=VIDEOS (see docs/data.md, "Train on your own videos")")
+                f"data.train_records=[RECORDS.json] data.video_root=VIDEOS (see docs/data.md, 'Train on your own videos')")
         hint = ("run `python -m panda.data.prepare --records ... --video-root ... --output "
                 f"{path}` first" if not os.path.isdir(path) or not os.listdir(path) else
                 "an interrupted prepare? rerun it with --resume")
