@@ -159,3 +159,41 @@ def test_one_sampling_dataclass_for_training_evaluate_py_and_lmms_eval():
     assert lmms.sampling_config({}) == SamplingConfig()  # lmms-eval's defaults are evaluate.py's
     with pytest.raises(ValueError, match=r"^sampling='random': use one of release, fps, budget$"):
         lmms.sampling_config({"sampling": "random"})
+
+
+def test_the_host_planned_splice_equals_the_device_one_to_the_bit(tmp_path, tokenizer):
+    """With the collator's host copies (``batch["host"]``) STAB and the splice read nothing back from
+    the device; what they make is what the device-side path makes, for a batch of two aspect ratios
+    and two frame counts, for the loss and its gradients too."""
+    from panda.data.conversation import get_template
+    from panda.data.datasets import Collator, ConversationDataset
+    from panda.data.records import VideoRecord
+
+    wide = make_video_file(str(tmp_path / "wide.mp4"), 64, 36, 24, fps=8, seed=1)
+    square = make_video_file(str(tmp_path / "square.mp4"), 48, 48, 24, fps=8, seed=2)
+    records = [VideoRecord("w", os.path.basename(wide), [("<video>\nWhat colour?", "Red."), ("And the shape?", "A disc.")]),
+               VideoRecord("s", os.path.basename(square), [("<video>\nWhat colour?", "Red.")])]
+    ds = ConversationDataset(records, str(tmp_path), tokenizer, get_template("vicuna_v1"), _tiny_pipeline(128), 512, 21)
+    batch = Collator(tokenizer.pad_token_id, patch_size=14)([ds[0], ds[1]])
+    host = batch["host"]
+    assert host["frame_counts"] == [8, 4] and host["patch_valid"].shape == (2, 8, 8, 8)
+    assert (host["input_ids"] == batch["input_ids"].numpy()).all()
+
+    model = tiny_video_lm(tokenizer)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"])
+    planned = model.prepare_inputs(*args, labels=batch["labels"], host=host)
+    found = model.prepare_inputs(*args, labels=batch["labels"], frame_counts=batch["frame_counts"])
+    for field in ("inputs_embeds", "attention_mask", "labels", "position_ids", "visual_positions"):
+        assert torch.equal(getattr(planned, field), getattr(found, field)), field
+    keep = found.labels[:, 1:] != -100
+    assert torch.equal(planned.supervised_targets, found.labels[:, 1:][keep])
+    assert planned.supervised_samples.tolist() == [0] * int(keep[0].sum()) + [1] * int(keep[1].sum())
+
+    losses, grads = [], []
+    for kwargs in ({"host": host}, {"frame_counts": batch["frame_counts"]}):
+        model.zero_grad()
+        out = model(*args, batch["labels"], **kwargs)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert torch.equal(losses[0], losses[1]) and all(torch.equal(a, b) for a, b in zip(*grads))

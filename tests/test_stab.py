@@ -56,7 +56,7 @@ def test_padding_frames_get_zero_mask_and_pixels():
 
 
 def test_padding_frame_is_cropped_to_top_left_half_grid():
-    valid = torch.zeros(2, 8, 8, dtype=torch.bool)
+    valid = np.zeros((2, 8, 8), dtype=bool)
     valid[0, 2:6, 0:8] = True
     assert crop_boxes(valid).tolist() == [[2, 0, 4, 8], [0, 0, 4, 4]]
 

@@ -33,11 +33,13 @@ def auto_workers() -> int:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int | None, pad_token_id: int, batch_sampler: Sampler | None = None,
-                unk_token_id: int | None = None) -> DataLoader:
+                unk_token_id: int | None = None, patch_size: int | None = None,
+                teacher_patch_size: int | None = None) -> DataLoader:
     """The DataLoader of every panda dataset (training, held-out QA, evaluate.py): padding collator,
     failed samples reported by the collator, workers that also start inside sweep workers.
     With a ``batch_sampler`` (training) the batches are its; otherwise ``batch_size`` in order.
-    ``num_workers=None`` picks :func:`auto_workers`."""
+    ``num_workers=None`` picks :func:`auto_workers`. ``patch_size`` (STAB's) and ``teacher_patch_size``
+    (a distillation teacher's): for the host copies a batch carries (:class:`Collator`)."""
     num_workers = auto_workers() if num_workers is None else num_workers
     context = None
     if num_workers > 0 and sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
@@ -49,7 +51,7 @@ def make_loader(dataset, batch_size: int, num_workers: int | None, pad_token_id:
         **sizing,
         multiprocessing_context=context,
         num_workers=num_workers,
-        collate_fn=Collator(pad_token_id, unk_token_id),
+        collate_fn=Collator(pad_token_id, unk_token_id, patch_size, teacher_patch_size),
         persistent_workers=num_workers > 0,
     )
 
@@ -145,7 +147,8 @@ class VideoDataModule(L.LightningDataModule):
                      sum(len(m) for m in sampler.members), sum(s.size for s in self.sources))
         self._sampler = sampler
         return make_loader(Positioned(self.train_set), data.batch_size, data.num_workers, self.tokenizer.pad_token_id, sampler,
-                           unk_token_id=self.tokenizer.unk_token_id)
+                           unk_token_id=self.tokenizer.unk_token_id, patch_size=self.pipeline.patch_size,
+                           teacher_patch_size=self.pipeline.teacher_patch_size if self.pipeline.teacher_resolution else None)
 
     def _take_resume(self, batches_per_epoch: int) -> tuple[int, int] | None:
         """(data epoch, batches of this rank to skip) restored from a checkpoint, handed out once."""

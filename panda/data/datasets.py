@@ -22,7 +22,7 @@ from panda.data.conversation import (
     tokenize_conversation,
     tokenize_prompt,
 )
-from panda.data.frames import preprocess_frames
+from panda.data.frames import patch_validity, preprocess_frames
 from panda.data.records import QAItem, VideoRecord
 from panda.data.video import decode_video
 from panda.errors import SampleError, VideoDecodeError
@@ -183,6 +183,11 @@ class Collator:
 
     pad_token_id: int = 0
     unk_token_id: int | None = None
+    # STAB's patch side: with it the batch also carries ``host``, the host copies the model plans the
+    # splice of visual tokens with (ids, mask, labels, frame counts, patch validity), so a training
+    # step reads nothing back from the device (panda/training/syncs.py)
+    patch_size: int | None = None
+    teacher_patch_size: int | None = None  # the distillation teacher's: ``host["teacher_valid"]`` too
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped = [s["error"] for s in samples if "error" in s]
@@ -219,4 +224,12 @@ class Collator:
                 batch[key] = _stack_padded([s[key] for s in good])
         if has_labels:
             batch["labels"] = labels
+        if self.patch_size and "frame_mask" in batch:
+            # numpy arrays: Lightning moves a batch's tensors to the device and leaves these on the host
+            batch["host"] = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                             "labels": labels.numpy() if has_labels else None,
+                             "frame_counts": counts if len(set(counts)) > 1 else None,
+                             "patch_valid": patch_validity(batch["frame_mask"], self.patch_size)}
+            if self.teacher_patch_size and "teacher_mask" in batch:
+                batch["host"]["teacher_valid"] = patch_validity(batch["teacher_mask"], self.teacher_patch_size)
         return batch

@@ -106,3 +106,13 @@ def preprocess_frames(
     """
     resized, geo = resize_frames(frames, num_frames, resolution, patch_size, ratio)
     return place_frames(resized, geo, num_frames, resolution, mean, std)
+
+
+def patch_validity(mask: torch.Tensor, patch_size: int) -> np.ndarray:
+    """The patches more than half inside a frame mask, on the host: (..., R, R) -> (..., R/p, R/p) bool.
+    STAB finds the same from the mask on the device; made here, where the mask is made, STAB need not
+    read its crop boxes back from the device."""
+    r = mask.shape[-1]
+    flat = mask.reshape(-1, 1, r, r).float()
+    valid = F.avg_pool2d(flat, patch_size)[:, 0] > 0.5
+    return valid.reshape(*mask.shape[:-2], r // patch_size, r // patch_size).numpy()

@@ -48,7 +48,7 @@ def generate_answers(model, loader, tokenizer, max_new_tokens: int = 16, device=
                 batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["pixels"].to(device, dtype),
                 batch["frame_mask"].to(device, dtype), max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id if stop_ids is None else stop_ids, pad_token_id=tokenizer.pad_token_id,
-                frame_counts=batch.get("frame_counts"),
+                frame_counts=batch.get("frame_counts"), host=batch.get("host"),
             )
             new = {qid: tokenizer.decode(ids, skip_special_tokens=True).strip() for qid, ids in zip(batch["ids"], out.tolist())}
             predictions.update(new)

@@ -144,7 +144,7 @@ def generate_predictions(model, tokenizer, bench: Benchmark, folder: str, pipeli
     log.info("%s: %d to generate on rank %d (%d already done)", bench.cfg.name, len(todo), rank, len(done))
     dataset = QADataset([QAItem(it.uid, it.video, it.question, "") for it in todo], bench.video_dir, tokenizer,
                         template, pipeline)
-    loader = make_loader(dataset, batch_size, num_workers, tokenizer.pad_token_id)
+    loader = make_loader(dataset, batch_size, num_workers, tokenizer.pad_token_id, patch_size=pipeline.patch_size)
     path = os.path.join(folder, f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
     with open(path, "a", encoding="utf-8") as f:
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,12 +93,15 @@ class TeacherFeatures:
     valid: torch.Tensor  # (B*F, g, g) bool: patches inside the frame's pasted region
 
 
-def _valid_box(valid: torch.Tensor) -> tuple[int, int, int, int] | None:
-    rows, cols = valid.any(1).nonzero(), valid.any(0).nonzero()
-    if rows.numel() == 0:
-        return None
-    top, left = int(rows[0]), int(cols[0])
-    return top, left, int(rows[-1]) - top + 1, int(cols[-1]) - left + 1
+def valid_boxes(valid: np.ndarray) -> list[tuple[int, int, int, int] | None]:
+    """(top, left, h, w) of the valid patches of each frame of ``valid`` (N, g, g) on the host; None
+    for a frame with none."""
+    rows, cols = valid.any(2), valid.any(1)  # (N, g), (N, g)
+    top, left = rows.argmax(1), cols.argmax(1)
+    bottom = rows.shape[1] - rows[:, ::-1].argmax(1)  # one past the last valid row
+    right = cols.shape[1] - cols[:, ::-1].argmax(1)
+    return [(int(t), int(l), int(b - t), int(r - l)) if any_ else None
+            for t, l, b, r, any_ in zip(top, left, bottom, right, rows.any(1))]
 
 
 def frame_distillation_losses(pred: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
@@ -121,23 +125,28 @@ def distillation_loss(
     head: DistillationHead,
     spatial_hidden: torch.Tensor,
     frame_grids: list[tuple[int, int]],
-    content: torch.Tensor,
+    content: np.ndarray,
     teacher: TeacherFeatures,
     loss: str,
+    teacher_valid: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Mean per-frame distillation loss over the frames with content.
 
     spatial_hidden: (sum of rows*cols over frames, J, D), the picked LLM hidden states at each
     frame's spatial visual tokens in (b, f, row, col) order; frame_grids: (rows, cols) per frame;
-    content: (B*F,) bool, frames that show something (padding frames of short videos do not).
+    content: (B*F,) bool on the host, frames that show something (padding frames of short videos do
+    not); ``teacher_valid``: ``teacher.valid`` on the host (a collator's ``host["teacher_valid"]``),
+    else read back from the device. Which frame pairs with which teacher region is decided on the host.
     """
     pred = head(spatial_hidden)  # (N, t)
     sizes = [r * c for r, c in frame_grids]
     per_frame = pred.split(sizes)
     groups: dict[tuple, list[int]] = {}
     boxes = {}
-    for i, has in enumerate(content.tolist()):
-        box = _valid_box(teacher.valid[i]) if has else None
+    host_valid = teacher_valid.reshape(teacher.valid.shape) if teacher_valid is not None else teacher.valid.cpu().numpy()
+    frame_boxes = valid_boxes(host_valid)
+    for i, has in enumerate(np.asarray(content).tolist()):
+        box = frame_boxes[i] if has else None
         if box is None:
             continue  # nothing to distil on this frame
         boxes[i] = box

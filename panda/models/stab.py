@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from panda.models.host import host_to_device
 from panda.registry import Registry
 
 
@@ -116,23 +117,25 @@ class VisualTokens:
     lengths: torch.Tensor  # (B, F) long: tokens per frame
     grids: list[tuple[int, int]] | None = None  # (rows, cols) of each frame's spatial tokens, (b, f) order
     content: torch.Tensor | None = None  # (B*F,) bool: the frame has valid pixels (not padding)
+    host_lengths: np.ndarray | None = None  # (B, F) ``lengths`` on the host (what the splice plans with)
+    host_content: np.ndarray | None = None  # (B*F,) ``content`` on the host, where STAB had it there
 
     def spatial_index(self, context_token: bool, row_tokens: bool) -> torch.Tensor:
         """Indices into ``tokens`` of the spatial tokens (context and row tokens left out), frame by
-        frame in row-major order: what the distillation head reads."""
-        device = self.tokens.device
-        lengths = self.lengths.flatten()
-        rows, cols = torch.tensor(self.grids, device=device).unbind(1)  # (n,), (n,)
+        frame in row-major order: what the distillation head reads. Planned on the host."""
+        lengths = (self.host_lengths if self.host_lengths is not None else self.lengths.cpu().numpy()).reshape(-1)
+        rows, cols = np.asarray(self.grids, dtype=np.int64).reshape(-1, 2).T  # (n,), (n,)
         sizes = rows * cols
-        frame = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)  # frame of each spatial token
-        within = torch.arange(int(sizes.sum()), device=device) - (sizes.cumsum(0) - sizes)[frame]
+        frame = np.repeat(np.arange(len(sizes)), sizes)  # frame of each spatial token
+        within = np.arange(sizes.sum()) - (sizes.cumsum() - sizes)[frame]
         c = cols[frame]
-        start = (lengths.cumsum(0) - lengths)[frame] + int(context_token)
-        return start + (within // c) * (c + int(row_tokens)) + within % c
+        start = (lengths.cumsum() - lengths)[frame] + int(context_token)
+        return host_to_device(start + (within // c) * (c + int(row_tokens)) + within % c, self.tokens.device)
 
     def per_frame(self) -> list[list[torch.Tensor]]:
         """``tokens`` split into [video][frame] tensors of shape (L_frame, C)."""
-        chunks = self.tokens.split(self.lengths.flatten().tolist())
+        lengths = self.host_lengths if self.host_lengths is not None else self.lengths.cpu().numpy()
+        chunks = self.tokens.split(lengths.reshape(-1).tolist())
         F = self.lengths.shape[1]
         return [list(chunks[b * F : (b + 1) * F]) for b in range(self.lengths.shape[0])]
 
@@ -173,9 +176,10 @@ class QueryAttentionPool(nn.Module):
 class SpatialReducer(nn.Module):
     """How the valid patches of each frame become its spatial tokens (``stab.lsd``; paper Tables 4 and 9).
 
-    One call: ``reducer(grid, valid, pooled)`` takes every frame's patch grid ``(N, g, g, d)`` (after
-    LSTE/GSTRA) and its validity ``(N, g, g)``, and returns every frame's spatial tokens packed
-    ``(S, d)``, frame after frame, each frame's tokens row-major, with each frame's ``(rows, cols)``.
+    One call: ``reducer(grid, valid, host_valid, pooled)`` takes every frame's patch grid ``(N, g, g, d)``
+    (after LSTE/GSTRA), its validity ``(N, g, g)`` on the device and, for a reducer that ``crops``,
+    the same validity on the host (numpy), and returns every frame's spatial tokens packed ``(S, d)``,
+    frame after frame, each frame's tokens row-major, with each frame's ``(rows, cols)``.
     STAB adds the context and row tokens around them. A reducer is registered in :data:`REDUCERS`
     under the name ``stab.lsd`` takes; its class says, without building it, how many tokens a frame
     gets (:meth:`window`, :meth:`fixed_side`), which the planner and the token budget count with.
@@ -184,6 +188,7 @@ class SpatialReducer(nn.Module):
     attribute = "lsd"  # STAB's attribute for it, hence its state-dict prefix (``lsd.attend.*`` in the release)
     keeps_layout = True  # each token summarises a place in the frame (distillation matches them to the teacher's)
     on_canvas = True  # can run on the whole canvas before LSTE (``stab.lsd_before_lste``)
+    crops = True  # crops each frame to its valid box, which it finds in ``host_valid``
 
     def __init__(self, cfg: STABConfig):
         super().__init__()
@@ -207,7 +212,8 @@ class SpatialReducer(nn.Module):
         s = cls.window(cfg)
         return patch_rows // s, patch_cols // s
 
-    def forward(self, grid: torch.Tensor, valid: torch.Tensor, pooled: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def forward(self, grid: torch.Tensor, valid: torch.Tensor, host_valid: np.ndarray | None,
+                pooled: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         raise NotImplementedError
 
 
@@ -234,12 +240,12 @@ class WindowReducer(SpatialReducer):
         windows = x.view(n, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, d)
         return self.pool(windows).view(n, h // s, w // s, d)
 
-    def forward(self, grid: torch.Tensor, valid: torch.Tensor, pooled: bool = False):
-        # grid: (N, g, g, d), valid: (N, g, g) -> tokens (S, d), [(rows, cols)] * N; ``pooled``: the grid
-        # already went through downsample (stab.lsd_before_lste), so each patch is a token
+    def forward(self, grid: torch.Tensor, valid: torch.Tensor, host_valid: np.ndarray | None, pooled: bool = False):
+        # grid: (N, g, g, d), host_valid: (N, g, g) numpy -> tokens (S, d), [(rows, cols)] * N; ``pooled``:
+        # the grid already went through downsample (stab.lsd_before_lste), so each patch is a token
         device, d = grid.device, grid.shape[-1]
         s = 1 if pooled else self.side
-        box = crop_boxes(valid)  # (N, 4): top, left, h, w; one host sync
+        box = crop_boxes(host_valid)  # (N, 4): top, left, h, w
         if ((box[:, 2] % s) | (box[:, 3] % s)).any():
             shapes = sorted({(int(h), int(w)) for h, w in box[:, 2:]})
             raise ValueError(f"LSD window {s} does not divide every patch crop: {shapes}")
@@ -248,7 +254,7 @@ class WindowReducer(SpatialReducer):
         frame = np.repeat(np.arange(len(box)), count)  # frame of each token
         k = np.arange(count.sum()) - np.repeat(count.cumsum() - count, count)  # its index within the frame
         row0, col0 = top[frame] + k // cols[frame] * s, left[frame] + k % cols[frame] * s  # its window's first patch
-        index = torch.from_numpy(np.concatenate([frame, row0, col0])).to(device)  # one copy to the device
+        index = host_to_device(np.concatenate([frame, row0, col0]), device)  # one copy to the device
         frame_t, row0_t, col0_t = index.view(3, -1)
         if s == 1:
             tokens = grid[frame_t, row0_t, col0_t]  # (S, d)
@@ -307,6 +313,7 @@ class PerceiverResampler(SpatialReducer):
     attribute = "resampler"
     keeps_layout = False  # latents have no place in the frame
     on_canvas = False
+    crops = False  # every frame's valid patches, under a key mask on the device
 
     @classmethod
     def fixed_side(cls, cfg: STABConfig) -> int:
@@ -336,25 +343,28 @@ class PerceiverResampler(SpatialReducer):
         x = self.latents + self.out_proj(attn.transpose(1, 2).reshape(n, k_latents, d))
         return x + self.mlp(x)
 
-    def forward(self, grid: torch.Tensor, valid: torch.Tensor, pooled: bool = False):
-        # grid: (N, g, g, d), valid: (N, g, g) -> tokens (N*K, d), [(side, side)] * N; no crop, no host sync
+    def forward(self, grid: torch.Tensor, valid: torch.Tensor, host_valid: np.ndarray | None, pooled: bool = False):
+        # grid: (N, g, g, d), valid: (N, g, g) -> tokens (N*K, d), [(side, side)] * N; no crop, nothing on the host
         valid = valid.flatten(1)  # (N, g*g)
         attend = valid | ~valid.any(1, keepdim=True)  # a padding frame attends everywhere (no empty softmax)
         latents = self.resample(grid.flatten(1, 2), attend)  # (N, g*g, d) -> (N, K, d)
         return latents.reshape(-1, latents.shape[-1]), [(self.side, self.side)] * grid.shape[0]
 
 
-def crop_boxes(valid: torch.Tensor) -> np.ndarray:
-    """Bounding box (top, left, h, w) of the valid patches of each frame, (N, 4) on the host; an empty
-    (padding) frame gets the top-left half grid."""
+def crop_boxes(valid: np.ndarray) -> np.ndarray:
+    """Bounding box (top, left, h, w) of the valid patches of each frame of ``valid`` (N, gh, gw), (N, 4);
+    an empty (padding) frame gets the top-left half grid."""
     n, gh, gw = valid.shape
     rows, cols = valid.any(2), valid.any(1)  # (N, gh), (N, gw)
-    has = rows.any(1)
-    top, left = rows.float().argmax(1), cols.float().argmax(1)
-    h, w = rows.sum(1), cols.sum(1)
-    fallback = torch.tensor([0, 0, gh // 2, gw // 2], device=valid.device)
-    boxes = torch.stack([top, left, h, w], 1)
-    return torch.where(has[:, None], boxes, fallback).cpu().numpy().astype(np.int64)  # one host sync per batch
+    boxes = np.stack([rows.argmax(1), cols.argmax(1), rows.sum(1), cols.sum(1)], 1).astype(np.int64)
+    boxes[~rows.any(1)] = [0, 0, gh // 2, gw // 2]
+    return boxes
+
+
+def pool_valid(valid: np.ndarray, s: int) -> np.ndarray:
+    """(N, g, g) patch validity -> (N, g/s, g/s): a window is valid when more than half its patches are."""
+    n, gh, gw = valid.shape
+    return valid.reshape(n, gh // s, s, gw // s, s).mean((2, 4)) > 0.5
 
 
 class LocalSpatioTemporalEncoder(nn.Module):
@@ -569,14 +579,14 @@ class STAB(nn.Module):
             dests.append(first[row_frame] + row * row_width[row_frame] + cols[row_frame])
         if has_context:
             dests.append(offsets)
-        index = torch.from_numpy(np.concatenate([frame, k, *dests])).to(device)  # one copy to the device
+        index = host_to_device(np.concatenate([frame, k, *dests]), device)  # one copy to the device
         used = len(frame)
         context = None
         if self.fsra is not None:
             longest = int(count.max())
             padded = spatial.new_zeros(n, longest, d)
             padded[index[:used], index[used:2 * used]] = spatial  # (N, Lmax, d)
-            key_mask = torch.arange(longest, device=device)[None] < torch.from_numpy(count).to(device)[:, None]
+            key_mask = torch.arange(longest, device=device)[None] < host_to_device(count, device)[:, None]
             context = self.fsra(self.frame_query.expand(n, d), padded, key_mask)  # (N, d)
         context = self._fuse(video_ctx, context)
         parts = [spatial]
@@ -587,28 +597,37 @@ class STAB(nn.Module):
         flat = torch.cat(parts)
         return flat.new_empty(flat.shape).index_copy(0, index[2 * used:], flat)
 
-    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> VisualTokens:
-        """pixels: (B, F, 3, R, R) normalised; mask: (B, F, R, R) in {0, 1}."""
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor, patch_valid: np.ndarray | None = None) -> VisualTokens:
+        """pixels: (B, F, 3, R, R) normalised; mask: (B, F, R, R) in {0, 1}; ``patch_valid``: (B, F, g, g)
+        bool on the host, the patches more than half inside the mask (``panda.data.frames.patch_validity``;
+        a collator hands it over with the batch). Without it the crop boxes are read back from the device."""
         if pixels.ndim != 5:
             raise ValueError(f"pixels must be (B, F, 3, R, R), got {tuple(pixels.shape)}")
         batch, frames = pixels.shape[:2]
         x = self.patch_embed(pixels.flatten(0, 1))  # (B*F, 3, R, R) -> (B*F, d, g, g)
         valid = F.avg_pool2d(mask.flatten(0, 1)[:, None].to(x.dtype), self.cfg.patch_size)[:, 0] > 0.5  # (B*F, g, g)
+        host_valid = None
+        if self.reducer.crops:
+            # (B, F, g, g) -> (B*F, g, g); without it: read back from the device (one wait)
+            host_valid = patch_valid.reshape(valid.shape) if patch_valid is not None else valid.cpu().numpy()
 
         pooled = self.cfg.lsd_before_lste
         if pooled:  # ablation: the reducer on the whole canvas first, LSTE/GSTRA on the coarse grid
             x = self.reducer.downsample(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B*F, d, g/s, g/s)
             valid = F.avg_pool2d(valid[:, None].to(x.dtype), self.reducer.side)[:, 0] > 0.5
+            host_valid = pool_valid(host_valid, self.reducer.side)
 
         video_ctx = None
         if self.temporal and (self.lste is not None or self.gstra is not None):
             x, video_ctx = self._temporal(x, batch, frames)
 
         grid = x.permute(0, 2, 3, 1)  # (B*F, d, g, g) -> (B*F, g, g, d)
-        spatial, grids = self.reducer(grid, valid, pooled)  # (S, d), [(rows, cols)] per frame
+        spatial, grids = self.reducer(grid, valid, host_valid, pooled)  # (S, d), [(rows, cols)] per frame
         tokens, lengths = self._assemble(spatial, grids, video_ctx)
         content = valid.flatten(1).any(1)  # (B*F,)
-        return VisualTokens(tokens, torch.from_numpy(lengths).to(x.device).view(batch, frames), grids, content)
+        lengths = lengths.reshape(batch, frames)
+        host_content = host_valid.reshape(len(host_valid), -1).any(1) if host_valid is not None else None
+        return VisualTokens(tokens, host_to_device(lengths, x.device), grids, content, lengths, host_content)
 
 
 # The vision-to-LLM projectors (``model.projector``): each a function (STAB width, LLM width) -> module.

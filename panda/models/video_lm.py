@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from panda.models.distill import DistillationHead, DistillConfig, TeacherFeatures, distillation_loss
+from panda.models.host import host_to_device
 from panda.models.llm_parts import llm_depth, llm_width
 from panda.models.packing import pack as pack_sequences
 from panda.models.stab import STAB, STABConfig, VisualTokens, build_projector, count_parameters
@@ -29,6 +31,63 @@ class SplicedInputs:
     labels: torch.Tensor | None  # (B, M) or None
     position_ids: torch.Tensor  # (B, M)
     visual_positions: torch.Tensor  # (total visual tokens,) index into the flattened (B*M) sequence, packed order
+    # with labels: the supervised positions, known on the host (no boolean mask on the device)
+    supervised: torch.Tensor | None = None  # (N,) index into the flattened (B*(M-1)) next-token positions
+    supervised_targets: torch.Tensor | None = None  # (N,) the token each of them predicts
+    supervised_samples: torch.Tensor | None = None  # (N,) its sample
+
+
+def host_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    """The host copies of a batch's token ids, mask and labels that the splice plans with. A collator
+    hands them over with the batch (``batch["host"]``); this reads them back from the device (one
+    wait) for callers that have none."""
+    return {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy(),
+            "labels": labels.cpu().numpy() if labels is not None else None}
+
+
+def splice_plan(input_ids: np.ndarray, attention_mask: np.ndarray, frame_lengths: np.ndarray,
+                labels: np.ndarray | None = None, padding_side: str = "right") -> dict[str, np.ndarray]:
+    """Where everything goes when each frame placeholder becomes its frame's visual tokens, computed on
+    the host: ``input_ids``/``attention_mask``/``labels`` (B, N); ``frame_lengths`` (B, F) visual tokens
+    per frame (0: a frame a batch of mixed frame counts pads with). Index arrays (int64) named as in
+    :func:`splice_visual_tokens`, plus the new mask, labels and position ids (B, M)."""
+    B, N = input_ids.shape
+    is_frame = input_ids == IMAGE_PLACEHOLDER_ID  # (B, N)
+    present = frame_lengths > 0  # (B, F)
+    per_video, frames = is_frame.sum(1), present.sum(1)
+    if not np.array_equal(per_video, frames):
+        raise ValueError(f"each sample needs one frame placeholder per frame ({frames.tolist()}); found {per_video.tolist()}")
+    frame_len = frame_lengths[present].astype(np.int64)  # row-major = (b, f) order = the placeholders' order
+    real = attention_mask.astype(bool)
+    width = np.ones((B, N), dtype=np.int64)
+    width[is_frame] = frame_len
+    width *= real  # padding positions vanish; each row is re-padded below
+    end = width.cumsum(1)
+    start = end - width  # (B, N) new position of each input position
+    seq_len = end[:, -1] if N else np.zeros(B, dtype=np.int64)  # (B,)
+    M = int(seq_len.max()) if B else 0
+    if padding_side == "left":
+        start = start + (M - seq_len)[:, None]
+    b_txt, n_txt = np.nonzero(real & ~is_frame)
+    p_txt = start[b_txt, n_txt]
+    # visual token k of frame (b, f) goes to start[b, n_f] + k
+    b_frm, n_frm = np.nonzero(is_frame)  # row-major, matches visual order
+    b_vis = np.repeat(b_frm, frame_len)
+    within = np.arange(frame_len.sum()) - np.repeat(frame_len.cumsum() - frame_len, frame_len)
+    p_vis = np.repeat(start[b_frm, n_frm], frame_len) + within
+    new_mask = np.zeros((B, M), dtype=np.int64)
+    new_mask[b_txt, p_txt] = 1
+    new_mask[b_vis, p_vis] = 1
+    plan = {"b_txt": b_txt, "n_txt": n_txt, "p_txt": p_txt, "b_vis": b_vis, "p_vis": p_vis, "attention_mask": new_mask,
+            "position_ids": np.maximum(new_mask.cumsum(1) - 1, 0), "visual_positions": b_vis * M + p_vis}
+    if labels is not None:
+        new_labels = np.full((B, M), IGNORE_INDEX, dtype=np.int64)
+        new_labels[b_txt, p_txt] = labels[b_txt, n_txt]
+        target = new_labels[:, 1:]  # what each position predicts
+        supervised = np.flatnonzero(target != IGNORE_INDEX)
+        plan |= {"labels": new_labels, "supervised": supervised, "supervised_targets": target.reshape(-1)[supervised],
+                 "supervised_samples": supervised // max(1, M - 1)}
+    return plan
 
 
 def splice_visual_tokens(
@@ -38,58 +97,34 @@ def splice_visual_tokens(
     visual: VisualTokens,
     labels: torch.Tensor | None = None,
     padding_side: str = "right",
+    host: dict | None = None,
 ) -> SplicedInputs:
     """Replace each frame placeholder by its frame's visual tokens.
 
     text_embeds: (B, N, D) embeddings of ``input_ids`` (placeholders embedded as anything);
     input_ids/attention_mask/labels: (B, N); visual.tokens: (total, D) in (b, f) order, which is
-    the order placeholders appear in the batch.
+    the order placeholders appear in the batch. ``host``: the same ids, mask and labels on the host
+    (:func:`host_batch`); with them and STAB's host token counts nothing is read back from the
+    device: the plan (:func:`splice_plan`) is made on the host and goes over in one copy.
     """
     B, N, D = text_embeds.shape
     device = text_embeds.device
-    is_frame = input_ids == IMAGE_PLACEHOLDER_ID  # (B, N)
-    per_video = is_frame.sum(1)
-    present = visual.lengths > 0  # (B, F): every frame but the absent ones a batch of mixed frame counts pads with
-    if not torch.equal(per_video.cpu(), present.sum(1).cpu()):
-        raise ValueError(
-            f"each sample needs one frame placeholder per frame ({present.sum(1).tolist()}); found {per_video.tolist()}"
-        )
-    frame_len = visual.lengths[present].to(device)  # row-major = (b, f) order = the placeholders' order
-    real = attention_mask.bool()
-    width = torch.ones_like(input_ids)
-    width[is_frame] = frame_len.to(width.dtype)
-    width = width * real  # padding positions vanish; each row is re-padded below
-    end = width.cumsum(1)
-    start = end - width  # (B, N) new position of each input position
-    seq_len = end[:, -1]  # (B,)
-    M = int(seq_len.max())
-    shift = (M - seq_len)[:, None] if padding_side == "left" else torch.zeros_like(seq_len)[:, None]
-    start = start + shift
+    host = host if host is not None else host_batch(input_ids, attention_mask, labels)
+    frame_lengths = visual.host_lengths if visual.host_lengths is not None else visual.lengths.cpu().numpy()
+    plan = splice_plan(host["input_ids"], host["attention_mask"], frame_lengths,
+                       host["labels"] if labels is not None else None, padding_side)
+    M = plan["attention_mask"].shape[1]
+    names = [k for k in plan if k != "labels" or labels is not None]
+    sizes = [plan[k].size for k in names]
+    flat = host_to_device(np.concatenate([plan[k].reshape(-1) for k in names]), device)  # one copy to the device
+    on_device = {k: part.view(plan[k].shape) for k, part in zip(names, flat.split(sizes))}
 
     embeds = text_embeds.new_zeros(B, M, D)
-    new_mask = torch.zeros(B, M, dtype=torch.long, device=device)
-    new_labels = torch.full((B, M), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
-
-    text = real & ~is_frame
-    b_txt, n_txt = text.nonzero(as_tuple=True)
-    p_txt = start[b_txt, n_txt]
-    embeds[b_txt, p_txt] = text_embeds[b_txt, n_txt]
-    new_mask[b_txt, p_txt] = 1
-    if new_labels is not None:
-        new_labels[b_txt, p_txt] = labels[b_txt, n_txt]
-
-    # visual token k of frame (b, f) goes to start[b, n_f] + k
-    b_frm, n_frm = is_frame.nonzero(as_tuple=True)  # row-major, matches visual order
-    b_vis = b_frm.repeat_interleave(frame_len)
-    first = start[b_frm, n_frm].repeat_interleave(frame_len)
-    frame_begin = (frame_len.cumsum(0) - frame_len).repeat_interleave(frame_len)
-    within = torch.arange(int(frame_len.sum()), device=device) - frame_begin
-    p_vis = first + within
-    embeds[b_vis, p_vis] = visual.tokens.to(embeds.dtype)
-    new_mask[b_vis, p_vis] = 1
-
-    position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)
-    return SplicedInputs(embeds, new_mask, new_labels, position_ids, b_vis * M + p_vis)
+    embeds[on_device["b_txt"], on_device["p_txt"]] = text_embeds[on_device["b_txt"], on_device["n_txt"]]
+    embeds[on_device["b_vis"], on_device["p_vis"]] = visual.tokens.to(embeds.dtype)
+    return SplicedInputs(embeds, on_device["attention_mask"], on_device.get("labels"), on_device["position_ids"],
+                         on_device["visual_positions"], on_device.get("supervised"), on_device.get("supervised_targets"),
+                         on_device.get("supervised_samples"))
 
 
 @dataclass
@@ -141,55 +176,73 @@ class VideoLanguageModel(nn.Module):
             self.distill_head = DistillationHead(llm_width(llm), llm_depth(llm), teacher_width,
                                                  distill.layer_stride, distill.heads)
 
-    def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor, frame_counts: torch.Tensor | None = None) -> VisualTokens:
+    def encode_video(self, pixels: torch.Tensor, mask: torch.Tensor, frame_counts=None,
+                     patch_valid: np.ndarray | None = None) -> VisualTokens:
         """(B, F, 3, R, R), (B, F, R, R) -> projected per-frame tokens, packed in (b, f) order:
         for each frame its context token, then each row of LSD tokens followed by its row token.
         ``.per_frame()`` splits them into one tensor per frame.
 
         ``frame_counts`` (B,): videos with fewer frames than F (``data.sampling`` fps / budget) —
         each runs through STAB with its own frames only, exactly as it would alone, and the absent
-        frames after them get no tokens (length 0, no grid, no content)."""
-        if frame_counts is None or bool((frame_counts == pixels.shape[1]).all()):
-            visual = self.stab(pixels, mask)
+        frames after them get no tokens (length 0, no grid, no content). ``frame_counts`` and
+        ``patch_valid`` (see :meth:`STAB.forward`) on the host spare reading them back from the device."""
+        counts = [int(c) for c in (frame_counts.tolist() if isinstance(frame_counts, torch.Tensor) else frame_counts)] \
+            if frame_counts is not None else None
+        if counts is None or all(c == pixels.shape[1] for c in counts):
+            visual = self.stab(pixels, mask, patch_valid)
         else:
-            visual = self._encode_mixed_counts(pixels, mask, [int(c) for c in frame_counts])
-        return VisualTokens(self.projector(visual.tokens), visual.lengths, visual.grids, visual.content)
+            visual = self._encode_mixed_counts(pixels, mask, counts, patch_valid)
+        return VisualTokens(self.projector(visual.tokens), visual.lengths, visual.grids, visual.content, visual.host_lengths,
+                            visual.host_content)
 
-    def _encode_mixed_counts(self, pixels, mask, counts: list[int]) -> VisualTokens:
+    def _encode_mixed_counts(self, pixels, mask, counts: list[int], patch_valid: np.ndarray | None) -> VisualTokens:
         B, F = pixels.shape[:2]
         device = pixels.device
         per_sample: list = [None] * B
         for count in sorted(set(counts)):  # one STAB call per distinct frame count
             idx = [b for b in range(B) if counts[b] == count]
-            v = self.stab(pixels[idx, :count], mask[idx, :count])
-            chunks = v.tokens.split(v.lengths.sum(1).tolist())
+            v = self.stab(pixels[idx, :count], mask[idx, :count], patch_valid[idx, :count] if patch_valid is not None else None)
+            chunks = v.tokens.split(v.host_lengths.sum(1).tolist())
             for k, b in enumerate(idx):
-                per_sample[b] = (chunks[k], v.lengths[k], v.grids[k * count:(k + 1) * count], v.content[k * count:(k + 1) * count])
-        lengths = torch.zeros(B, F, dtype=torch.long, device=device)
+                host_content = v.host_content[k * count:(k + 1) * count] if v.host_content is not None else None
+                per_sample[b] = (chunks[k], v.host_lengths[k], v.grids[k * count:(k + 1) * count],
+                                 v.content[k * count:(k + 1) * count], host_content)
+        lengths = np.zeros((B, F), dtype=np.int64)
         content = torch.zeros(B * F, dtype=torch.bool, device=device)
+        host_content = np.zeros(B * F, dtype=bool) if v.host_content is not None else None
         grids: list[tuple[int, int]] = []
-        for b, (_, frame_lengths, frame_grids, frame_content) in enumerate(per_sample):
+        for b, (_, frame_lengths, frame_grids, frame_content, frame_host_content) in enumerate(per_sample):
             lengths[b, : counts[b]] = frame_lengths
             content[b * F: b * F + counts[b]] = frame_content
+            if host_content is not None:
+                host_content[b * F: b * F + counts[b]] = frame_host_content
             grids += list(frame_grids) + [(0, 0)] * (F - counts[b])
-        return VisualTokens(torch.cat([t for t, *_ in per_sample]), lengths, grids, content)
+        return VisualTokens(torch.cat([t for t, *_ in per_sample]), host_to_device(lengths, device), grids, content, lengths,
+                            host_content)
 
     def prepare_inputs(self, input_ids, attention_mask, pixels, frame_mask, labels=None, padding_side="right",
-                       visual: VisualTokens | None = None, frame_counts=None) -> SplicedInputs:
-        visual = visual if visual is not None else self.encode_video(pixels, frame_mask, frame_counts)
+                       visual: VisualTokens | None = None, frame_counts=None, host: dict | None = None) -> SplicedInputs:
+        """``host``: the batch's host copies (:func:`host_batch`; a collator's ``batch["host"]``, which may
+        also hold ``patch_valid`` and ``frame_counts``): with them nothing is read back from the device."""
+        host = host or {}
+        if visual is None:
+            visual = self.encode_video(pixels, frame_mask, host.get("frame_counts", frame_counts), host.get("patch_valid"))
         embed = self.llm.get_input_embeddings()
         text_embeds = embed(input_ids.clamp(min=0))  # placeholders embed as id 0, then get overwritten
-        return splice_visual_tokens(text_embeds, input_ids, attention_mask, visual, labels, padding_side)
+        return splice_visual_tokens(text_embeds, input_ids, attention_mask, visual, labels, padding_side,
+                                    host if "input_ids" in host else None)
 
     def forward(self, input_ids, attention_mask, pixels, frame_mask, labels=None, teacher: TeacherFeatures | None = None,
-                frame_counts: torch.Tensor | None = None, pack: bool = False, pack_length: int | None = None) -> VideoLMOutput:
+                frame_counts: torch.Tensor | None = None, pack: bool = False, pack_length: int | None = None,
+                host: dict | None = None) -> VideoLMOutput:
         """LM cross-entropy over supervised tokens, plus the distillation loss when ``teacher``
         features are given and the model has a distillation head. ``frame_counts``: see ``encode_video``.
         ``pack``: lay the samples end to end in rows of at most ``pack_length`` positions (default the
         longest sample) with no attention between them (panda/models/packing.py): the same losses,
-        less padding."""
-        visual = self.encode_video(pixels, frame_mask, frame_counts)
-        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels, visual=visual)
+        less padding. ``host``: see :meth:`prepare_inputs`."""
+        host = host or {}
+        visual = self.encode_video(pixels, frame_mask, host.get("frame_counts", frame_counts), host.get("patch_valid"))
+        spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, labels, visual=visual, host=host)
         B, M = spliced.attention_mask.shape
         positions = spliced.attention_mask.sum(1)
         sample_of = torch.arange(B, device=input_ids.device)[:, None].expand(B, M)
@@ -203,8 +256,8 @@ class VideoLanguageModel(nn.Module):
         # only the hidden states the head reads: Hugging Face models that record hidden states by
         # hook take a list of indices and return None elsewhere; others return all, read the same way
         hidden_request = list(self.distill_head.layers) if distil else False
-        target_samples = None
-        if spliced.labels is not None:
+        target_samples = spliced.supervised_samples  # planned on the host; packed rows find theirs here
+        if spliced.labels is not None and target_samples is None:
             target_samples = sample_of[:, :-1][spliced.labels[:, 1:] != IGNORE_INDEX]
         if spliced.labels is not None and supervised_head_supported(self.llm):
             out, lm_loss, logits = self.supervised_lm_loss(spliced, hidden_request, llm_mask)
@@ -226,7 +279,9 @@ class VideoLanguageModel(nn.Module):
             hidden = out.hidden_states  # L + 1 entries (B, M, D), None where not requested; index 0 = embeddings
             spatial = spliced.visual_positions[visual.spatial_index(self.stab_cfg.has_context_token, self.stab_cfg.row_tokens)]
             picked = torch.stack([hidden[j].flatten(0, 1)[spatial] for j in self.distill_head.layers], dim=1)  # (N, J, D)
-            distill_loss = distillation_loss(self.distill_head, picked, visual.grids, visual.content, teacher, self.distill_cfg.loss)
+            content = visual.host_content if visual.host_content is not None else visual.content.cpu().numpy()
+            distill_loss = distillation_loss(self.distill_head, picked, visual.grids, content, teacher, self.distill_cfg.loss,
+                                             host.get("teacher_valid"))
             loss = distill_loss * self.distill_cfg.weight if lm_loss is None else lm_loss + self.distill_cfg.weight * distill_loss
         return VideoLMOutput(loss, lm_loss, distill_loss, logits, visual.lengths.sum(1), positions,
                              spliced.attention_mask.numel(), target_samples)
@@ -240,20 +295,24 @@ class VideoLanguageModel(nn.Module):
         decoder = getattr(self.llm, self.llm.base_model_prefix)
         out = decoder(inputs_embeds=spliced.inputs_embeds, attention_mask=attention_mask,
                       position_ids=spliced.position_ids, use_cache=False, output_hidden_states=output_hidden_states)
-        target = spliced.labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])  # (N, D) -> (N, V)
+        hidden = out.last_hidden_state[:, :-1]  # (B, M-1, D): each position predicts the next token
+        if spliced.supervised is not None:  # the positions, planned on the host
+            picked, target = hidden.flatten(0, 1).index_select(0, spliced.supervised), spliced.supervised_targets
+        else:  # packed rows: found on the device
+            keep = spliced.labels[:, 1:] != IGNORE_INDEX
+            picked, target = hidden[keep], spliced.labels[:, 1:][keep]
+        logits = self.llm.get_output_embeddings()(picked)  # (N, D) -> (N, V)
         if logits.shape[0] == 0:  # nothing supervised: a zero that still reaches every trained weight
             return out, out.last_hidden_state.sum() * 0.0, logits
-        return out, nn.functional.cross_entropy(logits.float(), target[keep]), logits
+        return out, nn.functional.cross_entropy(logits.float(), target), logits
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0,
-                 frame_counts=None, **generate_kwargs):
+                 frame_counts=None, host: dict | None = None, **generate_kwargs):
         """Greedy generation for a batch of (video, prompt); returns only the new token ids (B, ≤max_new).
-        ``generate_kwargs`` go to the LLM's ``generate`` (e.g. a ``streamer``)."""
+        ``host``: see :meth:`prepare_inputs`. ``generate_kwargs`` go to the LLM's ``generate`` (e.g. a ``streamer``)."""
         spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, padding_side="left",
-                                      frame_counts=frame_counts)
+                                      frame_counts=frame_counts, host=host)
         return self.llm.generate(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,

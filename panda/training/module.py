@@ -112,7 +112,7 @@ class PandaModule(L.LightningModule):
         packing = self.cfg.data.packing and batch.get("labels") is not None
         return self.model(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["frame_mask"],
                           batch.get("labels"), teacher=teacher, frame_counts=batch.get("frame_counts"),
-                          pack=packing, pack_length=self.cfg.data.pack_length)
+                          pack=packing, pack_length=self.cfg.data.pack_length, host=batch.get("host"))
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` shard the model with FSDP2 (panda/training/fsdp.py); then, with
