@@ -208,8 +208,7 @@ class SkippedSamplesGuard(Callback):
         seen, skipped = self.seen, self.skipped
         if trainer.world_size > 1:  # one small collective on a logging step: every rank decides alike
             counts = torch.tensor([seen, skipped], dtype=torch.float64, device=pl_module.device)  # NCCL: on the GPU
-            total = trainer.strategy.reduce(counts, reduce_op="sum")
-            seen, skipped = int(total[0]), int(total[1])
+            seen, skipped = (int(n) for n in trainer.strategy.reduce(counts, reduce_op="sum").tolist())  # one read
         if not seen or not skipped:
             return
         everything = when == "epoch" and skipped == seen
@@ -310,18 +309,31 @@ def _sharded(pl_module) -> bool:
 
 class NormStatisticsSync(Callback):
     """FSDP does not synchronise buffers: average batch-norm running statistics over ranks after
-    each step, so every rank (and every checkpoint) holds the same ones."""
+    each optimiser step, so every rank (and every checkpoint) holds the same ones. One all-reduce of
+    all of them together per optimiser step, not one per buffer per micro-batch (training itself
+    normalises with each batch's own statistics; the running ones serve evaluation)."""
+
+    def __init__(self):
+        self._step_seen = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not _sharded(pl_module) or trainer.world_size < 2:
-            return
+        if not _sharded(pl_module) or trainer.world_size < 2 or trainer.global_step == self._step_seen:
+            return  # within an accumulation: the optimiser has not stepped
+        self._step_seen = trainer.global_step
         import torch.distributed as dist
 
-        for module in pl_module.model.modules():
-            if is_batch_norm(module) and module.running_mean is not None:
-                for buf in (module.running_mean, module.running_var):
-                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                    buf.div_(trainer.world_size)
+        buffers = [buf for module in pl_module.model.modules() if is_batch_norm(module) and module.running_mean is not None
+                   for buf in (module.running_mean, module.running_var)]
+        if not buffers:
+            return
+        flat = torch.cat([buf.flatten() for buf in buffers])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(trainer.world_size)
+        for buf, mean in zip(buffers, flat.split([buf.numel() for buf in buffers])):
+            buf.copy_(mean.view_as(buf))
 
 
 class FSDPAudit(Callback):

@@ -144,9 +144,12 @@ class SyncAudit(L.Callback):
         if self._counter is not None:  # stopped inside a batch
             self._counter.__exit__(None, None, None)
             self._counter = None
-        if trainer.global_rank == 0 and self.path:
-            with open(self.path, "w") as f:
-                json.dump({"micro_batches": self.steps, "summary": self.summary()}, f, indent=1)
+        if not self.path:
+            return
+        path = self.path if trainer.global_rank == 0 else self.path.replace(".json", f"_rank{trainer.global_rank}.json")
+        with open(path, "w") as f:  # rank 0: syncs.json; the others syncs_rank<r>.json
+            json.dump({"micro_batches": self.steps, "summary": self.summary()}, f, indent=1)
+        if trainer.global_rank == 0:
             log.info("device->host synchronisations per micro-batch (trainer.audit_syncs):\n%s", self.table())
 
     def summary(self) -> dict:
