@@ -41,8 +41,8 @@ from panda.data.budget import sampling_rule
 from panda.data.datamodule import make_loader
 from panda.data.datasets import FramePipeline, QADataset, find_video
 from panda.data.records import QAItem
-from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA, Benchmark,
-                                         MultipleChoiceBenchmark, load_benchmark)
+from panda.evaluation.benchmarks import (MCQ_TITLES, PUBLISHED_MCQ, PUBLISHED_QA, PUBLISHED_VCG, QA_TITLES, VCG_CRITERIA,
+                                         Benchmark, MultipleChoiceBenchmark, load_benchmark)
 from panda.evaluation.judge import JUDGES, build_judge
 from panda.evaluation.mcq import check_letter_tokens, resolve_choices
 from panda.evaluation.qa import generate_answers
@@ -247,7 +247,7 @@ def markdown_table(results: dict) -> str:
                   "| model | " + " | ".join(MCQ_TITLES.get(n, n) for n in names) + " |", "|---|" + "---|" * len(names),
                   "| this run | " + " | ".join(f"{fmt(mcq[n]['accuracy'] and 100 * mcq[n]['accuracy'], 1)}"
                                                f"{interval(mcq[n].get('accuracy_ci95'), 1, 100)}" for n in names) + " |",
-                  "| Video-Panda (published) | " + " | ".join("–" for _ in names) + " |", "",
+                  "| Video-Panda (published) | " + " | ".join(_published_mcq(n, mcq[n]) for n in names) + " |", "",
                   "Decided by: " + "; ".join(f"`{n}` parser {mcq[n]['decided_by_parser']}, log-likelihood "
                                              f"{mcq[n]['decided_by_loglikelihood']}, none {mcq[n]['decided_by_none']}" for n in names), ""]
         for n in names:
@@ -613,3 +613,15 @@ def _print_results(results: dict) -> None:
     print_summary({k: v for b, r in results["benchmarks"].items() for k, v in scalar_metrics(r, f"{b}/").items()}
                   | {"judge": results["judge"]["model"], "judge/api_calls": results["judge"]["api_calls"]},
                   title="panda evaluation")
+
+
+def _published_mcq(name: str, result: dict) -> str:
+    """The paper's Table 11 cell for benchmark ``name``; where it was measured on one duration split
+    (Video-MME: medium), that split's accuracy of this run beside it, the number to compare."""
+    if name not in PUBLISHED_MCQ:
+        return "–"
+    value, split = PUBLISHED_MCQ[name]
+    if split is None:
+        return f"{value}"
+    ours = result.get(f"accuracy_duration={split}")
+    return f"{value} ({split} videos; this run: {'–' if ours is None else f'{100 * ours:.1f}'})"
