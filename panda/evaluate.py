@@ -9,14 +9,12 @@
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from panda import check_torchvision
 from panda.config import EvaluateConfig, register_configs, to_evaluate_config
 from panda.errors import PandaError
-from panda.overrides import check_command_line
-from panda.paths import config_dir
+from panda.overrides import run_hydra_app
 from panda.runs import exit_on_config_error
 
 check_torchvision()  # before Lightning is imported: a broken torchvision would take it down unexplained
@@ -45,14 +43,10 @@ def task(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> None:
-    """Check the command line's overrides (a misspelt option or key: exit 2 before Hydra makes a run
-    folder), then run Hydra on panda's config folder with ``argv`` as its command line."""
+    """``panda evaluate``: the overrides checked, then Hydra on panda's configs (:func:`run_hydra_app`)."""
     global PROG
     PROG = prog
-    argv = sys.argv[1:] if argv is None else list(argv)
-    check_command_line(prog, EvaluateConfig, "evaluate", argv)
-    sys.argv = [sys.argv[0], *argv]  # Hydra reads its command line there
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")(task)()
+    run_hydra_app(prog, EvaluateConfig, "evaluate", task, argv)
 
 
 if __name__ == "__main__":

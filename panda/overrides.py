@@ -233,3 +233,17 @@ def check_command_line(entry: str, schema: type, config_name: str, argv: list[st
         check_overrides(overrides, schema, config_name, extra_dirs=[config_dir] if config_dir else ())
     except ValueError as exc:
         exit_on_config_error(entry, exc)
+
+
+def run_hydra_app(prog: str, schema: type, config_name: str, task, argv: list[str] | None = None) -> None:
+    """An entry point's main: check ``argv``'s overrides (:func:`check_command_line`: a misspelt group
+    option or key exits 2 before Hydra makes a run folder), then run ``task`` as a Hydra application
+    on panda's config folder with ``argv`` as its command line (``sys.argv[1:]`` when None)."""
+    import sys
+
+    import hydra
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_command_line(prog, schema, config_name, argv)
+    sys.argv = [sys.argv[0], *argv]  # Hydra reads its command line there
+    hydra.main(version_base="1.3", config_path=panda_config_dir(), config_name=config_name)(task)()

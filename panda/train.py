@@ -12,14 +12,12 @@ Examples::
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from panda import check_torchvision
 from panda.config import TrainConfig, register_configs, to_train_config
 from panda.errors import PandaError
-from panda.overrides import check_command_line
-from panda.paths import config_dir
+from panda.overrides import run_hydra_app
 from panda.plan import check_gpu_plan
 from panda.runs import exit_on_config_error
 
@@ -50,14 +48,10 @@ def task(cfg: DictConfig) -> float | None:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> None:
-    """Check the command line's overrides (a misspelt group option or key: exit 2 before Hydra makes
-    a run folder), then run Hydra on panda's config folder with ``argv`` as its command line."""
+    """``panda train``: the overrides checked, then Hydra on panda's configs (:func:`run_hydra_app`)."""
     global PROG
     PROG = prog
-    argv = sys.argv[1:] if argv is None else list(argv)
-    check_command_line(prog, TrainConfig, "train", argv)
-    sys.argv = [sys.argv[0], *argv]  # Hydra reads its command line there
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(task)()
+    run_hydra_app(prog, TrainConfig, "train", task, argv)
 
 
 if __name__ == "__main__":
