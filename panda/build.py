@@ -4,6 +4,7 @@ the weights of any checkpoint kind)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -17,8 +18,9 @@ from panda.data.datamodule import VideoDataModule
 from panda.data.datasets import FramePipeline
 from panda.data.tokenizer import load_tokenizer
 from panda.models.adapters import apply_adapter, quantization_config
-from panda.models.checkpoints import (apply_eve_state, apply_release_state, empty_llm_from_config, load_llm_from_folder,
-                                     load_weights_from_ckpt, read_weights)
+from panda.models.checkpoints import (apply_eve_state, apply_release_state, empty_llm_from_config, empty_llm_from_folder,
+                                     empty_llm_from_pretrained, load_llm_from_folder, load_weights_from_ckpt, read_weights,
+                                     tie_if_tied)
 from panda.models.video_lm import VideoLanguageModel, build_llm
 
 log = logging.getLogger(__name__)
@@ -54,15 +56,31 @@ def max_sequence_length(cfg: TrainConfig) -> int:
     return cfg.model.max_length
 
 
-def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initialise: bool = True) -> VideoLanguageModel:
+def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initialise: bool = True,
+                meta: bool = False) -> VideoLanguageModel:
     """The model ``cfg`` describes (with ``derived``'s teacher width and folder LLM architecture).
     With ``initialise`` its weights start where ``init`` says; without (a checkpoint's weights are
-    loaded next) nothing is read from ``init.path``."""
+    loaded next) nothing is read from ``init.path``.
+
+    ``meta``: the same model on the meta device, its structure only: no weight is read (of
+    ``init.path`` and ``llm.pretrained`` only their ``config.json``) and none is initialised. An
+    FSDP rank other than 0 builds this and receives rank 0's weights once sharded
+    (:func:`panda.training.fsdp.receive_initial_state`)."""
+    if meta and str(cfg.llm.adapter) == "qlora":
+        raise ValueError("llm.adapter=qlora quantises the LLM while reading it: it cannot be built on the meta device")
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return _build_model(cfg, tokenizer, derived, initialise, read=not meta)
+
+
+def _build_model(cfg: TrainConfig, tokenizer, derived: Derived, initialise: bool, read: bool) -> VideoLanguageModel:
     llm_cfg, init = cfg.llm, cfg.init
     state = None
     if init.kind in FOLDER_INITS and initialise:
-        state = read_weights(init.path)
-        llm = load_llm_from_folder(init.path, state, llm_cfg.dtype, llm_cfg.attn_implementation)
+        if read:
+            state = read_weights(init.path)
+            llm = load_llm_from_folder(init.path, state, llm_cfg.dtype, llm_cfg.attn_implementation)
+        else:
+            llm = tie_if_tied(empty_llm_from_folder(init.path, llm_cfg.dtype, llm_cfg.attn_implementation))
         if llm.get_input_embeddings().num_embeddings < text_vocab(tokenizer):
             raise ValueError(f"the tokenizer ({tokenizer_path(cfg, derived)}) has more tokens than the LLM in {init.path}")
     elif derived.llm_config:  # rebuilding a run whose LLM came from a folder: same architecture, no init
@@ -70,6 +88,8 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
 
         config = AutoConfig.for_model(**derived.llm_config | {"attn_implementation": llm_cfg.attn_implementation})
         llm = empty_llm_from_config(config, getattr(torch, llm_cfg.dtype))
+    elif llm_cfg.pretrained and not read:
+        llm = empty_llm_from_pretrained(llm_cfg.pretrained, len(tokenizer), llm_cfg.dtype, llm_cfg.attn_implementation)
     else:
         llm = build_llm(
             tokenizer,  # its size, and a built LLaMA's BOS/EOS/pad ids
@@ -88,12 +108,13 @@ def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initi
     teacher_width = derived.teacher_width if distill_active(cfg) else None
     model = VideoLanguageModel(cfg.stab, llm, projector=cfg.model.projector,
                                distill=cfg.distill if teacher_width else None, teacher_width=teacher_width)
-    if initialise and init.kind == "release":
+    if initialise and read and init.kind == "release":
         apply_release_state(model, state, llm_keys=set(llm.state_dict()), source=init.path)
-    elif initialise and init.kind == "eve":
+    elif initialise and read and init.kind == "eve":
         apply_eve_state(model, state, source=init.path)
-    elif initialise and init.kind == "checkpoint":
+    elif initialise and read and init.kind == "checkpoint":
         load_weights_from_ckpt(model, init.path)
+    del state  # the file's tensors: the model holds its own copy now
     if str(llm_cfg.adapter) != "none":  # after the init weights: adapters start at zero on top of them
         if str(llm_cfg.adapter) == "qlora" and init.kind in FOLDER_INITS:
             raise ValueError("llm.adapter=qlora quantises the LLM while loading it: give it as llm.pretrained=FOLDER, "

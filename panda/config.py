@@ -78,6 +78,10 @@ class FSDPConfig:
     activation_checkpointing: bool = True  # non-reentrant, per decoder layer
     hybrid_shard: bool = False  # shard inside a node, replicate across trainer.num_nodes
     distributed_checkpoint: bool = True  # sharded checkpoints (no full gather on rank 0)
+    # only rank 0 builds the model and reads its initial weights (init.path, llm.pretrained); the other ranks
+    # build it on the meta device and receive their shards from rank 0 after sharding. false: every rank
+    # builds the whole model and reads the weights itself (host memory: a full copy per rank)
+    broadcast_from_rank0: bool = True
 
 
 @dataclass

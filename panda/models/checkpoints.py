@@ -240,10 +240,10 @@ def empty_llm_from_config(config, dtype: torch.dtype, model_class=None) -> nn.Mo
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str | None = None,
-                         attn_implementation: str = "sdpa") -> nn.Module:
-    """The causal LM of a release/EVE/exported folder, built from its ``config.json`` and filled
-    from ``state`` (keys ``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``).
+def empty_llm_from_folder(folder: str, dtype: str | None = None, attn_implementation: str = "sdpa") -> nn.Module:
+    """The causal LM a release/EVE/exported folder's ``config.json`` describes, allocated but not
+    initialised (built inside ``torch.device("meta")``: its structure only); nothing is read
+    but the config.
 
     A ``model_type`` that is not one of transformers' own causal LMs (the release's
     ``videopanda_llama``, EVE's) is read as a LLaMA config and built as ``LlamaForCausalLM``
@@ -269,8 +269,16 @@ def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str
     torch_dtype = getattr(torch, dtype) if dtype else getattr(config, "dtype", None) or torch.float32
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
-    llm = empty_llm_from_config(config, torch_dtype, model_class)  # every tensor is overwritten below
+    return empty_llm_from_config(config, torch_dtype, model_class)
+
+
+def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str | None = None,
+                         attn_implementation: str = "sdpa") -> nn.Module:
+    """The causal LM of a release/EVE/exported folder (:func:`empty_llm_from_folder`), filled
+    from ``state`` (keys ``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``)."""
+    llm = empty_llm_from_folder(folder, dtype, attn_implementation)  # every tensor is overwritten below
     own = llm.state_dict()
+    config = llm.config
     tied = set(llm.get_expanded_tied_weights_keys()) if getattr(config, "tie_word_embeddings", False) else set()
     mine = {k: v for k, v in state.items() if k in own}
     missing = [k for k in own if k not in mine and k not in tied]
@@ -283,6 +291,27 @@ def load_llm_from_folder(folder: str, state: dict[str, torch.Tensor], dtype: str
     if tied:
         llm.tie_weights()
     return llm
+
+
+def tie_if_tied(llm: nn.Module) -> nn.Module:
+    """``llm`` with its output embedding tied to its input embedding when its config says so (a model
+    built without initialisation is not tied yet)."""
+    if getattr(llm.config, "tie_word_embeddings", False):
+        llm.tie_weights()
+    return llm
+
+
+def empty_llm_from_pretrained(folder: str, vocab: int, dtype: str = "float32", attn_implementation: str = "sdpa") -> nn.Module:
+    """The causal LM ``AutoModelForCausalLM.from_pretrained(folder)`` builds (``llm.pretrained``), its
+    embeddings resized to ``vocab`` rows when it has fewer, allocated but not initialised: built
+    inside ``torch.device("meta")`` it is the structure only, from ``config.json`` (no weight is read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, attn_implementation=attn_implementation)
+    llm = tie_if_tied(empty_llm_from_config(config, getattr(torch, dtype)))
+    if llm.get_input_embeddings().num_embeddings < vocab:
+        llm.resize_token_embeddings(vocab, mean_resizing=False)  # the values come from the rank that read them
+    return llm.train()
 
 
 # ---------------------------------------------------------------------------- release state <-> model

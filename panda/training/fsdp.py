@@ -13,10 +13,20 @@ The teacher is not part of the module tree: it stays replicated and gradient-fre
 Mixed precision keeps fp32 master weights and computes in ``param_dtype`` (bf16 by default) with
 gradient reduction in ``reduce_dtype``; ``cpu_offload`` keeps sharded parameters, gradients and
 optimiser state in host memory; ``hybrid_shard`` shards within a node and replicates across nodes.
+
+Initial weights (``broadcast_from_rank0``, the default): rank 0 builds the model exactly as one
+process would (reading ``init.path`` / ``llm.pretrained``, initialising fresh parts from the seeded
+RNG); every other rank builds it on the meta device, reading nothing. After ``fully_shard``,
+:func:`receive_initial_state` sends rank 0's full state dict tensor by tensor
+(``set_model_state_dict(..., broadcast_from_rank0=True)``): each rank keeps only its shards. The
+non-persistent buffers (RoPE ``inv_freq``), which no state dict holds, follow. The ranks' RNG
+streams need nothing: Lightning reseeds every rank when it starts the process group, after the
+build, so each continues exactly as if it had built the model itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional
 
@@ -110,3 +120,74 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def launch_rank_is_zero() -> bool:
+    """Whether this process will be global rank 0, known before the Trainer or a process group
+    exists: read from the launch environment the way Lightning picks it (torchrun, SLURM, LSF, MPI,
+    else its own launcher's ``NODE_RANK``/``LOCAL_RANK``, unset in the process that starts the others)."""
+    from lightning.fabric.plugins.environments import (LightningEnvironment, LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    for env_type in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if env_type.detect():
+            return env_type().global_rank() == 0
+    env = LightningEnvironment()
+    return env.node_rank() == 0 and env.local_rank() == 0
+
+
+def broadcasts_initial_state(cfg) -> bool:
+    """Whether rank 0 sends the initial weights to the other ranks (``trainer.fsdp.broadcast_from_rank0``
+    on a multi-rank FSDP run). QLoRA quantises while it reads, so each of its ranks reads for itself."""
+    from panda.training.trainer import world_size
+
+    t = cfg.trainer
+    return (str(t.strategy) == "fsdp" and t.fsdp.broadcast_from_rank0 and str(cfg.llm.adapter) != "qlora"
+            and world_size(cfg) > 1)
+
+
+def builds_on_meta(cfg) -> bool:
+    """Whether this process builds its model on the meta device: every rank but 0 when rank 0 sends the
+    initial weights (:func:`broadcasts_initial_state`)."""
+    return broadcasts_initial_state(cfg) and not launch_rank_is_zero()
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def non_persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers no state dict holds (RoPE's ``inv_freq``), in the same order on every rank."""
+    found = []
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buf = module._buffers.get(name)
+            if buf is not None:
+                found.append((f"{prefix}.{name}" if prefix else name, buf))
+    return found
+
+
+def capture_initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """On rank 0, before ``fully_shard``: its full state dict (references, no copy), which keeps the
+    unsharded tensors alive until :func:`receive_initial_state` has sent them."""
+    if is_meta(model):
+        raise RuntimeError("rank 0 built its model on the meta device, so it has no initial weights to send: the "
+                           "launch environment named another rank 0 than Lightning's process group "
+                           "(set trainer.fsdp.broadcast_from_rank0=false to let every rank read them)")
+    return dict(model.state_dict())
+
+
+def receive_initial_state(model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After ``fully_shard``, on every rank: rank 0's initial weights (``full``; None elsewhere) into each
+    rank's shards, one tensor at a time, then rank 0's non-persistent buffers. A rank built on the meta
+    device is first allocated (uninitialised) on ``device``."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    if rank != 0 and is_meta(model):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for _, buf in non_persistent_buffers(model):
+        dist.broadcast(buf, src=0)

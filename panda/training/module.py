@@ -129,7 +129,7 @@ class PandaModule(L.LightningModule):
             rank_zero_info(f"torch.compile ({self.cfg.model.compile_backend}, dynamic shapes): {', '.join(names)}")
 
     def _shard(self) -> None:
-        from panda.training.fsdp import shard_model
+        from panda.training.fsdp import broadcasts_initial_state, capture_initial_state, receive_initial_state, shard_model
 
         fsdp_cfg = self.cfg.trainer.fsdp
         mesh = self.device_mesh["data_parallel"]
@@ -138,7 +138,12 @@ class PandaModule(L.LightningModule):
 
             per_node = self.trainer.world_size // self.trainer.num_nodes
             mesh = init_device_mesh(self.device.type, (self.trainer.num_nodes, per_node), mesh_dim_names=("replicate", "shard"))
+        broadcast = broadcasts_initial_state(self.cfg)  # rank 0 built the model, the others its structure only
+        full = capture_initial_state(self.model) if broadcast and self.global_rank == 0 else None
         units = shard_model(self.model, mesh, fsdp_cfg)
+        if broadcast:
+            receive_initial_state(self.model, full, self.trainer.strategy.root_device)
+            full = None  # rank 0's unsharded tensors go
         self.sharded = True
         rank_zero_info(f"FSDP2: {units} units, compute {fsdp_cfg.param_dtype or 'as stored'}, reduce {fsdp_cfg.reduce_dtype}, "
                        f"cpu_offload={fsdp_cfg.cpu_offload}, activation checkpointing={fsdp_cfg.activation_checkpointing}")

@@ -30,6 +30,7 @@ from panda.models.flops import BatchFlops, stab_forward_flops, teacher_forward_f
 from panda.models.teachers import build_teacher
 from panda.runs import discard_run_dir, experiment_choice, git_commit, hydra_run_dir, print_summary, resume_command, run_dir_of
 from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_complete
+from panda.training.fsdp import builds_on_meta
 from panda.training.module import PandaModule
 from panda.training.monitor import HeldOutMonitor
 from panda.training.trainer import (
@@ -171,7 +172,7 @@ def setup(cfg: TrainConfig, run_dir: str, resume_from: str | None = None, checkp
         accumulate_grad_batches=resolve_accumulation(cfg), tokenizer=tokenizer_dir,
         **({"teacher_width": teacher.width, "teacher_image_size": teacher.image_size,
             "teacher_patch_size": teacher.patch_size} if teacher is not None else {}))
-    model = build_model(cfg, tokenizer, derived)
+    model = build_model(cfg, tokenizer, derived, meta=builds_on_meta(cfg))  # FSDP: rank 0 reads, the others receive
     if cfg.init.kind in FOLDER_INITS:  # evaluation rebuilds this architecture without the folder
         derived = dataclasses.replace(derived, llm_config=model.llm.config.to_dict())
     module = PandaModule(model, cfg, derived, teacher=teacher)
