@@ -105,7 +105,8 @@ def valid_boxes(valid: np.ndarray) -> list[tuple[int, int, int, int] | None]:
 
 
 def frame_distillation_losses(pred: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
-    """pred (n, r, c, t), teacher (n, r', c', t) -> per-frame loss (n,), pooling the finer grid."""
+    """pred (n, r, c, t), teacher (n, r', c', t) -> per-frame loss (n,), pooling the finer grid. Computed
+    in fp32 whatever the inputs' dtype (bf16 under autocast or FSDP's bf16 compute), like the LM loss."""
     r, c = min(pred.shape[1], teacher.shape[1]), min(pred.shape[2], teacher.shape[2])
 
     def pool(x):  # (n, h, w, t) -> (n, r, c, t); plain average pooling when the ratio is an integer
@@ -113,7 +114,7 @@ def frame_distillation_losses(pred: torch.Tensor, teacher: torch.Tensor, loss: s
             return x
         return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (r, c)).permute(0, 2, 3, 1)
 
-    pred, teacher = pool(pred).flatten(1, 2), pool(teacher.to(pred.dtype)).flatten(1, 2)  # (n, r*c, t)
+    pred, teacher = pool(pred.float()).flatten(1, 2), pool(teacher.float()).flatten(1, 2)  # (n, r*c, t)
     if loss == "cosine":
         return 1 - F.cosine_similarity(pred, teacher, dim=-1).mean(1)
     if loss == "mse":
