@@ -104,7 +104,8 @@ def test_bf16_mixed_loss_tracks_fp32_and_stays_finite(autocast_runs):
     assert len(ref) == len(run) == STEPS
     assert all(math.isfinite(x) for x in ref + run)
     gaps = _window_gaps(ref, run, 20)
-    print("bf16-mixed vs fp32, 20-step window means:", " ".join(f"{g:+.2%}" for g in gaps))
+    print("bf16-mixed vs fp32, 20-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
+          f"| last 20 steps {_mean(ref[-20:]):.4f} / {_mean(run[-20:]):.4f}")
     assert all(abs(g) < EARLY_TOL for g in gaps[:EARLY_STEPS // 20]), gaps
     assert abs(gaps[-1]) < LAST_TOL, gaps
     assert ref != run  # bf16 really changed the arithmetic
@@ -154,7 +155,8 @@ def test_stage1_precision_frozen_llm_and_teacher_in_bf16_with_distillation_track
     ref, run = _losses(fp32), _losses(bf16)
     assert len(ref) == len(run) == STAGE1_STEPS and all(math.isfinite(x) for x in ref + run)
     gaps = _window_gaps(ref, run, 10)
-    print("stage-1 precision vs fp32, 10-step window means:", " ".join(f"{g:+.2%}" for g in gaps))
+    print("stage-1 precision vs fp32, 10-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
+          f"| last 10 steps {_mean(ref[-10:]):.4f} / {_mean(run[-10:]):.4f}")
     assert all(abs(g) < STAGE1_TOL for g in gaps), gaps
     assert ref != run
     for key in ("llm_weight", "llm_output", "stab_output"):  # the frozen LLM is stored and computes in bf16
@@ -210,7 +212,8 @@ def test_fsdp_bf16_compute_with_fp32_master_weights_and_reduction_tracks_fp32(sy
     assert len(ref) == len(run) == FSDP_STEPS
     assert all(math.isfinite(x) for x in ref + run)
     gaps = _window_gaps(ref, run, 10)
-    print("FSDP2 bf16 vs fp32, 10-step window means:", " ".join(f"{g:+.2%}" for g in gaps))
+    print("FSDP2 bf16 vs fp32, 10-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
+          f"| last 10 steps {_mean(ref[-10:]):.4f} / {_mean(run[-10:]):.4f}")
     assert all(abs(g) < FSDP_TOL for g in gaps), gaps
     assert ref != run  # bf16 really changed the arithmetic
     for seen in bf16_seen:  # each rank
