@@ -261,6 +261,10 @@ class TrainerConfig:
     max_epochs: int = 1  # the data config sets the synthetic default's (20)
     max_steps: int = -1  # optimiser steps; -1: no limit (max_epochs decides)
     gradient_clip_val: Optional[float] = 1.0  # clip the gradient norm to this; None: no clipping
+    # an optimiser step whose loss or gradient norm is NaN/inf is skipped on every rank (counted as
+    # train/nonfinite_steps, its samples named in a warning); this many in a row stop the run with a
+    # checkpoint of the last finite weights (docs/train-and-scale.md, "Non-finite steps"); 0: no guard
+    max_nonfinite_steps: int = 3
     accumulate_grad_batches: int = 1  # ignored when global_batch_size is set (accumulation is derived)
     # the one batch knob of a recipe: accumulation = global / (data.batch_size × devices × num_nodes)
     global_batch_size: Optional[int] = None

@@ -14,6 +14,7 @@ from panda.config import Derived, StageConfig, TrainConfig, to_plain
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from panda.models.adapters import has_adapter, set_adapter_trainable
 from panda.models.video_lm import VideoLanguageModel
+from panda.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class PandaModule(L.LightningModule):
         # per batch: padding share of all LLM positions (visual + text), 0-d tensors read once at the end
         self.padded_fractions_all: list[torch.Tensor] = []
         self.warned_unknown_tokens = False
+        # skips optimiser steps with a non-finite loss or gradient norm (panda/training/nonfinite.py)
+        max_nonfinite = cfg.trainer.max_nonfinite_steps
+        self.nonfinite = NonFiniteGuard(max_nonfinite) if max_nonfinite > 0 else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict):
@@ -159,6 +163,12 @@ class PandaModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning calls this before it restores its loops from the same dict
         start_after_finished_epoch(checkpoint)
+        if self.nonfinite is not None:
+            self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.nonfinite is not None:
+            checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int):
@@ -167,11 +177,18 @@ class PandaModule(L.LightningModule):
             self.skipped_samples += 1
             log.warning("skipped sample %s (%s): %s", miss["id"], miss["path"], miss["reason"])
         self.log("data/skipped", float(self.skipped_samples), on_step=True, on_epoch=False, batch_size=1)  # running total
+        if self.nonfinite is not None:
+            self.nonfinite.before_forward(self.model)
         if "input_ids" not in batch:
             # every sample of the batch failed: a zero loss through a real forward, so every trainable
             # parameter takes part in backward and the other ranks' gradient collectives do not hang
-            return {"loss": self(self.stand_in_batch()).loss * 0.0}
+            loss = self(self.stand_in_batch()).loss * 0.0
+            if self.nonfinite is not None:
+                self.nonfinite.record(loss, [])
+            return {"loss": loss}
         out = self(batch)
+        if self.nonfinite is not None:
+            self.nonfinite.record(out.loss, batch["ids"])
         n = batch["input_ids"].shape[0]
         self.padded_fractions.append(batch["padded_fraction"])
         self.log("data/padded_fraction", batch["padded_fraction"], on_step=True, on_epoch=False, batch_size=1)
@@ -218,6 +235,25 @@ class PandaModule(L.LightningModule):
         return batch
 
     # ------------------------------------------------------------------ optimiser
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Lightning's step, with the non-finite step guard (``trainer.max_nonfinite_steps``): the
+        closure (training step and backward of the step's last micro-batch) runs here; a step whose
+        loss or gradient norm is non-finite on any rank is skipped on every rank (no
+        ``optimizer.step()``: no weight, moment or step count changes; panda/training/nonfinite.py).
+        The learning-rate schedule and ``global_step`` still advance."""
+        guard = self.nonfinite
+        if guard is None:
+            optimizer.step(closure=optimizer_closure)
+            return
+        loss = optimizer_closure()
+        if guard.should_skip(self, optimizer):
+            guard.skip(self, optimizer)
+        else:
+            # clipping, on_before_optimizer_step and the update run as in Lightning's own step
+            optimizer.step(closure=lambda: loss)
+            guard.stepped()
+        self.log("train/nonfinite_steps", float(guard.total), on_step=True, on_epoch=False, batch_size=1)  # running total
+
     def configure_optimizers(self):
         stage = self.cfg.stage
         vision_lr = stage.vision_lr if stage.vision_lr is not None else stage.lr

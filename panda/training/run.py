@@ -33,6 +33,7 @@ from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_comple
 from panda.training.fsdp import builds_on_meta
 from panda.training.module import PandaModule
 from panda.training.monitor import HeldOutMonitor
+from panda.training.nonfinite import NonFiniteStepsError
 from panda.training.trainer import (
     LOGGERS,
     build_callbacks,
@@ -93,11 +94,16 @@ def train(cfg) -> dict:
         summary = run_facts(session) | training_results(session) | {"time/fit_s": round(fit_s, 2)}
         if session.interrupt.stopped:  # Ctrl-C: the checkpoint is saved; no export, no evaluation
             summary["status"] = "interrupted"
+        elif nonfinite_stopped(session):  # the last finite state is saved; the run fails after the summary
+            summary["status"] = "nonfinite"
         else:
             summary |= export_final(session)
             summary |= evaluate_heldout(session)
         summary["time/wall_s"] = round(time.time() - start, 2)
         write_summary(session, summary)
+        if summary.get("status") == "nonfinite":
+            raise NonFiniteStepsError(session.module.nonfinite.stop_message(
+                summary["checkpoint"], session.cfg.stage.lr, session.cfg.trainer.precision))
         if session.interrupt.stopped:
             print(f"panda: interrupted at step {summary['train/steps']}; checkpoint {summary['checkpoint']}\n"
                   f"Resume with:\n  {resume_command(run_dir)}", flush=True)
@@ -215,8 +221,13 @@ def fit(s: Session) -> float:
     if not s.cfg.trainer.fast_dev_run:
         final = os.path.join(s.ckpt_dir, "last.ckpt")
         s.trainer.save_checkpoint(final)
-        mark_complete(s.trainer, final, finished=not s.interrupt.stopped)
+        mark_complete(s.trainer, final, finished=not (s.interrupt.stopped or nonfinite_stopped(s)))
     return time.time() - start
+
+
+def nonfinite_stopped(s: Session) -> bool:
+    """The non-finite step guard stopped the run (``trainer.max_nonfinite_steps`` bad steps in a row)."""
+    return s.module.nonfinite is not None and s.module.nonfinite.stopped
 
 
 def run_facts(s: Session) -> dict:
@@ -235,6 +246,8 @@ def training_results(s: Session) -> dict:
         "train/steps": s.trainer.global_step,
         "train/loss_by_step": [[step, round(loss, 6)] for step, loss in s.tracker.history],
         "train/skipped_samples": s.module.skipped_samples,
+        # optimiser steps skipped for a non-finite loss or gradient norm (None: trainer.max_nonfinite_steps=0)
+        "train/nonfinite_steps": s.module.nonfinite.total if s.module.nonfinite is not None else None,
         "train/padded_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
         "train/padded_fraction_all_mean": (float(torch.stack(s.module.padded_fractions_all).double().mean())
                                            if s.module.padded_fractions_all else None),

@@ -125,9 +125,10 @@ def find_resume_checkpoint(runs_root: str, name: str, run_dir: str) -> dict | No
 
 
 # what may change when a run is resumed: its limits and where things are (ckpt_path: the key that named
-# the checkpoint to resume before resume took a path; older checkpoints hold it)
+# the checkpoint to resume before resume took a path; older checkpoints hold it). A run stopped by
+# non-finite steps may continue with another limit of them (it changes no computed value)
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "resume", "ckpt_path", "run_dir", "runs_root",
-                     "trainer.enable_progress_bar")
+                     "trainer.enable_progress_bar", "trainer.max_nonfinite_steps")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
