@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import signal
 import threading
@@ -68,9 +69,9 @@ class LossTracker(Callback):
     """The training loss of each optimiser step of this process: ``history`` holds (global step,
     loss) once per step, where the loss is the mean of the step's micro-batch losses as the module
     computed them (not Lightning's copy divided by ``accumulate_grad_batches``); ``final`` is the
-    mean of the last ``window`` steps. The history travels in every checkpoint, so a resumed run's
-    summary covers the whole run. Each step's loss stays a device tensor until the history is read
-    (a checkpoint, the summary): no step waits for the device to hand it back."""
+    mean of the last ``window`` finite ones. The history travels in every checkpoint, so a resumed
+    run's summary covers the whole run. Each step's loss stays a device tensor until the history is
+    read (a checkpoint, the summary): no step waits for the device to hand it back."""
 
     def __init__(self, window: int = 10):
         self.window_size = window
@@ -107,14 +108,19 @@ class LossTracker(Callback):
                 self._pending.append((trainer.global_step, torch.stack(self._micro).float().mean()))
             self._micro = []
 
+    def _finite(self) -> list[float]:
+        """The history's losses but the non-finite ones (steps the non-finite guard skipped keep theirs
+        in ``history``, where they show what happened, and stay out of ``first`` and ``final``)."""
+        return [loss for _, loss in self.history if math.isfinite(loss)]
+
     @property
     def first(self) -> float | None:
-        history = self.history
-        return history[0][1] if history else None
+        losses = self._finite()
+        return losses[0] if losses else None
 
     @property
     def final(self) -> float | None:
-        last = [loss for _, loss in self.history[-self.window_size:]]
+        last = self._finite()[-self.window_size:]
         return sum(last) / len(last) if last else None
 
 
