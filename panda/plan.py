@@ -25,6 +25,14 @@ formula below. What it counts, per rank:
   only where a label is: its output, the fp32 copy and log-softmax); the hidden states the distillation head reads; STAB (measured);
   plus one layer's gradient buffers during backward.
 
+**Host memory per node** (planned, node 0: the one with rank 0) while the initial weights are read
+and sharded: the full model as stored (``llm.dtype`` for the LLM, fp32 for the vision side) on each
+rank that reads them — one under FSDP (rank 0 reads and sends each rank its shards,
+``trainer.fsdp.broadcast_from_rank0``), every rank of the node otherwise; the frozen teacher on every
+rank until it moves to the device; with ``trainer.fsdp.cpu_offload`` every rank's sharded parameters,
+gradients and AdamW states. The sum is an upper bound: the full model is freed once sharded, before
+the gradients and AdamW states exist. The file's own tensors while they are copied in are not counted.
+
 FLOPs are model FLOPs (matmuls, convolutions and attention as ``torch.utils.flop_counter`` counts
 them; activation recomputation excluded, as MFU is defined): forward ``2·T·N_linear + 4·L·S²·D``
 per sample for the LLM, backward twice that for trained weights and once for the input gradients
@@ -112,6 +120,9 @@ class Plan:
     stage_h: float | None = None
     mfu: float = 0.4
     phases: dict = field(default_factory=dict)  # persistent / activations / gradients, GiB
+    host_memory_gib: dict = field(default_factory=dict)  # host memory per node (node 0) by item, GiB (planned)
+    host_peak_gib: float = 0.0  # their sum: host memory per node while the initial weights are read and sharded
+    host_readers: int = 1  # ranks per node that read the initial weights (1: FSDP's rank 0 reads and sends)
     notes: list = field(default_factory=list)
 
 
@@ -303,6 +314,10 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
                   global_batch=_global_batch(cfg, layout.world), samples=_training_samples(cfg, samples))
     _judge_fit(result, cfg, layout, mem)
     _time_steps(result, device)
+    host = _host_memory(cfg, units, layout, teacher_params)
+    result.host_memory_gib = {k: v / GIB for k, v in host.items()}
+    result.host_peak_gib = sum(host.values()) / GIB
+    result.host_readers = _host_readers(cfg, layout)
     result.notes = _notes(cfg, units, trains, batch, text_tokens)
     return result
 
@@ -317,6 +332,7 @@ class _Layout:
     mixed: bool  # trainer.precision bf16 / 16: autocast
     compute_bytes: int  # ``c``: bytes per activation element (FSDP2: its param_dtype, when below fp32)
     checkpointing: bool  # activation checkpointing per decoder layer (model. or trainer.fsdp.)
+    per_node: int = 1  # ranks per node
 
     @property
     def strategy(self) -> str:
@@ -383,7 +399,7 @@ def _layout(cfg, gpu: str) -> _Layout:
         compute = dtype_bytes(t.fsdp.param_dtype)
         c = compute if compute < 4 else c
     checkpointing = cfg.model.gradient_checkpointing or (fsdp and t.fsdp.activation_checkpointing)
-    return _Layout(world, fsdp, shard, mixed, c, checkpointing)
+    return _Layout(world, fsdp, shard, mixed, c, checkpointing, per_node)
 
 
 def _what_trains(cfg, units: list[Unit]) -> _Trains:
@@ -445,6 +461,34 @@ def _static_memory(cfg, units: list[Unit], layout: _Layout, teacher_params: int)
             mem["autocast bf16 weight copies"] = sum(u.params for u in units if u.name != "llm.embed" and u.dtype_bytes == 4) * 2
     if distill_active(cfg):
         mem["frozen teacher"] = teacher_params * dtype_bytes(cfg.teacher.dtype)
+    return mem
+
+
+def _host_readers(cfg, layout: _Layout) -> int:
+    """Ranks per node that read the initial weights and hold the full model: under FSDP with
+    ``trainer.fsdp.broadcast_from_rank0`` only rank 0 (panda/training/fsdp.py; QLoRA excepted),
+    otherwise every rank."""
+    t = cfg.trainer
+    if layout.fsdp and t.fsdp.broadcast_from_rank0 and str(cfg.llm.adapter) != "qlora" and layout.world > 1:
+        return 1
+    return layout.per_node
+
+
+def _host_memory(cfg, units: list[Unit], layout: _Layout, teacher_params: int) -> dict[str, float]:
+    """Bytes of host memory on node 0 while the initial weights are read and sharded (the module
+    docstring's **host memory per node**)."""
+    from panda.config import distill_active
+
+    t = cfg.trainer
+    param_bytes = sum(u.params * u.dtype_bytes for u in units)
+    readers = _host_readers(cfg, layout)
+    mem = {("full model on the reading rank" if readers == 1 else "full model on every rank"): param_bytes * readers}
+    if distill_active(cfg):
+        mem["frozen teacher (every rank)"] = teacher_params * dtype_bytes(cfg.teacher.dtype) * layout.per_node
+    if layout.fsdp and t.fsdp.cpu_offload:
+        trained = sum(u.trained * u.dtype_bytes for u in units)
+        mem["offloaded shards: parameters, gradients, AdamW (every rank)"] = (
+            (param_bytes + 3 * trained) / layout.shard * layout.per_node)
     return mem
 
 
@@ -625,6 +669,11 @@ def render(p: Plan) -> str:
     lines += ["", "FLOPs per sample (model FLOPs)          TFLOP"]
     for k, v in p.flops_per_sample.items():
         lines.append(f"  {k:<36} {v / 1e12:10.3f}")
+    readers = "rank 0 reads them" if p.host_readers == 1 else f"each of the node's {p.host_readers} ranks reads them"
+    lines += ["", f"host memory per node, planned: node 0 while the initial weights are read and sharded ({readers})"]
+    for k, v in p.host_memory_gib.items():
+        lines.append(f"  {k:<36} {v:8.2f}")
+    lines.append(f"  {'host peak per node':<36} {p.host_peak_gib:8.2f}")
     if p.step_s is not None:
         lines += ["", f"global batch {p.global_batch}: {p.step_s:.2f} s per optimiser step at {p.mfu:.0%} MFU"
                   + (f"; {p.samples:,d} samples -> {p.stage_h:.1f} h" if p.stage_h is not None else "")]

@@ -45,6 +45,43 @@ def test_the_cli_prints_a_verdict_and_json_and_fails_when_it_does_not_fit(capsys
     assert out["fits"] is False and out["fix"].startswith("trainer=fsdp") and out["strategy"] == "ddp"
 
 
+def test_host_memory_per_node_holds_one_full_model_under_fsdp_and_one_per_rank_otherwise(capsys):
+    """Planned, node 0 while the initial weights are read: under FSDP rank 0 alone holds the full
+    model (fp32 in stage 2); when every rank reads (broadcast_from_rank0=false, or DDP) each of the
+    node's 4 ranks does; plus the teacher on every rank and, with cpu_offload, every rank's shards."""
+    import dataclasses
+
+    from panda.plan import GIB
+
+    fsdp = plan(recipe("stage2_pretrain"), gpu="h100_80g", llm_preset="vicuna-7b")
+    every = plan(recipe("stage2_pretrain", "trainer.fsdp.broadcast_from_rank0=false"), gpu="h100_80g", llm_preset="vicuna-7b")
+    ddp = plan(recipe("stage2_pretrain", "trainer=gpu", "trainer.devices=4"), gpu="h100_80g", llm_preset="vicuna-7b")
+    model_bytes = 4 * sum(n for unit, n in fsdp.params.items() if unit != "teacher")  # stage 2: everything fp32
+    one = fsdp.host_memory_gib["full model on the reading rank"]
+    assert fsdp.host_readers == 1 and one == pytest.approx(model_bytes / GIB) and 25 < one < 27  # ~6.8B parameters
+    assert every.host_readers == ddp.host_readers == 4
+    assert every.host_memory_gib["full model on every rank"] == pytest.approx(4 * one)
+    assert ddp.host_memory_gib["full model on every rank"] == pytest.approx(4 * one)
+    teacher = fsdp.host_memory_gib["frozen teacher (every rank)"]
+    assert teacher > 0 and fsdp.host_peak_gib == pytest.approx(one + teacher)
+    assert every.host_peak_gib == pytest.approx(4 * one + teacher)
+    # cpu_offload needs CUDA to pass the config checks; the planner takes the config as it is
+    cfg = recipe("stage2_pretrain")
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, fsdp=dataclasses.replace(cfg.trainer.fsdp, cpu_offload=True)))
+    offload = plan(cfg, gpu="h100_80g", llm_preset="vicuna-7b")
+    shards = offload.host_memory_gib["offloaded shards: parameters, gradients, AdamW (every rank)"]
+    assert shards == pytest.approx(4 * model_bytes / 64 * 4 / GIB)  # (weights + gradients + 2 moments) / 64 ranks, x 4 ranks
+    assert offload.host_peak_gib == pytest.approx(one + teacher + shards)
+    args = ["experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, "llm_preset=vicuna-7b", "gpu=h100_80g"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "host memory per node, planned: node 0 while the initial weights are read and sharded (rank 0 reads them)" in out
+    main(args + ["--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["host_readers"] == 1 and out["host_peak_gib"] == pytest.approx(fsdp.host_peak_gib)
+    assert out["host_memory_gib"] == pytest.approx(fsdp.host_memory_gib)
+
+
 def test_a_config_the_planner_refuses_is_one_line_and_exit_2():
     proc = run_cli(["-m", "panda.plan", "experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, "llm_preset=vicuna-7b",
                     "gpu=h100_40g"], check=False)
