@@ -197,3 +197,21 @@ def test_the_host_planned_splice_equals_the_device_one_to_the_bit(tmp_path, toke
         losses.append(out.loss.detach())
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert torch.equal(losses[0], losses[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_the_host_copies_survive_a_loader_worker(tmp_path, tokenizer):
+    """A worker sends the batch through shared memory (the tensors' storage moves there): the host
+    copies must be copies, not views of the memory that move frees."""
+    from panda.data.conversation import get_template
+    from panda.data.datamodule import make_loader
+    from panda.data.datasets import ConversationDataset
+    from panda.data.records import VideoRecord
+
+    records = [VideoRecord(f"v{i}", f"v{i}.mp4", [("<video>\nWhat colour?", "Red.")]) for i in range(4)]
+    for i in range(4):
+        make_video_file(str(tmp_path / f"v{i}.mp4"), 48 + 16 * i, 48, 24, fps=8, seed=i)
+    ds = ConversationDataset(records, str(tmp_path), tokenizer, get_template("vicuna_v1"), _tiny_pipeline(128), 512, 21)
+    for batch in make_loader(ds, 2, 1, tokenizer.pad_token_id, patch_size=14):
+        host = batch["host"]
+        assert (host["input_ids"] == batch["input_ids"].numpy()).all() and (host["labels"] == batch["labels"].numpy()).all()
+        assert (host["input_ids"] == -200).sum() == batch["frame_mask"].flatten(2).amax(2).sum()  # a placeholder per frame

@@ -225,9 +225,11 @@ class Collator:
         if has_labels:
             batch["labels"] = labels
         if self.patch_size and "frame_mask" in batch:
-            # numpy arrays: Lightning moves a batch's tensors to the device and leaves these on the host
-            batch["host"] = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
-                             "labels": labels.numpy() if has_labels else None,
+            # numpy arrays: Lightning moves a batch's tensors to the device and leaves these on the host.
+            # Copies, not views: a loader worker moves the tensors' storage into shared memory to send
+            # the batch, which frees the memory a view would still point at
+            batch["host"] = {"input_ids": input_ids.numpy().copy(), "attention_mask": attention_mask.numpy().copy(),
+                             "labels": labels.numpy().copy() if has_labels else None,
                              "frame_counts": counts if len(set(counts)) > 1 else None,
                              "patch_valid": patch_validity(batch["frame_mask"], self.patch_size)}
             if self.teacher_patch_size and "teacher_mask" in batch:
