@@ -123,6 +123,13 @@ def wrap_compiled_call(module, wrap: Callable[[Callable], Callable]) -> None:
     module._compiled_call_impl = wrap(compiled)
 
 
+def non_persistent_buffer_names(module) -> list[str]:
+    """The names of ``module``'s own buffers registered with ``persistent=False`` (no state dict holds
+    them: RoPE's ``inv_freq``), sorted. Private: ``nn.Module._non_persistent_buffers_set`` (torch has no
+    public way to ask whether a buffer is persistent)."""
+    return sorted(module._non_persistent_buffers_set)
+
+
 @functools.cache
 def dispatch_mode_base() -> type:
     """The base class of a mode that sees every aten operation below autograd (forward and

@@ -200,6 +200,19 @@ def test_torch_dispatch_mode_sees_aten_ops_below_autograd():
     assert any(name.startswith("aten::ones_like") or name.startswith("aten::expand") for name in seen)  # backward too
 
 
+def test_torch_non_persistent_buffer_names():
+    import torch
+
+    from panda.compat import non_persistent_buffer_names
+
+    module = torch.nn.Module()
+    module.register_buffer("kept", torch.zeros(1))
+    module.register_buffer("inv_freq", torch.ones(2), persistent=False)
+    module.register_buffer("alpha", torch.ones(1), persistent=False)
+    assert non_persistent_buffer_names(module) == ["alpha", "inv_freq"], f"torch {torch.__version__}"
+    assert set(module.state_dict()) == {"kept"}
+
+
 def test_torch_batch_norm_base():
     with private("torch", "torch.nn.modules.batchnorm._BatchNorm", "is_batch_norm"):
         for module in (torch.nn.BatchNorm1d(2), torch.nn.BatchNorm2d(2), torch.nn.BatchNorm3d(2),

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from panda.build import enable_activation_checkpointing
-from panda.compat import is_batch_norm
+from panda.compat import is_batch_norm, non_persistent_buffer_names
 from panda.config import FSDPConfig
 from panda.models.llm_parts import decoder_layers, llm_tail
 
@@ -160,8 +160,9 @@ def non_persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The buffers no state dict holds (RoPE's ``inv_freq``), in the same order on every rank."""
     found = []
     for prefix, module in model.named_modules():
-        for name in sorted(module._non_persistent_buffers_set):
-            buf = module._buffers.get(name)
+        own = dict(module.named_buffers(recurse=False))
+        for name in non_persistent_buffer_names(module):
+            buf = own.get(name)
             if buf is not None:
                 found.append((f"{prefix}.{name}" if prefix else name, buf))
     return found
