@@ -29,9 +29,16 @@ TWO_CPU = ["trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "evalu
 
 
 def test_fsdp_shards_half_per_rank_keeps_units_pure_and_stage1_leaves_the_llm_untouched(synthetic_root, tmp_path):
+    """... and, distilling, neither rank reads anything back from the device in a micro-batch that does
+    not log (the sync audit, tests/test_syncs.py)."""
     run_dir = tmp_path / "fsdp"
     _train(["trainer=fsdp", *TWO_CPU, "trainer.max_steps=3", "stage=prealign", "teacher=tiny_languagebind",
-            "distill.layer_stride=1", "distill.heads=4", "export_final=true", f"hydra.run.dir={run_dir}", *_overrides(synthetic_root)])
+            "distill.layer_stride=1", "distill.heads=4", "export_final=true", "trainer.audit_syncs=true",
+            "trainer.log_every_n_steps=3", f"hydra.run.dir={run_dir}", *_overrides(synthetic_root)])
+    from test_syncs import check_audit
+
+    for name in ("syncs.json", "syncs_rank1.json"):
+        check_audit(json.loads((run_dir / name).read_text()), 3)
     reports = [json.loads((run_dir / f"fsdp_rank{r}.json").read_text()) for r in (0, 1)]
     total = reports[0]["global_numel"]
     assert sum(r["local_numel"] for r in reports) == total
