@@ -38,6 +38,18 @@ def _window_gaps(reference: list[float], other: list[float], width: int) -> list
     return [_mean(other[i:i + width]) / _mean(reference[i:i + width]) - 1 for i in range(0, len(reference), width)]
 
 
+def _tracking_gaps(fp32: dict, bf16: dict, steps: int, width: int, label: str):
+    """The two runs' per-step losses (``steps`` each, all finite) and bf16's relative gap to fp32 per
+    window of ``width`` steps, printed under ``label``: (fp32 losses, bf16 losses, gaps)."""
+    ref, run = _losses(fp32), _losses(bf16)
+    assert len(ref) == len(run) == steps
+    assert all(math.isfinite(x) for x in ref + run)
+    gaps = _window_gaps(ref, run, width)
+    print(f"{label}, {width}-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
+          f"| last {width} steps {_mean(ref[-width:]):.4f} / {_mean(run[-width:]):.4f}")
+    return ref, run, gaps
+
+
 def _probed_train(root, run_dir, *overrides) -> tuple[dict, dict]:
     """An in-process tiny run with a DtypeProbe on its model: (summary, the dtypes its training used)."""
     import panda.training.run as run
@@ -101,12 +113,7 @@ def autocast_runs(synthetic_root, tmp_path_factory):
 
 def test_bf16_mixed_loss_tracks_fp32_and_stays_finite(autocast_runs):
     fp32, bf16 = (autocast_runs[p]["summary"] for p in ("32-true", "bf16-mixed"))
-    ref, run = _losses(fp32), _losses(bf16)
-    assert len(ref) == len(run) == STEPS
-    assert all(math.isfinite(x) for x in ref + run)
-    gaps = _window_gaps(ref, run, 20)
-    print("bf16-mixed vs fp32, 20-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
-          f"| last 20 steps {_mean(ref[-20:]):.4f} / {_mean(run[-20:]):.4f}")
+    ref, run, gaps = _tracking_gaps(fp32, bf16, STEPS, 20, "bf16-mixed vs fp32")
     assert all(abs(g) < EARLY_TOL for g in gaps[:EARLY_STEPS // 20]), gaps
     assert abs(gaps[-1]) < LAST_TOL, gaps
     assert ref != run  # bf16 really changed the arithmetic
@@ -153,11 +160,7 @@ def test_stage1_precision_frozen_llm_and_teacher_in_bf16_with_distillation_track
     # conf/experiment/videopanda_7b/stage1_prealign.yaml's precision settings
     bf16, seen = _probed_train(synthetic_root, tmp_path / "bf16", *common, "trainer.precision=bf16-mixed",
                                "llm.dtype=bfloat16", "teacher.dtype=bfloat16")
-    ref, run = _losses(fp32), _losses(bf16)
-    assert len(ref) == len(run) == STAGE1_STEPS and all(math.isfinite(x) for x in ref + run)
-    gaps = _window_gaps(ref, run, 10)
-    print("stage-1 precision vs fp32, 10-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
-          f"| last 10 steps {_mean(ref[-10:]):.4f} / {_mean(run[-10:]):.4f}")
+    ref, run, gaps = _tracking_gaps(fp32, bf16, STAGE1_STEPS, 10, "stage-1 precision vs fp32")
     assert all(abs(g) < STAGE1_TOL for g in gaps), gaps
     assert ref != run
     for key in ("llm_weight", "llm_output", "stab_output"):  # the frozen LLM is stored and computes in bf16
@@ -207,12 +210,7 @@ def _checkpoint_dtypes(folder) -> set[torch.dtype]:
 def test_fsdp_bf16_compute_with_fp32_master_weights_and_reduction_tracks_fp32(synthetic_root, tmp_path):
     fp32, fp32_seen = _fsdp_run(synthetic_root, tmp_path / "fp32", tmp_path / "fp32_probe", "trainer.fsdp.param_dtype=null")
     bf16, bf16_seen = _fsdp_run(synthetic_root, tmp_path / "bf16", tmp_path / "bf16_probe", *FSDP_BF16)
-    ref, run = _losses(fp32), _losses(bf16)
-    assert len(ref) == len(run) == FSDP_STEPS
-    assert all(math.isfinite(x) for x in ref + run)
-    gaps = _window_gaps(ref, run, 10)
-    print("FSDP2 bf16 vs fp32, 10-step window means:", " ".join(f"{g:+.2%}" for g in gaps),
-          f"| last 10 steps {_mean(ref[-10:]):.4f} / {_mean(run[-10:]):.4f}")
+    ref, run, gaps = _tracking_gaps(fp32, bf16, FSDP_STEPS, 10, "FSDP2 bf16 vs fp32")
     assert all(abs(g) < FSDP_TOL for g in gaps), gaps
     assert ref != run  # bf16 really changed the arithmetic
     for seen in bf16_seen:  # each rank

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from panda.choices import Choice
+from panda.models.stab import crop_boxes
 
 
 class DistillLoss(Choice):
@@ -94,14 +95,9 @@ class TeacherFeatures:
 
 
 def valid_boxes(valid: np.ndarray) -> list[tuple[int, int, int, int] | None]:
-    """(top, left, h, w) of the valid patches of each frame of ``valid`` (N, g, g) on the host; None
-    for a frame with none."""
-    rows, cols = valid.any(2), valid.any(1)  # (N, g), (N, g)
-    top, left = rows.argmax(1), cols.argmax(1)
-    bottom = rows.shape[1] - rows[:, ::-1].argmax(1)  # one past the last valid row
-    right = cols.shape[1] - cols[:, ::-1].argmax(1)
-    return [(int(t), int(l), int(b - t), int(r - l)) if any_ else None
-            for t, l, b, r, any_ in zip(top, left, bottom, right, rows.any(1))]
+    """(top, left, h, w) of the valid patches of each frame of ``valid`` (N, g, g) on the host (STAB's
+    :func:`crop_boxes`); None for a frame with none."""
+    return [tuple(box) if has else None for box, has in zip(crop_boxes(valid).tolist(), valid.any((1, 2)))]
 
 
 def frame_distillation_losses(pred: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
