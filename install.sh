@@ -14,9 +14,19 @@ if ! ldconfig -p 2>/dev/null | grep 'libavcodec\.so\.59' >/dev/null; then
              "sudo apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8" >&2
     fi
 fi
+# tests/test_demo.py drives `panda demo` in a headless Chromium (Debian's chromium and its chromedriver)
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    else
+        echo "install.sh: tests/test_demo.py (the browser test of panda demo) needs Chromium:" \
+             "sudo apt-get install --no-install-recommends chromium chromium-driver" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install --upgrade --quiet pip
-.venv/bin/pip install --quiet -c constraints.txt -e ".[dev,lmms]"
+.venv/bin/pip install --quiet -c constraints.txt -e ".[dev,lmms,demo]"
 # litdata and friends may pull a CUDA-only torchvision that breaks `import lightning`; panda needs none
 .venv/bin/pip uninstall --yes --quiet torchvision 2>/dev/null || true
 # panda as an lmms-eval model (`lmms-eval eval --model panda`, docs/lmms-eval.md). lmms-eval without its
