@@ -12,7 +12,8 @@ from conftest import compose, run_cli, tiny_overrides
 from llm_families import FAMILIES, family_llm_folder
 
 from panda.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from panda.data.conversation import NoChatFormat, get_template, stop_token_ids, tokenize_conversation, tokenize_prompt
+from panda.data.conversation import (NoChatFormat, get_template, stop_token_ids, tokenize_chat_prompt, tokenize_conversation,
+                                     tokenize_prompt)
 from panda.data.tokenizer import load_tokenizer
 
 PRESET = {"qwen2": "qwen2_5", "llama3": "llama3", "mistral": "mistral"}
@@ -79,6 +80,10 @@ def test_each_family_renders_its_golden_text_and_supervises_answers_through_the_
     # the generation prompt is the training text up to the answer: the model is asked as it was taught
     prompt = tokenize_prompt(tok, fmt, "What colour is the moving object?", 2).tolist()
     assert prompt == ids[:len(prompt)] and labels[len(prompt)] == ids[len(prompt)] and labels[len(prompt) - 1] == IGNORE_INDEX
+    # a follow-up question (panda demo's chat): the conversation so far, cut where the second answer starts
+    follow_up = tokenize_chat_prompt(tok, fmt, TURNS[:1], TURNS[1][0], 2).tolist()
+    assert follow_up == ids[:len(follow_up)] and labels[len(follow_up) - 1] == IGNORE_INDEX
+    assert tok.decode(_runs(ids[len(follow_up):], labels[len(follow_up):])[0][:-1]).strip() == "To the left."
     assert end_id in [stop_token_ids(fmt, tok)] + list(fmt.stop_token_ids(tok))
 
 

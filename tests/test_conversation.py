@@ -4,6 +4,7 @@ from panda.data.conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
     get_template,
+    tokenize_chat_prompt,
     tokenize_conversation,
     tokenize_prompt,
 )
@@ -37,6 +38,25 @@ def test_labels_cover_only_answers_and_their_eos(tokenizer):
     prompt = tokenize_prompt(tokenizer, get_template("vicuna_v1"), "What colour is the moving object?", 4).tolist()
     assert ids[: len(prompt)] == prompt
     assert all(label == IGNORE_INDEX for label in labels[: len(prompt)])
+
+
+@pytest.mark.parametrize("tokenization", ["release", "spans"])
+def test_a_follow_up_question_is_prompted_as_the_training_conversation_goes_on(tokenizer, tokenization):
+    """The next question of a chat (panda demo) is the training text of the conversation so far,
+    cut where its answer starts: the model is asked as it was taught."""
+    template = get_template("vicuna_v1", tokenization)
+    turns = [("<video>\nWhat colour is the moving object?", "red"), ("Which way does the object go?", "left")]
+    trained = tokenize_conversation(tokenizer, template, turns, frames=4, max_length=4096)
+    ids, labels = trained.input_ids.tolist(), trained.labels.tolist()
+    prompt = tokenize_chat_prompt(tokenizer, template, [("What colour is the moving object?", "red")],
+                                  "Which way does the object go?", 4).tolist()
+    assert ids[:len(prompt)] == prompt and prompt.count(IMAGE_PLACEHOLDER_ID) == 4
+    assert tokenizer.decode([t for t in labels[len(prompt):] if t != IGNORE_INDEX]).replace(" ", "") == "left</s>"
+    # no history: the one-question prompt; a <video> in a later question stays text
+    assert tokenize_chat_prompt(tokenizer, template, [], "What colour?", 4).tolist() == \
+        tokenize_prompt(tokenizer, template, "What colour?", 4).tolist()
+    later = tokenize_chat_prompt(tokenizer, template, [("What colour?", "red")], "<video> again?", 4).tolist()
+    assert later.count(IMAGE_PLACEHOLDER_ID) == 4
 
 
 def test_generation_prompt_ends_with_assistant_colon():

@@ -531,8 +531,25 @@ def _tokenize_spans(tokenizer, template, turns, frames, max_length, visual_token
 def tokenize_prompt(tokenizer, template: ConversationTemplate, question: str, frames: int) -> torch.Tensor:
     """Generation prompt for one question about a video (the release's evaluation prompt:
     ``<image>`` × frames, a newline, the question), ending with ``ASSISTANT:``."""
-    q = question if "<video>" in question else f"<video>\n{question}"
-    text, _ = template.render([(expand_video_token(q, frames), None)])
+    return tokenize_chat_prompt(tokenizer, template, [], question, frames)
+
+
+def tokenize_chat_prompt(tokenizer, template: ChatFormat, history: list[tuple[str, str]], question: str,
+                         frames: int) -> torch.Tensor:
+    """Generation prompt for the next question of a conversation about one video: the earlier
+    ``(question, answer)`` turns of ``history``, then ``question``, ending where the answer starts
+    (``ASSISTANT:``, or the chat template's generation prompt).
+
+    The conversation is rendered and tokenised as training renders a multi-turn record (each
+    earlier answer closed by the template's end of turn), so the prompt is the training ids up to
+    the answer being asked for. The frames go where the first question says ``<video>``, else
+    before its text (the release's evaluation prompt: ``<image>`` × frames, a newline, the
+    question); a ``<video>`` in a later question stays text.
+    """
+    turns = [*history, (question, None)]
+    first = turns[0][0] if "<video>" in turns[0][0] else f"<video>\n{turns[0][0]}"
+    turns[0] = (expand_video_token(first, frames), turns[0][1])  # the frames once, in the first question
+    text, _ = template.render(turns)
     if template.tokenization == "release":
         ids = encode_with_placeholders(release_encoder(tokenizer), text)
     else:
