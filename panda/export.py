@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trainable-only", action="store_true", help="STAB + projector + head only")
     parser.add_argument("--adapter-only", action="store_true",
                         help="LoRA runs: write the LLM's adapter alone (peft format) instead of merging it")
+    parser.add_argument("--license", help="the model card's Hub license id (default: the base LLM folder's, else other)")
     parser.add_argument("--single-file", help="also write the consolidated Lightning checkpoint to this .ckpt file")
     args = parser.parse_args(argv)
     if not args.checkpoint.rstrip("/").endswith(".ckpt") or not os.path.exists(args.checkpoint):
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
         path = export_trainable(loaded.model, args.out, meta)
     else:
         path = save_tokenizer(loaded.tokenizer, export_release(loaded.model, args.out, meta))
+        from panda.model_card import write_model_card
+
+        write_model_card(loaded, args.checkpoint, path, "release", license=args.license)  # README.md
     print(path)
     return 0
 

@@ -33,6 +33,9 @@ ALLOWED = {
                          "panda.runs"},
     "panda.training": {"panda.training", "panda.evaluation", "panda.build", "panda.loading", "panda.config", "panda.models",
                        "panda.data", "panda.runs"},
+    # the model card of an export: the run's config and checkpoint (loading), its held-out intervals (evaluation)
+    "panda.model_card": {"panda.model_card", "panda.evaluation", "panda.loading", "panda.build", "panda.config",
+                         "panda.models", "panda.data"},
 }
 
 
