@@ -2,6 +2,7 @@
 consolidated on the way, on one machine, without a process group.
 
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/          # HF folder
+    python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/ --format hf   # no panda needed to load
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out vision.safetensors --trainable-only
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out exported/ --single-file full.ckpt
     python -m panda.export outputs/RUN/checkpoints/last.ckpt --out adapter/ --adapter-only   # LoRA runs
@@ -11,9 +12,11 @@ into the LLM's weights (an ordinary Hugging Face LLM, nothing of peft needed to 
 ``--adapter-only`` the folder holds the adapter alone in peft's format
 (``peft.PeftModel.from_pretrained(base_llm, folder)``).
 
-The folder loads with ``AutoModelForCausalLM.from_pretrained`` (the LLM) and with
+The release folder loads with ``AutoModelForCausalLM.from_pretrained`` (the LLM) and with
 ``panda.models.checkpoints.load_release`` (everything); the trainable-only file holds STAB, the
-projector and the distillation head in release key names.
+projector and the distillation head in release key names. ``--format hf`` writes the whole model
+with its code (:mod:`panda.hub`): ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``
+and ``AutoProcessor.from_pretrained(folder, trust_remote_code=True)`` load it without panda.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ def main(argv=None) -> int:
                         help="LoRA runs: write the LLM's adapter alone (peft format) instead of merging it")
     parser.add_argument("--license", help="the model card's Hub license id (default: the base LLM folder's, else other)")
     parser.add_argument("--single-file", help="also write the consolidated Lightning checkpoint to this .ckpt file")
+    parser.add_argument("--format", choices=["release", "hf"], default="release",
+                        help="release: the Video-Panda release's layout (panda or the release's code loads it); "
+                             "hf: Hugging Face-native, the model's code inside (transformers loads it with "
+                             "trust_remote_code=True, no panda needed)")
     args = parser.parse_args(argv)
+    if args.format == "hf" and (args.trainable_only or args.adapter_only):
+        parser.error("--format hf writes the whole model; --trainable-only and --adapter-only are release-format files")
     if not args.checkpoint.rstrip("/").endswith(".ckpt") or not os.path.exists(args.checkpoint):
         print(f"panda.export: error: {args.checkpoint} is not a .ckpt file or sharded .ckpt folder written by train.py",
               file=sys.stderr)
@@ -61,6 +70,17 @@ def main(argv=None) -> int:
         return 0
     if has_adapter(llm):
         merge_lora(llm)  # W + B·A·alpha/r: the exported LLM is a plain Hugging Face model
+    if args.format == "hf":
+        from panda.hub.bundle import BundleError
+        from panda.hub.export import export_hf
+
+        try:
+            export_hf(loaded.model, loaded.tokenizer, args.out, loaded.frames, loaded.eval_template, loaded.tokenization)
+        except BundleError as exc:
+            print(f"panda.export: error: {exc}", file=sys.stderr)
+            return 2
+        print(args.out)
+        return 0
     meta = model_meta(loaded.model, frames=loaded.frames, template=loaded.template, eval_template=loaded.eval_template,
                       tokenization=loaded.tokenization)
     if args.trainable_only:

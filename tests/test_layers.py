@@ -33,6 +33,8 @@ ALLOWED = {
                          "panda.runs"},
     "panda.training": {"panda.training", "panda.evaluation", "panda.build", "panda.loading", "panda.config", "panda.models",
                        "panda.data", "panda.runs"},
+    # an HF-native folder's code: the model and data layers only, so that the folder carries no more of panda
+    "panda.hub": {"panda.hub", "panda.models", "panda.data"},
     # the model card of an export: the run's config and checkpoint (loading), its held-out intervals (evaluation)
     "panda.model_card": {"panda.model_card", "panda.evaluation", "panda.loading", "panda.build", "panda.config",
                          "panda.models", "panda.data"},

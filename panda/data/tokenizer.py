@@ -37,16 +37,17 @@ def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 512) -> st
     return out_dir
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load the tokenizer of a local folder, unchanged: the frame placeholder is spliced in as an
     id and needs no vocabulary entry (so a Vicuna folder keeps its 32,000 rows). A tokenizer
     without a pad token pads with ``unk`` (the Vicuna convention), or with EOS where it has no
-    ``unk`` either (LLaMA-3); padded positions are masked out of attention and labels."""
+    ``unk`` either (LLaMA-3); padded positions are masked out of attention and labels.
+    ``trust_remote_code``: a folder whose ``config.json`` names its own code (an HF-format export)."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path} (set llm.tokenizer to a local folder)")
-    tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     if tok.pad_token is None:

@@ -310,18 +310,18 @@ class VideoLanguageModel(nn.Module):
     def generate(self, input_ids, attention_mask, pixels, frame_mask, max_new_tokens: int = 32, eos_token_id=None, pad_token_id=0,
                  frame_counts=None, host: dict | None = None, **generate_kwargs):
         """Greedy generation for a batch of (video, prompt); returns only the new token ids (B, ≤max_new).
-        ``host``: see :meth:`prepare_inputs`. ``generate_kwargs`` go to the LLM's ``generate`` (e.g. a ``streamer``)."""
+        ``host``: see :meth:`prepare_inputs`. ``generate_kwargs`` go to the LLM's ``generate`` (e.g. a ``streamer``,
+        or ``do_sample=True, temperature=...`` to sample instead)."""
         spliced = self.prepare_inputs(input_ids, attention_mask, pixels, frame_mask, padding_side="left",
                                       frame_counts=frame_counts, host=host)
+        settings = {"do_sample": False, "num_beams": 1, **generate_kwargs}  # greedy unless asked otherwise
         return self.llm.generate(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-            **generate_kwargs,
+            **settings,
         )
 
     def parameter_counts(self) -> dict[str, int]:
