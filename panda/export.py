@@ -79,6 +79,9 @@ def main(argv=None) -> int:
         except BundleError as exc:
             print(f"panda.export: error: {exc}", file=sys.stderr)
             return 2
+        from panda.model_card import write_model_card
+
+        write_model_card(loaded, args.checkpoint, args.out, "hf", license=args.license)  # README.md
         print(args.out)
         return 0
     meta = model_meta(loaded.model, frames=loaded.frames, template=loaded.template, eval_template=loaded.eval_template,

@@ -75,6 +75,10 @@ def test_hf_export_loads_without_panda_and_answers_as_panda_chat(kind, synthetic
             "configuration_panda.py", "modeling_panda.py", "processing_panda.py", "panda_models_stab.py"} <= files
     if kind == "vicuna":
         assert "tokenizer.model" in files  # the release tokenisation reads the SentencePiece model
+    from panda.model_card import read_front_matter
+
+    card = read_front_matter(open(os.path.join(out, "README.md"), encoding="utf-8").read())
+    assert card["library_name"] == "transformers" and card["pipeline_tag"] == "video-text-to-text" and "lora" in card["tags"]
     config = json.loads(open(os.path.join(out, "config.json")).read())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_panda.PandaVideoForCausalLM"
     from safetensors import safe_open
