@@ -14,11 +14,12 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from panda import check_torchvision
-from panda.data.conversation import ChatFormat, get_template, stop_token_ids, tokenize_prompt
+from panda.data.conversation import ChatFormat, get_template, stop_token_ids, tokenize_chat_prompt
 from panda.data.datasets import FramePipeline
 from panda.errors import PandaError
 from panda.loading import load_model
@@ -44,26 +45,79 @@ def check_device(device: str, dtype: str, attn: str) -> str:
     return device
 
 
-def answer(model, tokenizer, video: str, question: str, frames: int, template: ChatFormat | str,
-           max_new_tokens: int = 256,
-           device: str = "cpu", sample_fps: float = 1.0, stream: bool = True, temperature: float = 0.0) -> str:
+def frame_pipeline(model, frames: int, sample_fps: float = 1.0) -> FramePipeline:
+    """How this model's frames are made from a video: ``frames`` of them, sampled at ``sample_fps``,
+    resized and padded to STAB's resolution (the evaluation's pipeline)."""
     stab = model.stab_cfg
-    pipeline = FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, sample_fps)
-    sample = pipeline(video)  # raises VideoDecodeError naming the file
+    return FramePipeline(frames, stab.resolution, stab.patch_size, stab.ratio, sample_fps)
+
+
+def generate_answer(model, tokenizer, sample: dict, question: str, frames: int, template: ChatFormat | str,
+                    history: list[tuple[str, str]] = (), max_new_tokens: int = 256, device: str = "cpu",
+                    streamer=None, temperature: float = 0.0) -> str:
+    """The model's answer to ``question`` about the video whose frames are ``sample`` (what
+    :func:`frame_pipeline` made of it), after the earlier ``(question, answer)`` turns of
+    ``history``. Greedy unless ``temperature`` > 0; ``streamer`` (a transformers streamer) receives
+    the tokens as they are generated. Returns the whole answer, decoded and stripped."""
     template = get_template(template, tokenizer=tokenizer) if isinstance(template, str) else template
-    ids = tokenize_prompt(tokenizer, template, question, frames)[None].to(device)
+    ids = tokenize_chat_prompt(tokenizer, template, list(history), question, frames)[None].to(device)
     dtype = next(model.parameters()).dtype
     kwargs = {}
-    if stream:
-        from transformers import TextStreamer
-
-        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature)
     out = model.generate(ids, torch.ones_like(ids), sample["pixels"][None].to(device, dtype),
                          sample["frame_mask"][None].to(device, dtype), max_new_tokens=max_new_tokens,
                          eos_token_id=stop_token_ids(template, tokenizer, model.llm), pad_token_id=tokenizer.pad_token_id, **kwargs)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def answer(model, tokenizer, video: str, question: str, frames: int, template: ChatFormat | str,
+           max_new_tokens: int = 256,
+           device: str = "cpu", sample_fps: float = 1.0, stream: bool = True, temperature: float = 0.0) -> str:
+    """One question about one video file; with ``stream`` the answer is printed as it is generated."""
+    sample = frame_pipeline(model, frames, sample_fps)(video)  # raises VideoDecodeError naming the file
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return generate_answer(model, tokenizer, sample, question, frames, template, (), max_new_tokens, device,
+                           streamer, temperature)
+
+
+@dataclass
+class ChatModel:
+    """A loaded checkpoint ready to answer: the model on its device, its tokenizer, the frames per
+    video it is asked with and the prompt format it was evaluated with."""
+
+    model: object
+    tokenizer: object
+    frames: int
+    template: ChatFormat
+    device: str
+    trained_frames: int  # frames per video of its training run
+
+
+def load_chat_model(checkpoint: str, frames: int | None = None, device: str = "auto", dtype: str = "float32",
+                    attn: str = "sdpa") -> ChatModel:
+    """Any checkpoint kind panda loads (release folder, export folder, ``train.py`` ``.ckpt``), on
+    ``device``, asked with ``frames`` frames (default: the checkpoint's). Raises :class:`ChatError`
+    (and the loader's own errors) with a message that says what to change."""
+    device = check_device(device, dtype, attn)
+    loaded = load_model(checkpoint, dtype, attn)
+    model = loaded.model.to(device)
+    frames = frames or loaded.frames
+    chunk = model.stab_cfg.chunk_size
+    if frames < 1 or frames % chunk:
+        raise ChatError(f"--frames {frames}: STAB of this checkpoint groups frames in chunks of {chunk}; "
+                        f"use a multiple of {chunk} (it was trained with {loaded.frames})")
+    return ChatModel(model, loaded.tokenizer, frames, loaded.prompt_template, device, loaded.frames)
+
+
+# what panda chat and panda demo report as a one-line error instead of a traceback
+USER_ERRORS = (PandaError, NotACheckpointError, CheckpointKeyError, FileNotFoundError)
 
 
 def main(argv=None) -> int:
@@ -86,16 +140,10 @@ def main(argv=None) -> int:
         device = check_device(args.device, args.dtype, args.attn)
         if not os.path.exists(args.video):
             raise ChatError(f"video not found: {args.video}")
-        loaded = load_model(args.checkpoint, args.dtype, args.attn)
-        model = loaded.model.to(device)
-        frames = args.frames or loaded.frames
-        chunk = model.stab_cfg.chunk_size
-        if frames < 1 or frames % chunk:
-            raise ChatError(f"--frames {frames}: STAB of this checkpoint groups frames in chunks of {chunk}; "
-                            f"use a multiple of {chunk} (it was trained with {loaded.frames})")
-        text = answer(model, loaded.tokenizer, args.video, args.question, frames, loaded.prompt_template,
+        chat = load_chat_model(args.checkpoint, args.frames, device, args.dtype, args.attn)
+        text = answer(chat.model, chat.tokenizer, args.video, args.question, chat.frames, chat.template,
                       args.max_new_tokens, device, args.sample_fps, stream=not args.no_stream, temperature=args.temperature)
-    except (PandaError, NotACheckpointError, CheckpointKeyError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"panda.chat: error: {exc}", file=sys.stderr)
         return 2
     if args.no_stream:

@@ -4,6 +4,7 @@
     panda evaluate checkpoint=outputs/.../last.ckpt  # = python evaluate.py ...
     panda plan experiment=videopanda_7b/stage2_pretrain gpu=h100_80g
     panda chat --checkpoint DIR --video FILE "What is happening?"
+    panda demo --checkpoint DIR                      # the same in a web page, multi-turn
     panda prepare --records r.json --video-root videos --output shards
     panda export outputs/RUN/checkpoints/last.ckpt --out exported/
     panda collect multirun/DATE --out results/
@@ -27,6 +28,7 @@ COMMANDS = {
     "evaluate": ("panda.evaluate", "evaluate a checkpoint on benchmarks (panda evaluate checkpoint=PATH)"),
     "plan": ("panda.plan", "memory, FLOPs and time of a training run before it runs (train's overrides, gpu=)"),
     "chat": ("panda.chat", "ask a checkpoint about a video (--checkpoint DIR --video FILE \"question\")"),
+    "demo": ("panda.demo", "a web page to chat with a checkpoint about videos (--checkpoint DIR; needs panda[demo])"),
     "prepare": ("panda.data.prepare", "turn records and videos into training shards (--records --video-root --output)"),
     "export": ("panda.export", "export a training checkpoint in the release format (CKPT --out DIR)"),
     "collect": ("panda.experiments.collect", "tables and plots of a --multirun folder (MULTIRUN_DIR --out DIR)"),

@@ -34,8 +34,8 @@ TESTS = ".venv/bin/python -m pytest -q"
 MARKER = re.compile(r"^<!--\s*runnable(?::\s*(?P<kind>cheap|expensive)(?:;\s*the test appends\s+(?P<extra>.*?))?)?\s*-->$")
 # the entry points a README command may start, in both spellings (python ... and the console script)
 SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate"}
-MODULES = {"panda.plan": "plan", "panda.chat": "chat", "panda.data.prepare": "prepare", "panda.export": "export",
-           "panda.experiments.collect": "collect"}
+MODULES = {"panda.plan": "plan", "panda.chat": "chat", "panda.demo": "demo", "panda.data.prepare": "prepare",
+           "panda.export": "export", "panda.experiments.collect": "collect"}
 SUBCOMMANDS = {**{v: k for k, v in SCRIPTS.items()}, **{v: k for k, v in MODULES.items()}}
 
 
