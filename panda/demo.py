@@ -258,9 +258,12 @@ def build_page(session: DemoSession, checkpoint: str, examples: list[str]):
             yield messages, turns, question, f"⚠ generation failed: {type(exc).__name__}: {exc}"
             return
         turns = turns + [(question, text)]
-        yield _messages(turns), turns, "", f"Answered in {time.perf_counter() - start:.1f} s."
+        seconds = time.perf_counter() - start
+        took = f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
+        yield _messages(turns), turns, "", f"Answered in {took}."
 
-    name = os.path.basename(os.path.normpath(checkpoint))
+    parts = os.path.normpath(checkpoint).split(os.sep)
+    name = "/".join(parts[-3:]) if parts[-1].endswith(".ckpt") else parts[-1]  # a .ckpt: its run folder too
     stab = chat.model.stab_cfg
     decoding = "greedy" if session.temperature <= 0 else f"sampled at temperature {session.temperature:g}"
     with gr.Blocks(title=f"panda demo · {name}", analytics_enabled=False) as page:
@@ -272,7 +275,7 @@ def build_page(session: DemoSession, checkpoint: str, examples: list[str]):
         turns = gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
-                video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video", height=260)
+                video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video", height=240)
                 error = gr.Markdown("", elem_id="video-error")
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[video], label="Example videos")

@@ -30,7 +30,7 @@ CHROMIUM_INSTALL = "sudo apt-get install --no-install-recommends chromium chromi
 # this machine has no outside network: without these Chromium waits on refused connections
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-proxy-server", "--window-size=1280,900"]
+                  "--no-proxy-server", "--window-size=1280,1000"]
 QUESTION = "What colour is the moving object?"
 FOLLOW_UP = "In which direction does the object move?"
 MAX_NEW_TOKENS = 4
@@ -42,8 +42,9 @@ gradio_needed = pytest.mark.skipif(__import__("importlib").util.find_spec("gradi
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint) -> str:
-    return os.environ.get("PANDA_DEMO_CHECKPOINT") or tiny_checkpoint
+def checkpoint(request) -> str:
+    """The session's 2-step checkpoint, or ``PANDA_DEMO_CHECKPOINT`` (then nothing is trained)."""
+    return os.environ.get("PANDA_DEMO_CHECKPOINT") or request.getfixturevalue("tiny_checkpoint")
 
 
 @pytest.fixture(scope="module")
