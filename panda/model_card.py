@@ -412,10 +412,48 @@ def _stage_rows(cfg: TrainConfig, meta: dict, accumulation: int | None) -> list[
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
 
 
+def source_comments(cls: type) -> dict[str, str]:
+    """field -> the comment on its line in ``cls``'s source, else the comment lines directly above
+    it: the help of a field :data:`STAB_KEYS` does not describe (one added since)."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    trailing, own = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, text = tok.start[0], tok.string.lstrip("#").strip()
+            (trailing if lines[row - 1][:tok.start[1]].strip() else own)[row] = text
+    out = {}
+    for row, line in enumerate(lines, 1):
+        match = re.match(r"\s+(\w+)\s*:", line)
+        if not match:
+            continue
+        above, r = [], row - 1
+        while r in own:
+            above.insert(0, own[r])
+            r -= 1
+        text = trailing.get(row) or " ".join(above)
+        if text:
+            out[match.group(1)] = text
+    return out
+
+
 def _stab_lines(stab) -> list[str]:
     lines = ["| key | value | what |", "|---|---|---|"]
+    comments = None
     for f in dataclasses.fields(stab):
-        lines.append(f"| `stab.{f.name}` | {_fmt(getattr(stab, f.name))} | {STAB_KEYS.get(f.name, '')} |")
+        what = STAB_KEYS.get(f.name)
+        if what is None:
+            comments = source_comments(type(stab)) if comments is None else comments
+            what = comments.get(f.name, "")
+        lines.append(f"| `stab.{f.name}` | {_fmt(getattr(stab, f.name))} | {what.replace('|', '/')} |")
     return lines
 
 

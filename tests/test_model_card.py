@@ -55,6 +55,10 @@ def test_a_release_export_has_a_card_that_states_the_run(tiny_checkpoint, tmp_pa
     assert _row(body, "`stab.width`") == str(cfg.stab.width) == "32"
     assert _row(body, "`stab.resolution`") == str(cfg.stab.resolution)
     assert _row(body, "`stab.lsd`") == cfg.stab.lsd and _row(body, "`stab.use_fsra`") == "yes"
+    import dataclasses
+
+    rows = {f.name: re.search(rf"^\| `stab\.{f.name}` \| [^|]* \| (.*) \|$", body, re.M) for f in dataclasses.fields(cfg.stab)}
+    assert all(m and m.group(1).strip() for m in rows.values()), "every stab key has a row that says what it is"
     assert _row(body, "LLM width") == str(cfg.llm.hidden_size) and _row(body, "LLM layers") == str(cfg.llm.layers)
     assert _row(body, "LLM").startswith("`LlamaForCausalLM`") and "built from sizes" in _row(body, "LLM")
     assert _row(body, "LoRA") == "none"
