@@ -537,6 +537,9 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.stab.reducer.keeps_layout and distill_active(cfg):
         raise ValueError(f"stab.lsd={cfg.stab.lsd}: its tokens have no place in the frame, so there is no "
                          "teacher patch to distil each into; set teacher=none (or distill.loss=off)")
+    if cfg.stab.compresses and distill_active(cfg):
+        raise ValueError("stab.merge_keep / stab.temporal_pool: a compressed frame's tokens no longer cover the frame "
+                         "patch by patch, so there is no teacher patch for each; set teacher=none (or distill.loss=off)")
     if cfg.data.synthetic is not None:
         cfg.data.synthetic.validate()
     from panda.data.conversation import CHAT, TEMPLATES

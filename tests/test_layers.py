@@ -13,7 +13,7 @@ import pytest
 
 import panda
 
-BASE = {"panda.constants", "panda.errors", "panda.choices", "panda.registry", "panda.compat", "panda.paths"}  # and the package root ``panda`` itself
+BASE = {"panda.constants", "panda.errors", "panda.choices", "panda.registry", "panda.compat", "panda.paths", "panda.tokens"}  # and the package root ``panda`` itself
 # layer -> the panda packages/modules it may import (besides itself and BASE)
 ALLOWED = {
     "panda.constants": set(),
@@ -22,6 +22,7 @@ ALLOWED = {
     "panda.registry": set(),
     "panda.compat": set(),  # the dependencies' private APIs, each behind one function
     "panda.paths": set(),  # where panda's own files (its configs) are
+    "panda.tokens": set(),  # how many visual tokens a frame and a video get: the model, the token budget and the planner count with it
     "panda.runs": set(),
     "panda.models": {"panda.models"},
     "panda.data": {"panda.data"},

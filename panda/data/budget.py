@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from panda.choices import Choice
 from panda.data.frames import frame_geometry
 from panda.data.video import sample_frame_indices
+from panda.tokens import frame_tokens, video_tokens
 
 
 class Sampling(Choice):
@@ -60,6 +62,8 @@ class SamplingRule:
     context_token: bool = True
     row_tokens: bool = True
     fixed_side: int = 0  # a reducer that gives every frame one square grid of tokens (stab.lsd=perceiver): its side
+    merge_keep: Optional[float] = None  # STAB's temporal compression (stab.merge_keep, stab.temporal_pool):
+    temporal_pool: int = 1  # a video's later frames cost fewer tokens, so a budget holds more frames
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Sampling.parse(self.mode, "data.sampling"))
@@ -75,12 +79,21 @@ class SamplingRule:
                                  f"square frames ({self.chunk_size} x {self.square_tokens()} = {chunk} tokens); "
                                  f"set data.max_visual_tokens >= {chunk}")
 
-    def tokens_per_frame(self, height: int, width: int) -> int:
-        """Visual tokens STAB makes of a ``height × width`` video's frame (the LLM sees these)."""
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the spatial tokens STAB makes of a ``height × width`` video's frame."""
         geo = frame_geometry(height, width, self.resolution, self.patch_size, self.ratio)
         rows = self.fixed_side or geo.out_h // self.patch_size // self.lsd_window
         cols = self.fixed_side or geo.out_w // self.patch_size // self.lsd_window
-        return int(self.context_token) + rows * (cols + int(self.row_tokens))
+        return rows, cols
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Visual tokens STAB makes of a ``height × width`` video's frame, before temporal compression."""
+        return frame_tokens(*self.grid(height, width), self.context_token, self.row_tokens)
+
+    def video_tokens(self, frames: int, height: int, width: int) -> int:
+        """Visual tokens of ``frames`` frames of a ``height × width`` video, after temporal compression."""
+        return video_tokens(frames, *self.grid(height, width), self.context_token, self.row_tokens, self.merge_keep,
+                            self.temporal_pool)
 
     def square_tokens(self) -> int:
         """A square frame's tokens: the most any frame costs, and what a padding frame costs."""
@@ -93,10 +106,12 @@ class SamplingRule:
             step = max(1, int(round(fps / self.sample_fps))) if fps and fps > 0 else 1
             count = min(math.ceil(num_frames / step), self.max_frames)
             return max(T, count // T * T)
-        # budget: whole chunks of this video's frames within the budget; a video with fewer frames than
-        # that takes what it has, to whole chunks (its padding frames cost a square frame's tokens)
-        per_frame = self.tokens_per_frame(height, width)
-        count = min(self.max_visual_tokens // per_frame, self.max_frames) // T * T
+        # budget: whole chunks of this video's frames within the budget (counted after temporal compression);
+        # a video with fewer frames than that takes what it has, to whole chunks (its padding frames cost a
+        # square frame's tokens)
+        count = T
+        while count + T <= self.max_frames and self.video_tokens(count + T, height, width) <= self.max_visual_tokens:
+            count += T
         if num_frames < count:
             count = max(T, num_frames // T * T)
         return max(T, count)
@@ -116,8 +131,9 @@ class SamplingRule:
         return max(self.chunk_size, math.ceil(decoded / self.chunk_size) * self.chunk_size)
 
     def visual_tokens(self, count: int, decoded: int, height: int, width: int) -> int:
-        """Visual tokens of a sample of ``count`` frames, ``decoded`` of them real."""
-        return decoded * self.tokens_per_frame(height, width) + (count - decoded) * self.square_tokens()
+        """Visual tokens of a sample of ``count`` frames, ``decoded`` of them real (compressed; the padding
+        frames are not)."""
+        return self.video_tokens(decoded, height, width) + (count - decoded) * self.square_tokens()
 
 
 def sampling_rule(sampling: SamplingConfig, stab, frames: int) -> SamplingRule:
@@ -125,4 +141,4 @@ def sampling_rule(sampling: SamplingConfig, stab, frames: int) -> SamplingRule:
     one), ``stab`` its STABConfig, ``frames`` the release count."""
     return SamplingRule(sampling.sampling, frames, sampling.sample_fps, sampling.max_frames, sampling.max_visual_tokens,
                         stab.chunk_size, stab.resolution, stab.patch_size, stab.ratio, stab.window, stab.has_context_token,
-                        stab.row_tokens, stab.fixed_side)
+                        stab.row_tokens, stab.fixed_side, stab.merge_keep, stab.temporal_pool)

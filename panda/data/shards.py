@@ -161,7 +161,7 @@ class ShardSource:
 
         def visual_tokens(height, width, num_frames, fps) -> int:
             if rule.mode == "release":
-                return frames * rule.tokens_per_frame(height, width)
+                return rule.video_tokens(frames, height, width)
             count = rule.frame_count(num_frames, fps, height, width)
             return rule.visual_tokens(count, min(count, num_frames), height, width)
 

@@ -21,15 +21,17 @@ Stages, in the paper's terms:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from panda.models.compress import compress
 from panda.models.host import host_to_device
 from panda.registry import Registry
+from panda.tokens import frame_tokens, video_tokens
 
 
 @dataclass
@@ -54,6 +56,11 @@ class STABConfig:
     # avgpool | none (every patch) | perceiver (Table 9's resampler) | one registered from a plugin module
     lsd: str = "attention"
     lsd_before_lste: bool = False  # run the spatial reducer on the whole canvas before LSTE/GSTRA (Table 4)
+    # temporal token compression on STAB's output (panda/models/compress.py), off by default; one at a time:
+    # each frame after a video's first keeps this fraction of its spatial tokens (those that changed most),
+    # merging the rest into the earlier tokens at their place (ToMe-style); None: off
+    merge_keep: Optional[float] = None
+    temporal_pool: int = 1  # every k frames share one grid of spatial tokens (their mean) plus their own context tokens
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -74,6 +81,21 @@ class STABConfig:
             raise ValueError(f"stab.lsd={self.lsd} replaces LSD; stab.lsd_before_lste has no LSD to move")
         if self.chunk_size < 1:
             raise ValueError("stab.chunk_size must be >= 1")
+        if self.merge_keep is not None and not 0 < self.merge_keep <= 1:
+            raise ValueError(f"stab.merge_keep={self.merge_keep}: the fraction of spatial tokens a later frame keeps, "
+                             "in (0, 1]; null turns merging off")
+        if self.temporal_pool < 1:
+            raise ValueError(f"stab.temporal_pool={self.temporal_pool}: frames that share one grid, >= 1 (1: off)")
+        if self.compresses and not (reducer.keeps_layout and reducer.crops):
+            raise ValueError(f"stab.lsd={self.lsd}: temporal compression matches tokens by their place in the frame; "
+                             "this reducer's tokens have none (turn stab.merge_keep / stab.temporal_pool off)")
+        if self.merge_keep is not None and self.temporal_pool > 1:
+            raise ValueError("stab.merge_keep and stab.temporal_pool: choose one temporal compression")
+
+    @property
+    def compresses(self) -> bool:
+        """Whether a temporal compression switch is on (``merge_keep`` or ``temporal_pool``)."""
+        return self.merge_keep is not None or self.temporal_pool > 1
 
     @property
     def reducer(self) -> type[SpatialReducer]:
@@ -100,8 +122,17 @@ class STABConfig:
         return self.use_fsra or (self.chunk_size > 1 and self.use_gstra)
 
     def tokens_per_frame(self, rows: int, cols: int) -> int:
-        """Visual tokens of a frame with ``rows × cols`` LSD tokens: context + rows, each with its row token."""
-        return int(self.has_context_token) + rows * (cols + int(self.row_tokens))
+        """Visual tokens of a frame with ``rows × cols`` LSD tokens: context + rows, each with its row token
+        (before temporal compression: a video's first frame, or every frame with it off)."""
+        return frame_tokens(rows, cols, self.has_context_token, self.row_tokens)
+
+    def video_tokens(self, frames: int, rows: int | None = None, cols: int | None = None) -> int:
+        """Visual tokens of a video of ``frames`` frames with ``rows × cols`` LSD tokens each (default: a
+        square frame's grid), after temporal compression: what the LLM gets."""
+        if rows is None or cols is None:
+            side = self.resolution // self.patch_size
+            rows, cols = self.spatial_grid(side, side)
+        return video_tokens(frames, rows, cols, self.has_context_token, self.row_tokens, self.merge_keep, self.temporal_pool)
 
     def max_tokens_per_frame(self) -> int:
         """Visual tokens of a square frame (the most any frame can have): 273 at release sizes."""
@@ -625,8 +656,12 @@ class STAB(nn.Module):
         spatial, grids = self.reducer(grid, valid, host_valid, pooled)  # (S, d), [(rows, cols)] per frame
         tokens, lengths = self._assemble(spatial, grids, video_ctx)
         content = valid.flatten(1).any(1)  # (B*F,)
-        lengths = lengths.reshape(batch, frames)
         host_content = host_valid.reshape(len(host_valid), -1).any(1) if host_valid is not None else None
+        if self.cfg.compresses:  # temporal compression on the output (the switches need a cropping reducer)
+            tokens, lengths = compress(tokens, lengths, grids, host_content, batch, frames, self.fsra is not None or
+                                       video_ctx is not None, self.row_token is not None, self.cfg.merge_keep,
+                                       self.cfg.temporal_pool)
+        lengths = lengths.reshape(batch, frames)
         return VisualTokens(tokens, host_to_device(lengths, x.device), grids, content, lengths, host_content)
 
 
