@@ -110,8 +110,32 @@ def load_model(path: str, dtype: str = "float32", attn: str = "sdpa") -> LoadedM
         )
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise NotACheckpointError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
+    if is_hf_export(path):
+        return load_hf_export(path, dtype, attn)
     model, _ = load_release(path, dtype=dtype, attn_implementation=attn)
     meta = read_meta(path)
     return LoadedModel(model, load_tokenizer(path), meta.get("frames") or RELEASE_FRAMES,
                        meta.get("template") or "vicuna_v1", meta.get("eval_template") or RELEASE_EVAL_TEMPLATE,
                        tokenization=meta.get("tokenization") or "release")
+
+
+def is_hf_export(path: str) -> bool:
+    """Whether ``path`` is a folder ``panda export --format hf`` wrote (its ``config.json`` model type)."""
+    import json
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f).get("model_type") == "panda_video"
+
+
+def load_hf_export(path: str, dtype: str = "float32", attn: str = "sdpa") -> LoadedModel:
+    """A Hugging Face–native export, read with panda's own classes (:mod:`panda.hub`, the code the folder
+    carries a copy of): its model, tokenizer and prompt settings (``processor_config.json``)."""
+    from panda.hub.modeling import PandaVideoForCausalLM
+    from panda.hub.processing import PandaVideoProcessor
+
+    wrapped = PandaVideoForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+    processor = PandaVideoProcessor.from_pretrained(path)
+    model = wrapped.model.eval()
+    model.llm.generation_config = wrapped.generation_config  # the stop tokens the export recorded
+    return LoadedModel(model, processor.tokenizer, processor.frames, processor.template_name, processor.template_name,
+                       tokenization=processor.tokenization)

@@ -466,6 +466,11 @@ def _tokens_per_frame(stab) -> str:
             "ratios get fewer rows or columns")
 
 
+def _compression(stab) -> str:
+    return f"`stab.merge_keep={stab.merge_keep}`" if stab.merge_keep is not None else \
+        f"`stab.temporal_pool={stab.temporal_pool}`"
+
+
 @dataclasses.dataclass
 class _Facts:
     loaded: LoadedModel
@@ -624,6 +629,9 @@ class _Facts:
             sampling += f" (at most {cfg.data.max_frames} frames, {cfg.data.max_visual_tokens} visual tokens per video)"
         lines += [f"- Visual tokens per frame: {_tokens_per_frame(stab)}.",
                   f"- Frames per video: {self.loaded.frames}{sampling}.",
+                  *([f"- Temporal compression ({_compression(stab)}): {self.loaded.frames} square frames give "
+                     f"{stab.video_tokens(self.loaded.frames)} visual tokens instead of "
+                     f"{self.loaded.frames * stab.max_tokens_per_frame()}."] if stab.compresses else []),
                   f"- Conversation template: `{self.loaded.template}` in training, `{self.loaded.eval_template}` to ask "
                   f"questions; tokenization `{self.loaded.tokenization}`"
                   + (f"; prompts cut at {cfg.model.max_length} text positions." if cfg is not None else "."), ""]
@@ -708,11 +716,10 @@ class _Facts:
                          'model, report = load_release("FOLDER")  # the model alone',
                          "```", ""]
         if self.fmt == "hf":
-            source = f"`{self.checkpoint}`" if self.checkpoint else "the training checkpoint"
             return lines + ["With `transformers` alone (the folder carries its own code, hence `trust_remote_code=True`):",
                             ""] + transformers_snippet + [
-                f"panda's own commands (`panda chat`, `panda evaluate`) and `panda.loading.load_model` read the release "
-                f"format, exported from {source} with `panda export {self.checkpoint or 'CKPT'} --out DIR`.", ""]
+                "With panda installed, its own commands read this folder as well (with panda's own copy of the code):",
+                ""] + panda_snippet[:4]
         source = f"`{self.checkpoint}`" if self.checkpoint else "the training checkpoint"
         return lines + ["With panda installed (the `panda` command):", ""] + panda_snippet + [
             "`AutoModelForCausalLM.from_pretrained(FOLDER)` loads the LLM alone from this folder; STAB, the projector "

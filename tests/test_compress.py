@@ -202,5 +202,11 @@ def test_compressed_runs_train_with_the_budget_and_refuse_distillation(synthetic
         "stab.merge_keep=0.25", "data.sampling=budget", "data.max_visual_tokens=400", "trainer.max_steps=2",
         "evaluate=false"]))
     assert summary["train/steps"] == 2 and math.isfinite(summary["train/loss_final"])
+    from panda.loading import load_model
+    from panda.model_card import render_model_card
+
+    card = render_model_card(load_model(summary["checkpoint"]), summary["checkpoint"], str(tmp_path / "export"), "release")
+    cfg = STABConfig(width=32, heads=4, resolution=112, merge_keep=0.25)
+    assert f"Temporal compression (`stab.merge_keep=0.25`): 4 square frames give {cfg.video_tokens(4)} visual tokens" in card
     with pytest.raises(ValueError, match="a compressed frame's tokens no longer cover the frame"):
         validate(to_train_config(compose(["stab.temporal_pool=2", "teacher=tiny_languagebind"])))

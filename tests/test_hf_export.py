@@ -102,6 +102,10 @@ def test_hf_export_loads_without_panda_and_answers_as_panda_chat(kind, synthetic
     assert chat_main(["--checkpoint", ckpt, "--video", video, "--max-new-tokens", str(NEW_TOKENS), "--no-stream",
                       QUESTION]) == 0
     assert capsys.readouterr().out.strip() == hf["text"]
+    # panda itself loads the folder too (chat, evaluate, demo): the same answer
+    assert chat_main(["--checkpoint", out, "--video", video, "--max-new-tokens", str(NEW_TOKENS), "--no-stream",
+                      QUESTION]) == 0
+    assert capsys.readouterr().out.strip() == hf["text"]
 
 
 def test_the_folder_code_is_the_installed_panda_with_only_its_imports_rewritten(tmp_path):

@@ -29,7 +29,7 @@ ALLOWED = {
     "panda.config": {"panda.config", "panda.models", "panda.data"},
     "panda.overrides": {"panda.overrides", "panda.config", "panda.models", "panda.data", "panda.runs"},  # CLI checks
     "panda.build": {"panda.build", "panda.config", "panda.models", "panda.data"},  # panda.loading builds through it
-    "panda.loading": {"panda.build", "panda.loading", "panda.config", "panda.models", "panda.data"},
+    "panda.loading": {"panda.build", "panda.loading", "panda.config", "panda.models", "panda.data", "panda.hub"},
     "panda.evaluation": {"panda.evaluation", "panda.build", "panda.loading", "panda.config", "panda.models", "panda.data",
                          "panda.runs"},
     "panda.training": {"panda.training", "panda.evaluation", "panda.build", "panda.loading", "panda.config", "panda.models",
