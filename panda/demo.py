@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -196,12 +197,14 @@ class DemoSession:
         with self._generating:
             worker = threading.Thread(target=generate, name="panda-demo-generate", daemon=True)
             worker.start()
-            text = ""
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text
-            worker.join()
+            try:
+                text = ""
+                for piece in streamer:
+                    if piece:
+                        text += piece
+                        yield text
+            finally:  # also when the page goes away mid-answer: the next answer waits for this one
+                worker.join()
         if "error" in result:
             raise result["error"]
         yield result["text"]
@@ -345,29 +348,36 @@ def main(argv=None) -> int:
             raise DemoError(f"--max-seconds {args.max_seconds:g}: give the longest video to accept, in seconds (> 0)")
         if args.max_new_tokens < 1:
             raise DemoError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
-        if args.examples:
-            examples = find_examples(args.examples)
-        else:
-            examples = write_synthetic_examples(tempfile.mkdtemp(prefix="panda_demo_examples_"))
+        examples = find_examples(args.examples) if args.examples else []
         chat = load_chat_model(args.checkpoint, args.frames, args.device, args.dtype, args.attn)
     except USER_ERRORS as exc:
         print(f"panda demo: error: {exc}", file=sys.stderr)
         return 2
     session = DemoSession(chat, args.max_seconds, args.max_new_tokens, args.sample_fps, args.temperature)
-    page = build_page(session, args.checkpoint, examples)
-    print(f"panda demo: serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
-    try:
-        page.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
-                            quiet=True, ssr_mode=False, show_error=False, max_file_size=MAX_UPLOAD,
-                            allowed_paths=sorted({os.path.dirname(p) for p in examples}), css=CSS,
-                            footer_links=[])
-    except OSError as exc:  # the port is taken
-        print(f"panda demo: error: cannot listen on {args.host}:{args.port}: {exc}; choose another --port",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
+    with tempfile.TemporaryDirectory(prefix="panda_demo_examples_") as generated:
+        examples = examples or write_synthetic_examples(generated)
+        page = build_page(session, args.checkpoint, examples)
+        try:
+            page.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+                                quiet=True, ssr_mode=False, show_error=False, max_file_size=MAX_UPLOAD,
+                                allowed_paths=sorted({os.path.dirname(p) for p in examples}), css=CSS,
+                                footer_links=[], prevent_thread_lock=True)
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            why = "something else listens there" if "empty port" in str(exc) else str(exc)
+            print(f"panda demo: error: cannot listen on {args.host}:{args.port} ({why}); choose another --port"
+                  f"{'' if args.host == '127.0.0.1' else ' or --host'}", file=sys.stderr)
+            return 2
+        print(f"panda demo: serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl+C stops it)",
+              flush=True)
+        signal.signal(signal.SIGTERM, _stop)  # a plain `kill` stops it like Ctrl+C: server closed, clips removed
+        page.block_thread()  # until Ctrl+C (Gradio closes the server then)
     return 0
+
+
+def _stop(signum, frame):
+    """SIGTERM: stop as Ctrl+C does (once; a second one is ignored while the server closes)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
