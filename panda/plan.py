@@ -37,6 +37,19 @@ FLOPs are model FLOPs (matmuls, convolutions and attention as ``torch.utils.flop
 them; activation recomputation excluded, as MFU is defined): forward ``2·T·N_linear + 4·L·S²·D``
 per sample for the LLM, backward twice that for trained weights and once for the input gradients
 a frozen LLM passes to STAB; STAB from ``FlopCounterMode`` on one video, the teacher from its sizes.
+STAB is run on at most 8 frames and scaled linearly beyond (its saved bytes and FLOPs are linear in frames).
+
+**Long sequences** (planned; ``Plan.long_sequences``, the output's last section): the sample's
+positions (text + the visual tokens of its frames: :func:`planned_visual_tokens`) against one GPU
+with activation checkpointing; the longest sample that fits — frames added in whole STAB chunks,
+text and answer positions the run's, judged by this same memory model — at the run's micro-batch
+and at 1, in frames and minutes at ``data.sample_fps``; and when one sample does not fit, the
+smallest power-of-two context-parallel degree ``cp`` whose share does: each GPU holds ``S/cp``
+positions (padded to ``2·cp`` load-balanced causal shards) with their activations, logits and STAB
+frames, one layer's ring attention buffers (:func:`ring_buffer_bytes`), and the static terms
+unchanged (FSDP2 shards over every GPU, CP ranks included); the mesh ``world = FSDP (world/cp) x CP
+cp``; the K/V it exchanges per layer (:func:`kv_exchange_bytes`) and how long that takes on the
+link against the layer's causal attention. panda does not implement context parallelism.
 """
 
 from __future__ import annotations
@@ -64,14 +77,16 @@ class GPU:
     name: str
     memory_gib: float  # what torch reports as total on the device
     bf16_tflops: float  # dense peak
+    link_gbs: float = 0.0  # GB/s a GPU sends to another in its node (NVLink, one direction), planned
 
 
 GPUS = {
-    "a100_80g": GPU("A100-SXM4-80GB", 79.2, 312.0),
-    "h100_80g": GPU("H100-SXM5-80GB", 79.1, 989.0),
-    "h200": GPU("H200-SXM-141GB", 139.8, 989.0),
+    "a100_80g": GPU("A100-SXM4-80GB", 79.2, 312.0, 300.0),
+    "h100_80g": GPU("H100-SXM5-80GB", 79.1, 989.0, 450.0),
+    "h200": GPU("H200-SXM-141GB", 139.8, 989.0, 450.0),
     "cpu": GPU("CPU (this machine)", 0.0, 0.0),
 }
+INTER_NODE_GBS = 50.0  # GB/s a GPU sends to another node (one 400 Gb/s NIC per GPU), planned
 
 # LLM shapes for planning when the folder is not on this machine (config.json values)
 LLM_PRESETS = {
@@ -95,6 +110,50 @@ class Unit:
     @property
     def trainable(self) -> bool:
         return self.trained > 0
+
+
+@dataclass
+class LongSequences:
+    """The sample's length against one GPU, and the context parallelism a longer one would need: all
+    planned (the planner's memory model with activation checkpointing per decoder layer, whether or
+    not the run has it on), nothing measured; panda does not implement context parallelism. Frames
+    are square frames (the most visual tokens a frame can cost); text and answer positions stay the
+    run's as frames are added."""
+
+    planned: bool = True  # every number here is planned, not measured
+    positions: int = 0  # the sample's LLM positions: text + visual tokens
+    text_positions: int = 0  # ... of which not visual tokens
+    frames: int = 0  # frames through STAB
+    visual_tokens: int = 0
+    tokens_per_frame: int = 0  # visual tokens of a square frame
+    sample_fps: float = 1.0  # data.sample_fps: minutes of video are frames / sample_fps / 60
+    minutes: float = 0.0
+    micro_batch: int = 1  # data.batch_size
+    checkpointing: bool = True  # the run has activation checkpointing on (these numbers assume it on either way)
+    long: bool = False  # the sample is long (over LONG_POSITIONS) or does not fit: the output shows the whole section
+    fits: bool | None = None  # one micro-batch of the run, with checkpointing, fits one GPU (None: no GPU to judge)
+    peak_gib: float | None = None  # its peak per GPU
+    fits_one: bool | None = None  # one sample alone (micro-batch 1) fits
+    longest_positions: int | None = None  # the longest sample that fits one GPU at the run's micro-batch
+    longest_frames: int | None = None  # ... its frames (whole STAB chunks)
+    longest_visual_tokens: int | None = None
+    longest_minutes: float | None = None
+    longest_positions_one: int | None = None  # the same at micro-batch 1
+    longest_frames_one: int | None = None
+    longest_minutes_one: float | None = None
+    cp: int | None = 1  # context-parallel degree one sample needs (micro-batch 1; 1: none, None: no degree fits)
+    cp_positions_per_gpu: int | None = None  # S / cp, padded to 2·cp shards (load-balanced causal attention)
+    cp_peak_gib: float | None = None  # peak per GPU with it
+    mesh: str | None = None  # "64 GPUs = FSDP 4 x CP 16"
+    mesh_fsdp: int | None = None  # world / cp: the data-parallel (FSDP) dimension
+    cp_nodes: int | None = None  # nodes one CP ring spans
+    kv_exchange_gib: dict = field(default_factory=dict)  # per layer, per GPU, per micro-batch: forward / backward / recompute
+    kv_link_gbs: float | None = None  # the link the ring's K/V cross (NVLink within a node, else INTER_NODE_GBS)
+    kv_forward_ms: float | None = None  # one layer's forward K/V exchange at kv_link_gbs
+    attention_forward_ms: float | None = None  # one layer's causal attention forward per GPU at the assumed MFU
+    attention_share: float = 0.0  # attention's share of the LLM's forward FLOPs at this length
+    layers: int = 0  # decoder layers: the K/V exchange happens once per layer
+    notes: list = field(default_factory=list)
 
 
 @dataclass
@@ -123,13 +182,14 @@ class Plan:
     host_memory_gib: dict = field(default_factory=dict)  # host memory per node (node 0) by item, GiB (planned)
     host_peak_gib: float = 0.0  # their sum: host memory per node while the initial weights are read and sharded
     host_readers: int = 1  # ranks per node that read the initial weights (1: FSDP's rank 0 reads and sends)
+    long_sequences: LongSequences | None = None  # the sample's length against one GPU, context parallelism (planned)
     notes: list = field(default_factory=list)
 
 
 GRADIENT_TERMS = ("gradients", "gradients (sharded)")
 ACTIVATION_TERMS = ("LLM activations", "logits + loss (supervised positions)", "backward buffers (one layer)", "embeddings + splice",
                     "distillation head inputs", "STAB + projector activations", "unsharded gradient of a unit",
-                    "autocast bf16 weight copies")
+                    "autocast bf16 weight copies", "ring attention buffers (one layer)")
 
 
 def phase_of(term: str) -> str:
@@ -228,20 +288,38 @@ def units_of(model, llm_bytes: int) -> list[Unit]:
 
 
 _STAB_MEASURED: dict[str, tuple[int, float, int]] = {}
+STAB_MEASURED_FRAMES = 8  # STAB is run on at most this many frames (whole chunks); more frames scale linearly
 
 
-def stab_measure(cfg, micro_batch: int) -> tuple[int, float, int]:
-    """(activation bytes saved for backward, forward FLOPs, visual tokens) of STAB for ``micro_batch``
-    videos of the configured frames and resolution (square: the most tokens): one video run once on
-    CPU (remembered per STAB config and frame count), scaled to the micro-batch."""
+def planned_visual_tokens(cfg, frames: int) -> int:
+    """Visual tokens the LLM gets from one video of ``frames`` square frames (a square frame costs the
+    most: ``STABConfig.max_tokens_per_frame``, 273 at release sizes). The one place the planner counts
+    them: the run's sample, the longest sample that fits and its frames all come from here."""
+    return frames * cfg.stab.max_tokens_per_frame()
+
+
+def stab_per_video(cfg, frames: int) -> tuple[float, float]:
+    """(activation bytes saved for backward, forward FLOPs) of STAB on one video of ``frames`` square
+    frames at its resolution: measured by running STAB once on CPU (remembered per STAB config) on
+    ``frames`` frames, or on :data:`STAB_MEASURED_FRAMES` (whole chunks) and scaled linearly when there
+    are more (both are linear in frames: release STAB at 4, 8 and 16 frames agree within 0.01%)."""
     from panda.models.flops import stab_cost
 
-    key = repr((dataclasses.asdict(cfg.stab), cfg.frames))
+    T = cfg.stab.chunk_size
+    measured = frames if frames <= STAB_MEASURED_FRAMES else max(T, STAB_MEASURED_FRAMES // T * T)
+    key = repr((dataclasses.asdict(cfg.stab), measured))
     if key not in _STAB_MEASURED:
-        flops, saved, tokens = stab_cost(cfg.stab, cfg.frames)
+        flops, saved, tokens = stab_cost(cfg.stab, measured)
         _STAB_MEASURED[key] = (saved, flops, tokens)
-    saved, flops, tokens = _STAB_MEASURED[key]
-    return saved * micro_batch, flops * micro_batch, tokens
+    saved, flops, _ = _STAB_MEASURED[key]
+    return saved * frames / measured, flops * frames / measured
+
+
+def stab_measure(cfg, micro_batch: int) -> tuple[float, float, int]:
+    """(activation bytes saved for backward, forward FLOPs, visual tokens per video) of STAB for
+    ``micro_batch`` videos of the configured frames (:func:`stab_per_video`, :func:`planned_visual_tokens`)."""
+    saved, flops = stab_per_video(cfg, cfg.frames)
+    return saved * micro_batch, flops * micro_batch, planned_visual_tokens(cfg, cfg.frames)
 
 
 def dtype_bytes(name) -> int:
@@ -299,12 +377,11 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     units = units_of(model, dtype_bytes(cfg.llm.dtype))
     trains = _what_trains(cfg, units)
     teacher_params = _teacher_params(cfg)
-    mem = _static_memory(cfg, units, layout, teacher_params)  # term -> bytes per rank
+    static = _static_memory(cfg, units, layout, teacher_params)  # term -> bytes per rank
     batch = _micro_batch(cfg, text_tokens, supervised_tokens)
-    mem |= _activation_memory(cfg, config, model, layout, batch, trains)
+    mem = static | _activation_memory(cfg, config, model, layout, batch, trains)
     phases = _phase_bytes(mem)
-    # backward frees the activations layer by layer as it fills the gradients: the two never peak together
-    peak = phases["persistent"] + max(phases["activations"], phases["gradients"])
+    peak = _peak_bytes(phases)
     result = Plan(gpu, layout.strategy, layout.world, layout.shard, batch.videos, batch.sequence, batch.visual,
                   {k: v / GIB for k, v in mem.items()}, peak / GIB,
                   device.memory_gib if usable_gib is None else usable_gib, mfu=mfu,
@@ -319,6 +396,9 @@ def plan(cfg, gpu: str = "h100_80g", mfu: float = 0.4, llm_preset: str | None = 
     result.host_peak_gib = sum(host.values()) / GIB
     result.host_readers = _host_readers(cfg, layout)
     result.notes = _notes(cfg, units, trains, batch, text_tokens)
+    sizes = _Sizes(cfg, config, model, dataclasses.replace(layout, checkpointing=True), trains, static)
+    result.long_sequences = _long_sequences(sizes, batch, result, device, layout)
+    _fix_for_a_long_sample(result, cfg, layout, batch, phases)
     return result
 
 
@@ -357,7 +437,7 @@ class _MicroBatch:
     visual: int  # visual tokens per sample (under data.sampling=budget, at most the budget)
     sequence: int  # S: LLM positions per sample, text + visual tokens
     supervised: int  # positions per sample where the LM head runs (answer tokens)
-    stab_bytes: int  # what STAB saves for backward, all B videos (measured in fp32)
+    stab_bytes: float  # what STAB saves for backward, all B videos (measured in fp32)
     stab_flops: float  # STAB's forward FLOPs, all B videos
 
     @property
@@ -494,7 +574,8 @@ def _host_memory(cfg, units: list[Unit], layout: _Layout, teacher_params: int) -
 
 def _micro_batch(cfg, text_tokens: int | None, supervised_tokens: int | None) -> _MicroBatch:
     """The longest micro-batch: ``text_tokens`` text positions (default ``model.max_length``), and
-    the visual tokens STAB makes of the planned frames (measured: :func:`stab_measure`)."""
+    the visual tokens STAB makes of the planned frames (:func:`planned_visual_tokens`; STAB's cost
+    measured: :func:`stab_measure`)."""
     B = cfg.data.batch_size
     stab_bytes, stab_flops, visual = stab_measure(cfg, B)
     if str(cfg.data.sampling) == "budget":
@@ -530,6 +611,12 @@ def _activation_memory(cfg, config, model, layout: _Layout, batch: _MicroBatch, 
         mem["distillation head inputs"] = picked * vis_tokens * (c * D * 2 + c * cfg.teacher.width * 2)
     mem["STAB + projector activations"] = batch.stab_bytes * (c / 4) + B * batch.visual * c * (cfg.stab.width + 2 * D)
     return mem
+
+
+def _peak_bytes(phases: dict[str, float]) -> float:
+    """The peak per rank: backward frees the activations layer by layer as it fills the gradients,
+    so the two never peak together: ``persistent + max(activations, gradients)``."""
+    return phases["persistent"] + max(phases["activations"], phases["gradients"])
 
 
 def _phase_bytes(mem: dict[str, float]) -> dict[str, float]:
@@ -620,6 +707,211 @@ def _notes(cfg, units: list[Unit], trains: _Trains, batch: _MicroBatch, text_tok
     return notes
 
 
+# -- long sequences: the sample's length against one GPU, and context parallelism (planned) -------------
+
+LONG_POSITIONS = 32_768  # a sample longer than this (or one that does not fit) gets the whole "long sequences" section
+CP_DEGREES = tuple(2**k for k in range(1, 17))  # context-parallel degrees tried, smallest first
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The planner's memory model with what stays fixed as the sample changes: the static terms
+    (weights, gradients, AdamW states as the strategy holds them) and the layout, with activation
+    checkpointing on."""
+
+    cfg: object
+    config: object
+    model: object
+    layout: _Layout
+    trains: _Trains
+    static: dict
+
+    def memory(self, batch: _MicroBatch, cp: int = 1) -> dict[str, float]:
+        """Bytes per rank of ``batch`` with each sample split over ``cp`` context-parallel ranks: a
+        rank holds S/cp positions (S padded to 2·cp shards: the load-balanced causal split), its
+        share of the supervised and visual tokens and of STAB's frames, and one layer's ring
+        attention buffers (:func:`ring_buffer_bytes`); the static terms stay (FSDP2 shards over
+        every rank, the CP ranks included)."""
+        if cp > 1:
+            share = math.ceil(batch.sequence / (2 * cp)) * 2
+            batch = _MicroBatch(batch.videos, math.ceil(batch.visual / cp), share, math.ceil(batch.supervised / cp),
+                                batch.stab_bytes / cp, batch.stab_flops / cp)
+        mem = self.static | _activation_memory(self.cfg, self.config, self.model, self.layout, batch, self.trains)
+        if cp > 1:
+            mem["ring attention buffers (one layer)"] = ring_buffer_bytes(self.config, self.layout.compute_bytes,
+                                                                        batch.tokens)
+        return mem
+
+    def peak_gib(self, batch: _MicroBatch, cp: int = 1) -> float:
+        return _peak_bytes(_phase_bytes(self.memory(batch, cp))) / GIB
+
+    def sample(self, frames: int, text: int, supervised: int, videos: int) -> _MicroBatch:
+        """``videos`` samples of ``frames`` square frames, ``text`` positions besides the visual
+        tokens and ``supervised`` answer positions: what :func:`plan` makes of a release-tokenised
+        run with these frames and ``model.max_length`` = ``text + frames``."""
+        visual = planned_visual_tokens(self.cfg, frames)
+        saved, flops = stab_per_video(self.cfg, frames)
+        return _MicroBatch(videos, visual, text + visual, supervised, saved * videos, flops * videos)
+
+
+def kv_dim(config) -> int:
+    """Width of K (and of V) per position: key/value heads x head dimension."""
+    heads = config.num_attention_heads
+    return config.hidden_size * (getattr(config, "num_key_value_heads", None) or heads) // heads
+
+
+def ring_buffer_bytes(config, c: int, positions: int) -> int:
+    """One layer's ring-attention buffers on a rank holding ``positions`` positions (torch's
+    ``context_parallel`` with ``set_rotate_method("alltoall")``): the K/V chunk it holds and the one
+    arriving ``2·2c·Dkv``; in backward the fp32 dQ accumulator ``4·D``, the dK/dV accumulators and
+    the copy in flight ``16·Dkv``, and one step's dQ, dK, dV ``c·(D + 2·Dkv)``; per position."""
+    D, kv = config.hidden_size, kv_dim(config)
+    return positions * (4 * c * kv + 4 * D + 16 * kv + c * (D + 2 * kv))
+
+
+def kv_exchange_bytes(config, c: int, sequence: int, cp: int, checkpointing: bool = True) -> dict[str, float]:
+    """Bytes one rank receives per decoder layer and sample under ring attention over ``cp`` ranks
+    (``sequence`` positions, K and V ``Dkv`` wide in ``c`` bytes): forward ``2·(cp−1)/cp·S·Dkv·c``
+    (every other rank's K and V); backward the same K/V again plus the dK/dV accumulators that travel
+    the whole ring in fp32, ``2·S·Dkv·4``; with activation checkpointing the forward once more."""
+    kv = kv_dim(config)
+    forward = 2 * (cp - 1) / cp * sequence * kv * c
+    out = {"forward": forward, "backward": forward + 2 * sequence * kv * 4}
+    if checkpointing:
+        out["recompute"] = forward
+    return out
+
+
+def _longest_frames(sizes: _Sizes, text: int, supervised: int, videos: int, usable_gib: float) -> int | None:
+    """The most frames (whole STAB chunks) of a sample that fit ``usable_gib`` per GPU at micro-batch
+    ``videos``; None when one chunk does not. The memory only grows with frames: doubling, then bisection."""
+    T = sizes.cfg.stab.chunk_size
+
+    def fits(chunks: int) -> bool:
+        return sizes.peak_gib(sizes.sample(chunks * T, text, supervised, videos)) < usable_gib
+
+    if not fits(1):
+        return None
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+        if high > 2**24:
+            return low * T
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * T
+
+
+def _long_sequences(sizes: _Sizes, batch: _MicroBatch, result: Plan, device: GPU, layout: _Layout) -> LongSequences:
+    """The run's sample against one GPU with activation checkpointing, the longest that fits (at the
+    run's micro-batch and at 1), and when one sample does not fit, the context-parallel degree that
+    would make its share fit (planned; :class:`LongSequences`)."""
+    cfg, config = sizes.cfg, sizes.config
+    fps = cfg.data.sample_fps
+    text = batch.sequence - batch.visual  # positions besides the visual tokens: held as frames are added
+    B = batch.videos
+    one = dataclasses.replace(batch, videos=1, stab_bytes=batch.stab_bytes / B, stab_flops=batch.stab_flops / B)
+    S, D, L = batch.sequence, config.hidden_size, config.num_hidden_layers
+    attention = 4 * L * S * S * D
+    out = LongSequences(positions=S, text_positions=text, frames=cfg.frames, visual_tokens=batch.visual,
+                        tokens_per_frame=planned_visual_tokens(cfg, 1), sample_fps=fps,
+                        minutes=cfg.frames / fps / 60, micro_batch=B, checkpointing=layout.checkpointing, layers=L,
+                        attention_share=attention / llm_forward_flops(config, S, S, 1, head_tokens=batch.supervised))
+    usable = result.usable_gib
+    if usable:
+        out.peak_gib = sizes.peak_gib(batch)
+        out.fits = out.peak_gib < usable
+        out.fits_one = sizes.peak_gib(one) < usable
+        for suffix, videos in (("", B), ("_one", 1)):
+            frames = _longest_frames(sizes, max(text, 0), batch.supervised, videos, usable)
+            if frames is not None:
+                setattr(out, f"longest_frames{suffix}", frames)
+                setattr(out, f"longest_positions{suffix}", max(text, 0) + planned_visual_tokens(cfg, frames))
+                setattr(out, f"longest_minutes{suffix}", frames / fps / 60)
+                if not suffix:
+                    out.longest_visual_tokens = planned_visual_tokens(cfg, frames)
+        if not out.fits_one:
+            out.cp = next((cp for cp in CP_DEGREES if cp <= S and sizes.peak_gib(one, cp) < usable), None)
+    out.long = out.fits is False or S > LONG_POSITIONS
+    if out.cp and out.cp > 1:
+        cp = out.cp
+        padded = math.ceil(S / (2 * cp)) * 2 * cp
+        out.cp_positions_per_gpu = padded // cp
+        out.cp_peak_gib = sizes.peak_gib(one, cp)
+        out.kv_exchange_gib = {k: v / GIB for k, v in kv_exchange_bytes(config, layout.compute_bytes, padded, cp).items()}
+        out.cp_nodes = math.ceil(cp / layout.per_node)
+        if layout.world % cp == 0:
+            out.mesh_fsdp = layout.world // cp
+            out.mesh = f"{layout.world} GPUs = FSDP {out.mesh_fsdp} x CP {cp}"
+        else:
+            out.mesh = f"{layout.world} GPUs is not a multiple of CP {cp}: {math.ceil(layout.world / cp) * cp} would be"
+        out.kv_link_gbs = (device.link_gbs if cp <= layout.per_node else INTER_NODE_GBS) or None
+        if out.kv_link_gbs:
+            out.kv_forward_ms = kv_exchange_bytes(config, layout.compute_bytes, padded, cp)["forward"] / (out.kv_link_gbs * 1e9) * 1e3
+        if device.bf16_tflops:  # causal: half the S x S products the FLOP count has
+            out.attention_forward_ms = 2 * padded * padded * D / cp / (device.bf16_tflops * 1e12 * result.mfu) * 1e3
+    out.notes = _long_notes(cfg, config, layout, batch, out, result.global_batch)
+    return out
+
+
+def _long_notes(cfg, config, layout: _Layout, batch: _MicroBatch, out: LongSequences, global_batch: int) -> list[str]:
+    """What the long-sequence numbers assume, and what the run's settings change about them."""
+    notes = []
+    S, c = batch.sequence, layout.compute_bytes
+    if not layout.checkpointing:
+        notes.append("activation checkpointing is off in this run; these numbers assume it on "
+                     "(model.gradient_checkpointing=true, or trainer.fsdp.activation_checkpointing=true under trainer=fsdp)")
+    if str(cfg.llm.attn_implementation) == "eager":
+        scores = batch.videos * config.num_attention_heads * S * S * c
+        notes.append(f"llm.attn_implementation=eager holds the {batch.videos} x {config.num_attention_heads} x S x S "
+                     f"attention scores per layer ({scores / GIB:,.1f} GiB at this length), which the plan leaves out: "
+                     "it assumes sdpa or flash_attention_2 (memory linear in S)")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if out.long and max_positions and S > max_positions:
+        notes.append(f"{S:,} positions is beyond the LLM's max_position_embeddings ({max_positions:,}): whether it "
+                     "attends that far (RoPE scaling, a long-context LLM) is not the planner's to say")
+    if str(cfg.model.tokenization) != "release" and batch.visual > cfg.model.max_length:
+        notes.append(f"model.tokenization={cfg.model.tokenization} skips samples over model.max_length={cfg.model.max_length}: "
+                     f"{batch.visual:,} visual tokens need model.max_length >= {batch.visual + 1:,}")
+    if out.cp and out.cp > 1:
+        kv, cp = kv_dim(config), out.cp
+        gathered = 2 * S * kv * c
+        notes.append(f"context parallelism is planned with torch's ring rotation (set_rotate_method('alltoall')); its "
+                     f"default, allgather, holds every layer's whole K and V on each GPU: +{gathered / GIB:,.1f} GiB")
+        notes.append(f"the plan has each GPU splice only its share of the sequence; splicing the whole sample and "
+                     f"then sharding it holds its {S:,} x {config.hidden_size} embeddings ({S * config.hidden_size * c / GIB:,.1f} GiB) "
+                     "on every GPU first")
+        if out.cp_nodes and out.cp_nodes > 1:
+            notes.append(f"CP {cp} spans {out.cp_nodes} nodes of {layout.per_node} GPUs: the K/V ring crosses the "
+                         f"network between nodes (planned at {INTER_NODE_GBS:.0f} GB/s a GPU)")
+        if out.mesh_fsdp:
+            notes.append(f"the data-parallel degree is world / CP = {out.mesh_fsdp}: a global batch of {global_batch} is "
+                         f"{math.ceil(global_batch / out.mesh_fsdp)} accumulated micro-batches of one sample per CP group")
+    return notes
+
+
+def _fix_for_a_long_sample(result: Plan, cfg, layout: _Layout, batch: _MicroBatch, phases: dict[str, float]) -> None:
+    """When one sample's activations alone outgrow the GPU (checkpointing on, micro-batch 1), offloading
+    the weights cannot help: the fix is a shorter sample, naming the longest that fits and the
+    context-parallel degree (planned) beyond it."""
+    long = result.long_sequences
+    if (result.fits is not False or not layout.checkpointing or batch.videos != 1 or long is None
+            or phases["activations"] / GIB < result.usable_gib):
+        return
+    beyond = (f"; longer needs context parallelism, CP {long.cp} (planned: panda does not implement it)"
+              if long.cp and long.cp > 1 else "")
+    if long.longest_frames is None:
+        result.fix = f"no sample fits one GPU even with one STAB chunk{beyond}"
+        return
+    F = long.longest_frames
+    sampling = str(cfg.data.sampling)
+    keys = {"release": f"frames={F}", "fps": f"data.max_frames={F}",
+            "budget": f"data.max_visual_tokens={long.longest_visual_tokens} data.max_frames={F}"}[sampling]
+    result.fix = (f"{keys} (the longest sample that fits one GPU: {long.longest_positions:,} positions, "
+                  f"{long.longest_minutes:.1f} min at {long.sample_fps:g} fps){beyond}")
+
+
 def check_gpu_plan(cfg) -> str | None:
     """On a CUDA machine (``trainer.accelerator`` gpu/cuda/auto, ``trainer.plan_check``): the
     planner's peak per rank against the first GPU's free memory. Returns the reason it cannot fit
@@ -678,7 +970,61 @@ def render(p: Plan) -> str:
         lines += ["", f"global batch {p.global_batch}: {p.step_s:.2f} s per optimiser step at {p.mfu:.0%} MFU"
                   + (f"; {p.samples:,d} samples -> {p.stage_h:.1f} h" if p.stage_h is not None else "")]
     lines += [f"note: {n}" for n in p.notes]
+    if p.long_sequences is not None:
+        lines += ["", *render_long(p.long_sequences, p)]
     return "\n".join(lines)
+
+
+def _frames_text(frames: int, minutes: float, fps: float) -> str:
+    return f"{frames:,} frames, {minutes:,.1f} min at {fps:g} fps"
+
+
+def render_long(ls: LongSequences, p: Plan) -> list[str]:
+    """The "long sequences" section: one line while the sample is short and fits, all of it otherwise."""
+    assumed = "" if ls.checkpointing else ", assuming activation checkpointing"
+    longest = (f"{ls.longest_positions:,} positions = {_frames_text(ls.longest_frames, ls.longest_minutes, ls.sample_fps)}"
+               if ls.longest_positions is not None else "none (not even one STAB chunk)")
+    if not ls.long:
+        if ls.fits is None:
+            return [f"long sequences (planned): a sample of {ls.positions:,} positions; no GPU to judge it against"]
+        one = (f"; at micro-batch 1: {ls.longest_positions_one:,} positions = "
+               f"{_frames_text(ls.longest_frames_one, ls.longest_minutes_one, ls.sample_fps)}"
+               if ls.micro_batch > 1 and ls.longest_positions_one is not None else "")
+        return [f"long sequences (planned): a sample of {ls.positions:,} positions fits one GPU at micro-batch "
+                f"{ls.micro_batch}{assumed}; the longest that fits: {longest}{one}; no context parallelism needed"]
+    lines = [f"long sequences (planned, not measured; activation checkpointing per decoder layer{assumed})",
+             f"  sample: {ls.positions:,} LLM positions = {ls.text_positions:,} text + {ls.visual_tokens:,} visual tokens "
+             f"({_frames_text(ls.frames, ls.minutes, ls.sample_fps)}); attention is {ls.attention_share:.0%} of the "
+             "LLM's forward FLOPs"]
+    if ls.fits is None:
+        lines.append("  no GPU to judge it against (gpu=cpu)")
+    else:
+        verdict = "fits" if ls.fits else "DOES NOT FIT"
+        lines.append(f"  one GPU, micro-batch {ls.micro_batch}: {verdict}: {ls.peak_gib:,.1f} GiB planned of {p.usable_gib:.1f}")
+        lines.append(f"  longest sample that fits one GPU, micro-batch {ls.micro_batch}: {longest}")
+        if ls.micro_batch > 1 and ls.longest_positions_one is not None:
+            lines.append(f"  ... at micro-batch 1 (data.batch_size=1): {ls.longest_positions_one:,} positions = "
+                         f"{_frames_text(ls.longest_frames_one, ls.longest_minutes_one, ls.sample_fps)}")
+        if ls.fits_one:
+            lines.append("  context parallelism: not needed (one sample fits one GPU)")
+        elif ls.cp is None:
+            lines.append(f"  context parallelism (planned): no degree up to {CP_DEGREES[-1]} fits; the weights' share alone "
+                         "does not leave room")
+        else:
+            lines += [f"  context parallelism (planned; panda does not implement it): CP {ls.cp} -> "
+                      f"{ls.cp_positions_per_gpu:,} positions per GPU, {ls.cp_peak_gib:,.1f} GiB per GPU (micro-batch 1)",
+                      f"    mesh: {ls.mesh}" + (f"; the CP ring spans {ls.cp_nodes} nodes" if ls.cp_nodes and ls.cp_nodes > 1 else ""),
+                      "    K/V exchange per layer per GPU: " + ", ".join(f"{k} {v:,.2f} GiB" for k, v in ls.kv_exchange_gib.items())
+                      + f" (x {ls.layers} layers a step)"]
+            if ls.kv_forward_ms is not None and ls.attention_forward_ms is not None:
+                hidden = "hidden behind it" if ls.kv_forward_ms < ls.attention_forward_ms else "NOT hidden: the link is the bottleneck"
+                lines.append(f"    forward per layer: {ls.kv_forward_ms:,.0f} ms of K/V exchange at {ls.kv_link_gbs:g} GB/s vs "
+                             f"{ls.attention_forward_ms:,.0f} ms of causal attention at {p.mfu:.0%} MFU ({hidden})")
+            lines.append("    panda would need: a CP mesh dimension beside FSDP2's, position ids (RoPE) sharded along the "
+                         "sequence, the splice making each GPU's share, load-balanced causal shards, the loss summed over "
+                         "CP ranks (docs/train-and-scale.md, \"Long videos\")")
+    lines += [f"  note: {n}" for n in ls.notes]
+    return lines
 
 
 PLAN_KEYS = ("gpu", "mfu", "llm_preset", "samples", "text_tokens", "supervised_tokens")

@@ -219,3 +219,100 @@ def test_measuring_flops_leaves_the_random_stream_alone():
     stab_forward_flops(STABConfig(width=32, heads=4, resolution=56, patch_size=7, chunk_size=2), 2)
     measured_matmul_tflops(64, 1)
     assert torch.equal(torch.rand(3), want)
+
+
+# -- long sequences (planned): the sample against one GPU, context parallelism ----------------------------
+
+HOUR_AT_1_FPS = ["data.sampling=fps", "data.max_frames=3600", "data.batch_size=1"]
+PLAN_7B = dict(gpu="h100_80g", llm_preset="vicuna-7b")
+
+
+def test_the_release_sample_fits_one_gpu_without_context_parallelism(capsys):
+    """Stage 2 at 8 frames: one line, fits, no CP; the longest sample that fits is longer, and longer
+    again at micro-batch 1. The section judges by the plan's own memory model (same peak)."""
+    p = plan(recipe("stage2_pretrain"), **PLAN_7B)
+    ls = p.long_sequences
+    assert ls.planned and ls.fits and ls.fits_one and ls.cp == 1 and ls.mesh is None and not ls.long
+    assert ls.positions == p.sequence == 4096 - 8 + 8 * 273 and ls.peak_gib == pytest.approx(p.peak_gib)
+    assert ls.tokens_per_frame == 273 and ls.text_positions == 4096 - 8
+    assert ls.positions < ls.longest_positions < ls.longest_positions_one and ls.longest_frames % 4 == 0
+    assert ls.longest_positions == ls.text_positions + 273 * ls.longest_frames
+    main(["experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, "llm_preset=vicuna-7b", "gpu=h100_80g"])
+    out = capsys.readouterr().out
+    assert "long sequences (planned): a sample of 6,272 positions fits one GPU at micro-batch 8" in out
+    assert "no context parallelism needed" in out and "panda does not implement it" not in out
+
+
+def test_an_hour_at_1_fps_does_not_fit_and_plans_context_parallelism(capsys):
+    """3600 frames x 273 tokens: ~1M positions. It does not fit an 80 GB GPU even with checkpointing;
+    the fix is the longest sample that fits, and the CP degree whose share fits is planned, with its
+    mesh over the 64 GPUs and the K/V each GPU receives per layer."""
+    from panda.plan import GIB
+
+    p = plan(recipe("stage2_pretrain", *HOUR_AT_1_FPS), **PLAN_7B)
+    ls = p.long_sequences
+    assert ls.positions == 4096 - 3600 + 3600 * 273 and ls.frames == 3600 and ls.minutes == pytest.approx(60) and ls.long
+    assert not p.fits and not ls.fits and not ls.fits_one and ls.peak_gib == pytest.approx(p.peak_gib)
+    assert 0 < ls.longest_positions < ls.positions and ls.longest_frames < 3600
+    assert p.fix.startswith(f"data.max_frames={ls.longest_frames} (the longest sample that fits one GPU")
+    cp = ls.cp
+    assert cp > 1 and ls.cp_peak_gib < p.usable_gib and 64 % cp == 0
+    assert ls.mesh == f"64 GPUs = FSDP {64 // cp} x CP {cp}" and ls.cp_nodes == cp // 4
+    assert ls.cp_positions_per_gpu * cp >= ls.positions and ls.cp_positions_per_gpu % 2 == 0
+    padded = ls.cp_positions_per_gpu * cp  # K and V: 32 heads x 128 = 4096 wide, bf16
+    assert ls.kv_exchange_gib["forward"] == pytest.approx(2 * (cp - 1) / cp * padded * 4096 * 2 / GIB)
+    assert ls.kv_exchange_gib["backward"] == pytest.approx(ls.kv_exchange_gib["forward"] + 2 * padded * 4096 * 4 / GIB)
+    assert ls.kv_exchange_gib["recompute"] == ls.kv_exchange_gib["forward"]
+    args = ["experiment=videopanda_7b/stage2_pretrain", *GEOMETRY, *HOUR_AT_1_FPS, "llm_preset=vicuna-7b", "gpu=h100_80g"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "long sequences (planned, not measured; activation checkpointing per decoder layer)" in out
+    assert f"context parallelism (planned; panda does not implement it): CP {cp} -> " in out
+    assert f"mesh: 64 GPUs = FSDP {64 // cp} x CP {cp}" in out
+    main(args + ["--json"])
+    js = json.loads(capsys.readouterr().out)["long_sequences"]
+    assert js["planned"] is True and js["cp"] == cp and js["longest_positions"] == ls.longest_positions
+
+
+def test_the_longest_sample_is_the_planners_own_limit_and_grows_with_gpu_memory():
+    """A 200K-token budget (732 square frames) on an 80 GB GPU does not fit. Planned at exactly the
+    longest sample it reports it fits; 1.1x as many frames does not. More memory, a longer sample."""
+    budget = ["data.sampling=budget", "data.max_visual_tokens=200000", "data.max_frames=732", "data.batch_size=1"]
+    p = plan(recipe("stage2_pretrain", *budget), **PLAN_7B)
+    ls = p.long_sequences
+    assert ls.visual_tokens == 732 * 273 <= 200000 and not p.fits and ls.cp > 1
+    text = ls.text_positions  # 4096 - 732: held as frames change; model.max_length counts each frame as one
+
+    def at(frames):
+        frames = frames // 4 * 4
+        return plan(recipe("stage2_pretrain", "data.sampling=budget", f"data.max_visual_tokens={frames * 273}",
+                           f"data.max_frames={frames}", f"model.max_length={text + frames}", "data.batch_size=1"), **PLAN_7B)
+
+    exactly, beyond = at(ls.longest_frames), at(int(1.1 * ls.longest_frames))
+    assert exactly.sequence == ls.longest_positions and exactly.fits
+    assert beyond.sequence > 1.09 * ls.longest_positions and not beyond.fits
+    cfg = recipe("stage2_pretrain", *budget)
+    longest = [plan(cfg, usable_gib=gib, **PLAN_7B).long_sequences.longest_positions for gib in (40, 79.1, 139.8)]
+    assert longest[0] < longest[1] < longest[2] and longest[1] == ls.longest_positions
+    assert plan(cfg, gpu="h200", llm_preset="vicuna-7b").long_sequences.longest_positions == longest[2]
+
+
+def test_visual_tokens_and_stab_cost_scale_with_frames_as_stab_counts_them():
+    """The planner's one visual-token count is STAB's; STAB's cost beyond 8 frames is scaled from 8,
+    within 1% of running it; K/V exchange uses the key/value heads (grouped-query attention)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from panda.models.flops import stab_cost
+    from panda.models.stab import STABConfig
+    from panda.plan import kv_exchange_bytes, planned_visual_tokens, stab_per_video
+
+    stab = STABConfig(width=32, heads=4, resolution=112, dropout=0.0)
+    cfg = SimpleNamespace(stab=stab)
+    flops, saved, tokens = stab_cost(stab, 16)
+    assert planned_visual_tokens(cfg, 16) == tokens
+    scaled_bytes, scaled_flops = stab_per_video(cfg, 16)  # measured on 8 frames
+    assert abs(scaled_bytes / saved - 1) < 0.01 and abs(scaled_flops / flops - 1) < 0.01
+    gqa = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_exchange_bytes(gqa, 2, 1000, 4)["forward"] == 2 * 3 / 4 * 1000 * 1024 * 2
