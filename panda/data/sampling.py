@@ -10,7 +10,9 @@ Epoch ``e`` is planned the same way on every rank, from the seed and ``e`` alone
    records are single-sample chunks: a full shuffle.
 2. **Quota**: without weights a source contributes each member once; with weights it contributes
    ``round(N · w / Σw)`` samples, ``N = samples_per_epoch`` (default: all members), cycling through
-   fresh orders when it must repeat.
+   fresh orders when it must repeat. A source's ``cap`` lowers its quota to at most that many
+   samples per epoch (the other sources' quotas stay as they are: the epoch gets shorter); a capped
+   source takes the first ``cap`` of that epoch's fresh order, so later epochs reach other samples.
 3. **Length grouping**: within each group of ``group_batches · batch_size`` consecutive samples, the
    samples are sorted by text length and cut into batches, and those batches are shuffled; batches
    then hold similar lengths (less padding) while the epoch stays shuffled at the group scale.
@@ -47,6 +49,7 @@ class SourceSpec:
     chunks: Sequence[int]
     lengths: Optional[Sequence[int]] = None  # text length per sample (tokens or characters)
     weight: Optional[float] = None
+    cap: Optional[int] = None  # at most this many samples of the source per epoch
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -71,6 +74,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         for s in sources:
             if len(s.chunks) != s.size:
                 raise ValueError(f"source {s.name}: {len(s.chunks)} chunk ids for {s.size} samples")
+            if s.cap is not None and s.cap < 1:
+                raise ValueError(f"source {s.name}: cap must be >= 1, got {s.cap}")
         self.sources, self.batch_size, self.seed = list(sources), batch_size, seed
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.shuffle_window, self.group_by_length, self.group_batches = max(1, shuffle_window), group_by_length, max(1, group_batches)
@@ -84,6 +89,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             self.quotas = [len(m) for m in self.members]
         else:
             self.quotas = [int(round(total * w / sum(weights))) for w in weights]
+        self.quotas = [q if s.cap is None else min(q, s.cap) for s, q in zip(sources, self.quotas)]
         for s, m, q in zip(sources, self.members, self.quotas):
             if q and not len(m):
                 raise ValueError(f"data source {s.name!r} has no samples")
