@@ -16,6 +16,7 @@ from panda.data.budget import sampling_rule
 from panda.data.conversation import get_template
 from panda.data.datamodule import VideoDataModule
 from panda.data.datasets import FramePipeline
+from panda.data.mixture import merged_sampling, mixture_sources
 from panda.data.tokenizer import load_tokenizer
 from panda.models.adapters import apply_adapter, quantization_config
 from panda.models.checkpoints import (apply_eve_state, apply_release_state, empty_llm_from_config, empty_llm_from_folder,
@@ -45,15 +46,23 @@ def text_vocab(tokenizer) -> int:
 
 def max_sequence_length(cfg: TrainConfig) -> int:
     """The longest sequence the LLM sees: ``release`` cuts the text at ``model.max_length`` counting
-    each frame as one position, so the visual tokens come on top; ``spans`` counts them within."""
-    visual = cfg.frames * (cfg.stab.max_tokens_per_frame() - 1)  # each frame's own position is within max_length
-    if str(cfg.data.sampling) == "fps":
-        visual = cfg.data.max_frames * cfg.stab.max_tokens_per_frame()
-    elif str(cfg.data.sampling) == "budget":
-        visual = cfg.data.max_visual_tokens
-    if str(cfg.model.tokenization) == "release":
-        return cfg.model.max_length + visual
-    return cfg.model.max_length
+    each frame as one position, so the visual tokens come on top; ``spans`` counts them within. A
+    mixture's sources with frame sampling of their own count too (the longest of them all)."""
+    def visual(frames: int, sampling) -> int:
+        if str(sampling.sampling) == "fps":
+            return sampling.max_frames * cfg.stab.max_tokens_per_frame()
+        if str(sampling.sampling) == "budget":
+            return sampling.max_visual_tokens
+        return frames * (cfg.stab.max_tokens_per_frame() - 1)  # each frame's own position is within max_length
+
+    if str(cfg.model.tokenization) != "release":
+        return cfg.model.max_length
+    longest = visual(cfg.frames, cfg.data)
+    for src in mixture_sources(cfg.data):
+        if src.overrides:
+            o = dict(src.overrides)
+            longest = max(longest, visual(o.get("frames", cfg.frames), merged_sampling(cfg.data, o)))
+    return cfg.model.max_length + longest
 
 
 def build_model(cfg: TrainConfig, tokenizer, derived: Derived = Derived(), initialise: bool = True,

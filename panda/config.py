@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from panda.choices import Choice
-from panda.data.budget import SamplingConfig
+from panda.data.budget import Sampling, SamplingConfig
 from panda.data.conversation import Tokenization
 from panda.data.records import OnBadRecord
 from panda.data.synthetic import SyntheticConfig
@@ -189,6 +189,26 @@ class ShardSourceConfig:
 
 
 @dataclass
+class MixtureSourceConfig:
+    """One source of a training mixture (``data.sources``): a prepared shard folder or a records file
+    with its videos, its share of the batches, an optional cap and, where it differs, its own frame
+    sampling (docs/data.md, "Mixtures")."""
+
+    name: str = MISSING  # the source's name in logs (data/source_share/NAME) and messages: letters, digits, _ . + -
+    # a folder prepared by `panda prepare` or an object-store URL (s3://, gs://, ...), or a records file (a path ending
+    # in .json: a list in the Valley / Video-ChatGPT format); relative to data.root unless absolute
+    path: str = MISSING
+    video_root: Optional[str] = None  # a records file's videos: the folder its video paths are relative to (relative to data.root); None: data.video_root
+    weight: Optional[float] = None  # share of each epoch's samples, round(N x weight / sum of weights); None on every source = all samples once
+    cap: Optional[int] = None  # at most this many samples of this source per epoch (a fresh seeded draw each epoch); None: no cap
+    frames: Optional[int] = None  # frames per video of this source (release sampling; a multiple of stab.chunk_size); None: the run's frames
+    sampling: Optional[Sampling] = None  # this source's data.sampling (release | fps | budget); None: the run's
+    sample_fps: Optional[float] = None  # this source's data.sample_fps; None: the run's
+    max_frames: Optional[int] = None  # this source's data.max_frames (fps / budget); None: the run's
+    max_visual_tokens: Optional[int] = None  # this source's data.max_visual_tokens (budget); None: the run's
+
+
+@dataclass
 class DataConfig(SamplingConfig):
     """``data``: what trains and how it is read. The frame sampling keys (``data.sampling``,
     ``data.sample_fps``, ``data.max_frames``, ``data.max_visual_tokens``) are
@@ -218,8 +238,12 @@ class DataConfig(SamplingConfig):
     max_skipped_fraction: float = 0.5
     fraction: float = 1.0  # train on a seeded random fraction of the records (stage 1: half of Valley)
     fraction_seed: int = 0  # seed of the subset fraction picks
-    # streaming: set -> train on prepared litdata shards instead of train_records + video_root
+    # streaming: set -> train on prepared litdata shards instead of train_records + video_root (a mixture of shard
+    # folders only, each path as given; data.sources also takes records files, caps and per-source frame sampling)
     shards: list[ShardSourceConfig] = field(default_factory=list)
+    # a mixture of prepared shard folders and records files, each with its weight, cap and frame sampling
+    # (docs/data.md, "Mixtures"); set -> data.shards must be empty and data.train_records [] (data=mixture)
+    sources: list[MixtureSourceConfig] = field(default_factory=list)
     cache_dir: Optional[str] = None  # local cache of remote chunks (default ~/.cache/panda/shards)
     samples_per_epoch: Optional[int] = None  # with weighted sources: samples per epoch (default: all of them)
     shuffle_window: int = 4096  # samples shuffled together after the chunk order is shuffled
@@ -425,6 +449,9 @@ def to_train_config(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
             cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         check_known_keys(cfg)
         if OmegaConf.is_missing(cfg.data, "root"):
+            if len(cfg.data.sources):
+                raise ValueError(f"data={cfg.data.name} needs data.root=FOLDER: the folder the data.sources paths that are "
+                                 "not absolute (and their video_root) are relative to")
             if len(cfg.data.shards):
                 raise ValueError(f"data={cfg.data.name} needs data.root=/path/to/prepared/shards: the --output folder of "
                                  "`python -m panda.data.prepare` (or an object-store URL such as s3://bucket/shards)")
@@ -575,6 +602,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"data.shards: give every source a weight or none, got {weights}")
         if any(w is not None and w <= 0 for w in weights):
             raise ValueError(f"data.shards: weights must be > 0, got {weights}")
+    from panda.data.mixture import check_mixture
+
+    check_mixture(cfg.data, cfg.stab, cfg.frames)  # data.sources: names, weights, caps, each source's frame sampling
     if cfg.data.pack_length is not None and cfg.data.pack_length < 1:
         raise ValueError(f"data.pack_length={cfg.data.pack_length} must be >= 1 (or null: the longest sample of each micro-batch)")
     if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:

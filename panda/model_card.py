@@ -339,7 +339,15 @@ def _date(timestamp: float) -> str:
 
 def _data_source(cfg: TrainConfig) -> str:
     d = cfg.data
-    if d.shards:
+    if d.sources:
+        parts = []
+        for s in d.sources:
+            own = [f"weight {s.weight}" if s.weight is not None else "", f"at most {s.cap} per epoch" if s.cap else "",
+                   *(f"{key} {getattr(s, key)}" for key in ("frames", "sampling", "sample_fps", "max_frames",
+                                                           "max_visual_tokens") if getattr(s, key) is not None)]
+            parts.append(f"`{s.name}` ({s.path}" + "".join(f", {o}" for o in own if o) + ")")
+        source = "a mixture of " + ", ".join(parts)
+    elif d.shards:
         parts = [f"`{s.name}` ({s.path}" + (f", weight {s.weight}" if s.weight is not None else "") + ")" for s in d.shards]
         source = "prepared shards: " + ", ".join(parts)
     elif d.synthetic is not None:

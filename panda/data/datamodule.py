@@ -13,15 +13,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from panda.data.conversation import ConversationTemplate
 from panda.data.datasets import Collator, ConversationDataset, FramePipeline
+from panda.data.mixture import MixtureDataset, MixtureSource, check_source_paths, mixture_sources, source_pipeline
 from panda.data.records import load_records
 from panda.data.sampling import EpochBatchSampler, Positioned, SourceSpec
-from panda.data.shards import ShardDataset, ShardSource
+from panda.data.shards import ShardDataset, ShardFormatError, ShardSource
+from panda.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def resolve(root: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(root, path)
 
 
 def auto_workers() -> int:
@@ -57,9 +55,10 @@ def make_loader(dataset, batch_size: int, num_workers: int | None, pad_token_id:
 
 
 class VideoDataModule(L.LightningDataModule):
-    """Training data from JSON records + a video folder (``data.train_records``, the synthetic
-    default) or from prepared litdata shards (``data.shards``: one source or a weighted mixture),
-    batched by :class:`EpochBatchSampler` in both cases.
+    """Training data from a mixture of sources (panda/data/mixture.py): ``data.sources`` (prepared
+    shard folders and records files, each with its weight, cap and frame sampling), ``data.shards``
+    (shard folders) or ``data.train_records`` + a video folder (the synthetic default), batched by
+    :class:`EpochBatchSampler` in every case.
 
     ``data`` is the run's ``DataConfig``; ``pipeline`` decodes and preprocesses frames (with the
     teacher's copy when distilling); ``visual_tokens_per_frame`` is STAB's largest token count per
@@ -77,9 +76,11 @@ class VideoDataModule(L.LightningDataModule):
         self.visual_tokens_per_frame = visual_tokens_per_frame
         self.seed = seed
         self.rejects_path = rejects_path
-        self.train_set: ConversationDataset | ShardDataset | None = None
-        self.sources: list[SourceSpec] = []
+        self.train_set: MixtureDataset | None = None
+        self.mixture: list[MixtureSource] = []  # the sources as configured (panda/data/mixture.py)
+        self.sources: list[SourceSpec] = []  # ... and as the sampler sees them
         self.rejects: list[dict] = []
+        self.rejected_by_source: dict[str, int] = {}  # records source -> malformed records left out
         self.position: tuple[int, int] | None = None  # (data epoch, batch position) of the batch being trained
         self._resume: dict | None = None  # loader position restored from a checkpoint
         self._restored: dict | None = None
@@ -88,45 +89,58 @@ class VideoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        common = dict(tokenizer=self.tokenizer, template=self.template, pipeline=self.pipeline,
+        common = dict(tokenizer=self.tokenizer, template=self.template,
                       max_length=self.max_length, visual_tokens_per_frame=self.visual_tokens_per_frame)
-        if self.data.shards:
-            self._setup_shards(common)
-        else:
-            self._setup_records(common)
-
-    def _setup_shards(self, common: dict) -> None:
-        data = self.data
-        sources = [ShardSource.open(s.name, s.path, s.weight, data.cache_dir) for s in data.shards]
-        # length grouping sorts by text + visual tokens where the index has each video's size
-        full = [s.llm_lengths(self.pipeline.sampling, self.pipeline.frames) for s in sources]
-        self.sources = [SourceSpec(s.name, s.num_records, s.record_chunks(), n or s.lengths, s.weight)
-                        for s, n in zip(sources, full)]
-        if self.data.group_by_length and any(n is None for n in full):
-            log.info("length grouping by text only: %s has no video sizes in its index (prepared by an older panda; "
-                     "prepare it again to group by text + visual tokens)",
-                     ", ".join(s.name for s, n in zip(sources, full) if n is None))
-        self.train_set = ShardDataset(sources, **common)
-        for s in sources:
-            log.info("shards %s: %d records on %d videos in %d chunks at %s%s", s.name, s.num_records, s.num_entries,
-                     len(s.chunk_sizes), s.path,
-                     f" (weight {s.weight})" if s.weight is not None else "")
-
-    def _setup_records(self, common: dict) -> None:
-        data = self.data
-        records, self.rejects = load_records([resolve(data.root, p) for p in data.train_records], data.on_bad_record)
-        if not records:
-            raise ValueError(f"no usable training records in {list(data.train_records)} under {data.root}")
+        self.mixture = mixture_sources(self.data)
+        check_source_paths(self.mixture)
+        datasets, self.sources, self.rejects = [], [], []
+        for src in self.mixture:
+            pipeline = source_pipeline(self.pipeline, src)
+            dataset, spec = (self._open_shards if src.kind == "shards" else self._open_records)(src, pipeline, common)
+            datasets.append(dataset)
+            self.sources.append(spec)
         if self.rejects and self.rejects_path:  # load_records has logged the count and the first
             with open(self.rejects_path, "w") as f:
                 for r in self.rejects:
                     f.write(json.dumps(r) + "\n")
             log.warning("malformed records listed in %s", self.rejects_path)
+        self.train_set = MixtureDataset(datasets, [s.name for s in self.mixture])
+
+    def _open_shards(self, src: MixtureSource, pipeline: FramePipeline, common: dict) -> tuple[ShardDataset, SourceSpec]:
+        try:
+            s = ShardSource.open(src.name, src.path, src.weight, self.data.cache_dir)
+        except ShardFormatError as exc:
+            if src.key.startswith("data.shards"):
+                raise
+            raise ConfigError(f"{src.key}.path={src.path} ({src.name}): {exc}. A records file is a source too: "
+                              f"its path (.json) and video_root") from None
+        if not s.num_records:
+            raise ConfigError(f"{src.key} ({src.name}): {s.path} holds no records (prepare left every record out: its "
+                              "rejects.jsonl says why); prepare it again or leave the source out")
+        # length grouping sorts by text + visual tokens where the index has each video's size
+        full = s.llm_lengths(pipeline.sampling, pipeline.frames)
+        if self.data.group_by_length and full is None:
+            log.info("length grouping by text only: %s has no video sizes in its index (prepared by an older panda; "
+                     "prepare it again to group by text + visual tokens)", s.name)
+        log.info("shards %s: %d records on %d videos in %d chunks at %s%s", s.name, s.num_records, s.num_entries,
+                 len(s.chunk_sizes), s.path, f" (weight {s.weight})" if s.weight is not None else "")
+        spec = SourceSpec(s.name, s.num_records, s.record_chunks(), full or s.lengths, s.weight, src.cap)
+        return ShardDataset([s], pipeline=pipeline, **common), spec
+
+    def _open_records(self, src: MixtureSource, pipeline: FramePipeline, common: dict) -> tuple[ConversationDataset, SourceSpec]:
+        records, rejects = load_records(list(src.paths), self.data.on_bad_record)
+        self.rejects += rejects
+        self.rejected_by_source[src.name] = len(rejects)
+        if not records:
+            what = list(self.data.train_records) if src.key == "data.train_records" else src.path
+            raise ConfigError(f"{src.key}: no usable training records in {what} under {self.data.root}"
+                              + (f" ({len(rejects)} malformed, listed in {self.rejects_path})" if rejects else ""))
         lengths = [sum(len(q) + len(a) for q, a in rec.turns) for rec in records]  # characters
+        log.info("training records%s: %d (rejected %d)", "" if src.name == "records" else f" {src.name}", len(records),
+                 len(rejects))
         # one sample per "chunk": local files are read at random, so the shuffle is a full one
-        self.sources = [SourceSpec("records", len(records), list(range(len(records))), lengths)]
-        self.train_set = ConversationDataset(records, resolve(data.root, data.video_root), **common)
-        log.info("training records: %d (rejected %d)", len(records), len(self.rejects))
+        spec = SourceSpec(src.name, len(records), list(range(len(records))), lengths, src.weight, src.cap)
+        return ConversationDataset(records, src.video_root, pipeline=pipeline, **common), spec
 
     def batch_sampler(self, rank: int = 0, world: int = 1) -> EpochBatchSampler:
         """The epoch plan of one rank: seeded, chunk-aware, length-grouped, weighted, resumable."""
