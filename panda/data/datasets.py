@@ -179,7 +179,8 @@ def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
 class Collator:
     """Right-pads token sequences, stacks frames, and moves failed samples to ``skipped``. With
     ``unk_token_id`` it also reports ``unk_fraction``: the share of the text tokens (frame
-    placeholders and padding excluded) the tokenizer could only map to its unknown token."""
+    placeholders and padding excluded) the tokenizer could only map to its unknown token. Samples of
+    a training mixture (panda/data/mixture.py) give ``sources``: each kept sample's source name."""
 
     pad_token_id: int = 0
     unk_token_id: int | None = None
@@ -195,6 +196,8 @@ class Collator:
         batch: dict = {"skipped": skipped, "ids": [s["id"] for s in good]}
         if samples and "position" in samples[0]:  # (data epoch, batch position) from EpochBatchSampler
             batch["position"] = samples[0]["position"]
+        if samples and "source" in samples[0]:  # the mixture source of each sample (its error carries its own)
+            batch["sources"] = [s["source"] for s in good]
         if not good:
             return batch
         length = max(len(s["input_ids"]) for s in good)

@@ -179,17 +179,39 @@ class SkippedSamplesGuard(Callback):
 
     Counts come from the collator (``batch["skipped"]``, host-side lists: no device sync); they are
     checked on logging steps and at each epoch's end, summed over ranks there so every rank stops
-    together. The message names the reason counts, an example file and the key to fix."""
+    together. The message names the reason counts (per source in a mixture), an example file and
+    the key to fix.
 
-    def __init__(self, max_fraction: float, every_n_steps: int, video_root: str | None = None, min_samples: int = 64):
+    Per source of the mixture (``sources``: the run's :class:`panda.data.mixture.MixtureSource` list)
+    it also counts over the whole run, resumes included (the counts travel in checkpoints), the
+    samples read and those skipped by reason, and logs with every batch ``data/source_share/NAME``
+    (the source's share of the samples read so far in the run, skipped ones included) and
+    ``data/skipped/NAME`` (its skipped samples so far). These count this process's batches: in a
+    multi-rank run what is logged and summarised is rank 0's, as ``data/skipped`` is."""
+
+    def __init__(self, max_fraction: float, every_n_steps: int, video_root: str | None = None, min_samples: int = 64,
+                 sources: list | None = None):
         self.max_fraction, self.every_n_steps, self.video_root = max_fraction, max(1, every_n_steps), video_root
         self.min_samples = min_samples  # mid-epoch checks wait for this many samples (summed over ranks)
+        self.sources = {s.name: s for s in sources or []}
+        self.source_read: collections.Counter = collections.Counter()  # over the run: samples read per source
+        self.source_skipped: dict[str, collections.Counter] = {}  # over the run: source -> reason -> skipped samples
         self._reset()
 
     def _reset(self) -> None:
         self.seen, self.skipped = 0, 0
         self.reasons: collections.Counter = collections.Counter()
         self.examples: dict[str, dict] = {}
+        self.epoch_read: collections.Counter = collections.Counter()  # this epoch, per source
+        self.epoch_skipped: dict[str, collections.Counter] = {}
+
+    def state_dict(self) -> dict:
+        return {"source_read": dict(self.source_read),
+                "source_skipped": {name: dict(codes) for name, codes in self.source_skipped.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source_read = collections.Counter(state.get("source_read", {}))
+        self.source_skipped = {name: collections.Counter(codes) for name, codes in state.get("source_skipped", {}).items()}
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._reset()
@@ -202,8 +224,40 @@ class SkippedSamplesGuard(Callback):
             code = miss.get("code", "unusable_sample")
             self.reasons[code] += 1
             self.examples.setdefault(code, miss)
+        if isinstance(batch, dict) and ("sources" in batch or any("source" in m for m in misses)):
+            self._count_sources(pl_module, batch.get("sources", []), misses)
         if (batch_idx + 1) % self.every_n_steps == 0:
             self._check(trainer, pl_module, "step")
+
+    def _count_sources(self, pl_module, kept: list[str], misses: list[dict]) -> None:
+        for name in kept:
+            self.source_read[name] += 1
+            self.epoch_read[name] += 1
+        for miss in misses:
+            name, code = miss.get("source"), miss.get("code", "unusable_sample")
+            self.source_read[name] += 1
+            self.epoch_read[name] += 1
+            self.source_skipped.setdefault(name, collections.Counter())[code] += 1
+            self.epoch_skipped.setdefault(name, collections.Counter())[code] += 1
+        total = sum(self.source_read.values())
+        for name in dict.fromkeys([*self.sources, *self.source_read]):  # every configured source from the first batch on
+            pl_module.log(f"data/source_share/{name}", self.source_read[name] / max(1, total), on_step=True,
+                          on_epoch=False, batch_size=1)
+            pl_module.log(f"data/skipped/{name}", float(sum(self.source_skipped.get(name, {}).values())), on_step=True,
+                          on_epoch=False, batch_size=1)
+
+    def source_summary(self) -> dict:
+        """The run's per-source counts as summary entries: ``data/source_samples/NAME``,
+        ``data/source_share/NAME``, ``data/skipped/NAME`` and ``data/skipped/NAME/REASON``."""
+        total = sum(self.source_read.values())
+        out = {}
+        for name in dict.fromkeys([*self.sources, *self.source_read]):
+            skipped = self.source_skipped.get(name, collections.Counter())
+            out[f"data/source_samples/{name}"] = self.source_read[name]
+            out[f"data/source_share/{name}"] = round(self.source_read[name] / total, 6) if total else None
+            out[f"data/skipped/{name}"] = sum(skipped.values())
+            out |= {f"data/skipped/{name}/{code}": n for code, n in sorted(skipped.items())}
+        return out
 
     def on_train_epoch_end(self, trainer, pl_module):  # also when a step limit ends the run inside an epoch
         self._check(trainer, pl_module, "epoch")
@@ -228,11 +282,23 @@ class SkippedSamplesGuard(Callback):
         lines = [f"{skipped} of the {seen} training samples read in epoch {trainer.current_epoch} were skipped "
                  f"({reasons}{' on this rank' if trainer.world_size > 1 else ''}): {limit}; stopped without saving "
                  "a checkpoint"]
+        if len(self.sources) > 1:
+            by_source = []
+            for name in self.sources:
+                codes = self.epoch_skipped.get(name, collections.Counter())
+                detail = f" ({', '.join(f'{code} {n}' for code, n in codes.most_common())})" if codes else ""
+                by_source.append(f"{name} {sum(codes.values())} of {self.epoch_read[name]}{detail}")
+            lines.append("skipped by source: " + "; ".join(by_source))
         for code, _ in self.reasons.most_common(3):
             example = self.examples[code]
             lines.append(f"{code}: e.g. {example['path']}: {example['reason']}")
             fix = SKIP_FIXES.get(code)
-            if code == "missing" and self.video_root:
+            source = self.sources.get(example.get("source"))
+            if code == "missing" and source is not None and source.kind == "records":
+                key = "data.video_root" if source.key == "data.train_records" else f"{source.key}.video_root"
+                fix = (f"{key} (the folder the records' \"video\" paths are relative to, under data.root); it is now "
+                       f"{os.path.abspath(source.video_root)}")
+            elif code == "missing" and self.video_root:
                 fix = f"{fix}; it is now {self.video_root}"
             lines.append(f"  fix: {fix}" if fix else "  fix: as the reason says (every skipped sample is logged as "
                                                         "'skipped sample ...')")

@@ -17,6 +17,7 @@ from panda.build import build_datamodule, build_model, build_tokenizer, frame_pi
 from panda.config import (FOLDER_INITS, BenchmarkConfig, Derived, JudgeConfig, TrainConfig, check_llm_folders, distill_active,
                           to_plain, to_train_config)
 from panda.data.conversation import get_template
+from panda.data.mixture import check_source_paths, mixture_sources
 from panda.data.prepare import prepare_rejected_records
 from panda.data.synthetic import generate
 from panda.data.tokenizer import save_tokenizer
@@ -29,7 +30,7 @@ from panda.models.checkpoints import export_release, model_meta
 from panda.models.flops import BatchFlops, stab_forward_flops, teacher_forward_flops
 from panda.models.teachers import build_teacher
 from panda.runs import discard_run_dir, experiment_choice, git_commit, hydra_run_dir, print_summary, resume_command, run_dir_of
-from panda.training.callbacks import GracefulInterrupt, LossTracker, mark_complete
+from panda.training.callbacks import GracefulInterrupt, LossTracker, SkippedSamplesGuard, mark_complete
 from panda.training.fsdp import builds_on_meta
 from panda.training.module import PandaModule
 from panda.training.monitor import HeldOutMonitor
@@ -80,6 +81,8 @@ def train(cfg) -> dict:
     start = time.time()
     cfg = to_train_config(cfg)
     check_llm_folders(cfg)
+    if cfg.data.synthetic is None:  # each source a records file or a folder, before anything is built (generated: later)
+        check_source_paths(mixture_sources(cfg.data))
     LOGGERS[cfg.logger.kind]  # a registered logger (a logger yaml of your own may name another), before any folder
     check_multirun_launch(cfg)
     run_dir, resume_from, checkpoint = locate_run(cfg)
@@ -239,6 +242,7 @@ def run_facts(s: Session) -> dict:
 
 def training_results(s: Session) -> dict:
     fractions = s.module.padded_fractions
+    shards = [src.path for src in mixture_sources(s.cfg.data) if src.kind == "shards"]
     final = os.path.join(s.ckpt_dir, "last.ckpt")
     return {
         "train/loss_first": s.tracker.first,
@@ -252,12 +256,25 @@ def training_results(s: Session) -> dict:
         "train/padded_fraction_all_mean": (float(torch.stack(s.module.padded_fractions_all).double().mean())
                                            if s.module.padded_fractions_all else None),
         "data/rejected_records": len(s.datamodule.rejects),
-        "data/prepare_rejected_records": (prepare_rejected_records([src.path for src in s.cfg.data.shards])
-                                          if s.cfg.data.shards else None),
+        "data/prepare_rejected_records": prepare_rejected_records(shards) if shards else None,
+        **source_results(s),
         "checkpoint": final if os.path.exists(final) else None,
         **s.module.model.parameter_counts(),
         **{f"trainable/{k}": v for k, v in s.module.trainable.items()},
     }
+
+
+def source_results(s: Session) -> dict:
+    """Per source of the mixture: samples read, their share, skipped by reason (SkippedSamplesGuard),
+    and the records left out before training (a records file's malformed ones; prepare's for shards)."""
+    guard = next((c for c in s.trainer.callbacks if isinstance(c, SkippedSamplesGuard)), None)
+    out = guard.source_summary() if guard is not None else {}
+    for src in mixture_sources(s.cfg.data):
+        if src.kind == "records":
+            out[f"data/rejected_records/{src.name}"] = s.datamodule.rejected_by_source.get(src.name, 0)
+        else:
+            out[f"data/prepare_rejected_records/{src.name}"] = prepare_rejected_records([src.path])
+    return out
 
 
 def export_final(s: Session) -> dict:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from panda.compat import csv_writer_base, set_logger_experiment
 from panda.config import Derived, TrainConfig, to_plain
+from panda.data.mixture import mixture_sources
 from panda.registry import Registry
 from panda.runs import git_commit, hydra_overrides, run_name, wandb_offline
 from panda.training.callbacks import (
@@ -273,10 +274,11 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: str, flops=None) -> tuple[list, 
     tracker, interrupt = LossTracker(), GracefulInterrupt()
     checkpoint = MarkedCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1)
-    video_root = None if cfg.data.shards else os.path.abspath(os.path.join(cfg.data.root, cfg.data.video_root))
     callbacks = [checkpoint, tracker, interrupt, ThroughputMonitor(flops, peak_tflops(cfg) if flops else None),
                  LearningRateLogger(), GradNormLogger(),
-                 SkippedSamplesGuard(cfg.data.max_skipped_fraction, cfg.trainer.log_every_n_steps, video_root)]
+                 # skipped samples (the stop, and per source of the mixture with the sources' shares)
+                 SkippedSamplesGuard(cfg.data.max_skipped_fraction, cfg.trainer.log_every_n_steps,
+                                     sources=mixture_sources(cfg.data))]
     if cfg.trainer.strategy == "fsdp":
         callbacks += [NormStatisticsSync(), FSDPAudit()]
     if cfg.trainer.audit_syncs:  # last: its count spans the other callbacks' batch hooks too
