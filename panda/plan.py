@@ -293,9 +293,10 @@ STAB_MEASURED_FRAMES = 8  # STAB is run on at most this many frames (whole chunk
 
 def planned_visual_tokens(cfg, frames: int) -> int:
     """Visual tokens the LLM gets from one video of ``frames`` square frames (a square frame costs the
-    most: ``STABConfig.max_tokens_per_frame``, 273 at release sizes). The one place the planner counts
-    them: the run's sample, the longest sample that fits and its frames all come from here."""
-    return frames * cfg.stab.max_tokens_per_frame()
+    most: ``STABConfig.max_tokens_per_frame``, 273 at release sizes), after STAB's temporal compression
+    (``stab.merge_keep``, ``stab.temporal_pool``: ``STABConfig.video_tokens``). The one place the planner
+    counts them: the run's sample, the longest sample that fits and its frames all come from here."""
+    return cfg.stab.video_tokens(frames)
 
 
 def stab_per_video(cfg, frames: int) -> tuple[float, float]:
@@ -353,9 +354,12 @@ def planned_frames(cfg) -> int:
         return cfg.frames
     T = rule.chunk_size
     most = rule.max_frames
-    if rule.mode == "budget":  # the narrowest frame: one row of LSD tokens
-        narrowest = cfg.stab.tokens_per_frame(*cfg.stab.spatial_grid(cfg.stab.window, cfg.stab.resolution // cfg.stab.patch_size))
-        most = min(most, rule.max_visual_tokens // narrowest)
+    if rule.mode == "budget":  # the narrowest frame: one row of LSD tokens; counted after temporal compression
+        rows, cols = cfg.stab.spatial_grid(cfg.stab.window, cfg.stab.resolution // cfg.stab.patch_size)
+        fitting = T
+        while fitting + T <= most and cfg.stab.video_tokens(fitting + T, rows, cols) <= rule.max_visual_tokens:
+            fitting += T
+        most = fitting
     return max(T, most // T * T)
 
 

@@ -297,9 +297,11 @@ def test_the_longest_sample_is_the_planners_own_limit_and_grows_with_gpu_memory(
     assert plan(cfg, gpu="h200", llm_preset="vicuna-7b").long_sequences.longest_positions == longest[2]
 
 
-def test_visual_tokens_and_stab_cost_scale_with_frames_as_stab_counts_them():
-    """The planner's one visual-token count is STAB's; STAB's cost beyond 8 frames is scaled from 8,
-    within 1% of running it; K/V exchange uses the key/value heads (grouped-query attention)."""
+@pytest.mark.parametrize("compression", [{}, {"merge_keep": 0.25}, {"temporal_pool": 4}])
+def test_visual_tokens_and_stab_cost_scale_with_frames_as_stab_counts_them(compression):
+    """The planner's one visual-token count is STAB's, temporal compression included; STAB's cost beyond
+    8 frames is scaled from 8, within 1% of running it; K/V exchange uses the key/value heads
+    (grouped-query attention)."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig
@@ -308,11 +310,21 @@ def test_visual_tokens_and_stab_cost_scale_with_frames_as_stab_counts_them():
     from panda.models.stab import STABConfig
     from panda.plan import kv_exchange_bytes, planned_visual_tokens, stab_per_video
 
-    stab = STABConfig(width=32, heads=4, resolution=112, dropout=0.0)
+    stab = STABConfig(width=32, heads=4, resolution=112, dropout=0.0, **compression)
     cfg = SimpleNamespace(stab=stab)
     flops, saved, tokens = stab_cost(stab, 16)
     assert planned_visual_tokens(cfg, 16) == tokens
+    assert (tokens < 16 * stab.max_tokens_per_frame()) == bool(compression)
     scaled_bytes, scaled_flops = stab_per_video(cfg, 16)  # measured on 8 frames
     assert abs(scaled_bytes / saved - 1) < 0.01 and abs(scaled_flops / flops - 1) < 0.01
     gqa = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
     assert kv_exchange_bytes(gqa, 2, 1000, 4)["forward"] == 2 * 3 / 4 * 1000 * 1024 * 2
+
+
+def test_a_budget_plans_more_frames_with_temporal_compression():
+    from panda.plan import planned_frames
+
+    budget = ["data.sampling=budget", "data.max_visual_tokens=2000", "data.max_frames=512"]
+    plain = planned_frames(recipe("stage2_pretrain", *budget))
+    merged = planned_frames(recipe("stage2_pretrain", *budget, "stab.merge_keep=0.25", "teacher=none"))
+    assert 4 <= plain < merged <= 512 and merged % 4 == 0
