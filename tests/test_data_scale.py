@@ -324,8 +324,9 @@ def test_training_on_shards_reports_the_records_prepare_left_out(synthetic_root,
                                    frames=4, progress=False, tokenizer=os.path.join(synthetic_root, "tokenizer")))
     assert stats["rejected"] == 3
     summary = train(shard_overrides(synthetic_root, shards, tmp_path / "run", "trainer.max_steps=1"))
-    assert summary["data/prepare_rejected_records"] == 3
+    assert summary["data/prepare_rejected_records"] == 3 == summary["data/prepare_rejected_records/synthetic"]
     assert summary["data/rejected_records"] == 0  # training itself read no record file
+    assert summary["data/source_share/synthetic"] == 1.0 and summary["data/source_samples/synthetic"] == 4
 
 
 def test_mid_epoch_resume_on_shards_matches_an_uninterrupted_run(synthetic_shards, synthetic_root, tmp_path):
@@ -414,3 +415,304 @@ def test_a_short_clip_is_kept_and_padded_as_the_release_pads(zoo, tmp_path):
     rejects = [json.loads(line) for line in open(tmp_path / "strict" / "rejects.jsonl")]
     assert any(r["id"] == "short" and r["code"] == "too_few_frames" and "--min-frames" in r["reason"] for r in rejects)
     assert stats["rejected_by_reason"]["too_few_frames"] == 1
+
+
+# --- mixtures: shard folders and records files, weights, caps, per-source frames ---------------
+
+def _golden_specs(n_a=301, n_b=97, weights=(None, None), caps=(None, None)):
+    """Two made-up sources shaped like Valley and Video-ChatGPT (chunks of ~7 samples, token lengths)."""
+    import numpy as np
+
+    from panda.data.sampling import SourceSpec
+
+    rng = np.random.default_rng(2024)
+    specs = []
+    for name, n, w, cap in (("valley", n_a, weights[0], caps[0]), ("videochatgpt", n_b, weights[1], caps[1])):
+        chunks = np.sort(rng.integers(0, max(1, n // 7), n)).tolist()
+        lengths = rng.integers(20, 900, n).tolist()
+        specs.append(SourceSpec(name, n, chunks, lengths, w, cap))
+    return specs
+
+
+def _plans(specs, epochs=3, **kw):
+    """Every rank's batches of ``epochs`` epochs, one rank and two."""
+    from panda.data.sampling import EpochBatchSampler
+
+    return [[EpochBatchSampler(specs, rank=rank, world=world, **kw).rank_batches(e) for e in range(epochs)]
+            for world in (1, 2) for rank in range(world)]
+
+
+def test_mixture_sampler_plans_are_todays_and_caps_clamp_each_source_per_epoch():
+    import hashlib
+
+    from panda.data.sampling import SourceSpec
+
+    # the sampler's plans as the code before mixtures made them (recorded from it): recipe-shaped sources
+    digest = {
+        "stage1": (_golden_specs()[:1], dict(batch_size=8, seed=42, fraction=0.5, fraction_seed=42),
+                   "576e61e86c8f1a7d675d62b60b9d781f1c4b000738b73993a8af26943b740757"),
+        "stage2": (_golden_specs()[:1], dict(batch_size=8, seed=42),
+                   "ea31da1e6bfbb9c5b83d27946ae68c2975a448204beef9df596b947542088b4b"),
+        "two": (_golden_specs(), dict(batch_size=4, seed=42),
+                "9d50582a01e56cb639797addbc0977daa8b620046b6103e757c3898d9218db99"),
+        "two_weighted": (_golden_specs(weights=(0.7, 0.3)), dict(batch_size=4, seed=1, samples_per_epoch=500,
+                                                                 shuffle_window=16, group_batches=4),
+                         "b7360281d7c20f30719c586b0b2e37d618c6ba051577b7d7f0cdd25b62d1d5e9"),
+        "records": ([SourceSpec("records", 50, list(range(50)), list(range(50)))],
+                    dict(batch_size=4, seed=42, group_by_length=False),
+                    "b6a790ed64ba9829e0253677e7338d2113f2a14d16e716d474eaa32fa18ea993"),
+    }
+    for name, (specs, kw, want) in digest.items():
+        assert hashlib.sha256(json.dumps(_plans(specs, **kw)).encode()).hexdigest() == want, name
+
+    # a cap: at most that many samples of the source per epoch, a fresh draw each epoch; the others keep theirs
+    from panda.data.sampling import EpochBatchSampler
+
+    weighted = EpochBatchSampler(_golden_specs(weights=(0.5, 0.5), caps=(None, 30)), 4, seed=0, samples_per_epoch=400)
+    assert weighted.quotas == [200, 30]
+    unweighted = EpochBatchSampler(_golden_specs(caps=(100, None)), 4, seed=0)
+    assert unweighted.quotas == [100, 97]
+    drawn = []
+    for epoch in range(2):
+        flat = [i for b in unweighted.epoch_batches(epoch) for i in b]
+        drawn.append({i for i in flat if i < 301})
+        assert len(flat) == 197 and len(drawn[-1]) == 100 and all(len({i < 301 for i in b}) == 1
+                                                                   for b in unweighted.epoch_batches(epoch))
+    assert drawn[0] != drawn[1]  # later epochs reach other samples of the capped source
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        EpochBatchSampler(_golden_specs(caps=(0, None)), 4)
+
+
+def _todays_specs(cfg):
+    """How the data module made its sampler's sources before mixtures (the code of that version):
+    the reference the mixture path must reproduce."""
+    from panda.build import frame_pipeline
+    from panda.data.records import load_records
+    from panda.data.sampling import SourceSpec
+    from panda.data.shards import ShardSource
+
+    pipeline = frame_pipeline(cfg)
+    if cfg.data.shards:
+        specs = []
+        for s in cfg.data.shards:
+            src = ShardSource.open(s.name, s.path, s.weight, cfg.data.cache_dir)
+            full = src.llm_lengths(pipeline.sampling, pipeline.frames)
+            specs.append(SourceSpec(src.name, src.num_records, src.record_chunks(), full or src.lengths, src.weight))
+        return specs
+    records, _ = load_records([os.path.join(cfg.data.root, p) for p in cfg.data.train_records])
+    return [SourceSpec("records", len(records), list(range(len(records))),
+                       [sum(len(q) + len(a) for q, a in r.turns) for r in records])]
+
+
+def _datamodule_plans(cfg, tokenizer):
+    from panda.build import build_datamodule
+
+    dm = build_datamodule(cfg, tokenizer)
+    dm.setup("fit")
+    return [[dm.batch_sampler(rank, world).rank_batches(e) for e in range(2)] for world in (1, 2) for rank in range(world)], dm
+
+
+def test_the_release_recipes_data_as_mixtures_batch_exactly_as_before(synthetic_shards, synthetic_root, tokenizer, tmp_path):
+    """data.shards (the release recipes' data=valley / videochatgpt / valley+videochatgpt) and
+    data.train_records are mixtures of one or two sources now: the same batches as the code before
+    (its construction of the sampler's sources, above) and as the same sources listed in data.sources."""
+    from panda.config import to_train_config
+
+    root = tmp_path / "mix"
+    root.mkdir()
+    os.symlink(synthetic_shards, root / "valley")
+    os.symlink(synthetic_shards, root / "videochatgpt")
+    recipe = ["init.path=/m/EVE", "teacher.path=/m/LanguageBind", "trainer.devices=1"]
+    one = f"data.sources=[{{name: valley, path: '{synthetic_shards}'}}]"
+    two = (f"data.sources=[{{name: valley, path: valley, weight: 0.7}}, "
+           f"{{name: videochatgpt, path: videochatgpt, weight: 0.3}}]")
+    cases = [  # (today's keys, the same as data.sources)
+        (["experiment=videopanda_7b/stage1_prealign", f"data.root={synthetic_shards}", *recipe],
+         ["data.shards=[]", one]),
+        (["experiment=videopanda_7b/stage2_pretrain", f"data.root={synthetic_shards}", *recipe], ["data.shards=[]", one]),
+        (["experiment=videopanda_7b/stage3_finetune", f"data.root={synthetic_shards}", *recipe],
+         ["data.shards=[]", one.replace("valley", "videochatgpt")]),
+        (["data=valley+videochatgpt", f"data.root={root}", "data.shards.0.weight=0.7", "data.shards.1.weight=0.3",
+          "data.samples_per_epoch=150", "data.shuffle_window=8", "data.group_batches=2", "stab=release", "frames=8"],
+         ["data.shards=[]", two]),
+        (tiny_overrides(synthetic_root) + ["data.group_by_length=true"],
+         ["data.train_records=[]", "data.sources=[{name: records, path: train/train_json/synthetic_train.json}]"]),
+    ]
+    from panda.data.sampling import EpochBatchSampler
+
+    for today, as_mixture in cases:
+        cfg = to_train_config(compose(today))
+        d = cfg.data
+        reference = [[EpochBatchSampler(_todays_specs(cfg), d.batch_size, seed=cfg.seed, rank=rank, world=world,
+                                        samples_per_epoch=d.samples_per_epoch, shuffle_window=d.shuffle_window,
+                                        group_by_length=d.group_by_length, group_batches=d.group_batches,
+                                        fraction=d.fraction, fraction_seed=d.fraction_seed).rank_batches(e)
+                      for e in range(2)] for world in (1, 2) for rank in range(world)]
+        plans, dm = _datamodule_plans(cfg, tokenizer)
+        assert plans == reference, today[0]
+        mixed = to_train_config(compose(today + as_mixture))
+        assert mixed.data.sources and not mixed.data.shards
+        assert _datamodule_plans(mixed, tokenizer)[0] == reference, today[0]
+    assert cfg.data.fraction == 1 and to_train_config(compose(cases[0][0])).data.fraction == 0.5  # stage 1's half is in
+
+    # per-source frame sampling: one batch setting per source, the run's where unset
+    cfg = to_train_config(compose(tiny_overrides(synthetic_root) + [
+        "data.train_records=[]",
+        f"data.sources=[{{name: shards, path: '{synthetic_shards}'}}, "
+        "{name: long, path: train/train_json/synthetic_train.json, video_root: train, frames: 8}, "
+        "{name: fps, path: train/train_json/synthetic_train.json, video_root: train, sampling: fps, max_frames: 8}]"]))
+    _, dm = _datamodule_plans(cfg, tokenizer)
+    from panda.model_card import _data_source
+
+    assert "a mixture of `shards`" in _data_source(cfg) and "`fps` (train/train_json/synthetic_train.json, sampling fps, " \
+        "max_frames 8)" in _data_source(cfg)  # the model card names the sources
+    ds = dm.train_set
+    shards, long, fps = (ds.datasets[j].pipeline for j in range(3))
+    assert (shards.frames, long.frames, fps.frames) == (4, 8, 4) and not shards.varies and not long.varies
+    assert fps.varies and fps.sampling.max_frames == 8 and long.sampling.mode == "release"
+    for j, frames in ((0, 4), (1, 8)):
+        sample = ds[ds.starts[j]]
+        assert sample["source"] == ("shards", "long")[j] and sample["pixels"].shape[0] == frames
+        assert int((sample["input_ids"] == -200).sum()) == frames  # one placeholder per frame
+
+
+def _mixture_run(synthetic_root, shards, run_dir, *extra, sources=None):
+    from panda.training.run import train
+
+    sources = sources or (f"data.sources=[{{name: shards, path: '{shards}', weight: 0.75}}, "
+                          "{name: recs, path: train/train_json/synthetic_train.json, video_root: train, weight: 0.25, "
+                          "frames: 8}]")
+    return train(compose(tiny_overrides(synthetic_root, str(run_dir)) + [
+        "data.train_records=[]", sources, "evaluate=false", "logger=csv", "trainer.log_every_n_steps=1", *extra]))
+
+
+def _share_columns(run_dir) -> list[dict]:
+    import csv
+
+    with open(os.path.join(run_dir, "csv", "metrics.csv")) as f:
+        return [{k: v for k, v in r.items() if k.startswith(("data/source_share/", "data/skipped/"))} | {"step": r["step"]}
+                for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_a_mixture_of_shards_and_records_resumes_mid_epoch_exactly(synthetic_shards, synthetic_root, tmp_path):
+    """Two sources (prepared shards; a records file at 8 frames), weighted, a step limit inside the
+    second epoch: stopped after 3 steps and resumed, the run trains the same batches to the same
+    losses and weights, and its per-source counts and logged shares continue where they were."""
+    common = ["trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=1000", "stage.schedule=constant",
+              "stage.warmup_ratio=0", "data.num_workers=2", "data.shuffle_window=8", "data.samples_per_epoch=32"]
+    straight = _mixture_run(synthetic_root, synthetic_shards, tmp_path / "straight", "trainer.max_steps=9", *common)
+    _mixture_run(synthetic_root, synthetic_shards, tmp_path / "split", "trainer.max_steps=3", *common)
+    resumed = _mixture_run(synthetic_root, synthetic_shards, tmp_path / "split", "trainer.max_steps=9", "resume=last", *common)
+    assert [s for s, _ in resumed["train/loss_by_step"]] == list(range(1, 10))
+    assert resumed["train/loss_by_step"] == straight["train/loss_by_step"]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["epoch"] >= 1 and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    counts = {k: v for k, v in straight.items() if k.startswith(("data/source_", "data/skipped/"))}
+    assert counts == {k: v for k, v in resumed.items() if k.startswith(("data/source_", "data/skipped/"))}
+    # 8 batches an epoch: 24 + 8 samples, then the first batch of the next
+    assert counts["data/source_samples/shards"] + counts["data/source_samples/recs"] == 9 * 4
+    assert counts["data/source_samples/recs"] in (8, 12) and counts["data/source_share/recs"] in (round(8 / 36, 6), round(12 / 36, 6))
+    assert _share_columns(tmp_path / "split") == _share_columns(tmp_path / "straight")
+
+
+def test_a_mixture_logs_each_sources_share_skips_and_rejects(synthetic_root, tmp_path):
+    """data/source_share/NAME (share of the samples read so far), data/skipped/NAME[/REASON] and the
+    records each source lost before training (prepare's; a records file's malformed ones), with the
+    values the epoch's plan gives."""
+    from panda.build import build_datamodule, build_tokenizer
+    from panda.config import to_train_config
+
+    records = json.load(open(os.path.join(synthetic_root, "train", "train_json", "synthetic_train.json")))
+    bad = records[:8] + [{"id": "no_video"}, records[1]]  # malformed_record, duplicate_id: prepare leaves them out
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    shards = str(tmp_path / "shards")
+    prepare(PrepareOptions(records=[str(tmp_path / "bad.json")], video_root=os.path.join(synthetic_root, "train"),
+                           output=shards, frames=4, progress=False, tokenizer=os.path.join(synthetic_root, "tokenizer")))
+    mine = records[8:16] + [{"id": "broken"}]  # one malformed record, two videos that are not there
+    for r in mine[:2]:
+        r["video"] = "synthetic/not_there.mp4"
+    (tmp_path / "mine.json").write_text(json.dumps(mine))
+    sources = (f"data.sources=[{{name: prepared, path: '{shards}'}}, "
+               f"{{name: mine, path: '{tmp_path / 'mine.json'}', video_root: train}}]")
+    summary = _mixture_run(synthetic_root, None, tmp_path / "run", "trainer.max_epochs=1", sources=sources)
+    assert summary["data/source_samples/prepared"] == summary["data/source_samples/mine"] == 8  # each once: no weights
+    assert summary["data/source_share/prepared"] == summary["data/source_share/mine"] == 0.5
+    assert summary["data/skipped/mine"] == summary["data/skipped/mine/missing"] == 2 == summary["train/skipped_samples"]
+    assert summary["data/skipped/prepared"] == 0 and "data/skipped/prepared/missing" not in summary
+    assert summary["data/prepare_rejected_records/prepared"] == 2 == summary["data/prepare_rejected_records"]
+    assert summary["data/rejected_records/mine"] == 1 == summary["data/rejected_records"]
+
+    # the logged shares and skips, step by step, are the plan's running counts
+    cfg = to_train_config(compose(tiny_overrides(synthetic_root) + ["data.train_records=[]", sources]))
+    dm = build_datamodule(cfg, build_tokenizer(cfg))
+    dm.setup("fit")
+    missing = {dm.train_set.starts[1] + i for i in range(2)}  # the records source's first two: not there
+    read, skipped, want = {"prepared": 0, "mine": 0}, 0, []
+    for step, batch in enumerate(dm.batch_sampler().rank_batches(0)):
+        name = "prepared" if batch[0] < dm.train_set.starts[1] else "mine"
+        read[name] += len(batch)
+        skipped += len(missing & set(batch))
+        want.append({"data/source_share/prepared": read["prepared"] / sum(read.values()),
+                     "data/source_share/mine": read["mine"] / sum(read.values()),
+                     "data/skipped/prepared": 0.0, "data/skipped/mine": float(skipped), "step": step})
+    logged = [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in _share_columns(tmp_path / "run")]
+    assert logged == [pytest.approx(row, rel=1e-6) for row in want] and len(want) == 4  # logged as float32
+
+
+def test_bad_mixture_configs_are_named_with_the_fix(synthetic_shards, synthetic_root, tmp_path, monkeypatch, capsys):
+    from panda.config import to_train_config
+    from panda.errors import ConfigError
+
+    def config(sources, *extra):
+        return compose(tiny_overrides(synthetic_root, str(tmp_path / "run")) + ["data.train_records=[]",
+                                                                                  f"data.sources={sources}", *extra])
+
+    records = "train/train_json/synthetic_train.json"
+    for sources, extra, message in [
+        (f"[{{name: a, path: '{synthetic_shards}', weight: 0}}]", [], r"data\.sources\.0\.weight=0\.0 \(a\): weights must be > 0"),
+        (f"[{{name: a, path: '{synthetic_shards}', weight: 1}}, {{name: b, path: {records}}}]", [],
+         r"data\.sources: give every source a weight or none"),
+        (f"[{{name: a, path: '{synthetic_shards}'}}, {{name: a, path: {records}}}]", [], r"name='a': two sources share"),
+        (f"[{{name: 'a/b', path: {records}}}]", [], r"letters, digits"),
+        (f"[{{name: a, path: {records}, cap: 0}}]", [], r"data\.sources\.0\.cap=0 \(a\)"),
+        (f"[{{name: a, path: {records}, frames: 6}}]", [], r"data\.sources\.0\.frames=6 \(a\) must be a positive multiple of stab\.chunk_size=4"),
+        (f"[{{name: a, path: {records}, sampling: budget, max_visual_tokens: 10}}]", [],
+         r"data\.sources\.0 \(a\): data\.sources\.0\.max_visual_tokens=10 does not hold one STAB chunk"),
+        (f"[{{name: a, path: '{synthetic_shards}', video_root: train}}]", [], r"video_root is set but .* is not a records file"),
+        (f"[{{name: a, path: {records}}}]", ["data.train_records=[x.json]"], r"set data\.train_records=\[\]"),
+        (f"[{{name: a, path: {records}}}]", [f"data.shards=[{{name: s, path: '{synthetic_shards}'}}]"],
+         r"data\.sources and data\.shards are both set"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            to_train_config(config(sources, *extra))
+    with pytest.raises(ValueError, match=r"names no training data: list the sources in data\.sources \(data=mixture\)"):
+        to_train_config(compose(["data=mixture", "data.root=/data"]))
+
+    from panda.training.run import train
+
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "empty.json").write_text(json.dumps([{"id": "x"}]))  # its one record is malformed
+    for sources, error, message in [
+        ("[{name: a, path: nothere}]", ConfigError,
+         rf"data\.sources\.0\.path={synthetic_root}/nothere \(a\) is neither a prepared shard folder nor a records file"),
+        (f"[{{name: a, path: '{tmp_path / 'notes.txt'}'}}]", ConfigError, r"is neither .*\(a file\)"),
+        ("[{name: a, path: missing.json}]", ConfigError, r"data\.sources\.0\.path=.*missing\.json: no such records file"),
+        (f"[{{name: a, path: '{tmp_path / 'empty.json'}'}}]", ConfigError,
+         r"data\.sources\.0: no usable training records in .*empty\.json .*\(1 malformed"),
+        (f"[{{name: a, path: '{synthetic_root}'}}]", ConfigError,
+         r"data\.sources\.0\.path=.* \(a\): .*holds raw data.*A records file is a source too"),
+    ]:
+        with pytest.raises(error, match=message):
+            train(config(sources, "trainer.max_steps=1"))
+    # `panda train`'s task: each of these ends the command with exit code 2 and its one-line message
+    import logging
+
+    from panda.train import task
+
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # the command's exit closes its log; pytest's stays open
+    for sources in ("[{name: a, path: nothere}]", f"[{{name: a, path: {records}, weight: -1}}]",
+                    f"[{{name: a, path: '{tmp_path / 'empty.json'}'}}]"):
+        with pytest.raises(SystemExit) as exit_:
+            task(config(sources, "trainer.max_steps=1"))
+        assert exit_.value.code == 2 and "data.sources.0" in capsys.readouterr().err
