@@ -19,6 +19,20 @@ Four question kinds, each with 4–6 answers, each needing a different part of S
   first half of the clip, the other in the second half, so the answer needs frames from both
   halves: at 8 sampled frames, from both STAB chunks.
 
+**v3, the needle** (``data.synthetic.version=3``, or ``data=needle``: ``conf/data/needle.yaml``; the
+benchmark of ``experiments/needle``) — a long clip (``num_frames``, e.g. 128) of a plain background
+that drifts slowly in colour, where the frame flashes one colour once, for a few frames
+(``needle_event``, 2–4), at a random time (``needle_scale`` < 1: a square of that colour at a random
+place instead of the whole frame). Two question kinds:
+
+- ``flash_colour`` (``needle_colours`` answers, 4): what colour the flash was.
+- ``flash_half`` (2 answers): whether it came in the first or the second half of the clip (it lies
+  wholly inside one half).
+
+With the release's frame picks, 8 frames of a 128-frame clip catch the flash in 16% of clips, 32 frames
+in 73%, 64 frames (every other frame) in all: accuracy follows how many frames (visual tokens) a run
+affords.
+
 **v1** (``data.synthetic.version=1``; the first study's benchmark, ``experiments/ablations_synthetic``):
 a shape moving on a torus (wrapping around the edges); ``colour``, ``direction`` and (off by
 default) ``shape``. ``SyntheticConfig``'s own defaults are v1's first-study settings (800 videos,
@@ -66,15 +80,23 @@ QUESTIONS = {
     "direction": ["In which direction does the object move?", "Where is the shape moving to?", "Which way does the object go?"],
     "mark": ["Where is the black dot on the object?", "In which part of the shape is the dot?", "Where on the object is the small mark?"],
     "order": ["Which corner lights up first?", "Where does the first flash appear?", "In which corner is the first light?"],
+    "flash_colour": ["What colour is the brief flash?", "Which colour does the brief flash have?",
+                     "What colour was the short flash?"],
+    "flash_half": ["In which half of the video is the flash?", "Is the flash in the first or the second half?",
+                   "When does the brief flash happen?"],
 }
-QUESTION_TYPE = {"colour": "appearance", "shape": "appearance", "direction": "motion", "mark": "detail", "order": "order"}
-KINDS = {1: ("colour", "shape", "direction"), 2: ("colour", "direction", "mark", "order")}
+QUESTION_TYPE = {"colour": "appearance", "shape": "appearance", "direction": "motion", "mark": "detail", "order": "order",
+                 "flash_colour": "flash_colour", "flash_half": "flash_half"}
+KINDS = {1: ("colour", "shape", "direction"), 2: ("colour", "direction", "mark", "order"), 3: ("flash_colour", "flash_half")}
 QUADRANTS = {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1)}
 V2_SHAPES = ("circle", "square")  # the dot's quadrant centre lies inside both
 LIGHT_RGB = (0, 230, 230)  # cyan: not an object colour
-# the answers each question kind can have (what _sample_clip returns for it)
+HALVES = ("first half", "second half")  # v3: where the flash is
+# the answers each question kind can have (what _sample_clip returns for it; v3's colours are the first
+# needle_colours of COLOURS)
 ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS),
-           "mark": list(QUADRANTS), "order": list(QUADRANTS)}
+           "mark": list(QUADRANTS), "order": list(QUADRANTS), "flash_colour": list(COLOURS), "flash_half": list(HALVES)}
+NEEDLE_FIELDS = ("needle_side", "needle_event", "needle_colours", "needle_scale")  # v3's own settings (in the stamp of v3 roots only)
 
 
 @dataclass
@@ -87,8 +109,11 @@ class SyntheticConfig:
     fps: int = 8
     seed: int = 0
     vocab_size: int = 400
-    version: int = 1  # 1: the first study's wrapping motion; 2: in-frame motion, dot, corner lights (the v2 study)
-    # question kinds: v2 any of colour, direction, mark, order; v1 any of colour, direction, shape
+    # 1: the first study's wrapping motion; 2: in-frame motion, dot, corner lights (the v2 study); 3: the needle
+    # (one brief coloured flash in a long clip: conf/data/needle.yaml)
+    version: int = 1
+    # question kinds: v2 any of colour, direction, mark, order; v1 any of colour, direction, shape;
+    # v3 any of flash_colour, flash_half
     kinds: list[str] = field(default_factory=lambda: ["colour", "direction"])
     multi_turn_fraction: float = 0.2  # videos whose questions form one multi-turn record
     phrasings: int = 3  # phrasings used per question kind (1..3)
@@ -99,10 +124,16 @@ class SyntheticConfig:
     # the question mix of the training records: the fraction of training videos asked each kind
     # (kinds not named: every video), e.g. {colour: 0.3}; held-out videos are asked every kind
     question_mix: dict[str, float] = field(default_factory=dict)
+    needle_side: int = 112  # v3: the clips' side in pixels (square clips)
+    needle_event: list[int] = field(default_factory=lambda: [2, 4])  # v3: the flash lasts [min, max] frames (uniform)
+    needle_colours: int = 4  # v3: the flash's colour is one of the first N colours (red, green, blue, yellow, ...)
+    # v3: the flash is a square whose side is a uniform fraction in [min, max] of the clip's side; [1, 1]: the
+    # whole frame flashes (a square of 0.6-0.8 at 56 px was not learned in the needle study's pilot)
+    needle_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
     def validate(self) -> None:
         if self.version not in KINDS:
-            raise ValueError(f"data.synthetic.version={self.version}: use 1 or 2")
+            raise ValueError(f"data.synthetic.version={self.version}: use 1, 2 or 3")
         unknown = [k for k in self.kinds if k not in KINDS[self.version]]
         if unknown or not self.kinds:
             raise ValueError(f"data.synthetic.kinds={list(self.kinds)}: version {self.version} asks "
@@ -111,6 +142,18 @@ class SyntheticConfig:
             if kind not in KINDS[self.version] or not 0 < fraction <= 1:
                 raise ValueError(f"data.synthetic.question_mix.{kind}={fraction}: give a fraction in (0, 1] "
                                  f"for a question kind of version {self.version} ({', '.join(KINDS[self.version])})")
+        if self.version == 3:
+            event = list(self.needle_event)
+            if len(event) != 2 or not 1 <= event[0] <= event[1] or 2 * event[1] > self.num_frames:
+                raise ValueError(f"data.synthetic.needle_event={list(self.needle_event)}: give [min, max] frames, "
+                                 f"1 <= min <= max <= half of data.synthetic.num_frames ({self.num_frames})")
+            if not 2 <= self.needle_colours <= len(COLOURS):
+                raise ValueError(f"data.synthetic.needle_colours={self.needle_colours}: give 2..{len(COLOURS)}")
+            scale = list(self.needle_scale)
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"data.synthetic.needle_scale={scale}: give [min, max] fractions, 0 < min <= max <= 1")
+            if self.needle_side < 16:
+                raise ValueError(f"data.synthetic.needle_side={self.needle_side}: give at least 16 pixels")
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -231,6 +274,42 @@ def render_clip_v2(colour: str, shape: str, direction: str, mark: str, lights: t
     return frames
 
 
+def render_needle(colour: str, start: int, length: int, side: int, num_frames: int, rng,
+                  scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """(num_frames, side, side, 3) uint8 frames of a v3 clip: a dark background whose colour drifts
+    slowly from one random shade to another over the clip (a fixed top-to-bottom shading on top),
+    and one square of ``colour`` on it in frames ``[start, start + length)`` only, at one random
+    place, its side a uniform fraction in ``scale`` of the clip's (1, the default: the whole frame
+    flashes). The background stays below 100 in every channel and, in clips of 64 frames or more,
+    changes by less than one level from one frame to the next, so the flash is the only event.
+    Smooth frames encode small and decode fast."""
+    first, last = rng.integers(25, 80, size=3), rng.integers(25, 80, size=3)
+    shading = np.broadcast_to(np.linspace(0.85, 1.15, side)[:, None, None], (side, side, 1))
+    size = min(side, max(4, int(round(side * rng.uniform(*scale)))))
+    x, y = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+    rgb = np.array(COLOURS[colour], dtype=np.uint8)
+    frames = np.empty((num_frames, side, side, 3), np.uint8)
+    for t in range(num_frames):
+        base = first + (last - first) * t / max(1, num_frames - 1)
+        frames[t] = np.clip(base * shading, 0, 255).astype(np.uint8)
+    frames[start : start + length, y : y + size, x : x + size] = rgb
+    return frames
+
+
+def _sample_needle(rng, cfg: SyntheticConfig) -> tuple[np.ndarray, dict[str, str]]:
+    """One v3 clip: its frames and the answer to each question kind. The half is drawn first, then
+    the flash's length and a start that keeps the whole flash inside that half."""
+    colour = str(rng.choice(list(COLOURS)[: cfg.needle_colours]))
+    half = int(rng.integers(2))
+    low, high = cfg.needle_event
+    length = int(rng.integers(low, high + 1))
+    middle = cfg.num_frames // 2
+    lo, hi = (0, middle - length) if half == 0 else (middle, cfg.num_frames - length)
+    start = int(rng.integers(lo, hi + 1))
+    frames = render_needle(colour, start, length, cfg.needle_side, cfg.num_frames, rng, tuple(cfg.needle_scale))
+    return frames, {"flash_colour": colour, "flash_half": HALVES[half]}
+
+
 def write_video(path: str, frames: np.ndarray, fps: int = 8, codec: str = "libx264", options: dict | None = None) -> None:
     """Write (T, H, W, 3) uint8 RGB frames to a video file with PyAV."""
     import av
@@ -312,8 +391,12 @@ def _stamp(cfg: SyntheticConfig, thinning: dict[str, float]) -> dict:
     """What ``ROOT/DONE`` records: the settings and the generator's version (a data root made by an
     older generator, a tokenizer with an <image> entry and no newline, is made again). The mix is
     recorded as its ``thinning`` entries, so the same data has one stamp however the mix is spelled
-    ({} in Python, colour=1.0 from Hydra, a kind the run does not ask)."""
-    return {**json.loads(json.dumps(asdict(cfg))), "question_mix": thinning, "generator": GENERATOR_VERSION}
+    ({} in Python, colour=1.0 from Hydra, a kind the run does not ask). v3's own settings are left
+    out of v1 and v2 stamps: they change nothing there, and roots made before v3 stay made."""
+    settings = json.loads(json.dumps(asdict(cfg)))
+    if cfg.version != 3:
+        settings = {k: v for k, v in settings.items() if k not in NEEDLE_FIELDS}
+    return {**settings, "question_mix": thinning, "generator": GENERATOR_VERSION}
 
 
 def _write_train_split(cfg: SyntheticConfig, rng, thinning: dict[str, float], tmp: str) -> list[dict]:
@@ -321,8 +404,11 @@ def _write_train_split(cfg: SyntheticConfig, rng, thinning: dict[str, float], tm
     (``train/train_json/synthetic_train.json``) under ``tmp``; returns the records."""
     records = []
     for i in tqdm(range(cfg.train_videos), desc="synthetic train videos", leave=False):
-        scale = rng.uniform(1.0, cfg.train_motion_scale) if cfg.version == 2 else 1.0  # v1: its original random stream
-        frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, scale, cfg.camera_pan)
+        if cfg.version == 3:
+            frames, answers = _sample_needle(rng, cfg)
+        else:
+            scale = rng.uniform(1.0, cfg.train_motion_scale) if cfg.version == 2 else 1.0  # v1: its original random stream
+            frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, scale, cfg.camera_pan)
         rel = f"synthetic/{i:05d}.mp4"
         write_video(os.path.join(tmp, "train", rel), frames, cfg.fps)
         for g, group in enumerate(_question_groups(cfg, rng, thinning)):
@@ -364,7 +450,10 @@ def _write_eval_split(cfg: SyntheticConfig, rng, tmp: str) -> list[dict]:
     qa_dir = os.path.join(tmp, "eval", "Synthetic_Zero_Shot_QA")
     questions, answers_out = [], []
     for i in tqdm(range(cfg.eval_videos), desc="synthetic eval videos", leave=False):
-        frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, 1.0, cfg.camera_pan)
+        if cfg.version == 3:
+            frames, answers = _sample_needle(rng, cfg)
+        else:
+            frames, answers = _sample_clip(rng, cfg.version, cfg.num_frames, 1.0, cfg.camera_pan)
         name = f"eval_{i:05d}"
         write_video(os.path.join(qa_dir, "videos", name + ".mp4"), frames, cfg.fps)
         for kind in cfg.kinds:
@@ -388,6 +477,7 @@ def _write_tokenizer(cfg: SyntheticConfig, tmp: str) -> None:
     texts = [t.system for t in TEMPLATES.values()] + ["USER: ASSISTANT:"]
     texts += [v for kind in KINDS[cfg.version] for v in QUESTIONS[kind]]  # v1: the tokenizer of its study
     texts += list(COLOURS) + list(SHAPES) + list(DIRECTIONS) + (list(QUADRANTS) if cfg.version == 2 else [])
+    texts += list(HALVES) if cfg.version == 3 else []
     train_tokenizer(texts * 4, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
 
 
