@@ -267,15 +267,19 @@ def _arg(block: Block, pattern: str) -> str:
 
 def _quick_run(out: str, cwd: str, block: Block) -> bool:
     """train -> evaluate -> chat -> export: the run trained the steps it was given and scored the whole
-    held-out split, evaluate.py re-scored it to the same accuracy, and the export is a panda folder."""
+    held-out split, evaluate.py re-scored it to the same accuracy, and the export is a Hugging Face–native
+    folder (its config names the folder's own model class; tests/test_hf_export.py loads such folders)."""
     run = os.path.join(cwd, _arg(block, r"train\.py .*hydra\.run\.dir=(\S+)"))
     summary = json.load(open(os.path.join(run, "summary.json")))
     evaluated = os.path.join(cwd, _arg(block, r"evaluate\.py .*hydra\.run\.dir=(\S+)"), "results.json")
     results = json.load(open(evaluated))["benchmarks"]["synthetic"]
-    exported = os.path.join(cwd, _arg(block, r"panda\.export .*--out (\S+)"), "panda.json")
+    exported = os.path.join(cwd, _arg(block, r"panda\.export .*--out (\S+)"))
+    config = json.load(open(os.path.join(exported, "config.json")))
     return (summary["train/steps"] == int(_arg(block, r"trainer\.max_steps=(\d+)"))
             and summary["eval/judged"] == summary["eval/num_questions"] == results["judged"] > 0
-            and results["accuracy"] == summary["eval/accuracy"] and os.path.isfile(exported))
+            and results["accuracy"] == summary["eval/accuracy"]
+            and config["auto_map"]["AutoModelForCausalLM"] == "modeling_panda.PandaVideoForCausalLM"
+            and all(os.path.isfile(os.path.join(exported, f)) for f in ("modeling_panda.py", "README.md")))
 
 
 def _sweep(out: str, cwd: str, block: Block) -> bool:
