@@ -120,19 +120,25 @@ def load_chat_model(checkpoint: str, frames: int | None = None, device: str = "a
 USER_ERRORS = (PandaError, NotACheckpointError, CheckpointKeyError, FileNotFoundError)
 
 
+def add_answer_arguments(parser: argparse.ArgumentParser, temperature_help: str) -> None:
+    """The options of how a checkpoint answers (frames, decoding, device), shared by ``panda chat`` and
+    ``panda demo``."""
+    parser.add_argument("--frames", type=int, default=None, help="default: the checkpoint's (8 for the release)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help=temperature_help)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--sample-fps", type=float, default=1.0)
+
+
 def main(argv=None) -> int:
     check_torchvision()  # a .ckpt builds through Lightning's data module: explain a broken torchvision first
     parser = argparse.ArgumentParser(prog="python -m panda.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("question")
     parser.add_argument("--checkpoint", required=True, help="release folder, panda export folder, or train.py .ckpt")
     parser.add_argument("--video", required=True)
-    parser.add_argument("--frames", type=int, default=None, help="default: the checkpoint's (8 for the release)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the release's evaluation)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    parser.add_argument("--sample-fps", type=float, default=1.0)
+    add_answer_arguments(parser, "0 = greedy (the release's evaluation)")
     parser.add_argument("--no-stream", action="store_true", help="print the answer once, at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -313,6 +313,8 @@ def _messages(turns: list[tuple[str, str]]) -> list[dict]:
 # --------------------------------------------------------------------------------- the command
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from panda.chat import add_answer_arguments
+
     parser = argparse.ArgumentParser(prog="panda demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="release folder, panda export folder, or train.py .ckpt")
     parser.add_argument("--examples", nargs="+", metavar="DIR_OR_FILE",
@@ -321,13 +323,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                         help="longest video the page accepts, in seconds")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=None, help="default: the checkpoint's (8 for the release)")
-    parser.add_argument("--sample-fps", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the same answers as panda chat)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    add_answer_arguments(parser, "0 = greedy (the same answers as panda chat)")
     return parser.parse_args(argv)
 
 
