@@ -102,6 +102,14 @@ def no_split_modules(model) -> set[str]:
     return set(getattr(model, "_no_split_modules", None) or [])
 
 
+def init_module_as_owner(model, module) -> None:
+    """Initialise ``module`` (a submodule of the Hugging Face model ``model`` whose weights a checkpoint did
+    not hold, or a non-persistent buffer) the way ``model``'s own class does. Private:
+    ``PreTrainedModel._init_weights``, what ``from_pretrained`` calls per module (a model that wraps
+    another, as an exported folder's wraps its LLM, hands the LLM's modules to the LLM's rule)."""
+    model._init_weights(module)
+
+
 # -------------------------------------------------------------------------------------------- torch
 
 

@@ -177,6 +177,20 @@ def test_transformers_no_split_modules():
         assert compat.no_split_modules(torch.nn.Linear(1, 1)) == set()
 
 
+def test_transformers_init_weights_of_the_owner():
+    from transformers import LlamaForCausalLM
+
+    with private("transformers", "PreTrainedModel._init_weights", "init_module_as_owner"):
+        model = LlamaForCausalLM(_tiny_llama_config())
+        assert parameters(LlamaForCausalLM._init_weights) == ["self", "module"]
+        layer = model.model.layers[0].mlp.up_proj
+        with torch.no_grad():
+            layer.weight.zero_()
+        compat.init_module_as_owner(model, layer)
+        assert layer.weight.abs().sum() > 0  # initialised again, with the model's own rule
+        assert abs(float(layer.weight.std()) - model.config.initializer_range) < 0.01
+
+
 # -------------------------------------------------------------------------------------------- torch
 
 

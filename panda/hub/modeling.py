@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
+from panda.compat import init_module_as_owner
 from panda.hub.configuration import PandaVideoConfig
 from panda.models.stab import STABConfig
 from panda.models.video_lm import VideoLanguageModel
@@ -38,10 +39,11 @@ class PandaVideoForCausalLM(PreTrainedModel, GenerationMixin):
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 
     def _init_weights(self, module):
-        """Every weight comes from the folder; a module the LLM owns initialises as its own class does."""
+        """Every weight comes from the folder; a module the LLM owns (its rotary embedding's buffers)
+        initialises as the LLM's own class does."""
         llm = self.model.llm
-        if any(module is m for m in llm.modules()) and hasattr(llm, "_init_weights"):
-            llm._init_weights(module)
+        if isinstance(llm, PreTrainedModel) and any(module is m for m in llm.modules()):
+            init_module_as_owner(llm, module)
 
     def get_input_embeddings(self):
         return self.model.llm.get_input_embeddings()
