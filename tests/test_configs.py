@@ -139,7 +139,7 @@ def test_invalid_overrides_fail_naming_the_key(override, message):
     ("stab.lsd=maxpool", r"stab\.lsd='maxpool': no spatial reducer of that name; the registered ones: attention, "
                          r"avgpool, none, perceiver \(add one with @REDUCERS\.register"),  # a plugin can add one
     ("data.synthetic.kinds=[mark] data.synthetic.version=1", "version 1 asks colour, shape, direction"),
-    ("data.synthetic.version=3", "data.synthetic.version=3"),
+    ("data.synthetic.version=4", "data.synthetic.version=4"),
 ])
 def test_semantic_errors_name_the_key_and_fix(override, message):
     with pytest.raises(ValueError, match=message):
