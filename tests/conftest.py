@@ -96,6 +96,19 @@ def run_cli(args, timeout: int = SUBPROCESS_TIMEOUT, check: bool = True, env: di
     return proc
 
 
+def run_clis(arg_lists, cwd=REPO, env: dict | None = None, timeout: int = SUBPROCESS_TIMEOUT) -> list:
+    """Run several ``python ARGS...`` at once (commands that refuse before training: most of their time is
+    the interpreter's start), one thread each; their CompletedProcesses, in order, unchecked."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    procs = [subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args in arg_lists]
+    done = []
+    for args, proc in zip(arg_lists, procs):
+        stdout, stderr = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess([sys.executable, *args], proc.returncode, stdout, stderr))
+    return done
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(synthetic_root, tmp_path_factory) -> str:
     """One trained tiny checkpoint (2 steps) for the evaluation, export and chat tests."""

@@ -273,16 +273,18 @@ def test_real_overrides_pass_the_command_line_check():
 def test_misspelt_experiment_exits_2_naming_the_closest_and_trains_nothing(tmp_path):
     from conftest import REPO
 
+    from conftest import run_clis
+
     train = os.path.join(REPO, "train.py")
-    proc = run_cli([train, "experiment=ablation/no_fsr", "trainer.max_steps=1"], check=False, cwd=tmp_path)
+    proc, sweep, plan = run_clis([
+        [train, "experiment=ablation/no_fsr", "trainer.max_steps=1"],
+        [train, "--multirun", "experiment=ablation/no_fsra,ablation/no_fsr", "trainer.max_step=1"],
+        ["-m", "panda.plan", "experiment=videopanda_7b/stage2_pretrian"]], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("train.py: config error: experiment=ablation/no_fsr: there is no config")
     assert "did you mean experiment=ablation/no_fsra" in proc.stderr
-    sweep = run_cli([train, "--multirun", "experiment=ablation/no_fsra,ablation/no_fsr", "trainer.max_step=1"],
-                    check=False, cwd=tmp_path)
     assert sweep.returncode == 2 and "experiment=ablation/no_fsr:" in sweep.stderr
     assert "trainer.max_step (did you mean trainer.max_steps?)" in sweep.stderr  # no "use +trainer.max_step"
-    plan = run_cli(["-m", "panda.plan", "experiment=videopanda_7b/stage2_pretrian"], check=False)
     assert plan.returncode == 2 and "did you mean experiment=videopanda_7b/stage2_pretrain" in plan.stderr
     assert list(tmp_path.iterdir()) == []  # no run or sweep folder
 
@@ -329,12 +331,15 @@ def test_refused_runs_leave_no_run_folder(synthetic_root, tmp_path):
     as it was (the finished run keeps its folder; the call that found it finished makes none)."""
     from conftest import REPO
 
+    from conftest import run_clis
+
     train_py = os.path.join(REPO, "train.py")
-    for refused in (["llm=qwen2_5"], ["llm=local", "llm.pretrained=/nope"], ["stage=prealign", "llm.adapter=lora"]):
-        proc = run_cli([train_py, *tiny_overrides(synthetic_root), *refused], check=False, cwd=tmp_path)
+    refusals = (["llm=qwen2_5"], ["llm=local", "llm.pretrained=/nope"], ["stage=prealign", "llm.adapter=lora"])
+    for refused, proc in zip(refusals, run_clis([[train_py, *tiny_overrides(synthetic_root), *refused]
+                                                 for refused in refusals], cwd=tmp_path)):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.count("\n") == 1 and "llm." in proc.stderr  # one line naming the key
-        assert list(tmp_path.iterdir()) == [], refused
+        assert proc.stderr.count("\n") == 1 and "llm." in proc.stderr, refused  # one line naming the key
+    assert list(tmp_path.iterdir()) == []
     common = [*tiny_overrides(synthetic_root), "name=finished", "trainer.max_steps=1", "evaluate=false"]
     run_cli([train_py, *common], cwd=tmp_path)
     (first,) = (tmp_path / "outputs" / "finished").iterdir()
