@@ -12,11 +12,11 @@ scatter); what it saves is in the LLM, which gets fewer positions: the token col
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+
+from stab_speed import timed  # this folder's median-of-repeats timer, after one warm-up call
 
 from panda.data.frames import preprocess_frames
 from panda.models.stab import STAB, STABConfig
@@ -35,16 +35,6 @@ def make_batch(videos: int, frames: int, resolution: int, patch: int, height: in
         clip = np.clip(clip + rng.integers(-8, 8, clip.shape), 0, 255).astype(np.uint8)
         out.append(preprocess_frames(clip, frames, resolution, patch))
     return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
