@@ -184,6 +184,7 @@ def test_the_token_budget_and_the_planner_count_after_compression():
     (["stab.merge_keep=0.5", "stab.temporal_pool=2"], "choose one temporal compression"),
     (["stab.merge_keep=0", ], r"stab.merge_keep=0.0: the fraction"),
     (["stab.temporal_pool=2", "stab.lsd=perceiver"], "stab.lsd=perceiver: temporal compression matches tokens"),
+    (["stab.temporal_pool=2", "stab.use_fsra=false", "stab.use_gstra=false"], "keep only their context token"),
 ])
 def test_bad_compression_settings_fail_naming_the_key(overrides, message):
     from conftest import compose

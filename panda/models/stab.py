@@ -91,6 +91,9 @@ class STABConfig:
                              "this reducer's tokens have none (turn stab.merge_keep / stab.temporal_pool off)")
         if self.merge_keep is not None and self.temporal_pool > 1:
             raise ValueError("stab.merge_keep and stab.temporal_pool: choose one temporal compression")
+        if self.temporal_pool > 1 and not self.has_context_token:
+            raise ValueError(f"stab.temporal_pool={self.temporal_pool}: the frames after a group's first keep only "
+                             "their context token, and with FSRA and GSTRA off there is none; keep stab.use_fsra=true")
 
     @property
     def compresses(self) -> bool:
