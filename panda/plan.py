@@ -355,11 +355,12 @@ def planned_frames(cfg) -> int:
     T = rule.chunk_size
     most = rule.max_frames
     if rule.mode == "budget":  # the narrowest frame: one row of LSD tokens; counted after temporal compression
-        rows, cols = cfg.stab.spatial_grid(cfg.stab.window, cfg.stab.resolution // cfg.stab.patch_size)
-        fitting = T
-        while fitting + T <= most and cfg.stab.video_tokens(fitting + T, rows, cols) <= rule.max_visual_tokens:
-            fitting += T
-        most = fitting
+        from panda.tokens import frames_within
+
+        stab = cfg.stab
+        rows, cols = stab.spatial_grid(stab.window, stab.resolution // stab.patch_size)
+        most = frames_within(rule.max_visual_tokens, most, T, rows, cols, stab.has_context_token, stab.row_tokens,
+                             stab.merge_keep, stab.temporal_pool)
     return max(T, most // T * T)
 
 

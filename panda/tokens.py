@@ -43,3 +43,14 @@ def video_tokens(frames: int, rows: int, cols: int, context: bool = True, row_to
                  merge_keep: float | None = None, temporal_pool: int = 1) -> int:
     """Visual tokens of a video of ``frames`` frames with a ``rows × cols`` grid, after compression."""
     return sum(frame_lengths(frames, rows, cols, context, row_tokens, merge_keep, temporal_pool))
+
+
+def frames_within(budget: int, max_frames: int, chunk: int, rows: int, cols: int, context: bool = True,
+                  row_tokens: bool = True, merge_keep: float | None = None, temporal_pool: int = 1) -> int:
+    """The most frames, in whole chunks of ``chunk`` and at most ``max_frames``, whose :func:`video_tokens`
+    fit ``budget`` (at least one chunk): what a token budget buys a video with a ``rows × cols`` grid."""
+    count = chunk
+    while count + chunk <= max_frames and \
+            video_tokens(count + chunk, rows, cols, context, row_tokens, merge_keep, temporal_pool) <= budget:
+        count += chunk
+    return count

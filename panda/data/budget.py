@@ -23,7 +23,7 @@ from typing import Optional
 from panda.choices import Choice
 from panda.data.frames import frame_geometry
 from panda.data.video import sample_frame_indices
-from panda.tokens import frame_tokens, video_tokens
+from panda.tokens import frame_tokens, frames_within, video_tokens
 
 
 class Sampling(Choice):
@@ -109,9 +109,8 @@ class SamplingRule:
         # budget: whole chunks of this video's frames within the budget (counted after temporal compression);
         # a video with fewer frames than that takes what it has, to whole chunks (its padding frames cost a
         # square frame's tokens)
-        count = T
-        while count + T <= self.max_frames and self.video_tokens(count + T, height, width) <= self.max_visual_tokens:
-            count += T
+        count = frames_within(self.max_visual_tokens, self.max_frames, T, *self.grid(height, width), self.context_token,
+                              self.row_tokens, self.merge_keep, self.temporal_pool)
         if num_frames < count:
             count = max(T, num_frames // T * T)
         return max(T, count)
