@@ -30,13 +30,13 @@ import importlib.metadata
 import json
 import os
 import re
-import subprocess
 from datetime import datetime, timezone
 
 import panda
 from panda.config import TrainConfig, distill_active
 from panda.loading import LoadedModel, read_checkpoint_meta, run_config_of
 from panda.models.checkpoints import PANDA_META_FILE, PANDA_VISION_FILE
+from panda.runs import git_commit, has_uncommitted_changes
 
 FORMATS = ("release", "hf")
 DEFAULT_LICENSE = "other"  # when --license is not given and the base LLM's folder names none
@@ -106,25 +106,10 @@ def panda_version() -> str:
 
 
 def export_commit() -> tuple[str, bool]:
-    """(commit, uncommitted changes to tracked files) of the git checkout panda runs from;
-    ("unknown", False) from an installed wheel, without git, or when the package's folder is not the
-    top of the checkout it sits in (a wheel installed into a virtualenv inside some repository)."""
-    package = os.path.dirname(os.path.abspath(panda.__file__))
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    top = git("rev-parse", "--show-toplevel")
-    if not top or os.path.realpath(top) != os.path.realpath(os.path.dirname(package)):
-        return "unknown", False
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return "unknown", False
-    return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
+    """(commit, uncommitted changes to tracked files) of the git checkout panda runs from
+    (:func:`panda.runs.git_commit`); ("unknown", False) outside one."""
+    commit = git_commit()
+    return (commit, has_uncommitted_changes()) if commit else ("unknown", False)
 
 
 # ---------------------------------------------------------------------------- base model, license

@@ -10,14 +10,30 @@ import subprocess
 log = logging.getLogger(__name__)
 
 
-def git_commit() -> str | None:
-    """The commit of the panda checkout this runs from (None outside a git checkout)."""
+def _git(*args: str) -> str | None:
+    """``git ARGS`` run in panda's package folder: its output, or None (no git, or git failed)."""
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                             text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The commit of the panda checkout this runs from; None outside one: an installed wheel, no git, or a
+    package folder that is not the top of the checkout it sits in (a wheel installed into a virtualenv
+    inside some other repository, whose commit says nothing about panda)."""
+    top = _git("rev-parse", "--show-toplevel")
+    package = os.path.dirname(os.path.abspath(__file__))
+    if not top or os.path.realpath(top) != os.path.realpath(os.path.dirname(package)):
+        return None
+    return _git("rev-parse", "HEAD") or None
+
+
+def has_uncommitted_changes() -> bool:
+    """Whether the panda checkout this runs from has uncommitted changes to tracked files."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def experiment_choice() -> str | None:

@@ -38,7 +38,7 @@ ALLOWED = {
     "panda.hub": {"panda.hub", "panda.models", "panda.data"},
     # the model card of an export: the run's config and checkpoint (loading), its held-out intervals (evaluation)
     "panda.model_card": {"panda.model_card", "panda.evaluation", "panda.loading", "panda.build", "panda.config",
-                         "panda.models", "panda.data"},
+                         "panda.models", "panda.data", "panda.runs"},
 }
 
 

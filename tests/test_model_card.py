@@ -154,5 +154,7 @@ def test_no_git_means_an_unknown_commit(monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(model_card.subprocess, "run", no_git)
+    from panda import runs
+
+    monkeypatch.setattr(runs.subprocess, "run", no_git)
     assert model_card.export_commit() == ("unknown", False)
