@@ -184,7 +184,7 @@ class SkippedSamplesGuard(Callback):
 
     Per source of the mixture (``sources``: the run's :class:`panda.data.mixture.MixtureSource` list)
     it also counts over the whole run, resumes included (the counts travel in checkpoints), the
-    samples read and those skipped by reason, and logs with every batch ``data/source_share/NAME``
+    samples read and those skipped by reason, and logs on the logging steps ``data/source_share/NAME``
     (the source's share of the samples read so far in the run, skipped ones included) and
     ``data/skipped/NAME`` (its skipped samples so far). These count this process's batches: in a
     multi-rank run what is logged and summarised is rank 0's, as ``data/skipped`` is."""
@@ -225,11 +225,11 @@ class SkippedSamplesGuard(Callback):
             self.reasons[code] += 1
             self.examples.setdefault(code, miss)
         if isinstance(batch, dict) and ("sources" in batch or any("source" in m for m in misses)):
-            self._count_sources(pl_module, batch.get("sources", []), misses)
+            self._count_sources(trainer, pl_module, batch.get("sources", []), misses)
         if (batch_idx + 1) % self.every_n_steps == 0:
             self._check(trainer, pl_module, "step")
 
-    def _count_sources(self, pl_module, kept: list[str], misses: list[dict]) -> None:
+    def _count_sources(self, trainer, pl_module, kept: list[str], misses: list[dict]) -> None:
         for name in kept:
             self.source_read[name] += 1
             self.epoch_read[name] += 1
@@ -239,6 +239,8 @@ class SkippedSamplesGuard(Callback):
             self.epoch_read[name] += 1
             self.source_skipped.setdefault(name, collections.Counter())[code] += 1
             self.epoch_skipped.setdefault(name, collections.Counter())[code] += 1
+        if not logs_after(trainer, trainer.global_step):  # counted every batch, logged where Lightning writes
+            return
         total = sum(self.source_read.values())
         for name in dict.fromkeys([*self.sources, *self.source_read]):  # every configured source from the first batch on
             pl_module.log(f"data/source_share/{name}", self.source_read[name] / max(1, total), on_step=True,
