@@ -65,20 +65,6 @@ def gradio_missing() -> str | None:
 
 # --------------------------------------------------------------------------------- the videos
 
-def video_seconds(path: str) -> float | None:
-    """The length of a video in seconds as its container tells it (None when it does not)."""
-    import av
-
-    with av.open(path) as container:
-        if container.duration:
-            return container.duration / av.time_base
-        stream = container.streams.video[0]
-        if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        rate = float(stream.average_rate or 0)
-        return stream.frames / rate if stream.frames and rate else None
-
-
 def write_synthetic_examples(folder: str) -> list[str]:
     """Two short clips of panda's synthetic benchmark (2 s at 8 fps, 128×96), written with PyAV:
     what the page offers when ``--examples`` is not given."""
@@ -152,13 +138,13 @@ class DemoSession:
             raise DemoError(f"{name} is empty: upload a video file")
         try:
             probe = probe_video(path)
-            seconds = video_seconds(path)
         except VideoDecodeError as exc:
             why = "FFmpeg cannot open it as a video" if exc.code == "unreadable" else exc.reason
             raise DemoError(f"{name} is not a video panda can read ({why}); upload an mp4, webm, mov, mkv or avi "
                             f"file") from None
         except Exception as exc:  # a container PyAV opens but cannot walk
             raise DemoError(f"{name} is not a video panda can read ({type(exc).__name__}: {exc})") from None
+        seconds = probe.seconds
         if seconds is not None and seconds > self.max_seconds:
             raise DemoError(f"{name} is {seconds:.0f} s long; this page takes videos up to {self.max_seconds:.0f} s "
                             f"(panda demo --max-seconds): cut it shorter")

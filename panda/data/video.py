@@ -271,6 +271,7 @@ class VideoProbe:
     num_frames: int  # 0 when the container does not say
     codec: str
     container: str
+    seconds: Optional[float] = None  # the length the container states (None when it states none)
 
 
 def probe_video(path: str | os.PathLike) -> VideoProbe:
@@ -295,5 +296,12 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        if container.duration:
+            seconds = container.duration / av.time_base
+        elif stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            rate = float(stream.average_rate or 0)
+            seconds = stream.frames / rate if stream.frames and rate else None
         return VideoProbe(int(ctx.width), int(ctx.height), fps, int(stream.frames or 0), str(ctx.name),
-                          str(container.format.name))
+                          str(container.format.name), seconds)
