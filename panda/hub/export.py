@@ -23,10 +23,9 @@ CHAT_MAX_NEW_TOKENS = 256
 CHAT_SAMPLE_FPS = 1.0
 
 
-def _check_parts_travel(model: VideoLanguageModel) -> None:
-    """A spatial reducer or projector registered by a plugin module lives outside panda: its code would
-    not be in the folder."""
-    bundled = set(module_closure())
+def _check_parts_travel(model: VideoLanguageModel, bundled: list[str]) -> None:
+    """A spatial reducer or projector registered by a plugin module lives outside panda (``bundled``, the
+    modules the folder carries): its code would not be in the folder."""
     parts = {"stab.lsd": (model.stab_cfg.lsd, REDUCERS[model.stab_cfg.lsd]),
              "model.projector": (model.projector_kind, PROJECTORS[model.projector_kind])}
     for key, (name, part) in parts.items():
@@ -39,7 +38,8 @@ def export_hf(model: VideoLanguageModel, tokenizer, out_dir: str, frames: int, t
               sample_fps: float = CHAT_SAMPLE_FPS, max_new_tokens: int = CHAT_MAX_NEW_TOKENS) -> list[str]:
     """Write ``model`` (LoRA already merged) into ``out_dir``; returns the files written. The
     distillation head (read only in training) is left out."""
-    _check_parts_travel(model)
+    modules = module_closure()
+    _check_parts_travel(model, modules)
     os.makedirs(out_dir, exist_ok=True)
     stab = {k: str(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(model.stab_cfg).items()}
     llm = model.llm
@@ -59,5 +59,5 @@ def export_hf(model: VideoLanguageModel, tokenizer, out_dir: str, frames: int, t
     save_tokenizer(tokenizer, out_dir)
     PandaVideoProcessor(tokenizer, frames, model.stab_cfg.resolution, model.stab_cfg.patch_size, model.stab_cfg.ratio,
                         sample_fps, template, tokenization).save_pretrained(out_dir)
-    write_code(out_dir)
+    write_code(out_dir, modules)
     return sorted(os.listdir(out_dir))
